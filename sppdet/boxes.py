@@ -1,0 +1,110 @@
+"""Box operations. Every box array is ``(N, 4)`` float32 ``x1, y1, x2, y2`` in 0-based
+continuous pixel coordinates (pixel ``i`` covers ``[i, i+1)``; width is ``x2 - x1``).
+
+In this frame plain IoU equals the VOC devkit's inclusive (+1) IoU on the original
+1-based boxes, so no ``+1`` appears anywhere outside :mod:`sppdet.voc`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision.ops import nms as _tv_nms
+
+__all__ = [
+    "as_boxes",
+    "area",
+    "iou_matrix",
+    "clip_boxes",
+    "filter_small",
+    "unique_boxes",
+    "encode",
+    "decode",
+    "nms",
+]
+
+
+def as_boxes(boxes, name: str = "boxes") -> np.ndarray:
+    """Validate and convert to ``(N, 4)`` float32 (an empty input gives ``(0, 4)``)."""
+    b = np.asarray(boxes, dtype=np.float32)
+    if b.size == 0:
+        return np.zeros((0, 4), np.float32)
+    if b.ndim != 2 or b.shape[1] != 4:
+        raise ValueError(f"{name}: expected shape (N, 4), got {b.shape}")
+    if not np.isfinite(b).all():
+        raise ValueError(f"{name}: contains NaN or infinite coordinates")
+    return b
+
+
+def area(boxes: np.ndarray) -> np.ndarray:
+    """``(N,)`` areas of ``(N, 4)`` xyxy boxes (0 for degenerate boxes)."""
+    b = np.asarray(boxes, dtype=np.float64)
+    return np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(N, M)`` float64 IoU between ``(N, 4)`` and ``(M, 4)`` xyxy boxes."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = iw * ih
+    union = area(a)[:, None] + area(b)[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def clip_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Clip ``(N, 4)`` boxes to the image ``[0, width] x [0, height]``."""
+    b = np.array(boxes, dtype=np.float32, copy=True).reshape(-1, 4)
+    b[:, 0::2] = np.clip(b[:, 0::2], 0, width)
+    b[:, 1::2] = np.clip(b[:, 1::2], 0, height)
+    return b
+
+
+def filter_small(boxes: np.ndarray, min_size: float) -> np.ndarray:
+    """Boolean keep-mask of boxes whose width and height are both >= ``min_size``."""
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    return ((b[:, 2] - b[:, 0]) >= min_size) & ((b[:, 3] - b[:, 1]) >= min_size)
+
+
+def unique_boxes(boxes: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """Indices of the first occurrence of each distinct box (after rounding ``box*scale``), in input order."""
+    b = np.round(np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale).astype(np.int64)
+    if len(b) == 0:
+        return np.zeros((0,), np.int64)
+    _, idx = np.unique(b, axis=0, return_index=True)
+    return np.sort(idx)
+
+
+def _centre_size(b: np.ndarray, eps: float = 1e-6):
+    w = b[:, 2] - b[:, 0] + eps
+    h = b[:, 3] - b[:, 1] + eps
+    return b[:, 0] + 0.5 * w, b[:, 1] + 0.5 * h, w, h
+
+
+def encode(proposals: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """R-CNN regression targets ``(dx, dy, dw, dh)`` taking ``proposals`` to ``gt`` (both ``(N, 4)``)."""
+    px, py, pw, ph = _centre_size(np.asarray(proposals, np.float64))
+    gx, gy, gw, gh = _centre_size(np.asarray(gt, np.float64))
+    return np.stack([(gx - px) / pw, (gy - py) / ph, np.log(gw / pw), np.log(gh / ph)], axis=1)
+
+
+def decode(proposals: np.ndarray, deltas: np.ndarray, max_log: float = np.log(1000.0 / 16)) -> np.ndarray:
+    """Inverse of :func:`encode`: apply ``(N, 4)`` deltas to ``(N, 4)`` boxes -> ``(N, 4)`` float32."""
+    px, py, pw, ph = _centre_size(np.asarray(proposals, np.float64))
+    d = np.asarray(deltas, np.float64).reshape(-1, 4)
+    cx, cy = px + d[:, 0] * pw, py + d[:, 1] * ph
+    w = pw * np.exp(np.minimum(d[:, 2], max_log))
+    h = ph * np.exp(np.minimum(d[:, 3], max_log))
+    return np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=1).astype(np.float32)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float = 0.3) -> np.ndarray:
+    """Indices kept by greedy NMS (suppress IoU > threshold), highest score first."""
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    if len(b) == 0:
+        return np.zeros((0,), np.int64)
+    keep = _tv_nms(torch.from_numpy(b), torch.from_numpy(np.asarray(scores, np.float32)), float(iou_threshold))
+    return keep.numpy().astype(np.int64)

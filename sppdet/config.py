@@ -1,0 +1,264 @@
+"""Configuration: frozen dataclasses per stage, strict YAML loading, fingerprints.
+
+``load_config(path, overrides)`` reads a YAML file whose top-level keys are the sections
+below; an unknown key or a value of the wrong type is an error naming it (as
+py-faster-rcnn's ``_merge_a_into_b``, without its mutable global). Overrides are
+``"section.key=value"`` strings parsed as YAML scalars. Every stage writes the resolved
+section(s) it used and their :func:`fingerprint` into its output folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "ProposalConfig",
+    "BackboneConfig",
+    "PretrainConfig",
+    "FeatureConfig",
+    "FinetuneConfig",
+    "SVMConfig",
+    "BBoxRegConfig",
+    "TestConfig",
+    "ConfigError",
+    "load_config",
+    "fingerprint",
+    "to_dict",
+]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data/VOCdevkit/VOC2007"  # a VOC year folder (JPEGImages/, Annotations/, ImageSets/Main/)
+    classes: Optional[list] = None  # None: the 20 VOC classes
+    train_split: str = "trainval"
+    val_split: str = "test"
+    test_split: str = "test"
+    # Only for the synthetic dataset: generated into ``root``'s parent if missing.
+    synthetic_images: int = 0
+    synthetic_seed: int = 0
+
+
+@dataclass(frozen=True)
+class ProposalConfig:
+    backend: str = "fast"  # fast | selectivesearch | precomputed
+    max_boxes: int = 2000
+    min_size: float = 20.0
+    workers: int = 0  # 0: all cores
+    precomputed: Optional[str] = None  # .mat file or folder of per-image files
+    params: dict = field(default_factory=dict)  # backend-specific parameters
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str = "zf5"
+    width: float = 1.0
+    weights: Optional[str] = None  # None | "imagenet" | a file | "pretrain" (the run's tools/pretrain.py checkpoint)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    sizes: list = field(default_factory=lambda: [224, 180])  # multi-size: alternate per epoch
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    hidden: int = 4096
+    dropout: float = 0.5
+    levels: list = field(default_factory=lambda: [6, 3, 2, 1])
+    context: float = 0.15  # crops of VOC boxes are enlarged by this fraction per side
+    background_per_image: int = 2  # extra "background" crops per image (VOC source)
+    val_fraction: float = 0.2
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    scales: list = field(default_factory=lambda: [688])  # shorter side; five-scale: [480, 576, 688, 864, 1200]
+    max_size: int = 2000  # cap on the longer side after resizing
+    levels: list = field(default_factory=lambda: [6, 3, 2, 1])
+    shrink: float = 6.5  # authors' "offset": windows are shrunk inward by this many pixels
+    target_size: float = 208.0  # multi-scale: pick the scale whose window is closest to this (paper 224)
+    dtype: str = "float16"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    hidden: int = 4096
+    dropout: float = 0.5
+    iterations: int = 2000
+    batch_size: int = 128
+    images_per_batch: int = 8
+    fg_fraction: float = 0.25
+    fg_threshold: float = 0.5
+    bg_low: float = 0.1
+    bg_high: float = 0.5
+    lr: float = 1e-3
+    lr_steps: list = field(default_factory=lambda: [1000, 1500])
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    flip: bool = True
+    random_scale: bool = True  # multi-scale: each training window at a random scale
+    val_every: int = 200
+    val_batches: int = 20
+    init_from_pretrain: bool = True
+
+
+@dataclass(frozen=True)
+class SVMConfig:
+    feature: str = "fc7"  # pool5 | fc6 | fc7 (of the fine-tuned head) | fc7_noft (pre-trained head)
+    C: float = 0.001
+    pos_weight: float = 2.0
+    bias_mult: float = 10.0
+    neg_iou: float = 0.3
+    hard_threshold: float = -1.0001
+    evict_threshold: float = -1.2
+    retrain_limit: int = 2000
+    target_norm: float = 20.0
+    norm_images: int = 200
+    norm_boxes: int = 200
+    max_iter: int = 10000
+
+
+@dataclass(frozen=True)
+class BBoxRegConfig:
+    min_overlap: float = 0.5
+    lam: float = 4000.0
+    whiten: bool = True  # authors: whitened targets; False: plain standardisation
+    target_norm: float = 20.0
+
+
+@dataclass(frozen=True)
+class TestConfig:
+    nms: float = 0.3
+    score_threshold: float = -1.5  # SVM scores are margins; the authors keep > -1.5 for evaluation
+    max_per_image: int = 100
+    bbox_reg: bool = True
+    svd_fc6: int = 0  # truncated-SVD rank for fc6 (0: off)
+    svd_fc7: int = 0
+    draw_threshold: float = 0.0
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "experiment"
+    seed: int = 0
+    run_dir: str = "runs/experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    svm: SVMConfig = field(default_factory=SVMConfig)
+    bbox_reg: BBoxRegConfig = field(default_factory=BBoxRegConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in (list, dict, str, bool):
+        return isinstance(value, tp)
+    return True
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    kwargs = {}
+    for k, v in data.items():
+        tp = hints[k]
+        key = f"{where}.{k}" if where else k
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v, key)
+        else:
+            if not _type_ok(v, tp):
+                raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {v!r} ({type(v).__name__})")
+            kwargs[k] = float(v) if tp is float else v
+    return cls(**kwargs)
+
+
+def _set_path(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"override {dotted!r}: {p} is not a section")
+    d[parts[-1]] = value
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config strictly; ``overrides`` are ``"section.key=value"`` strings."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like section.key=value")
+        k, v = ov.split("=", 1)
+        _set_path(data, k.strip(), yaml.safe_load(v))
+    try:
+        return _build(Config, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path or '<config>'}: {e}") from None
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable 16-hex-digit hash of a config section (dataclass) or JSON-able object."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
+        key = f"{prefix}{k}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_keys(va, vb, key + ".")
+        elif va != vb:
+            out.append(f"{key}: {va!r} -> {vb!r}")
+    return out

@@ -1,0 +1,210 @@
+"""Spatial pyramid pooling: the layer, the article's (broken) window formula, and
+window pooling for detection.
+
+Bin convention (He et al., Appendix; the authors' ``spm_pool_caffe_mex.cpp``):
+bin ``i`` of ``n`` over a side of length ``a`` spans ``[floor(i*a/n), ceil((i+1)*a/n))``.
+This gives exactly ``n`` non-empty bins for every ``a >= 1`` (also ``a < n``, where
+bins overlap) and is what ``adaptive_max_pool2d`` and ``torchvision.ops.roi_pool``
+compute. Each level is flattened ``(C, n, n)`` and levels are concatenated in the
+configured order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_pool
+
+__all__ = [
+    "SpatialPyramidPooling",
+    "paper_window_stride",
+    "bin_edges",
+    "spp_output_dim",
+    "project_boxes_to_cells",
+    "pool_windows",
+]
+
+
+def _check_levels(levels: Sequence[int]) -> tuple[int, ...]:
+    levels = tuple(int(n) for n in levels)
+    if not levels or any(n < 1 for n in levels):
+        raise ValueError(f"pyramid levels must be positive integers, got {levels!r}")
+    return levels
+
+
+def spp_output_dim(channels: int, levels: Sequence[int]) -> int:
+    """Length of the SPP vector: ``channels * sum(n*n)`` (256 * 50 = 12,800 for {6,3,2,1})."""
+    return int(channels) * sum(n * n for n in _check_levels(levels))
+
+
+def bin_edges(a: int, n: int) -> list[tuple[int, int]]:
+    """The ``n`` half-open bins ``[floor(i*a/n), ceil((i+1)*a/n))`` over a side of length ``a``."""
+    if a < 1 or n < 1:
+        raise ValueError(f"side a={a} and bins n={n} must both be >= 1")
+    return [((i * a) // n, -((-(i + 1) * a) // n)) for i in range(n)]
+
+
+def paper_window_stride(a: int, n: int) -> tuple[int, int, int]:
+    """The article's pooling parameters for an ``a x a`` map and ``n x n`` output.
+
+    Returns ``(win, stride, bins_produced)`` with ``win = ceil(a/n)``,
+    ``stride = floor(a/n)`` and the number of bins per side that a plain (floor-mode,
+    unpadded) pooling layer with that window and stride really produces:
+    ``floor((a - win) / stride) + 1``. That is ``n`` only for some sizes:
+    ``a=7, n=4`` gives 6, ``a=10, n=6`` gives 9 and for ``a < n`` the stride is 0, so
+    no pooling layer can be built at all (``bins_produced`` is then 0).
+    """
+    if a < 1 or n < 1:
+        raise ValueError(f"side a={a} and bins n={n} must both be >= 1")
+    win = math.ceil(a / n)
+    stride = a // n
+    produced = (a - win) // stride + 1 if stride > 0 else 0
+    return win, stride, produced
+
+
+class SpatialPyramidPooling(nn.Module):
+    """Pool a feature map of any size into a fixed-length vector.
+
+    Input ``(N, C, H, W)`` with any ``H, W >= 1``; output ``(N, C * sum(n*n))``:
+    for each level ``n`` (in the given order) an ``n x n`` grid of bins
+    ``[floor(i*a/n), ceil((i+1)*a/n))`` per side, flattened ``(C, n, n)``.
+
+    Args:
+        levels: bins per side of each pyramid level, e.g. ``(4, 2, 1)`` (the article's
+            illustration) or ``(6, 3, 2, 1)`` (the paper's detection pyramid).
+        mode: ``"max"`` or ``"avg"``.
+    """
+
+    def __init__(self, levels: Sequence[int] = (4, 2, 1), mode: str = "max"):
+        super().__init__()
+        self.levels = _check_levels(levels)
+        if mode not in ("max", "avg"):
+            raise ValueError(f"mode must be 'max' or 'avg', got {mode!r}")
+        self.mode = mode
+        self._pool = F.adaptive_max_pool2d if mode == "max" else F.adaptive_avg_pool2d
+
+    def output_dim(self, channels: int) -> int:
+        return spp_output_dim(channels, self.levels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"SpatialPyramidPooling expects (N, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[-1] < 1 or x.shape[-2] < 1:
+            raise ValueError(f"feature map is empty: shape {tuple(x.shape)}")
+        n = x.shape[0]
+        # adaptive pooling uses exactly the floor/ceil bins above (ATen start/end_index).
+        return torch.cat([self._pool(x, lv).reshape(n, -1) for lv in self.levels], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, mode={self.mode!r}"
+
+
+def project_boxes_to_cells(
+    boxes: torch.Tensor,
+    map_size: tuple[int, int],
+    stride: float,
+    center0: float,
+    shrink: float = 6.5,
+) -> torch.Tensor:
+    """Project image-space windows onto inclusive integer cell windows of a feature map.
+
+    The paper's rule (Appendix) generalised by the backbone's receptive-field geometry,
+    as in the authors' ``spm_response_boxes``: the centre of feature cell ``j`` lies at
+    pixel ``stride * j + center0`` (0-based pixel index). The left/top edge goes to the
+    nearest cell whose centre is at or right of ``x1 + shrink``; the right/bottom edge to
+    the nearest cell whose centre is at or left of the last pixel minus ``shrink``::
+
+        l = floor((x1       - center0 + shrink) / stride + 0.5)
+        r = ceil ((x2 - 1   - center0 - shrink) / stride - 0.5)
+
+    (the authors' 1-based formulas with ``offset0 = center0 + 1`` and ``offset = shrink``).
+    A window that collapses (``l > r``) becomes the single cell ``(l + r) // 2``; all
+    cells are clamped inside the map.
+
+    Args:
+        boxes: ``(R, 4)`` float xyxy in the pixel frame of the (resized) image that was
+            fed to the backbone, 0-based continuous (pixel i covers [i, i+1)).
+        map_size: ``(H, W)`` of the feature map.
+        stride: the backbone's total stride in pixels.
+        center0: 0-based pixel index of the centre of cell 0.
+        shrink: inward shrink in pixels (authors: 6.5 for ZF-5).
+
+    Returns:
+        ``(R, 4)`` int64 ``(l, t, r, b)``, inclusive cell indices, ``0 <= l <= r < W``.
+    """
+    h, w = int(map_size[0]), int(map_size[1])
+    if h < 1 or w < 1:
+        raise ValueError(f"feature map size must be >= 1x1, got {map_size}")
+    b = boxes.to(torch.float64).reshape(-1, 4)
+    lo = torch.floor((b[:, :2] - center0 + shrink) / stride + 0.5)
+    hi = torch.ceil((b[:, 2:] - 1.0 - center0 - shrink) / stride - 0.5)
+    lo, hi = lo.to(torch.int64), hi.to(torch.int64)
+    collapsed = lo > hi
+    mid = torch.div(lo + hi, 2, rounding_mode="floor")
+    lo = torch.where(collapsed, mid, lo)
+    hi = torch.where(collapsed, mid, hi)
+    limit = torch.tensor([w - 1, h - 1], dtype=torch.int64, device=b.device)
+    lo = torch.minimum(lo.clamp(min=0), limit)
+    hi = torch.minimum(hi.clamp(min=0), limit)
+    return torch.cat([lo, hi], dim=1)
+
+
+def _avg_pool_windows(fmap: torch.Tensor, cells: torch.Tensor, levels: Sequence[int]) -> torch.Tensor:
+    """Average pooling of integer windows through a summed-area table (vectorised)."""
+    c, h, w = fmap.shape
+    sat = F.pad(fmap.to(torch.float64).cumsum(1).cumsum(2), (1, 0, 1, 0))  # (C, H+1, W+1)
+    l, t, r, b = cells.unbind(1)
+    ww, hh = r - l + 1, b - t + 1
+    outs = []
+    for n in levels:
+        i = torch.arange(n, device=fmap.device)
+        x0 = l[:, None] + torch.div(i[None] * ww[:, None], n, rounding_mode="floor")
+        x1 = l[:, None] - torch.div(-(i[None] + 1) * ww[:, None], n, rounding_mode="floor")
+        y0 = t[:, None] + torch.div(i[None] * hh[:, None], n, rounding_mode="floor")
+        y1 = t[:, None] - torch.div(-(i[None] + 1) * hh[:, None], n, rounding_mode="floor")
+        # (R, n_y, n_x) corner indices
+        Y0, X0 = y0[:, :, None].expand(-1, n, n), x0[:, None, :].expand(-1, n, n)
+        Y1, X1 = y1[:, :, None].expand(-1, n, n), x1[:, None, :].expand(-1, n, n)
+        s = sat[:, Y1, X1] - sat[:, Y0, X1] - sat[:, Y1, X0] + sat[:, Y0, X0]  # (C, R, n, n)
+        area = ((Y1 - Y0) * (X1 - X0)).to(torch.float64)
+        outs.append((s / area).permute(1, 0, 2, 3).reshape(cells.shape[0], -1))
+    return torch.cat(outs, dim=1).to(fmap.dtype)
+
+
+def pool_windows(
+    fmap: torch.Tensor, cells: torch.Tensor, levels: Sequence[int] = (6, 3, 2, 1), mode: str = "max"
+) -> torch.Tensor:
+    """SPP-pool many integer cell windows of one feature map in one vectorised call.
+
+    Equal to ``SpatialPyramidPooling(levels, mode)`` applied to each crop
+    ``fmap[:, t:b+1, l:r+1]``; for max mode ``torchvision.ops.roi_pool`` with
+    ``spatial_scale=1`` on the integer window computes exactly the floor/ceil bins.
+
+    Args:
+        fmap: ``(C, H, W)`` feature map (float32 or float16; computed in float32).
+        cells: ``(R, 4)`` int64 inclusive ``(l, t, r, b)`` from :func:`project_boxes_to_cells`.
+        levels: pyramid levels.
+        mode: ``"max"`` or ``"avg"``.
+
+    Returns:
+        ``(R, C * sum(n*n))`` float32.
+    """
+    levels = _check_levels(levels)
+    if fmap.dim() != 3:
+        raise ValueError(f"pool_windows expects a (C, H, W) map, got shape {tuple(fmap.shape)}")
+    fmap = fmap.float()
+    cells = cells.to(device=fmap.device, dtype=torch.int64).reshape(-1, 4)
+    r = cells.shape[0]
+    if r == 0:
+        return fmap.new_zeros((0, spp_output_dim(fmap.shape[0], levels)))
+    if mode == "avg":
+        return _avg_pool_windows(fmap, cells, levels)
+    if mode != "max":
+        raise ValueError(f"mode must be 'max' or 'avg', got {mode!r}")
+    rois = torch.cat([fmap.new_zeros((r, 1)), cells.to(fmap.dtype)], dim=1)
+    x = fmap.unsqueeze(0)
+    return torch.cat([roi_pool(x, rois, output_size=(n, n), spatial_scale=1.0).reshape(r, -1) for n in levels], dim=1)

@@ -1,0 +1,205 @@
+"""On-disk artefacts: atomic per-item shards and a stage manifest with fingerprints.
+
+Layout of a stage folder::
+
+    <dir>/manifest.json   stage, schema, package version, resolved config, its fingerprint,
+                          fingerprints of the inputs, item count, complete, seconds, bytes
+    <dir>/<item>.npz      one shard per item, written to a temp file and ``os.replace``d
+
+A shard that exists is whole. Re-opening a folder whose manifest has other fingerprints
+is a :class:`StaleCacheError` naming the keys that differ (``overwrite=True`` rebuilds).
+A missing or unreadable shard is an error naming the file, never an empty result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .config import diff_keys, fingerprint
+
+__all__ = [
+    "StaleCacheError",
+    "ShardError",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_save_npz",
+    "load_npz",
+    "file_sha256",
+    "Stage",
+    "dir_bytes",
+]
+
+SCHEMA = 1
+
+
+class StaleCacheError(RuntimeError):
+    """A stage folder was made with other settings or inputs."""
+
+
+class ShardError(RuntimeError):
+    """A shard is missing, truncated or lacks a field."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_npz(path: str | Path, compress: bool = False, **arrays: Any) -> int:
+    """Write arrays as one ``.npz`` atomically; returns the bytes written."""
+    buf = io.BytesIO()
+    (np.savez_compressed if compress else np.savez)(buf, **arrays)
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+def load_npz(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Load a whole ``.npz`` shard; any defect is a :class:`ShardError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"{path}: shard is missing (run the stage that writes it, or --overwrite)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise ShardError(f"{path}: shard is truncated or corrupt ({e}); delete it or rerun with --overwrite") from e
+    missing = [k for k in required if k not in out]
+    if missing:
+        raise ShardError(f"{path}: shard lacks field(s) {', '.join(missing)}")
+    return out
+
+
+def file_sha256(path: str | Path, n: int = 16) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def dir_bytes(path: str | Path) -> int:
+    p = Path(path)
+    if not p.exists():
+        return 0
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+class Stage:
+    """A stage's output folder with its manifest.
+
+    Args:
+        directory: the folder.
+        stage: the stage's name (``"proposals"``, ``"features"``...).
+        config: the resolved config (a JSON-able dict) that determines the outputs.
+        inputs: fingerprints of the inputs (other stages, weights, data).
+        overwrite: delete existing outputs instead of checking them.
+    """
+
+    def __init__(self, directory: str | Path, stage: str, config: dict, inputs: dict | None = None,
+                 overwrite: bool = False):
+        self.dir = Path(directory)
+        self.stage = stage
+        self.config = json.loads(json.dumps(config, default=str))
+        self.inputs = dict(inputs or {})
+        self.manifest_path = self.dir / "manifest.json"
+        self._t0 = time.time()
+        if overwrite and self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        old = self.read_manifest(self.dir) if self.manifest_path.exists() else None
+        if old is not None:
+            self._check_compatible(old)
+            self.previous_seconds = float(old.get("seconds", 0.0))
+        else:
+            self.previous_seconds = 0.0
+        self.write_manifest(complete=False)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint({"config": self.config, "inputs": self.inputs})
+
+    @staticmethod
+    def read_manifest(directory: str | Path) -> dict:
+        path = Path(directory) / "manifest.json"
+        if not path.is_file():
+            raise ShardError(f"{path}: manifest is missing; run the stage that writes {Path(directory)}")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ShardError(f"{path}: manifest is not valid JSON ({e})") from e
+
+    def _check_compatible(self, old: dict) -> None:
+        if old.get("stage") != self.stage:
+            raise StaleCacheError(f"{self.manifest_path}: folder belongs to stage {old.get('stage')!r}, not {self.stage!r}")
+        changes = diff_keys(old.get("config", {}), self.config, "config.") + diff_keys(
+            old.get("inputs", {}), self.inputs, "inputs.")
+        if changes:
+            raise StaleCacheError(
+                f"{self.manifest_path}: outputs were made with other settings or inputs; changed: "
+                + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else "")
+                + ". Use --overwrite to rebuild, or another run folder.")
+
+    def write_manifest(self, complete: bool, **extra: Any) -> None:
+        m = {
+            "stage": self.stage,
+            "schema": SCHEMA,
+            "sppdet_version": __version__,
+            "config": self.config,
+            "fingerprint": self.fingerprint,
+            "inputs": self.inputs,
+            "complete": bool(complete),
+            "seconds": round(self.previous_seconds + time.time() - self._t0, 3),
+        }
+        m.update(extra)
+        atomic_write_text(self.manifest_path, json.dumps(m, indent=2, sort_keys=True, default=str))
+
+    def path(self, item: str, suffix: str = ".npz") -> Path:
+        return self.dir / f"{item}{suffix}"
+
+    def has(self, item: str, suffix: str = ".npz") -> bool:
+        return self.path(item, suffix).is_file()
+
+    def finish(self, items: int, **extra: Any) -> dict:
+        nbytes = dir_bytes(self.dir)
+        self.write_manifest(True, items=int(items), bytes=nbytes, **extra)
+        return self.read_manifest(self.dir)
+
+
+def require_complete(directory: str | Path, stage: str) -> dict:
+    """Read a finished stage's manifest, or fail naming the folder."""
+    m = Stage.read_manifest(directory)
+    if m.get("stage") != stage:
+        raise ShardError(f"{directory}: expected a {stage!r} stage folder, found {m.get('stage')!r}")
+    if not m.get("complete"):
+        raise ShardError(f"{directory}: stage {stage!r} did not finish; rerun it (it resumes)")
+    return m

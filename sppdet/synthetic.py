@@ -1,0 +1,192 @@
+"""A deterministic VOC-format toy dataset for the demo, the tests and the benchmarks.
+
+Scenes look photo-like rather than flat: a low-frequency colour field with noise, lines
+and distractor blobs (clutter that is *not* any class), then 1-6 objects of classes that
+differ in shape, colour and texture, over a wide range of scales (~18-260 px) and aspect
+ratios (1:2.5 to 2.5:1), drawn in random order so that they occlude each other, some
+cut by the image border (``truncated``), and lightly blurred, noised and JPEG-compressed.
+Boxes are the visible extent of each object (as VOC annotates). Objects that are mostly
+hidden or tiny are marked ``difficult``; objects with nothing visible are dropped.
+
+Everything is drawn from one ``numpy.random.Generator(seed)``: the same seed gives the
+same files byte for byte (OpenCV's JPEG encoder is deterministic).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .store import atomic_write_bytes, atomic_write_text
+from .voc import Annotation, write_annotation
+
+log = logging.getLogger(__name__)
+
+TOY_CLASSES = ("disc", "block", "triangle", "ring", "cross")
+
+__all__ = ["TOY_CLASSES", "make_toy_voc", "render_scene"]
+
+
+@dataclass
+class _Obj:
+    cls: int
+    mask: np.ndarray  # (H, W) bool, full extent of the object
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    small = rng.uniform(40, 215, size=(rng.integers(2, 6), rng.integers(2, 6), 3)).astype(np.float32)
+    img = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+    fine = cv2.resize(rng.normal(0, 18, size=(h // 8 + 1, w // 8 + 1, 3)).astype(np.float32), (w, h))
+    img += fine + rng.normal(0, 6, size=(h, w, 3)).astype(np.float32)
+    for _ in range(rng.integers(4, 14)):  # clutter lines
+        p1 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        p2 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        cv2.line(img, p1, p2, tuple(float(c) for c in rng.uniform(0, 255, 3)), int(rng.integers(1, 4)), cv2.LINE_AA)
+    for _ in range(rng.integers(3, 10)):  # distractor blobs: irregular polygons, no class
+        c = rng.uniform([0, 0], [w, h])
+        r = rng.uniform(8, 45)
+        n = int(rng.integers(5, 9))
+        ang = np.sort(rng.uniform(0, 2 * np.pi, n))
+        rad = r * rng.uniform(0.5, 1.3, n)
+        pts = np.stack([c[0] + rad * np.cos(ang), c[1] + rad * np.sin(ang)], 1).astype(np.int32)
+        cv2.fillPoly(img, [pts], tuple(float(v) for v in rng.uniform(0, 255, 3)), cv2.LINE_AA)
+    return img
+
+
+def _shape_mask(rng: np.random.Generator, cls: int, h: int, w: int, cx: float, cy: float,
+                bw: float, bh: float) -> np.ndarray:
+    m = np.zeros((h, w), np.uint8)
+    ang = float(rng.uniform(-25, 25))
+    if cls == 0:  # disc: filled ellipse
+        cv2.ellipse(m, ((cx, cy), (bw, bh), ang), 1, -1, cv2.LINE_8)
+    elif cls == 1:  # block: rotated rectangle
+        pts = cv2.boxPoints(((cx, cy), (bw * 0.9, bh * 0.9), ang)).astype(np.int32)
+        cv2.fillPoly(m, [pts], 1)
+    elif cls == 2:  # triangle, apex up or down
+        s = 1 if rng.random() < 0.7 else -1
+        pts = np.array([[cx, cy - s * bh / 2], [cx - bw / 2, cy + s * bh / 2], [cx + bw / 2, cy + s * bh / 2]])
+        cv2.fillPoly(m, [pts.astype(np.int32)], 1)
+    elif cls == 3:  # ring: annulus
+        cv2.ellipse(m, ((cx, cy), (bw, bh), ang), 1, -1)
+        t = rng.uniform(0.45, 0.65)
+        cv2.ellipse(m, ((cx, cy), (bw * t, bh * t), ang), 0, -1)
+    else:  # cross: plus sign
+        tw, th = bw * rng.uniform(0.25, 0.4), bh * rng.uniform(0.25, 0.4)
+        cv2.rectangle(m, (int(cx - bw / 2), int(cy - th / 2)), (int(cx + bw / 2), int(cy + th / 2)), 1, -1)
+        cv2.rectangle(m, (int(cx - tw / 2), int(cy - bh / 2)), (int(cx + tw / 2), int(cy + bh / 2)), 1, -1)
+    return m.astype(bool)
+
+
+def _texture(rng: np.random.Generator, cls: int, h: int, w: int) -> np.ndarray:
+    """Class-specific colour and texture over the whole canvas (masked later)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    hue = {0: 0, 1: 110, 2: 60, 3: 25, 4: 150}[cls] + rng.uniform(-12, 12)  # OpenCV hue 0..180
+    sat, val = rng.uniform(140, 240), rng.uniform(120, 240)
+    hsv = np.empty((h, w, 3), np.float32)
+    hsv[..., 0] = hue % 180
+    hsv[..., 1] = sat
+    hsv[..., 2] = val
+    per = rng.uniform(5, 12)
+    if cls == 1:  # stripes
+        th = rng.uniform(0, np.pi)
+        hsv[..., 2] *= 0.65 + 0.35 * (np.sin((xx * np.cos(th) + yy * np.sin(th)) / per * 2 * np.pi) > 0)
+    elif cls == 2:  # dots
+        hsv[..., 2] *= 0.6 + 0.4 * ((np.sin(xx / per * 2 * np.pi) * np.sin(yy / per * 2 * np.pi)) > 0.3)
+    elif cls == 4:  # checker
+        hsv[..., 2] *= 0.6 + 0.4 * (((xx // per) + (yy // per)) % 2)
+    elif cls == 0:  # smooth radial shading
+        hsv[..., 2] *= 0.75 + 0.25 * np.cos(xx / (w / 3.0)) * np.cos(yy / (h / 3.0))
+    hsv += rng.normal(0, 4, size=hsv.shape).astype(np.float32)
+    hsv = np.clip(hsv, 0, [179, 255, 255]).astype(np.uint8)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB).astype(np.float32)
+
+
+def render_scene(rng: np.random.Generator, width: int, height: int, max_objects: int = 6):
+    """Draw one scene. Returns ``(rgb uint8 (H, W, 3), labels (N,), boxes (N, 4), difficult, truncated)``."""
+    h, w = height, width
+    img = _background(rng, h, w)
+    owner = np.full((h, w), -1, np.int32)
+    objs: list[_Obj] = []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        cls = int(rng.integers(0, len(TOY_CLASSES)))
+        size = float(np.exp(rng.uniform(np.log(18), np.log(min(260, 0.8 * min(h, w))))))
+        aspect = float(np.exp(rng.uniform(np.log(0.4), np.log(2.5))))
+        bw, bh = size * np.sqrt(aspect), size / np.sqrt(aspect)
+        # Mostly inside; some objects are cut by the border (truncation).
+        margin = 0.35 if rng.random() < 0.2 else -0.5
+        cx = rng.uniform(-margin * bw, w + margin * bw) if margin > 0 else rng.uniform(bw / 2, max(bw / 2 + 1, w - bw / 2))
+        cy = rng.uniform(-margin * bh, h + margin * bh) if margin > 0 else rng.uniform(bh / 2, max(bh / 2 + 1, h - bh / 2))
+        mask = _shape_mask(rng, cls, h, w, float(cx), float(cy), bw, bh)
+        if not mask.any():
+            continue
+        tex = _texture(rng, cls, h, w)
+        img[mask] = tex[mask]
+        owner[mask] = len(objs)
+        objs.append(_Obj(cls, mask))
+    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.4, 1.0))
+    img += rng.normal(0, 4, size=img.shape).astype(np.float32)
+    rgb = np.clip(img, 0, 255).astype(np.uint8)
+    labels, boxes, difficult, truncated = [], [], [], []
+    for i, o in enumerate(objs):
+        vis = owner == i
+        n_vis, n_full = int(vis.sum()), int(o.mask.sum())
+        if n_vis == 0:
+            continue
+        ys, xs = np.nonzero(vis)
+        box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+        fy, fx = np.nonzero(o.mask)
+        cut = fx.min() == 0 or fy.min() == 0 or fx.max() == w - 1 or fy.max() == h - 1
+        bw, bh = box[2] - box[0], box[3] - box[1]
+        labels.append(o.cls)
+        boxes.append(box)
+        difficult.append(n_vis / n_full < 0.35 or min(bw, bh) < 12)
+        truncated.append(bool(cut))
+    return (rgb, np.array(labels, np.int64), np.array(boxes, np.float32).reshape(-1, 4),
+            np.array(difficult, bool), np.array(truncated, bool))
+
+
+def make_toy_voc(out: str | Path, num_images: int = 100, seed: int = 0, min_side: int = 300,
+                 max_side: int = 500, splits: tuple[float, float] = (0.4, 0.2), year: str = "VOC2007",
+                 jpeg_quality: int = 92, progress: bool = False) -> Path:
+    """Write ``<out>/<year>/{JPEGImages,Annotations,ImageSets/Main}`` and return the year folder.
+
+    Split fractions: ``splits = (train, val)``; the rest is ``test``; ``trainval`` is
+    train + val. Ids are ``000001``... Existing files with the same ids are replaced.
+    """
+    if num_images < 3:
+        raise ValueError(f"num_images must be >= 3 (one per split), got {num_images}")
+    root = Path(out) / year
+    rng = np.random.default_rng(seed)
+    ids = [f"{i + 1:06d}" for i in range(num_images)]
+    it = ids
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(ids, desc="toy VOC", unit="img")
+    for image_id in it:
+        w, h = int(rng.integers(min_side, max_side + 1)), int(rng.integers(min_side, max_side + 1))
+        rgb, labels, boxes, difficult, truncated = render_scene(rng, w, h)
+        ok, enc = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+        if not ok:  # pragma: no cover
+            raise RuntimeError(f"JPEG encoding failed for {image_id}")
+        atomic_write_bytes(root / "JPEGImages" / f"{image_id}.jpg", enc.tobytes())
+        ann = Annotation(f"{image_id}.jpg", w, h, [TOY_CLASSES[k] for k in labels], boxes, difficult, truncated)
+        write_annotation(root / "Annotations" / f"{image_id}.xml", ann, folder=year)
+    n_train = max(1, int(round(splits[0] * num_images)))
+    n_val = max(1, int(round(splits[1] * num_images)))
+    n_train = min(n_train, num_images - 2)
+    n_val = min(n_val, num_images - n_train - 1)
+    parts = {
+        "train": ids[:n_train],
+        "val": ids[n_train:n_train + n_val],
+        "test": ids[n_train + n_val:],
+    }
+    parts["trainval"] = parts["train"] + parts["val"]
+    for name, lst in parts.items():
+        atomic_write_text(root / "ImageSets" / "Main" / f"{name}.txt", "\n".join(lst) + "\n")
+    atomic_write_text(root / "classes.txt", "\n".join(TOY_CLASSES) + "\n")
+    return root

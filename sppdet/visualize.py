@@ -1,0 +1,73 @@
+"""Pictures: detections drawn on images (OpenCV), precision-recall curves (matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from .store import atomic_write_bytes
+
+__all__ = ["draw_boxes", "save_png", "plot_pr_curves", "class_colour"]
+
+
+def class_colour(k: int) -> tuple[int, int, int]:
+    """A stable, distinct RGB colour per class index."""
+    hsv = np.uint8([[[(k * 37) % 180, 220, 255]]])
+    return tuple(int(c) for c in cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0])
+
+
+def draw_boxes(image: np.ndarray, boxes: np.ndarray, labels: Sequence[int], classes: Sequence[str],
+               scores: Sequence[float] | None = None, thickness: int = 2) -> np.ndarray:
+    """Draw ``(N, 4)`` xyxy boxes with class names (and scores) on a copy of an RGB image."""
+    out = np.ascontiguousarray(image.copy())
+    scale = max(0.4, min(out.shape[:2]) / 800.0)
+    for i, (box, k) in enumerate(zip(np.asarray(boxes).reshape(-1, 4), labels)):
+        col = class_colour(int(k))
+        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+        cv2.rectangle(out, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), col, thickness)
+        text = classes[int(k)] + (f" {float(scores[i]):.2f}" if scores is not None else "")
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        ty = max(th + base, y1)
+        cv2.rectangle(out, (x1, ty - th - base), (x1 + tw, ty), col, -1)
+        cv2.putText(out, text, (x1, ty - base), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return out
+
+
+def save_png(path: str | Path, rgb: np.ndarray) -> None:
+    ok, enc = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
+    if not ok:  # pragma: no cover
+        raise RuntimeError(f"{path}: PNG encoding failed")
+    atomic_write_bytes(path, enc.tobytes())
+
+
+def plot_pr_curves(curves: dict, aps: dict, path: str | Path, title: str = "precision-recall") -> None:
+    """One PNG with every class's PR curve; ``curves[name] = (recall, precision)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
+    for k, (name, (rec, prec)) in enumerate(curves.items()):
+        ap = aps.get(name)
+        if ap is None or len(rec) == 0:
+            continue
+        col = np.array(class_colour(k)) / 255.0
+        ax.plot(np.concatenate([[0], rec]), np.concatenate([[1], prec]), color=col * 0.85, label=f"{name} ({ap:.3f})")
+    ax.set_xlim(0, 1.0)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

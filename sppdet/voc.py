@@ -1,0 +1,298 @@
+"""PASCAL VOC reading and writing. The only module that knows about 1-based pixels.
+
+Layout: ``<root>/JPEGImages/<id>.jpg``, ``<root>/Annotations/<id>.xml``,
+``<root>/ImageSets/Main/<split>.txt`` where ``root`` is a year folder such as
+``VOCdevkit/VOC2007``.
+
+Coordinates: VOC boxes ``(xmin, ymin, xmax, ymax)`` are 1-based and inclusive. Here they
+become ``(xmin - 1, ymin - 1, xmax, ymax)``: 0-based continuous xyxy (pixel i covers
+``[i, i+1)``), so plain IoU equals the devkit's ``+1`` IoU. Writers convert back.
+
+Errors and warnings (documented policy):
+
+- **errors** (:class:`VOCError`, naming the file): missing or unreadable JPEG, missing or
+  malformed XML, missing size or bndbox fields, non-numeric coordinates, a box with
+  ``xmax < xmin`` or ``ymax < ymin``, a box entirely outside the image, an unknown class
+  name (when ``strict_classes``), an empty or missing split file, duplicate ids in a split,
+  an image whose decoded size differs from the XML's ``<size>``.
+- **warnings** (logged, data kept): a box that sticks out of the image by a few pixels is
+  clipped to the image (VOC has a handful of these); objects of classes outside the list
+  when ``strict_classes=False`` are skipped; a ``<size>`` with depth other than 3.
+- grayscale, CMYK, palette and alpha images all load as RGB uint8.
+"""
+
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import cv2
+import numpy as np
+
+from .store import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+__all__ = [
+    "VOC_CLASSES",
+    "VOCError",
+    "Annotation",
+    "read_annotation",
+    "write_annotation",
+    "read_split",
+    "load_image",
+    "VOCDataset",
+    "write_comp4",
+]
+
+
+class VOCError(ValueError):
+    """Bad VOC input; the message names the file and the problem."""
+
+
+@dataclass
+class Annotation:
+    """One image's objects. ``boxes`` ``(N, 4)`` float32 0-based continuous xyxy."""
+
+    filename: str
+    width: int
+    height: int
+    names: list[str] = field(default_factory=list)
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    difficult: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
+    truncated: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
+
+    def labels(self, classes: Sequence[str]) -> np.ndarray:
+        """``(N,)`` int64 class indices in ``classes``."""
+        index = {c: i for i, c in enumerate(classes)}
+        return np.array([index[n] for n in self.names], dtype=np.int64)
+
+
+def _text(node: ET.Element, tag: str, path: Path, default: str | None = None) -> str:
+    child = node.find(tag)
+    if child is None or child.text is None or not child.text.strip():
+        if default is not None:
+            return default
+        raise VOCError(f"{path}: missing <{tag}> in <{node.tag}>")
+    return child.text.strip()
+
+
+def _num(node: ET.Element, tag: str, path: Path) -> float:
+    s = _text(node, tag, path)
+    try:
+        return float(s)
+    except ValueError:
+        raise VOCError(f"{path}: <{tag}> is not a number: {s!r}") from None
+
+
+def read_annotation(xml_path: str | Path, classes: Sequence[str] | None = None,
+                    strict_classes: bool = True) -> Annotation:
+    """Parse a VOC XML file.
+
+    Args:
+        xml_path: the ``Annotations/<id>.xml`` file.
+        classes: allowed class names (default: the 20 VOC classes).
+        strict_classes: an unknown name is an error (True) or the object is skipped with
+            a warning (False).
+    """
+    path = Path(xml_path)
+    classes = tuple(classes) if classes is not None else VOC_CLASSES
+    if not path.is_file():
+        raise VOCError(f"{path}: annotation file is missing")
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        raise VOCError(f"{path}: malformed XML ({e})") from None
+    size = root.find("size")
+    if size is None:
+        raise VOCError(f"{path}: missing <size>")
+    width, height = int(_num(size, "width", path)), int(_num(size, "height", path))
+    if width < 1 or height < 1:
+        raise VOCError(f"{path}: image size {width}x{height} is not positive")
+    depth = _text(size, "depth", path, default="3")
+    if depth != "3":
+        log.warning("%s: <depth> is %s; images are always loaded as RGB", path, depth)
+    names, boxes, diff, trunc = [], [], [], []
+    for i, obj in enumerate(root.findall("object")):
+        name = _text(obj, "name", path).strip()
+        if name not in classes:
+            if strict_classes:
+                raise VOCError(f"{path}: object {i} has unknown class {name!r} (known: {', '.join(classes)})")
+            log.warning("%s: skipping object %d of unknown class %r", path, i, name)
+            continue
+        bb = obj.find("bndbox")
+        if bb is None:
+            raise VOCError(f"{path}: object {i} ({name}) has no <bndbox>")
+        xmin, ymin, xmax, ymax = (_num(bb, t, path) for t in ("xmin", "ymin", "xmax", "ymax"))
+        if xmax < xmin or ymax < ymin:
+            raise VOCError(f"{path}: object {i} ({name}) has xmax < xmin or ymax < ymin: "
+                           f"({xmin:g}, {ymin:g}, {xmax:g}, {ymax:g})")
+        # 1-based inclusive -> 0-based continuous: pixel k (1-based) covers [k-1, k).
+        box = [xmin - 1.0, ymin - 1.0, xmax, ymax]
+        if box[2] <= 0 or box[3] <= 0 or box[0] >= width or box[1] >= height:
+            raise VOCError(f"{path}: object {i} ({name}) box {box} lies outside the {width}x{height} image")
+        if box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height:
+            log.warning("%s: object %d (%s) box sticks out of the %dx%d image; clipped", path, i, name, width, height)
+            box = [max(box[0], 0.0), max(box[1], 0.0), min(box[2], float(width)), min(box[3], float(height))]
+        names.append(name)
+        boxes.append(box)
+        diff.append(_text(obj, "difficult", path, default="0") == "1")
+        trunc.append(_text(obj, "truncated", path, default="0") == "1")
+    return Annotation(
+        filename=_text(root, "filename", path, default=path.stem + ".jpg"),
+        width=width,
+        height=height,
+        names=names,
+        boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+        difficult=np.asarray(diff, bool),
+        truncated=np.asarray(trunc, bool),
+    )
+
+
+def write_annotation(path: str | Path, ann: Annotation, folder: str = "VOC2007") -> None:
+    """Write an :class:`Annotation` as VOC XML (boxes back to 1-based inclusive integers)."""
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = folder
+    ET.SubElement(root, "filename").text = ann.filename
+    size = ET.SubElement(root, "size")
+    for tag, v in (("width", ann.width), ("height", ann.height), ("depth", 3)):
+        ET.SubElement(size, tag).text = str(int(v))
+    ET.SubElement(root, "segmented").text = "0"
+    trunc = ann.truncated if len(ann.truncated) == len(ann.names) else np.zeros(len(ann.names), bool)
+    for name, box, d, t in zip(ann.names, ann.boxes, ann.difficult, trunc):
+        obj = ET.SubElement(root, "object")
+        ET.SubElement(obj, "name").text = name
+        ET.SubElement(obj, "pose").text = "Unspecified"
+        ET.SubElement(obj, "truncated").text = str(int(bool(t)))
+        ET.SubElement(obj, "difficult").text = str(int(bool(d)))
+        bb = ET.SubElement(obj, "bndbox")
+        x1, y1, x2, y2 = (float(v) for v in box)
+        # 0-based continuous -> 1-based inclusive.
+        for tag, v in (("xmin", x1 + 1), ("ymin", y1 + 1), ("xmax", x2), ("ymax", y2)):
+            ET.SubElement(bb, tag).text = str(int(round(v)))
+    ET.indent(root)
+    atomic_write_text(path, ET.tostring(root, encoding="unicode") + "\n")
+
+
+def read_split(path: str | Path) -> list[str]:
+    """Image ids of a split file; an empty file or duplicate ids are errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise VOCError(f"{path}: split file is missing")
+    ids = [ln.split()[0] for ln in path.read_text().splitlines() if ln.strip()]
+    if not ids:
+        raise VOCError(f"{path}: split file is empty")
+    seen: set[str] = set()
+    dups = sorted({i for i in ids if i in seen or seen.add(i)})
+    if dups:
+        raise VOCError(f"{path}: duplicate image id(s) {', '.join(dups[:5])}")
+    return ids
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read any JPEG/PNG/... as RGB uint8 ``(H, W, 3)``.
+
+    Grayscale, CMYK (libjpeg converts it), 16-bit and alpha images all come back as
+    3-channel RGB. A missing or undecodable file is a :class:`VOCError` naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VOCError(f"{path}: image file is missing")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if img is None:
+        raise VOCError(f"{path}: cannot decode image (corrupt or not an image)")
+    if img.dtype != np.uint8:
+        img = (img / (65535.0 if img.dtype == np.uint16 else max(float(img.max()), 1.0)) * 255).astype(np.uint8)
+    if img.ndim == 2:
+        return np.ascontiguousarray(np.repeat(img[:, :, None], 3, axis=2))
+    if img.shape[2] == 4:
+        # Composite on white so transparent pixels do not become arbitrary colours.
+        alpha = img[:, :, 3:4].astype(np.float32) / 255.0
+        img = (img[:, :, :3].astype(np.float32) * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
+    elif img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    return np.ascontiguousarray(img[:, :, 2::-1])
+
+
+class VOCDataset:
+    """A split of a VOC-format dataset: ids, annotations (cached), images on demand.
+
+    Args:
+        root: the year folder (``.../VOCdevkit/VOC2007``).
+        split: ``train``, ``val``, ``trainval``, ``test`` or any ``ImageSets/Main`` file.
+        classes: class names in label order (default: VOC's 20).
+        check_images: compare every JPEG's size with its XML on construction.
+    """
+
+    def __init__(self, root: str | Path, split: str, classes: Sequence[str] | None = None,
+                 check_images: bool = False):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise VOCError(f"{self.root}: VOC folder is missing (see data/README.md)")
+        self.split = split
+        self.classes = tuple(classes) if classes is not None else VOC_CLASSES
+        self.ids = read_split(self.root / "ImageSets" / "Main" / f"{split}.txt")
+        self._ann: dict[str, Annotation] = {}
+        if check_images:
+            for i in self.ids:
+                self.image(i)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / "JPEGImages" / f"{image_id}.jpg"
+
+    def annotation(self, image_id: str) -> Annotation:
+        if image_id not in self._ann:
+            self._ann[image_id] = read_annotation(self.root / "Annotations" / f"{image_id}.xml", self.classes)
+        return self._ann[image_id]
+
+    def image(self, image_id: str) -> np.ndarray:
+        path = self.image_path(image_id)
+        img = load_image(path)
+        ann = self.annotation(image_id)
+        if img.shape[:2] != (ann.height, ann.width):
+            raise VOCError(f"{path}: image is {img.shape[1]}x{img.shape[0]} but its XML says {ann.width}x{ann.height}")
+        return img
+
+    def labels(self, image_id: str) -> np.ndarray:
+        return self.annotation(image_id).labels(self.classes)
+
+    def ground_truth(self, class_index: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{image_id: (boxes (N, 4), difficult (N,))}`` for one class, every image of the split."""
+        out = {}
+        for i in self.ids:
+            a = self.annotation(i)
+            m = a.labels(self.classes) == class_index
+            out[i] = (a.boxes[m], a.difficult[m])
+        return out
+
+
+def write_comp4(out_dir: str | Path, split: str, classes: Sequence[str],
+                detections: Iterable[tuple[str, int, float, np.ndarray]], prefix: str = "comp4") -> list[Path]:
+    """Write VOC results files ``<prefix>_det_<split>_<class>.txt``.
+
+    ``detections``: ``(image_id, class_index, score, box)`` with ``box`` 0-based continuous
+    xyxy; written 1-based as the devkit expects (``x1 + 1, y1 + 1, x2, y2``).
+    """
+    lines: dict[int, list[str]] = {k: [] for k in range(len(classes))}
+    for image_id, k, score, box in detections:
+        x1, y1, x2, y2 = (float(v) for v in box)
+        lines[int(k)].append(f"{image_id} {score:.6f} {x1 + 1:.1f} {y1 + 1:.1f} {x2:.1f} {y2:.1f}")
+    paths = []
+    for k, name in enumerate(classes):
+        p = Path(out_dir) / f"{prefix}_det_{split}_{name}.txt"
+        atomic_write_text(p, "\n".join(lines[k]) + ("\n" if lines[k] else ""))
+        paths.append(p)
+    return paths
