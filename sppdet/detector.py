@@ -1,0 +1,130 @@
+"""Scoring, box regression and per-class NMS for one image (from cached or fresh conv5)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .bbox_reg import BoxRegressor
+from .boxes import clip_boxes, nms
+from .config import FeatureConfig, TestConfig
+from .features import FeatureCache, ImageFeatures, conv5_maps
+from .models import FCHead, truncated_svd_linear
+from .store import load_npz
+
+__all__ = ["Detections", "Detector", "load_svms"]
+
+
+@dataclass
+class Detections:
+    """``boxes`` (N, 4) original-image xyxy, ``scores`` (N,), ``labels`` (N,) class indices."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    def to_json(self, classes: Sequence[str]) -> list[dict]:
+        return [{"class": classes[int(k)], "score": float(s), "box": [float(v) for v in b]}
+                for b, s, k in zip(self.boxes, self.scores, self.labels)]
+
+
+def load_svms(path: str | Path) -> dict:
+    d = load_npz(path, ("W", "b", "feature_scale", "layer", "classes", "feature"))
+    return {"W": d["W"].astype(np.float32), "b": d["b"].astype(np.float32), "feature_scale": float(d["feature_scale"]),
+            "layer": str(d["layer"]), "feature": str(d["feature"]), "classes": [str(c) for c in d["classes"]]}
+
+
+def _select(boxes, scores, k, thresh, nms_iou):
+    keep = np.nonzero(scores > thresh)[0]
+    if len(keep) == 0:
+        return keep
+    return keep[nms(boxes[keep], scores[keep], nms_iou)]
+
+
+def _cap(dets: list[tuple], max_per_image: int) -> Detections:
+    if not dets:
+        return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+    b = np.concatenate([d[0] for d in dets]).astype(np.float32)
+    s = np.concatenate([d[1] for d in dets]).astype(np.float32)
+    k = np.concatenate([np.full(len(d[1]), d[2]) for d in dets]).astype(np.int64)
+    order = np.argsort(-s, kind="stable")[:max_per_image]
+    return Detections(b[order], s[order], k[order])
+
+
+class Detector:
+    """SPP-net at test time: pooled features -> fc head -> SVM scores -> NMS -> box regression.
+
+    Args:
+        head: the fine-tuned fc head (fc6/fc7 used for features), or None for pool5 SVMs.
+        svms: ``{"W": (K, D), "b": (K,), "feature_scale", "layer"}``.
+        regressor: per-class box regressors or None.
+        cache: a :class:`FeatureCache` (gives geometry, levels and scale choice).
+        test: thresholds (``TestConfig``).
+    """
+
+    def __init__(self, head: FCHead | None, svms: dict, regressor: BoxRegressor | None, cache: FeatureCache,
+                 test: TestConfig, classes: Sequence[str]):
+        self.head = head.eval() if head is not None else None
+        self.svms, self.regressor, self.cache, self.test, self.classes = svms, regressor, cache, test, list(classes)
+        if head is not None and (test.svd_fc6 or test.svd_fc7):
+            if test.svd_fc6:
+                head.fc6 = truncated_svd_linear(head.fc6, test.svd_fc6)
+            if test.svd_fc7:
+                head.fc7 = truncated_svd_linear(head.fc7, test.svd_fc7)
+
+    @torch.no_grad()
+    def score(self, feats: ImageFeatures, proposals: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+        """``(pool5 (R, D0), scores (R, K), timing)`` for an image's proposals."""
+        t0 = time.perf_counter()
+        pooled = self.cache.pooled(feats, proposals)
+        t1 = time.perf_counter()
+        layer = self.svms["layer"]
+        x = pooled if layer == "pool5" or self.head is None else self.head.features(pooled, layer)
+        t2 = time.perf_counter()
+        scores = (x.numpy() * self.svms["feature_scale"]) @ self.svms["W"].T + self.svms["b"]
+        t3 = time.perf_counter()
+        return pooled.numpy(), scores, {"pool": t1 - t0, "fc": t2 - t1, "svm": t3 - t2}
+
+    def postprocess(self, pooled: np.ndarray, scores: np.ndarray, proposals: np.ndarray, width: int, height: int,
+                    score_threshold: float | None = None) -> tuple[Detections, Detections | None, float]:
+        """Per-class threshold + NMS (without regression), then regression + clip + NMS (with)."""
+        t0 = time.perf_counter()
+        thr = self.test.score_threshold if score_threshold is None else score_threshold
+        plain, refined = [], []
+        for k in range(scores.shape[1]):
+            keep = _select(proposals, scores[:, k], k, thr, self.test.nms)
+            if len(keep) == 0:
+                continue
+            plain.append((proposals[keep], scores[keep, k], k))
+            if self.regressor is not None:
+                rb = clip_boxes(self.regressor.predict(k, pooled[keep], proposals[keep]), width, height)
+                ok = (rb[:, 2] > rb[:, 0]) & (rb[:, 3] > rb[:, 1])
+                rb, sk = rb[ok], scores[keep, k][ok]
+                k2 = nms(rb, sk, self.test.nms)
+                refined.append((rb[k2], sk[k2], k))
+        det_plain = _cap(plain, self.test.max_per_image)
+        det_reg = _cap(refined, self.test.max_per_image) if self.regressor is not None else None
+        return det_plain, det_reg, time.perf_counter() - t0
+
+    def detect_cached(self, feats: ImageFeatures, proposals: np.ndarray, score_threshold: float | None = None):
+        pooled, scores, timing = self.score(feats, proposals)
+        plain, reg, t_post = self.postprocess(pooled, scores, proposals, feats.width, feats.height, score_threshold)
+        timing["post"] = t_post
+        return plain, reg, timing
+
+    def detect_image(self, backbone, rgb: np.ndarray, proposals: np.ndarray, features: FeatureConfig,
+                     device: str = "cpu", score_threshold: float | None = None):
+        """Full test-time path on a new image: conv5 once per scale, then :meth:`detect_cached`."""
+        t0 = time.perf_counter()
+        maps, factors = conv5_maps(backbone, rgb, features.scales, features.max_size, device)
+        maps = [m.cpu() for m in maps]
+        t_conv = time.perf_counter() - t0
+        feats = ImageFeatures(maps, factors, rgb.shape[0], rgb.shape[1])
+        plain, reg, timing = self.detect_cached(feats, proposals, score_threshold)
+        timing["conv"] = t_conv
+        return plain, reg, timing

@@ -1,0 +1,198 @@
+"""Feature stage: conv5 once per image (one or more scales), cached; SPP pooling on read.
+
+What is cached per image is the conv5 map at each scale as float16 (as the authors did:
+they cached ``rsp{scale}`` and pooled on load). Pooled 12,800-d vectors for 2000 windows
+would be ~100 MB per image. :class:`FeatureCache` gives, for an image and any boxes, the
+pooled features, without loading a split into memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from .backbones import Backbone
+from .spp import pool_windows, project_boxes_to_cells, spp_output_dim
+from .store import ShardError, atomic_save_npz, load_npz
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "resize_factor",
+    "prepare_image",
+    "conv5_maps",
+    "choose_scale",
+    "pool_boxes",
+    "ImageFeatures",
+    "FeatureCache",
+    "weights_fingerprint",
+    "FIVE_SCALES",
+]
+
+FIVE_SCALES = (480, 576, 688, 864, 1200)  # paper; the authors' code used 874 instead of 864
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over parameter/buffer names and bytes (16 hex digits)."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def resize_factor(height: int, width: int, scale: int, max_size: int) -> float:
+    """Factor that makes the shorter side ``scale`` (longer side capped at ``max_size``)."""
+    f = scale / float(min(height, width))
+    if max_size and max(height, width) * f > max_size:
+        f = max_size / float(max(height, width))
+    return f
+
+
+def prepare_image(rgb: np.ndarray, factor: float, min_side: int) -> np.ndarray:
+    """Resize an RGB uint8 image by ``factor`` (bilinear, no crop, no warp); an image
+    smaller than the network's minimum input is padded (bottom/right, edge colour)."""
+    h, w = rgb.shape[:2]
+    nh, nw = max(1, int(round(h * factor))), max(1, int(round(w * factor)))
+    out = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR) if (nh, nw) != (h, w) else rgb
+    if nh < min_side or nw < min_side:
+        out = cv2.copyMakeBorder(out, 0, max(0, min_side - nh), 0, max(0, min_side - nw), cv2.BORDER_REPLICATE)
+    return out
+
+
+@torch.no_grad()
+def conv5_maps(backbone: Backbone, rgb: np.ndarray, scales: Sequence[int], max_size: int,
+               device: str | torch.device = "cpu") -> tuple[list[torch.Tensor], list[float]]:
+    """One forward per scale. Returns ``([(C, h, w) float32 on device], [factor per scale])``."""
+    maps, factors = [], []
+    h, w = rgb.shape[:2]
+    for s in scales:
+        f = resize_factor(h, w, s, max_size)
+        im = prepare_image(rgb, f, backbone.min_input_size)
+        x = torch.from_numpy(np.ascontiguousarray(im)).to(device).permute(2, 0, 1)[None].float()
+        maps.append(backbone(backbone.normalize(x))[0])
+        factors.append(f)
+    return maps, factors
+
+
+def choose_scale(boxes: np.ndarray, factors: Sequence[float], target_size: float) -> np.ndarray:
+    """Per box, the scale whose resized window side ``sqrt(area) * factor`` is closest to
+    ``target_size`` (authors: 208 = 13 x 16; paper: 224), chosen in scale space like
+    ``spm_expected_scale.m``. Returns ``(R,)`` int64 scale indices."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    f = np.asarray(factors, np.float64)
+    if len(f) == 1 or len(b) == 0:
+        return np.zeros(len(b), np.int64)
+    side = np.sqrt(np.maximum((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), 1.0))
+    expected = target_size / side
+    return np.argmin(np.abs(f[None, :] - expected[:, None]), axis=1).astype(np.int64)
+
+
+def pool_boxes(maps: Sequence[torch.Tensor], factors: Sequence[float], boxes: np.ndarray, scale_idx: np.ndarray,
+               stride: float, center0: float, levels: Sequence[int], shrink: float) -> torch.Tensor:
+    """SPP features ``(R, C * sum(n*n))`` float32 of original-image ``boxes`` (R, 4) xyxy,
+    each pooled from the map of its scale."""
+    b = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4))
+    dim = spp_output_dim(maps[0].shape[0], levels)
+    out = torch.zeros((len(b), dim), dtype=torch.float32, device=maps[0].device)
+    sidx = np.asarray(scale_idx, np.int64).reshape(-1)
+    for s, (fmap, f) in enumerate(zip(maps, factors)):
+        sel = np.nonzero(sidx == s)[0]
+        if len(sel) == 0:
+            continue
+        cells = project_boxes_to_cells(b[sel] * f, fmap.shape[-2:], stride, center0, shrink)
+        out[torch.as_tensor(sel, device=out.device)] = pool_windows(fmap, cells.to(fmap.device), levels)
+    return out
+
+
+@dataclass
+class ImageFeatures:
+    """Cached conv5 maps of one image: ``maps[s]`` (C, h, w), ``factors[s]``, image size."""
+
+    maps: list[torch.Tensor]
+    factors: list[float]
+    height: int
+    width: int
+    flipped_maps: list[torch.Tensor] | None = None
+
+
+class FeatureCache:
+    """Reader (and writer) of ``<dir>/<id>.npz``: ``conv_<s>`` float16 (C, h, w), ``factors``,
+    ``size`` (H, W); optionally ``flip_conv_<s>`` for the horizontally flipped image."""
+
+    def __init__(self, directory: str | Path, stride: float, center0: float, levels: Sequence[int] = (6, 3, 2, 1),
+                 shrink: float = 6.5, target_size: float = 208.0):
+        self.dir = Path(directory)
+        self.stride, self.center0 = float(stride), float(center0)
+        self.levels, self.shrink, self.target_size = tuple(levels), float(shrink), float(target_size)
+
+    @classmethod
+    def from_manifest(cls, directory: str | Path) -> "FeatureCache":
+        from .store import require_complete
+
+        m = require_complete(directory, "features")
+        g, c = m["geometry"], m["config"]["features"]
+        return cls(directory, g["stride"], g["center0"], c["levels"], c["shrink"], c["target_size"])
+
+    def path(self, image_id: str) -> Path:
+        return self.dir / f"{image_id}.npz"
+
+    @staticmethod
+    def write(path: Path, maps: Sequence[torch.Tensor], factors: Sequence[float], size: tuple[int, int],
+              flipped: Sequence[torch.Tensor] | None = None, dtype: str = "float16") -> int:
+        arrays = {f"conv_{i}": m.detach().cpu().numpy().astype(dtype) for i, m in enumerate(maps)}
+        if flipped is not None:
+            arrays.update({f"flip_conv_{i}": m.detach().cpu().numpy().astype(dtype) for i, m in enumerate(flipped)})
+        arrays["factors"] = np.asarray(factors, np.float64)
+        arrays["size"] = np.asarray(size, np.int32)
+        return atomic_save_npz(path, **arrays)
+
+    def load(self, image_id: str, device: str | torch.device = "cpu") -> ImageFeatures:
+        p = self.path(image_id)
+        d = load_npz(p, ("factors", "size"))
+        n = len(d["factors"])
+        if any(f"conv_{i}" not in d for i in range(n)):
+            raise ShardError(f"{p}: shard lacks a conv map for one of its {n} scales")
+        maps = [torch.from_numpy(d[f"conv_{i}"]).to(device).float() for i in range(n)]
+        flipped = [torch.from_numpy(d[f"flip_conv_{i}"]).to(device).float() for i in range(n)] if "flip_conv_0" in d else None
+        h, w = (int(v) for v in d["size"])
+        return ImageFeatures(maps, [float(f) for f in d["factors"]], h, w, flipped)
+
+    def pooled(self, feats: ImageFeatures | str, boxes: np.ndarray, flipped: bool = False,
+               scale_idx: np.ndarray | None = None) -> torch.Tensor:
+        """SPP features ``(R, D)`` of ``boxes`` (R, 4) original-image xyxy.
+
+        ``scale_idx`` overrides the per-box best scale (used for random-scale training);
+        ``flipped`` pools from the flipped image's maps with mirrored boxes.
+        """
+        if isinstance(feats, str):
+            feats = self.load(feats)
+        b = np.asarray(boxes, np.float32).reshape(-1, 4)
+        maps = feats.maps
+        if flipped:
+            if feats.flipped_maps is None:
+                raise ShardError(f"{self.dir}: features were cached without flipped maps (features.flip: true)")
+            maps = feats.flipped_maps
+            b = np.stack([feats.width - b[:, 2], b[:, 1], feats.width - b[:, 0], b[:, 3]], 1)
+        if scale_idx is None:
+            scale_idx = choose_scale(b, feats.factors, self.target_size)
+        return pool_boxes(maps, feats.factors, b, scale_idx, self.stride, self.center0, self.levels, self.shrink)
+
+
+def extract_image(backbone: Backbone, rgb: np.ndarray, scales: Sequence[int], max_size: int, flip: bool,
+                  device: str | torch.device = "cpu"):
+    """conv5 maps (and of the flipped image); returns ``(maps, factors, flipped_maps, seconds)``."""
+    t0 = time.perf_counter()
+    maps, factors = conv5_maps(backbone, rgb, scales, max_size, device)
+    flipped = conv5_maps(backbone, np.ascontiguousarray(rgb[:, ::-1]), scales, max_size, device)[0] if flip else None
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return maps, factors, flipped, time.perf_counter() - t0

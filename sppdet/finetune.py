@@ -1,0 +1,164 @@
+"""fc fine-tuning on pooled features read from the conv5 cache; conv layers frozen.
+
+The conv layers are never touched here, not even loaded: SPP-net's limitation (Fast
+R-CNN's critique), reproduced. Mini-batches of ``batch_size`` windows from
+``images_per_batch`` images, ``fg_fraction`` foreground (max IoU >= ``fg_threshold``,
+labelled with that object's class) and background in ``[bg_low, bg_high)`` (label K).
+Multi-scale caches: each training window pooled at a random scale (authors'
+``random_scale=1``); flipped images when the cache holds flipped maps. The checkpoint
+kept is the one with the lowest error on a *validation* split, never on test.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import asdict
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import FinetuneConfig
+from .features import FeatureCache, ImageFeatures
+from .models import FCHead
+from .roidb import Windows
+
+log = logging.getLogger(__name__)
+
+__all__ = ["sample_windows", "FeatureLRU", "finetune_head"]
+
+
+class FeatureLRU:
+    """Keeps the last ``capacity`` images' conv5 maps in memory."""
+
+    def __init__(self, cache: FeatureCache, capacity: int = 64):
+        self.cache, self.capacity = cache, capacity
+        self._d: OrderedDict[str, ImageFeatures] = OrderedDict()
+
+    def get(self, image_id: str) -> ImageFeatures:
+        if image_id in self._d:
+            self._d.move_to_end(image_id)
+            return self._d[image_id]
+        f = self.cache.load(image_id)
+        self._d[image_id] = f
+        if len(self._d) > self.capacity:
+            self._d.popitem(last=False)
+        return f
+
+
+def sample_windows(w: Windows, num: int, fg_fraction: float, fg_threshold: float, bg_low: float, bg_high: float,
+                   num_classes: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ``num`` window indices of one image: up to ``round(fg_fraction*num)`` foreground
+    (IoU >= fg_threshold, label = class) and the rest background (IoU in [bg_low, bg_high),
+    label = ``num_classes``). Returns ``(indices, labels)``."""
+    fg = np.nonzero(w.max_iou >= fg_threshold)[0]
+    bg = np.nonzero((w.max_iou >= bg_low) & (w.max_iou < bg_high))[0]
+    n_fg = min(len(fg), int(round(fg_fraction * num)))
+    n_bg = min(len(bg), num - n_fg)
+    fi = rng.choice(fg, n_fg, replace=False) if n_fg else np.zeros(0, np.int64)
+    bi = rng.choice(bg, n_bg, replace=False) if n_bg else np.zeros(0, np.int64)
+    idx = np.concatenate([fi, bi]).astype(np.int64)
+    labels = np.concatenate([w.label[fi], np.full(n_bg, num_classes)]).astype(np.int64)
+    return idx, labels
+
+
+def _make_batch(ids: Sequence[str], windows: dict, lru: FeatureLRU, cfg: FinetuneConfig, num_classes: int,
+                rng: np.random.Generator, train: bool):
+    per = max(1, cfg.batch_size // len(ids))
+    xs, ys = [], []
+    for i in ids:
+        w = windows[i]
+        idx, lab = sample_windows(w, per, cfg.fg_fraction, cfg.fg_threshold, cfg.bg_low, cfg.bg_high, num_classes, rng)
+        if len(idx) == 0:
+            continue
+        feats = lru.get(i)
+        flip = bool(train and cfg.flip and feats.flipped_maps is not None and rng.random() < 0.5)
+        scale_idx = None
+        if train and cfg.random_scale and len(feats.factors) > 1:
+            scale_idx = rng.integers(0, len(feats.factors), len(idx))
+        xs.append(lru.cache.pooled(feats, w.boxes[idx], flipped=flip, scale_idx=scale_idx))
+        ys.append(torch.from_numpy(lab))
+    if not xs:
+        return None, None
+    return torch.cat(xs), torch.cat(ys)
+
+
+def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: dict[str, Windows], cache_train: FeatureCache,
+                  cache_val: FeatureCache, num_classes: int, cfg: FinetuneConfig, seed: int = 0, progress: bool = True,
+                  log_fn: Callable[[str], None] = print) -> dict:
+    """Train ``head`` (fc6, fc7, fc8 with K+1 outputs) in place; return the best state and history."""
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    train_ids = [i for i, w in train_windows.items() if len(w.boxes)]
+    if not train_ids:
+        raise ValueError("fine-tuning: no training image has windows")
+    lru_t, lru_v = FeatureLRU(cache_train), FeatureLRU(cache_val)
+    val_rng = np.random.default_rng(seed + 1)
+    val_ids = list(val_windows)
+    val_batches = []
+    for _ in range(cfg.val_batches if val_ids else 0):
+        pick = list(val_rng.choice(val_ids, min(cfg.images_per_batch, len(val_ids)), replace=False))
+        x, y = _make_batch(pick, val_windows, lru_v, cfg, num_classes, val_rng, train=False)
+        if x is not None:
+            val_batches.append((x, y))
+    # Caffe-style: biases learn at 2x the rate and are not decayed.
+    groups = [
+        {"params": [p for n, p in head.named_parameters() if not n.endswith("bias")], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in head.named_parameters() if n.endswith("bias")], "weight_decay": 0.0, "lr": cfg.lr * 2},
+    ]
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_steps), gamma=cfg.lr_gamma)
+
+    def validate() -> tuple[float, float]:
+        if not val_batches:
+            return float("nan"), float("nan")
+        head.eval()
+        err = loss = n = 0.0
+        with torch.no_grad():
+            for x, y in val_batches:
+                out = head(x)
+                loss += float(F.cross_entropy(out, y, reduction="sum"))
+                err += float((out.argmax(1) != y).sum())
+                n += len(y)
+        head.train()
+        return err / n, loss / n
+
+    best = {"val_error": float("inf"), "iteration": 0, "state": {k: v.clone() for k, v in head.state_dict().items()}}
+    history = []
+    t0 = time.time()
+    head.train()
+    bar = tqdm(range(1, cfg.iterations + 1), desc="finetune fc", unit="it", disable=not progress)
+    running = []
+    for it in bar:
+        pick = list(rng.choice(train_ids, min(cfg.images_per_batch, len(train_ids)), replace=False))
+        x, y = _make_batch(pick, train_windows, lru_t, cfg, num_classes, rng, train=True)
+        if x is None:
+            continue
+        loss = F.cross_entropy(head(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running.append(loss.item())
+        if it % cfg.val_every == 0 or it == cfg.iterations:
+            verr, vloss = validate()
+            rec = {"iteration": it, "train_loss": float(np.mean(running)), "val_error": verr, "val_loss": vloss,
+                   "lr": opt.param_groups[0]["lr"]}
+            history.append(rec)
+            running = []
+            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val_err=f"{verr:.3f}")
+            if not np.isnan(verr) and verr < best["val_error"]:
+                best = {"val_error": verr, "iteration": it, "state": {k: v.clone() for k, v in head.state_dict().items()}}
+            elif np.isnan(verr):
+                best = {"val_error": verr, "iteration": it, "state": {k: v.clone() for k, v in head.state_dict().items()}}
+    bar.close()
+    head.load_state_dict(best["state"])
+    log_fn(f"fine-tuning: best validation error {best['val_error']:.4f} at iteration {best['iteration']} "
+           f"({time.time() - t0:.1f} s)")
+    return {"best_iteration": best["iteration"], "best_val_error": best["val_error"], "history": history,
+            "seconds": time.time() - t0, "config": asdict(cfg)}

@@ -1,0 +1,106 @@
+"""SPP-net classifier, the fixed-size baseline, and the fc head shared with detection."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .backbones import Backbone
+from .spp import SpatialPyramidPooling, spp_output_dim
+
+__all__ = ["FCHead", "SPPNetClassifier", "FixedSizeClassifier", "truncated_svd_linear"]
+
+
+class FCHead(nn.Module):
+    """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> fc8.
+
+    ``features(x, layer)`` returns the post-ReLU fc6 or fc7 activations without dropout
+    (what the SVMs see, as ``spp_poolX_to_fcX.m``).
+    """
+
+    def __init__(self, in_dim: int, hidden: int, num_outputs: int, dropout: float = 0.5):
+        super().__init__()
+        self.fc6 = nn.Linear(in_dim, hidden)
+        self.fc7 = nn.Linear(hidden, hidden)
+        self.fc8 = nn.Linear(hidden, num_outputs)
+        self.drop = nn.Dropout(dropout)
+        for m in (self.fc6, self.fc7):
+            nn.init.normal_(m.weight, std=0.005 if in_dim > 4096 else 0.01)
+            nn.init.constant_(m.bias, 0.1)
+        nn.init.normal_(self.fc8.weight, std=0.01)
+        nn.init.zeros_(self.fc8.bias)
+
+    def features(self, x: torch.Tensor, layer: str = "fc7") -> torch.Tensor:
+        if layer == "pool5":
+            return x
+        h = torch.relu(self.fc6(x))
+        if layer == "fc6":
+            return h
+        if layer != "fc7":
+            raise ValueError(f"unknown layer {layer!r} (pool5, fc6, fc7)")
+        return torch.relu(self.fc7(h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(torch.relu(self.fc6(x)))
+        h = self.drop(torch.relu(self.fc7(h)))
+        return self.fc8(h)
+
+
+class SPPNetClassifier(nn.Module):
+    """Backbone conv layers + SPP + fc6/fc7 (dropout) + fc8: accepts any input size."""
+
+    def __init__(self, backbone: Backbone, num_classes: int, levels: Sequence[int] = (6, 3, 2, 1),
+                 hidden: int = 4096, dropout: float = 0.5):
+        super().__init__()
+        self.backbone = backbone
+        self.spp = SpatialPyramidPooling(levels, "max")
+        self.head = FCHead(spp_output_dim(backbone.out_channels, levels), hidden, num_classes, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.spp(self.backbone(x)))
+
+
+class FixedSizeClassifier(nn.Module):
+    """The no-SPP baseline: conv5 -> pool5 (3x3/2, ceil) -> flatten -> fc6.
+
+    fc6's input length is fixed by ``input_size`` (9216 for ZF-5 at 224); any other input
+    size fails with a clear error: the problem SPP removes.
+    """
+
+    def __init__(self, backbone: Backbone, num_classes: int, input_size: int = 224, hidden: int = 4096,
+                 dropout: float = 0.5):
+        super().__init__()
+        self.backbone = backbone
+        self.input_size = int(input_size)
+        self.pool5 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        h, w = backbone.feature_size(input_size, input_size)
+        with torch.no_grad():
+            ph = self.pool5(torch.zeros(1, 1, h, w)).shape[-1]
+        self.pool5_size = int(ph)
+        self.head = FCHead(backbone.out_channels * ph * ph, hidden, num_classes, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            f = self.pool5(self.backbone(x))
+            raise ValueError(
+                f"FixedSizeClassifier needs {self.input_size}x{self.input_size} input (pool5 "
+                f"{self.pool5_size}x{self.pool5_size}, fc6 input {self.head.fc6.in_features}); got "
+                f"{x.shape[-2]}x{x.shape[-1]}, whose pool5 is {f.shape[-2]}x{f.shape[-1]} = "
+                f"{f.shape[1] * f.shape[-2] * f.shape[-1]} features. Use SPPNetClassifier for any size."
+            )
+        return self.head(torch.flatten(self.pool5(self.backbone(x)), 1))
+
+
+def truncated_svd_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
+    """Fast R-CNN's truncated SVD: ``W ~ U_t S_t V_t^T`` as two linear layers (rank ``t``)."""
+    w = layer.weight.data.double()
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    rank = int(min(rank, s.numel()))
+    first = nn.Linear(layer.in_features, rank, bias=False)
+    second = nn.Linear(rank, layer.out_features, bias=True)
+    first.weight.data = (s[:rank, None] * vh[:rank]).float()
+    second.weight.data = u[:, :rank].float().contiguous()
+    second.bias.data = layer.bias.data.clone()
+    return nn.Sequential(first, second)

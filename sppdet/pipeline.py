@@ -1,0 +1,523 @@
+"""The multi-stage SPP-net pipeline: each stage reads the previous stages' artefacts from
+a run folder and writes its own, with a manifest (config, input fingerprints, seconds,
+bytes). The tools in ``tools/`` are thin wrappers around these functions.
+
+Run folder::
+
+    <run>/pretrain/checkpoint.pt               trunk + fc head (classifier pre-training)
+    <run>/proposals/<split>/<id>.npz           boxes (R, 4) original-image xyxy
+    <run>/features/<split>/<id>.npz            conv5 per scale, float16
+    <run>/model/finetune/finetune.pt           fine-tuned fc6/fc7/fc8 (conv frozen)
+    <run>/model/svm/svm.npz                    per-class SVMs
+    <run>/model/bbox_reg/bbox_reg.npz          per-class box regressors
+    <run>/detections/<split>/                  detections.npz, comp4 txt, metrics.json, PNGs
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .backbones import Backbone, build_backbone
+from .bbox_reg import BoxRegressor, fit_class_regressor
+from .config import Config, fingerprint
+from .detector import Detector, load_svms
+from .features import FeatureCache, extract_image, weights_fingerprint
+from .finetune import finetune_head
+from .models import FCHead
+from .pretrain import load_checkpoint, save_checkpoint, train_classifier, voc_items
+from .proposals import ProposalStore, compute_proposals
+from .roidb import make_windows
+from .spp import spp_output_dim
+from .store import Stage, ShardError, atomic_save_npz, atomic_write_text, dir_bytes, require_complete
+from .svm import HardNegativeTrainer, mean_norm
+from .voc import VOCDataset
+
+log = logging.getLogger(__name__)
+
+
+class Run:
+    """Paths and shared objects of one experiment folder."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path | None = None, log_fn: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.dir = Path(run_dir or cfg.run_dir)
+        self.log = log_fn
+        self._backbone: Backbone | None = None
+
+    # ------------------------------------------------------------------ paths
+    def proposals_dir(self, split: str) -> Path:
+        return self.dir / "proposals" / split
+
+    def features_dir(self, split: str) -> Path:
+        return self.dir / "features" / split
+
+    @property
+    def pretrain_ckpt(self) -> Path:
+        return self.dir / "pretrain" / "checkpoint.pt"
+
+    @property
+    def finetune_path(self) -> Path:
+        return self.dir / "model" / "finetune" / "finetune.pt"
+
+    def svm_path(self, tag: str = "") -> Path:
+        return self.dir / "model" / f"svm{tag}" / "svm.npz"
+
+    @property
+    def bbox_reg_path(self) -> Path:
+        return self.dir / "model" / "bbox_reg" / "bbox_reg.npz"
+
+    def detections_dir(self, split: str, tag: str = "") -> Path:
+        return self.dir / "detections" / f"{split}{tag}"
+
+    # ------------------------------------------------------------------- data
+    @property
+    def classes(self) -> list[str]:
+        from .voc import VOC_CLASSES
+
+        return list(self.cfg.data.classes) if self.cfg.data.classes else list(VOC_CLASSES)
+
+    def dataset(self, split: str) -> VOCDataset:
+        d = self.cfg.data
+        root = Path(d.root)
+        if d.synthetic_images and not (root / "ImageSets" / "Main" / f"{split}.txt").is_file():
+            from .synthetic import make_toy_voc
+
+            self.log(f"generating the synthetic dataset: {d.synthetic_images} images into {root}")
+            make_toy_voc(root.parent, d.synthetic_images, d.synthetic_seed, year=root.name, progress=True)
+        return VOCDataset(root, split, self.classes)
+
+    # --------------------------------------------------------------- backbone
+    def backbone(self) -> Backbone:
+        if self._backbone is None:
+            b = self.cfg.backbone
+            weights = b.weights
+            if weights == "pretrain":
+                if not self.pretrain_ckpt.is_file():
+                    raise FileNotFoundError(f"{self.pretrain_ckpt}: backbone.weights is 'pretrain' but the trunk was "
+                                            "not pre-trained yet; run tools/pretrain.py first")
+                weights = str(self.pretrain_ckpt)
+            self._backbone = build_backbone(b.name, weights, b.width).eval()
+            for p in self._backbone.parameters():
+                p.requires_grad_(False)
+        return self._backbone
+
+
+# ------------------------------------------------------------------ stages
+def stage_pretrain(run: Run, split: str | None = None, folder: str | None = None, device: str = "cpu",
+                   overwrite: bool = False) -> dict:
+    """Classifier pre-training on VOC ground-truth crops (default: the train split) or a folder."""
+    cfg = run.cfg
+    if run.pretrain_ckpt.is_file() and not overwrite:
+        ck = load_checkpoint(run.pretrain_ckpt)
+        same = ck.get("pretrain_cfg") == asdict(cfg.pretrain) and ck.get("backbone_cfg") == asdict(cfg.backbone)
+        if not same:
+            from .store import StaleCacheError
+
+            raise StaleCacheError(f"{run.pretrain_ckpt}: made with another pretrain/backbone config; use --overwrite")
+        run.log(f"pretrain: reusing {run.pretrain_ckpt}")
+        return ck
+    rng = np.random.default_rng(cfg.seed)
+    if folder:
+        from .pretrain import folder_items
+
+        items, classes = folder_items(folder)
+    else:
+        items, classes = voc_items(run.dataset(split or cfg.data.train_split), cfg.pretrain.background_per_image, rng)
+    run.log(f"pretrain: {len(items)} crops, {len(classes)} classes, sizes {cfg.pretrain.sizes}")
+    ck = train_classifier(items, classes, cfg.backbone, cfg.pretrain, run.pretrain_ckpt.parent, cfg.seed, device,
+                          log_fn=run.log)
+    atomic_write_text(run.pretrain_ckpt.parent / "manifest.json", json.dumps(
+        {"stage": "pretrain", "config": {"pretrain": asdict(cfg.pretrain), "backbone": asdict(cfg.backbone)},
+         "seconds": ck["seconds"], "complete": True, "history": ck["history"],
+         "bytes": dir_bytes(run.pretrain_ckpt.parent)}, indent=2))
+    return ck
+
+
+def stage_proposals(run: Run, split: str, overwrite: bool = False, workers: int | None = None) -> dict:
+    p = run.cfg.proposals
+    ds = run.dataset(split)
+    return compute_proposals(ds.ids, ds.image_path, run.proposals_dir(split), p.backend, p.max_boxes, p.min_size,
+                             p.params, p.precomputed, p.workers if workers is None else workers, overwrite,
+                             image_size=lambda i: (ds.annotation(i).height, ds.annotation(i).width))
+
+
+def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwrite: bool = False,
+                   device: str = "cpu", flip: bool = False) -> dict:
+    """conv5 once per image and scale, cached as float16; prints the cost summary."""
+    from tqdm import tqdm
+
+    cfg = run.cfg
+    ds = run.dataset(split)
+    pm = run.proposals_dir(split) / "manifest.json"
+    if not pm.is_file() or not json.loads(pm.read_text()).get("complete"):
+        run.log(f"features: computing missing proposals for {split}")
+        stage_proposals(run, split)
+    prop_manifest = require_complete(run.proposals_dir(split), "proposals")
+    backbone = run.backbone().to(device)
+    g = backbone.geometry
+    conf = {"features": asdict(cfg.features), "backbone": asdict(cfg.backbone), "flip": bool(flip)}
+    inputs = {"weights": weights_fingerprint(backbone), "proposals": prop_manifest["fingerprint"],
+              "split": fingerprint(ds.ids)}
+    stage = Stage(run.features_dir(split), "features", conf, inputs, overwrite=overwrite and shard == (0, 1))
+    i_shard, n_shard = shard
+    ids = ds.ids[i_shard::n_shard]
+    todo = [i for i in ids if not stage.has(i)]
+    store = ProposalStore(run.proposals_dir(split))
+    cache = FeatureCache(stage.dir, g.stride, g.center0, cfg.features.levels, cfg.features.shrink,
+                         cfg.features.target_size)
+    t_conv = t_pool = 0.0
+    nbytes = 0
+    nbox = 0
+    for i in tqdm(todo, desc=f"features {split}" + (f" shard {i_shard}/{n_shard}" if n_shard > 1 else ""), unit="img"):
+        rgb = ds.image(i)
+        maps, factors, flipped, dt = extract_image(backbone, rgb, cfg.features.scales, cfg.features.max_size, flip, device)
+        t_conv += dt
+        boxes = store.load(i)
+        t0 = time.perf_counter()
+        from .features import ImageFeatures
+
+        cache.pooled(ImageFeatures(maps, factors, rgb.shape[0], rgb.shape[1]), boxes)  # timed, not stored
+        t_pool += time.perf_counter() - t0
+        nbox += len(boxes)
+        nbytes += cache.write(stage.path(i), maps, factors, rgb.shape[:2], flipped, cfg.features.dtype)
+    done_all = all(stage.has(i) for i in ds.ids)
+    n = len(todo)
+    summary = {
+        "new_images": n,
+        "conv_seconds_per_image": t_conv / n if n else None,
+        "pool_seconds_per_image": t_pool / n if n else None,
+        "boxes_per_image": nbox / n if n else None,
+        "geometry": {"stride": g.stride, "center0": g.center0, "receptive_field": g.receptive_field},
+        "feature_dim": spp_output_dim(backbone.out_channels, cfg.features.levels),
+    }
+    if done_all:
+        m = stage.finish(len(ds.ids), **summary)
+    else:
+        stage.write_manifest(False, **summary)
+        m = Stage.read_manifest(stage.dir)
+    total = dir_bytes(stage.dir)
+    per_img = total / max(1, sum(stage.has(i) for i in ds.ids))
+    pooled_per_img = 2000 * summary["feature_dim"] * 4
+    run.log(f"features {split}: {n} new images"
+            + (f", conv {summary['conv_seconds_per_image']:.3f} s/img, pooling {summary['boxes_per_image']:.0f} windows "
+               f"{summary['pool_seconds_per_image'] * 1000:.1f} ms/img" if n else "")
+            + f"; cache {per_img / 1e6:.2f} MB/img ({total / 1e6:.1f} MB in all). Projected to VOC 2007 trainval+test "
+              f"(9963 images): conv5 cache {per_img * 9963 / 1e9:.1f} GB; caching pooled {summary['feature_dim']}-d "
+              f"float32 vectors of 2000 windows instead: {pooled_per_img / 1e6:.0f} MB/img, "
+              f"{pooled_per_img * 9963 / 1e9:.0f} GB")
+    return m
+
+
+def _windows(run: Run, split: str) -> dict:
+    ds = run.dataset(split)
+    store = ProposalStore(run.proposals_dir(split))
+    k = len(run.classes)
+    return {i: make_windows(ds.annotation(i), ds.labels(i), store.load(i), k) for i in ds.ids}
+
+
+def _feature_cache(run: Run, split: str) -> FeatureCache:
+    return FeatureCache.from_manifest(run.features_dir(split))
+
+
+def _new_head(run: Run, in_dim: int, init_from_pretrain: bool) -> tuple[FCHead, str]:
+    cfg = run.cfg.finetune
+    head = FCHead(in_dim, cfg.hidden, len(run.classes) + 1, cfg.dropout)
+    how = "random"
+    if init_from_pretrain and run.pretrain_ckpt.is_file():
+        ck = load_checkpoint(run.pretrain_ckpt)
+        st = ck["head"]
+        if st["fc6.weight"].shape == head.fc6.weight.shape and st["fc7.weight"].shape == head.fc7.weight.shape:
+            head.fc6.load_state_dict({"weight": st["fc6.weight"], "bias": st["fc6.bias"]})
+            head.fc7.load_state_dict({"weight": st["fc7.weight"], "bias": st["fc7.bias"]})
+            how = "pre-trained fc6/fc7"
+    return head, how
+
+
+def pretrained_head(run: Run) -> FCHead | None:
+    """The classifier's fc6/fc7 without fine-tuning (for the 'fc7 no fine-tuning' ablation)."""
+    cache = _feature_cache(run, run.cfg.data.train_split)
+    in_dim = spp_output_dim(run.backbone().out_channels, cache.levels)
+    head, how = _new_head(run, in_dim, True)
+    if how == "random":
+        raise ShardError(f"{run.pretrain_ckpt}: no pre-trained fc6/fc7 matching the detection pyramid")
+    return head.eval()
+
+
+def stage_finetune(run: Run, overwrite: bool = False) -> dict:
+    cfg = run.cfg
+    tr, va = cfg.data.train_split, cfg.data.val_split
+    cache_t, cache_v = _feature_cache(run, tr), _feature_cache(run, va)
+    if va == cfg.data.test_split:
+        run.log(f"warning: the validation split '{va}' is the test split (the authors' choice); "
+                "the checkpoint is then selected on test")
+    conv_before = weights_fingerprint(run.backbone())
+    in_dim = spp_output_dim(run.backbone().out_channels, cache_t.levels)
+    inputs = {"features_" + tr: Stage.read_manifest(cache_t.dir)["fingerprint"],
+              "features_" + va: Stage.read_manifest(cache_v.dir)["fingerprint"]}
+    stage = Stage(run.finetune_path.parent, "finetune", {"finetune": asdict(cfg.finetune), "seed": cfg.seed}, inputs,
+                  overwrite=overwrite)
+    if run.finetune_path.is_file():
+        run.log(f"finetune: reusing {run.finetune_path}")
+        return stage.finish(1)
+    head, how = _new_head(run, in_dim, cfg.finetune.init_from_pretrain)
+    run.log(f"finetune: fc6/fc7 initialised from {how}; conv layers frozen (not loaded into the trainer)")
+    res = finetune_head(head, _windows(run, tr), _windows(run, va), cache_t, cache_v, len(run.classes), cfg.finetune,
+                        cfg.seed, log_fn=run.log)
+    assert weights_fingerprint(run.backbone()) == conv_before
+    save_checkpoint(run.finetune_path, {"head": head.state_dict(), "in_dim": in_dim, "hidden": cfg.finetune.hidden,
+                                        "classes": run.classes, "result": res, "init": how})
+    return stage.finish(1, best_iteration=res["best_iteration"], best_val_error=res["best_val_error"],
+                        conv_fingerprint_unchanged=conv_before, history=res["history"])
+
+
+def load_head(run: Run) -> FCHead:
+    ck = load_checkpoint(run.finetune_path)
+    head = FCHead(ck["in_dim"], ck["hidden"], len(ck["classes"]) + 1)
+    head.load_state_dict(ck["head"])
+    return head.eval()
+
+
+def _layer_features(head: FCHead | None, layer: str, pooled: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return (pooled if layer == "pool5" or head is None else head.features(pooled, layer)).numpy()
+
+
+def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bool = False) -> dict:
+    """Per-class SVMs with hard-negative mining on the train split (one pass)."""
+    from tqdm import tqdm
+
+    cfg = run.cfg
+    feature = feature or cfg.svm.feature
+    tr = cfg.data.train_split
+    cache = _feature_cache(run, tr)
+    if feature in ("fc6", "fc7"):
+        head, layer = load_head(run), feature
+    elif feature == "fc7_noft":
+        head, layer = pretrained_head(run), "fc7"
+    elif feature == "pool5":
+        head, layer = None, "pool5"
+    else:
+        raise ValueError(f"svm.feature must be pool5, fc6, fc7 or fc7_noft, got {feature!r}")
+    inputs = {"features": Stage.read_manifest(cache.dir)["fingerprint"]}
+    if feature in ("fc6", "fc7"):
+        inputs["finetune"] = Stage.read_manifest(run.finetune_path.parent)["fingerprint"]
+    path = run.svm_path(tag)
+    stage = Stage(path.parent, "svm", {"svm": asdict(cfg.svm), "feature": feature}, inputs, overwrite=overwrite)
+    if path.is_file():
+        run.log(f"svm: reusing {path}")
+        return stage.finish(1)
+    windows = _windows(run, tr)
+    ids = list(windows)
+    k_cls = len(run.classes)
+    rng = np.random.default_rng(cfg.seed)
+    # Feature scale: mean norm over a sample of windows (spp_feature_stats.m).
+    sample = []
+    for i in ids[: cfg.svm.norm_images]:
+        w = windows[i]
+        sel = rng.choice(len(w.boxes), min(cfg.svm.norm_boxes, len(w.boxes)), replace=False)
+        sample.append(_layer_features(head, layer, cache.pooled(i, w.boxes[sel])))
+    scale = cfg.svm.target_norm / mean_norm(sample)
+    # Positives: ground-truth boxes (difficult included, as the authors' roidb).
+    pos: list[list[np.ndarray]] = [[] for _ in range(k_cls)]
+    for i in tqdm(ids, desc="svm positives", unit="img", leave=False):
+        w = windows[i]
+        g = np.nonzero(w.is_gt)[0]
+        if len(g):
+            f = _layer_features(head, layer, cache.pooled(i, w.boxes[g])) * scale
+            for j, gi in enumerate(g):
+                pos[int(w.label[gi])].append(f[j:j + 1])
+    dim = sample[0].shape[1]
+    x_pos = [np.concatenate(p) if p else np.zeros((0, dim), np.float32) for p in pos]
+    for k, name in enumerate(run.classes):
+        run.log(f"svm {name}: {len(x_pos[k])} positives")
+    trainer = HardNegativeTrainer(x_pos, dim, cfg.svm, log_fn=run.log)
+    t0 = time.time()
+    for n, i in enumerate(tqdm(ids, desc=f"svm hard negatives ({feature})", unit="img")):
+        w = windows[i]
+        prop = ~w.is_gt
+        if not prop.any():
+            continue
+        f = _layer_features(head, layer, cache.pooled(i, w.boxes[prop])) * scale
+        neg = w.class_iou[prop] < cfg.svm.neg_iou
+        trainer.add_image(n, f.astype(np.float32), neg, last=n == len(ids) - 1)
+    caches = trainer.finish()
+    W = np.stack([c.w if c.w is not None else np.zeros(dim, np.float32) for c in caches])
+    b = np.array([c.b for c in caches], np.float32)
+    stats = {name: {"positives": int(len(c.x_pos)), "negative_cache": int(len(c.x_neg)), "retrains": c.retrains}
+             for name, c in zip(run.classes, caches)}
+    for name, s in stats.items():
+        last = s["retrains"][-1]["objective"] if s["retrains"] else float("nan")
+        run.log(f"svm {name}: {s['positives']} positives, final negative cache {s['negative_cache']}, "
+                f"{len(s['retrains'])} retrains, final objective {last:.4f}")
+    atomic_save_npz(path, W=W, b=b, feature_scale=np.float64(scale), layer=np.array(layer),
+                    classes=np.array(run.classes), feature=np.array(feature))
+    return stage.finish(1, stats=stats, feature_scale=scale, mining_seconds=time.time() - t0)
+
+
+def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = 3000) -> dict:
+    """Per-class ridge regressors on pooled features (scaled to mean norm 20)."""
+    from tqdm import tqdm
+
+    cfg = run.cfg
+    tr = cfg.data.train_split
+    cache = _feature_cache(run, tr)
+    path = run.bbox_reg_path
+    inputs = {"features": Stage.read_manifest(cache.dir)["fingerprint"]}
+    stage = Stage(path.parent, "bbox_reg", {"bbox_reg": asdict(cfg.bbox_reg), "max_per_class": max_per_class}, inputs,
+                  overwrite=overwrite)
+    if path.is_file():
+        run.log(f"bbox_reg: reusing {path}")
+        return stage.finish(1)
+    windows = _windows(run, tr)
+    ds = run.dataset(tr)
+    k_cls = len(run.classes)
+    rng = np.random.default_rng(cfg.seed)
+    feats, props, gts = [[] for _ in range(k_cls)], [[] for _ in range(k_cls)], [[] for _ in range(k_cls)]
+    norms = []
+    for i in tqdm(windows, desc="bbox regression samples", unit="img"):
+        w = windows[i]
+        sel = np.nonzero(w.max_iou > cfg.bbox_reg.min_overlap)[0]
+        if len(sel) == 0:
+            continue
+        f = cache.pooled(i, w.boxes[sel]).numpy()
+        norms.append(np.linalg.norm(f, axis=1))
+        gt_boxes = ds.annotation(i).boxes
+        for j, s in enumerate(sel):
+            k = int(w.label[s])
+            feats[k].append(f[j])
+            props[k].append(w.boxes[s])
+            gts[k].append(gt_boxes[w.gt_index[s]])
+    if not norms:
+        raise ValueError(f"bbox regression: no window of split {tr!r} overlaps an object by > {cfg.bbox_reg.min_overlap}")
+    scale = cfg.bbox_reg.target_norm / float(np.concatenate(norms).mean())
+    dim = next(len(f[0]) for f in feats if f)
+    W = np.zeros((k_cls, dim, 4), np.float32)
+    b = np.zeros((k_cls, 4), np.float32)
+    mu = np.zeros((k_cls, 4))
+    T_inv = np.tile(np.eye(4), (k_cls, 1, 1))
+    trained = np.zeros(k_cls, bool)
+    stats = {}
+    for k, name in enumerate(run.classes):
+        if len(feats[k]) < 2:
+            run.log(f"bbox_reg {name}: too few samples ({len(feats[k])}); left as identity")
+            continue
+        idx = np.arange(len(feats[k]))
+        if len(idx) > max_per_class:
+            idx = np.sort(rng.choice(idx, max_per_class, replace=False))
+        X = np.stack([feats[k][j] for j in idx]) * scale
+        r = fit_class_regressor(X, np.stack([props[k][j] for j in idx]), np.stack([gts[k][j] for j in idx]),
+                                cfg.bbox_reg.lam, cfg.bbox_reg.whiten)
+        W[k], b[k], mu[k], T_inv[k], trained[k] = r["W"], r["b"], r["mu"], r["T_inv"], True
+        stats[name] = {"samples": r["samples"], "train_mse_whitened": r["train_mse"]}
+        run.log(f"bbox_reg {name}: {r['samples']} samples, training MSE (whitened targets) {r['train_mse']:.3f}")
+    BoxRegressor(W, b, mu, T_inv, scale, trained).save(path, run.classes)
+    return stage.finish(1, stats=stats, feature_scale=scale)
+
+
+def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool = True) -> Detector:
+    cache = _feature_cache(run, split) if (run.features_dir(split) / "manifest.json").is_file() else None
+    if cache is None:
+        g = run.backbone().geometry
+        f = run.cfg.features
+        cache = FeatureCache(run.features_dir(split), g.stride, g.center0, f.levels, f.shrink, f.target_size)
+    svms = load_svms(run.svm_path(svm_tag))
+    head = None
+    if svms["feature"] == "fc7_noft":
+        head = pretrained_head(run)
+    elif svms["layer"] in ("fc6", "fc7"):
+        head = load_head(run)
+    reg = BoxRegressor.load(run.bbox_reg_path) if use_bbox_reg and run.bbox_reg_path.is_file() else None
+    return Detector(head, svms, reg, cache, run.cfg.test, run.classes)
+
+
+def _draw_examples(run: Run, ds: VOCDataset, dets: dict, out_dir: Path, n: int, threshold: float) -> list[Path]:
+    from .visualize import draw_boxes, save_png
+
+    paths = []
+    for i in list(dets)[:n]:
+        d = dets[i]
+        m = d.scores > threshold
+        img = draw_boxes(ds.image(i), d.boxes[m], d.labels[m], run.classes, d.scores[m])
+        p = out_dir / f"{i}.png"
+        save_png(p, img)
+        paths.append(p)
+    return paths
+
+
+def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str = "", draw: int = 4,
+               progress: bool = True) -> dict:
+    """Detect on a whole split from the caches; evaluate without and with box regression."""
+    from tqdm import tqdm
+
+    from .evaluation import evaluate_detections, format_table
+    from .visualize import plot_pr_curves
+    from .voc import write_comp4
+
+    cfg = run.cfg
+    split = split or cfg.data.test_split
+    ds = run.dataset(split)
+    det = build_detector(run, split, svm_tag)
+    store = ProposalStore(run.proposals_dir(split))
+    out = run.detections_dir(split, tag)
+    out.mkdir(parents=True, exist_ok=True)
+    plain_all, reg_all = {}, {}
+    timing = {"pool": 0.0, "fc": 0.0, "svm": 0.0, "post": 0.0}
+    t0 = time.time()
+    for i in tqdm(ds.ids, desc=f"test {split}", unit="img", disable=not progress):
+        feats = det.cache.load(i)
+        plain, reg, t = det.detect_cached(feats, store.load(i))
+        for k in timing:
+            timing[k] += t[k]
+        plain_all[i] = plain
+        if reg is not None:
+            reg_all[i] = reg
+    n = len(ds.ids)
+    gt = {k: ds.ground_truth(k) for k in range(len(run.classes))}
+
+    def per_class(dets):
+        out_d = {k: [] for k in range(len(run.classes))}
+        for i, d in dets.items():
+            for b, s, k in zip(d.boxes, d.scores, d.labels):
+                out_d[int(k)].append((i, float(s), *map(float, b)))
+        return out_d
+
+    results = {"without_bbox_reg": evaluate_detections(per_class(plain_all), gt, run.classes)}
+    final = plain_all
+    if reg_all:
+        results["with_bbox_reg"] = evaluate_detections(per_class(reg_all), gt, run.classes)
+        final = reg_all
+    key = "with_bbox_reg" if reg_all else "without_bbox_reg"
+    best = results[key]
+    plot_pr_curves(best["curves"], {c: v["ap07"] for c, v in best["per_class"].items()}, out / "pr_curves.png",
+                   title=f"{run.cfg.name} {split}: mAP (VOC07) {best['map07']:.3f}")
+    write_comp4(out, split, run.classes, [(i, int(k), float(s), b) for i, d in final.items()
+                                          for b, s, k in zip(d.boxes, d.scores, d.labels)])
+    arrays = {}
+    for i, d in final.items():
+        arrays[f"{i}/boxes"], arrays[f"{i}/scores"], arrays[f"{i}/labels"] = d.boxes, d.scores, d.labels
+    atomic_save_npz(out / "detections.npz", **arrays)
+    drawn = _draw_examples(run, ds, final, out, draw, cfg.test.draw_threshold)
+    metrics = {
+        "split": split,
+        "images": n,
+        "classes": run.classes,
+        "map07": best["map07"],
+        "map": best["map"],
+        "results": {k: {kk: vv for kk, vv in v.items() if kk != "curves"} for k, v in results.items()},
+        "seconds_per_image": {k: v / max(n, 1) for k, v in timing.items()},
+        "seconds": time.time() - t0,
+        "svm": svm_tag or "default",
+        "drawn": [str(p) for p in drawn],
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    for k, v in results.items():
+        run.log(f"\n{k.replace('_', ' ')} ({split}, {n} images):\n" + format_table(v))
+    return metrics

@@ -1,0 +1,224 @@
+"""Classifier pre-training of a trunk (where no ImageNet weights can be downloaded).
+
+Sources: an image folder (one sub-folder per class) or the ground-truth crops of a
+VOC-format split (plus "background" crops that overlap no object, so the trunk also
+learns what is not an object). Single-size (224) or multi-size training: the size
+alternates per epoch over ``sizes`` (paper: 224 and 180), the 180 input being the 224
+crop resized, as in the paper. Held-out accuracy is printed per epoch; the checkpoint
+records its config, classes and history.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .backbones import build_backbone
+from .boxes import iou_matrix
+from .config import BackboneConfig, PretrainConfig
+from .models import SPPNetClassifier
+from .store import atomic_write_bytes
+from .voc import VOCDataset, load_image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+__all__ = ["CropDataset", "folder_items", "voc_items", "train_classifier", "save_checkpoint", "load_checkpoint"]
+
+
+def folder_items(root: str | Path) -> tuple[list[tuple[str, None, int]], list[str]]:
+    """``(items, classes)`` of an image folder with one sub-folder per class."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: image folder is missing")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{root}: no class sub-folders")
+    items = []
+    for k, c in enumerate(classes):
+        files = sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            raise ValueError(f"{root / c}: class folder has no images")
+        items += [(str(p), None, k) for p in files]
+    return items, classes
+
+
+def voc_items(ds: VOCDataset, background_per_image: int, rng: np.random.Generator):
+    """Ground-truth crops (non-difficult) and random background crops (IoU < 0.3 with all objects)."""
+    items = []
+    bg = len(ds.classes)
+    for i in ds.ids:
+        a = ds.annotation(i)
+        path = str(ds.image_path(i))
+        for box, k, d in zip(a.boxes, a.labels(ds.classes), a.difficult):
+            if not d:
+                items.append((path, box.astype(np.float32), int(k)))
+        for _ in range(background_per_image):
+            for _try in range(20):
+                s = rng.uniform(0.1, 0.5) * min(a.width, a.height)
+                ar = np.exp(rng.uniform(-0.7, 0.7))
+                w, h = min(a.width, s * ar), min(a.height, s / ar)
+                x, y = rng.uniform(0, a.width - w), rng.uniform(0, a.height - h)
+                box = np.array([x, y, x + w, y + h], np.float32)
+                if len(a.boxes) == 0 or iou_matrix(box[None], a.boxes).max() < 0.3:
+                    items.append((path, box, bg))
+                    break
+    return items, list(ds.classes) + ["background"]
+
+
+class CropDataset(Dataset):
+    """``size x size`` RGB crops: a box with ``context`` (VOC) or the centre/random crop of
+    the image resized so its shorter side is ``size * 256/224`` (folder). Horizontal flips
+    when ``train``. Returns ``(uint8 tensor (3, size, size), label)``."""
+
+    def __init__(self, items: Sequence, size: int = 224, context: float = 0.15, train: bool = True, seed: int = 0):
+        self.items, self.size, self.context, self.train = list(items), int(size), float(context), train
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, idx: int):
+        path, box, label = self.items[idx]
+        rng = np.random.default_rng((self.seed, self.epoch, idx))
+        img = load_image(path)
+        s = self.size
+        if box is not None:
+            x1, y1, x2, y2 = (float(v) for v in box)
+            jit = rng.uniform(-0.05, 0.05, 4) if self.train else np.zeros(4)
+            w, h = x2 - x1, y2 - y1
+            x1 -= (self.context + jit[0]) * w
+            x2 += (self.context + jit[1]) * w
+            y1 -= (self.context + jit[2]) * h
+            y2 += (self.context + jit[3]) * h
+            H, W = img.shape[:2]
+            x1, y1 = max(0, int(np.floor(x1))), max(0, int(np.floor(y1)))
+            x2, y2 = min(W, max(x1 + 1, int(np.ceil(x2)))), min(H, max(y1 + 1, int(np.ceil(y2))))
+            crop = cv2.resize(img[y1:y2, x1:x2], (s, s), interpolation=cv2.INTER_LINEAR)
+        else:
+            H, W = img.shape[:2]
+            f = (s * 256 / 224) / min(H, W)
+            img = cv2.resize(img, (max(s, round(W * f)), max(s, round(H * f))), interpolation=cv2.INTER_AREA)
+            H, W = img.shape[:2]
+            oy = int(rng.integers(0, H - s + 1)) if self.train else (H - s) // 2
+            ox = int(rng.integers(0, W - s + 1)) if self.train else (W - s) // 2
+            crop = img[oy:oy + s, ox:ox + s]
+        if self.train and rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1), int(label)
+
+
+def save_checkpoint(path: str | Path, obj: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({e})") from e
+
+
+def _evaluate(model, loader, size: int, device) -> float:
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            x = _batch(model, x, size, device)
+            correct += int((model(x).argmax(1).cpu() == y).sum())
+            total += len(y)
+    return correct / max(total, 1)
+
+
+def _batch(model, x: torch.Tensor, size: int, device) -> torch.Tensor:
+    x = x.to(device).float()
+    if x.shape[-1] != size:  # the smaller input is the crop resized, as in the paper
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return model.backbone.normalize(x)
+
+
+def train_classifier(items: Sequence, classes: Sequence[str], backbone_cfg: BackboneConfig, cfg: PretrainConfig,
+                     out_dir: str | Path, seed: int = 0, device: str = "cpu", progress: bool = True,
+                     log_fn=print) -> dict:
+    """Train an :class:`SPPNetClassifier`; writes ``out_dir/checkpoint.pt``; returns its dict."""
+    from tqdm import tqdm
+
+    if len(items) < 4:
+        raise ValueError(f"pre-training needs at least 4 labelled crops, got {len(items)}")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(items))
+    n_val = max(1, int(round(cfg.val_fraction * len(items))))
+    val_items = [items[i] for i in perm[:n_val]]
+    train_items = [items[i] for i in perm[n_val:]]
+    torch.manual_seed(seed)
+    weights = backbone_cfg.weights if backbone_cfg.weights not in (None, "pretrain") else None
+    backbone = build_backbone(backbone_cfg.name, weights, backbone_cfg.width)
+    model = SPPNetClassifier(backbone, len(classes), cfg.levels, cfg.hidden, cfg.dropout).to(device)
+    big = max(cfg.sizes)
+    train_ds = CropDataset(train_items, big, cfg.context, train=True, seed=seed)
+    val_ds = CropDataset(val_items, big, cfg.context, train=False, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    train_dl = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g, num_workers=cfg.workers,
+                          drop_last=len(train_ds) > cfg.batch_size)
+    val_dl = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps = max(1, cfg.epochs * len(train_dl))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
+    history = []
+    t0 = time.time()
+    for epoch in range(cfg.epochs):
+        size = int(cfg.sizes[epoch % len(cfg.sizes)])
+        train_ds.epoch = epoch
+        model.train()
+        losses = []
+        bar = tqdm(train_dl, desc=f"pretrain epoch {epoch + 1}/{cfg.epochs} @{size}", unit="batch", disable=not progress,
+                   leave=False)
+        for x, y in bar:
+            x = _batch(model, x, size, device)
+            loss = F.cross_entropy(model(x), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        acc = _evaluate(model, val_dl, big, device)
+        acc_small = _evaluate(model, val_dl, min(cfg.sizes), device) if len(cfg.sizes) > 1 else acc
+        rec = {"epoch": epoch + 1, "size": size, "loss": float(np.mean(losses)) if losses else float("nan"),
+               "val_acc": acc, "val_acc_small": acc_small}
+        history.append(rec)
+        log_fn(f"epoch {epoch + 1}/{cfg.epochs} size {size}: train loss {rec['loss']:.3f}, held-out accuracy "
+               f"{acc:.3f} @{big}" + (f", {acc_small:.3f} @{min(cfg.sizes)}" if len(cfg.sizes) > 1 else ""))
+    ckpt = {
+        "backbone_name": backbone_cfg.name,
+        "backbone_cfg": asdict(backbone_cfg),
+        "pretrain_cfg": asdict(cfg),
+        "classes": list(classes),
+        "levels": list(cfg.levels),
+        "backbone": {k: v.cpu() for k, v in model.backbone.state_dict().items()},
+        "head": {k: v.cpu() for k, v in model.head.state_dict().items()},
+        "history": history,
+        "seconds": time.time() - t0,
+        "num_train": len(train_items),
+        "num_val": len(val_items),
+    }
+    out = Path(out_dir)
+    save_checkpoint(out / "checkpoint.pt", ckpt)
+    return ckpt

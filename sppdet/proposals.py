@@ -1,0 +1,481 @@
+"""Object proposals: selective search (two implementations), precomputed boxes, a store.
+
+Backends (``propose(image, backend=...)``):
+
+- ``"fast"`` (default): the project's own vectorised selective search following
+  Uijlings et al. (IJCV 2013) "fast" mode as R-CNN ran it (``selective_search_boxes.m``):
+  Felzenszwalb-Huttenlocher regions (scikit-image) in HSV and Lab with k = 50 and 100
+  (``min_size = k``, sigma 0.8); colour histograms (25 bins per channel) and texture
+  histograms (Gaussian derivatives, sigma 1, 8 orientations x 10 bins per channel) by
+  ``bincount``; true 4-connected pixel adjacency; greedy merging with a heap; two
+  similarity sets (colour+texture+size+fill and texture+size+fill); the paper's
+  randomised ranking (hierarchy level x U(0, 1), ascending); images are processed at
+  ``max_side`` 500 px as R-CNN does and boxes scaled back.
+- ``"selectivesearch"``: the PyPI package ``selectivesearch`` 0.4, always diversified
+  (HSV, Lab, RGB, rgI x k = 50, 100; merged; duplicates and boxes under ``min_size``
+  removed; same ranking) and run in parallel over the 8 runs. Its defects, read in its
+  source: hue/saturation in [0, 1] are binned over (0, 255) and LBP codes in 0..255 over
+  (0, 1), so colour and texture similarity barely discriminate; "neighbours" are regions
+  whose box corners lie strictly inside another's box (misses many adjacent pairs, adds
+  many that do not touch); per-pixel Python loops and a full re-sort of all similarities
+  at every merge make it slow; no diversification or ranking of its own; box width and
+  height one pixel short (corrected here).
+- ``"precomputed"``: R-CNN/Fast R-CNN ``.mat`` files (``load_precomputed_mat``) or the
+  per-image demo files (``load_demo_boxes``).
+
+All backends return ``(N, 4)`` float32 boxes, original-image 0-based continuous xyxy,
+deduplicated, boxes with width or height under ``min_size`` removed, in rank order,
+at most ``max_boxes``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+
+from .boxes import filter_small, unique_boxes
+from .store import Stage, atomic_save_npz, load_npz
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "propose",
+    "fast_selective_search",
+    "selectivesearch_diversified",
+    "load_precomputed_mat",
+    "load_demo_boxes",
+    "finalize_boxes",
+    "ProposalStore",
+    "compute_proposals",
+    "BACKENDS",
+]
+
+BACKENDS = ("fast", "selectivesearch", "precomputed")
+
+
+# ----------------------------------------------------------------- helpers
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """Accept (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8-like arrays; return RGB uint8."""
+    im = np.asarray(image)
+    if im.ndim == 2:
+        im = im[:, :, None]
+    if im.ndim != 3 or im.shape[2] not in (1, 3, 4) or im.shape[0] < 1 or im.shape[1] < 1:
+        raise ValueError(f"expected an image (H, W[, 1|3|4]), got shape {im.shape}")
+    if im.dtype != np.uint8:
+        im = np.clip(im, 0, 255).astype(np.uint8)
+    if im.shape[2] == 1:
+        im = np.repeat(im, 3, axis=2)
+    return np.ascontiguousarray(im[:, :, :3])
+
+
+def convert_colour(rgb: np.ndarray, space: str) -> np.ndarray:
+    """RGB uint8 -> a 3-channel uint8 image in ``space`` (hsv, lab, rgb, rgi), each channel 0..255."""
+    if space == "rgb":
+        return rgb
+    if space == "hsv":
+        hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)  # hue over 0..255
+        return hsv
+    if space == "lab":
+        return cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
+    if space == "rgi":
+        f = rgb.astype(np.float32)
+        s = f.sum(2, keepdims=True) + 1e-6
+        out = np.concatenate([f[:, :, :2] / s * 255.0, s / 3.0], axis=2)
+        return np.clip(out, 0, 255).astype(np.uint8)
+    raise ValueError(f"unknown colour space {space!r}")
+
+
+def rank_hierarchies(box_lists: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """The paper's ranking: in each hierarchy (boxes in creation order) the last-created
+    region has level 1; priority = level x U(0, 1); all hierarchies sorted ascending."""
+    boxes, prio = [], []
+    for b in box_lists:
+        if len(b) == 0:
+            continue
+        level = np.arange(len(b), 0, -1, dtype=np.float64)
+        boxes.append(b)
+        prio.append(level * rng.random(len(b)))
+    if not boxes:
+        return np.zeros((0, 4), np.float32)
+    b = np.concatenate(boxes)
+    return b[np.argsort(np.concatenate(prio), kind="stable")]
+
+
+def finalize_boxes(boxes: np.ndarray, width: int, height: int, min_size: float, max_boxes: int) -> np.ndarray:
+    """Clip, drop boxes under ``min_size``, deduplicate (first kept: rank order), cap."""
+    b = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
+    b[:, 0::2] = np.clip(b[:, 0::2], 0, width)
+    b[:, 1::2] = np.clip(b[:, 1::2], 0, height)
+    b = b[filter_small(b, min(min_size, width, height))]
+    b = b[unique_boxes(b)]
+    if max_boxes and max_boxes > 0:
+        b = b[:max_boxes]
+    if len(b) == 0:
+        warnings.warn(f"no proposal survived for a {width}x{height} image; returning the whole image", stacklevel=3)
+        b = np.array([[0, 0, width, height]], np.float32)
+    return b.astype(np.float32)
+
+
+# ------------------------------------------------ project-owned selective search
+def _texture_codes(img: np.ndarray) -> np.ndarray:
+    """(H, W, 24) bin codes 0..9 of Gaussian derivatives (sigma 1), 8 orientations x 3 channels."""
+    f = img.astype(np.float32)
+    out = []
+    for c in range(3):
+        g = cv2.GaussianBlur(f[:, :, c], (0, 0), 1.0)
+        gx = cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3)
+        gy = cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3)
+        for th in (0.0, np.pi / 4, np.pi / 2, 3 * np.pi / 4):
+            d = gx * np.cos(th) + gy * np.sin(th)
+            for resp in (np.maximum(d, 0), np.maximum(-d, 0)):  # orientation th and th + pi
+                m = float(resp.max())
+                out.append(np.minimum((resp * (10.0 / m)).astype(np.int32), 9) if m > 0 else np.zeros(resp.shape, np.int32))
+    return np.stack(out, axis=2)
+
+
+def _region_histograms(labels: np.ndarray, n: int, codes: np.ndarray, bins: int) -> np.ndarray:
+    """(n, channels*bins) L1-normalised histograms of integer ``codes`` (H, W, channels) per region."""
+    ch = codes.shape[2]
+    idx = (labels[:, :, None].astype(np.int64) * ch + np.arange(ch)) * bins + codes
+    h = np.bincount(idx.ravel(), minlength=n * ch * bins).reshape(n, ch * bins).astype(np.float32)
+    return h / np.maximum(h.sum(1, keepdims=True), 1e-12)
+
+
+def _adjacent_pairs(labels: np.ndarray) -> np.ndarray:
+    """(P, 2) unique pairs (a < b) of 4-connected neighbouring labels."""
+    pairs = []
+    for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1, :], labels[1:, :])):
+        m = a != b
+        if m.any():
+            pairs.append(np.stack([np.minimum(a[m], b[m]), np.maximum(a[m], b[m])], 1))
+    if not pairs:
+        return np.zeros((0, 2), np.int64)
+    p = np.concatenate(pairs).astype(np.int64)
+    n = int(labels.max()) + 1
+    key = np.unique(p[:, 0] * n + p[:, 1])
+    return np.stack([key // n, key % n], 1)
+
+
+def _region_boxes(labels: np.ndarray, n: int) -> np.ndarray:
+    """(n, 4) xyxy continuous boxes of each label (x2 = max column + 1)."""
+    from scipy import ndimage
+
+    sl = ndimage.find_objects(labels + 1, max_label=n)
+    b = np.zeros((n, 4), np.float64)
+    for i, s in enumerate(sl):
+        if s is not None:
+            b[i] = (s[1].start, s[0].start, s[1].stop, s[0].stop)
+    return b
+
+
+def _hierarchical_grouping(labels: np.ndarray, colour_hist: np.ndarray, texture_hist: np.ndarray,
+                           use_colour: bool) -> np.ndarray:
+    """Greedy merging of adjacent regions by similarity; returns the boxes of all regions
+    (initial ones first, then each merged region in merge order)."""
+    n = colour_hist.shape[0]
+    im_size = float(labels.size)
+    total = 2 * n - 1
+    size = np.zeros(total)
+    size[:n] = np.bincount(labels.ravel(), minlength=n)
+    box = np.zeros((total, 4))
+    box[:n] = _region_boxes(labels, n)
+    hc = np.zeros((total, colour_hist.shape[1]), np.float32)
+    ht = np.zeros((total, texture_hist.shape[1]), np.float32)
+    hc[:n], ht[:n] = colour_hist, texture_hist
+    pairs = _adjacent_pairs(labels)
+    nbrs: list[set] = [set() for _ in range(total)]
+    for a, b in pairs.tolist():
+        nbrs[a].add(b)
+        nbrs[b].add(a)
+
+    def sim(i: int, js: np.ndarray) -> np.ndarray:
+        s = np.minimum(ht[i], ht[js]).sum(1)
+        if use_colour:
+            s += np.minimum(hc[i], hc[js]).sum(1)
+        s += 1.0 - (size[i] + size[js]) / im_size
+        bw = np.maximum(box[i, 2], box[js, 2]) - np.minimum(box[i, 0], box[js, 0])
+        bh = np.maximum(box[i, 3], box[js, 3]) - np.minimum(box[i, 1], box[js, 1])
+        s += 1.0 - (bw * bh - size[i] - size[js]) / im_size
+        return s
+
+    heap: list = []
+    if len(pairs):
+        a, b = pairs[:, 0], pairs[:, 1]
+        s = np.minimum(ht[a], ht[b]).sum(1)
+        if use_colour:
+            s += np.minimum(hc[a], hc[b]).sum(1)
+        s += 1.0 - (size[a] + size[b]) / im_size
+        bw = np.maximum(box[a, 2], box[b, 2]) - np.minimum(box[a, 0], box[b, 0])
+        bh = np.maximum(box[a, 3], box[b, 3]) - np.minimum(box[a, 1], box[b, 1])
+        s += 1.0 - (bw * bh - size[a] - size[b]) / im_size
+        heap = list(zip((-s).tolist(), a.tolist(), b.tolist()))
+        heapq.heapify(heap)
+    alive = np.zeros(total, bool)
+    alive[:n] = True
+    t = n
+    while heap:
+        _, i, j = heapq.heappop(heap)
+        if not (alive[i] and alive[j]):
+            continue
+        si, sj = size[i], size[j]
+        size[t] = si + sj
+        box[t] = (min(box[i, 0], box[j, 0]), min(box[i, 1], box[j, 1]), max(box[i, 2], box[j, 2]), max(box[i, 3], box[j, 3]))
+        hc[t] = (hc[i] * si + hc[j] * sj) / size[t]
+        ht[t] = (ht[i] * si + ht[j] * sj) / size[t]
+        alive[i] = alive[j] = False
+        alive[t] = True
+        nb = (nbrs[i] | nbrs[j]) - {i, j}
+        for k in nb:
+            nbrs[k].discard(i)
+            nbrs[k].discard(j)
+            nbrs[k].add(t)
+        nbrs[t] = nb
+        nbrs[i] = nbrs[j] = set()
+        if nb:
+            js = np.fromiter(nb, np.int64, len(nb))
+            for sv, k in zip((-sim(t, js)).tolist(), js.tolist()):
+                heapq.heappush(heap, (sv, t, k))
+        t += 1
+    return box[:t]
+
+
+def fast_selective_search(image: np.ndarray, colour_spaces: Sequence[str] = ("hsv", "lab"),
+                          ks: Sequence[int] = (50, 100), sigma: float = 0.8, similarity_sets: Sequence[str] = ("ctsf", "tsf"),
+                          max_side: int = 500, seed: int = 0) -> np.ndarray:
+    """Selective search, fast mode, vectorised. Returns ranked raw boxes (xyxy, original frame)."""
+    from skimage.segmentation import felzenszwalb
+
+    rgb = as_rgb(image)
+    h0, w0 = rgb.shape[:2]
+    scale = 1.0
+    if max_side and max(h0, w0) > max_side:
+        scale = max_side / float(max(h0, w0))
+        rgb = cv2.resize(rgb, (max(1, round(w0 * scale)), max(1, round(h0 * scale))), interpolation=cv2.INTER_AREA)
+    hierarchies = []
+    for space in colour_spaces:
+        img = convert_colour(rgb, space)
+        texture = _texture_codes(img)
+        colour_codes = (img.astype(np.int32) * 25) >> 8  # 25 bins over 0..255
+        for k in ks:
+            labels = felzenszwalb(img, scale=float(k), sigma=sigma, min_size=int(k), channel_axis=-1).astype(np.int64)
+            n = int(labels.max()) + 1
+            hc = _region_histograms(labels, n, colour_codes, 25)
+            ht = _region_histograms(labels, n, texture, 10)
+            for simset in similarity_sets:
+                if simset not in ("ctsf", "tsf"):
+                    raise ValueError(f"unknown similarity set {simset!r} (ctsf or tsf)")
+                hierarchies.append(_hierarchical_grouping(labels, hc, ht, use_colour=simset == "ctsf"))
+    ranked = rank_hierarchies(hierarchies, np.random.default_rng(seed))
+    return (ranked / scale).astype(np.float32)
+
+
+# ------------------------------------------------------- selectivesearch package
+def _ss_package_run(args) -> np.ndarray:
+    img, k, sigma = args
+    import selectivesearch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, regions = selectivesearch.selective_search(img, scale=float(k), sigma=sigma, min_size=int(k))
+    # 'rect' is (min_x, min_y, max_x - min_x, max_y - min_y): one pixel short; fix to continuous xyxy.
+    b = np.array([[r["rect"][0], r["rect"][1], r["rect"][0] + r["rect"][2] + 1, r["rect"][1] + r["rect"][3] + 1]
+                  for r in regions], np.float32).reshape(-1, 4)
+    return b
+
+
+def selectivesearch_diversified(image: np.ndarray, colour_spaces: Sequence[str] = ("hsv", "lab", "rgb", "rgi"),
+                                ks: Sequence[int] = (50, 100), sigma: float = 0.8, max_side: int = 500,
+                                workers: int = 1, seed: int = 0) -> np.ndarray:
+    """The ``selectivesearch`` package run once per (colour space, k), merged and ranked."""
+    rgb = as_rgb(image)
+    h0, w0 = rgb.shape[:2]
+    scale = 1.0
+    if max_side and max(h0, w0) > max_side:
+        scale = max_side / float(max(h0, w0))
+        rgb = cv2.resize(rgb, (max(1, round(w0 * scale)), max(1, round(h0 * scale))), interpolation=cv2.INTER_AREA)
+    jobs = [(convert_colour(rgb, s), k, sigma) for s in colour_spaces for k in ks]
+    if workers and workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as ex:
+            hier = list(ex.map(_ss_package_run, jobs))
+    else:
+        hier = [_ss_package_run(j) for j in jobs]
+    return (rank_hierarchies(hier, np.random.default_rng(seed)) / scale).astype(np.float32)
+
+
+# --------------------------------------------------------------- precomputed
+def load_demo_boxes(path: str | Path) -> np.ndarray:
+    """Fast R-CNN demo file (``boxes``: N x 4, 0-based *inclusive* x1 y1 x2 y2) -> continuous xyxy."""
+    from scipy.io import loadmat
+
+    path = Path(path)
+    try:
+        m = loadmat(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read .mat file ({e})") from e
+    if "boxes" not in m:
+        raise ValueError(f"{path}: no 'boxes' variable")
+    b = np.asarray(m["boxes"], np.float64).reshape(-1, 4)
+    b[:, 2:] += 1.0  # inclusive last pixel -> continuous right/bottom edge
+    return b.astype(np.float32)
+
+
+def load_precomputed_mat(path: str | Path) -> dict[str, np.ndarray]:
+    """R-CNN / Fast R-CNN ``selective_search_data/voc_2007_<split>.mat`` -> ``{image_id: boxes}``.
+
+    The file holds a cell array ``boxes`` (one N x 4 array per image, 1-based inclusive
+    ``y1 x1 y2 x2``) and ``images`` (the ids). Output boxes: 0-based continuous xyxy.
+    """
+    from scipy.io import loadmat
+
+    path = Path(path)
+    try:
+        m = loadmat(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read .mat file ({e})") from e
+    for key in ("boxes", "images"):
+        if key not in m:
+            raise ValueError(f"{path}: no {key!r} variable")
+    cells = m["boxes"].ravel()
+    ids = [str(np.asarray(x).ravel()[0]) for x in m["images"].ravel()]
+    if len(ids) != len(cells):
+        raise ValueError(f"{path}: {len(ids)} images but {len(cells)} box arrays")
+    out = {}
+    for image_id, b in zip(ids, cells):
+        b = np.asarray(b, np.float64).reshape(-1, 4)
+        # 1-based inclusive (y1, x1, y2, x2) -> 0-based continuous (x1 - 1, y1 - 1, x2, y2)
+        out[image_id] = np.stack([b[:, 1] - 1, b[:, 0] - 1, b[:, 3], b[:, 2]], 1).astype(np.float32)
+    return out
+
+
+# -------------------------------------------------------------- the interface
+def propose(image: np.ndarray, backend: str = "fast", max_boxes: int = 2000, min_size: float = 20.0,
+            **params) -> np.ndarray:
+    """Proposals for one image.
+
+    Args:
+        image: RGB uint8 ``(H, W, 3)`` (grayscale and RGBA are accepted too).
+        backend: ``"fast"`` (default) or ``"selectivesearch"``.
+        max_boxes: cap, in rank order.
+        min_size: boxes whose width or height is smaller are dropped (R-CNN: 20 px).
+        **params: backend parameters (``colour_spaces``, ``ks``, ``sigma``, ``max_side``, ``seed``...).
+
+    Returns:
+        ``(N, 4)`` float32, original-image 0-based continuous xyxy, in rank order.
+    """
+    rgb = as_rgb(image)
+    h, w = rgb.shape[:2]
+    if backend == "fast":
+        raw = fast_selective_search(rgb, **params)
+    elif backend == "selectivesearch":
+        raw = selectivesearch_diversified(rgb, **params)
+    else:
+        raise ValueError(f"unknown proposal backend {backend!r}; choose 'fast' or 'selectivesearch' "
+                         "(precomputed boxes go through the proposal store)")
+    return finalize_boxes(raw, w, h, min_size, max_boxes)
+
+
+# ----------------------------------------------------------------- the store
+class ProposalStore:
+    """Per-image proposal files ``<dir>/<id>.npz`` (``boxes`` (N, 4) float32, image ``size``)."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+
+    def path(self, image_id: str) -> Path:
+        return self.dir / f"{image_id}.npz"
+
+    def load(self, image_id: str) -> np.ndarray:
+        d = load_npz(self.path(image_id), ("boxes",))
+        b = d["boxes"].astype(np.float32).reshape(-1, 4)
+        if len(b) == 0:
+            raise ValueError(f"{self.path(image_id)}: empty proposal set")
+        return b
+
+    def manifest(self) -> dict:
+        return Stage.read_manifest(self.dir)
+
+
+def _propose_one(args) -> tuple[str, int, float]:
+    image_id, image_path, out_path, backend, max_boxes, min_size, params = args
+    from .voc import load_image
+
+    img = load_image(image_path)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        boxes = propose(img, backend=backend, max_boxes=max_boxes, min_size=min_size, **params)
+    dt = time.perf_counter() - t0
+    atomic_save_npz(out_path, boxes=boxes, size=np.array(img.shape[:2], np.int32))
+    return image_id, len(boxes), dt
+
+
+def compute_proposals(ids: Sequence[str], image_path: Callable[[str], Path], out_dir: str | Path,
+                      backend: str = "fast", max_boxes: int = 2000, min_size: float = 20.0, params: dict | None = None,
+                      precomputed: str | None = None, workers: int = 0, overwrite: bool = False,
+                      progress: bool = True, image_size: Callable[[str], tuple[int, int]] | None = None) -> dict:
+    """Compute (or import) proposals for ``ids`` into a resumable store; returns the manifest.
+
+    A finished image is skipped when the manifest's backend and parameters match; a
+    change is a :class:`~sppdet.store.StaleCacheError` naming what changed.
+    """
+    params = dict(params or {})
+    cfg = {"backend": backend, "max_boxes": max_boxes, "min_size": min_size, "params": params,
+           "precomputed": precomputed}
+    stage = Stage(out_dir, "proposals", cfg, overwrite=overwrite)
+    todo = [i for i in ids if not stage.has(i)]
+    stats = {"seconds": 0.0, "boxes": 0, "images": 0}
+    if backend == "precomputed":
+        if not precomputed:
+            raise ValueError("proposals.backend 'precomputed' needs proposals.precomputed (a .mat file or folder)")
+        src = Path(precomputed)
+        table = load_precomputed_mat(src) if src.is_file() else None
+        for i in todo:
+            if table is not None:
+                if i not in table:
+                    raise KeyError(f"{src}: no boxes for image {i!r}")
+                raw = table[i]
+            else:
+                raw = load_demo_boxes(src / f"{i}_boxes.mat")
+            hw = image_size(i) if image_size else (int(raw[:, 3].max()), int(raw[:, 2].max()))
+            b = finalize_boxes(raw, hw[1], hw[0], min_size, max_boxes)
+            atomic_save_npz(stage.path(i), boxes=b, size=np.array(hw, np.int32))
+            stats["boxes"] += len(b)
+            stats["images"] += 1
+    elif backend in ("fast", "selectivesearch"):
+        jobs = [(i, str(image_path(i)), str(stage.path(i)), backend, max_boxes, min_size, params) for i in todo]
+        n_workers = workers if workers and workers > 0 else (os.cpu_count() or 1)
+        n_workers = max(1, min(n_workers, len(jobs)))
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc=f"proposals ({backend})", unit="img", disable=not progress)
+        if n_workers == 1:
+            results = map(_propose_one, jobs)
+            for _, nb, dt in results:
+                stats["boxes"] += nb
+                stats["seconds"] += dt
+                stats["images"] += 1
+                bar.update(1)
+        else:
+            with ProcessPoolExecutor(max_workers=n_workers) as ex:
+                for _, nb, dt in ex.map(_propose_one, jobs, chunksize=1):
+                    stats["boxes"] += nb
+                    stats["seconds"] += dt
+                    stats["images"] += 1
+                    bar.update(1)
+        bar.close()
+    else:
+        raise ValueError(f"unknown proposal backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    missing = [i for i in ids if not stage.has(i)]
+    if missing:  # pragma: no cover - defensive
+        raise RuntimeError(f"{stage.dir}: proposals missing for {len(missing)} images, e.g. {missing[0]}")
+    return stage.finish(len(ids), new_images=stats["images"], new_boxes=stats["boxes"],
+                        proposal_seconds=round(stats["seconds"], 3))
