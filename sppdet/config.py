@@ -84,6 +84,7 @@ class PretrainConfig:
     levels: list = field(default_factory=lambda: [6, 3, 2, 1])
     context: float = 0.15  # crops of VOC boxes are enlarged by this fraction per side
     background_per_image: int = 2  # extra "background" crops per image (VOC source)
+    jitters: int = 0  # extra shifted copies (IoU >= 0.6) of each ground-truth crop (VOC source)
     val_fraction: float = 0.2
     workers: int = 0
 

@@ -26,9 +26,9 @@ class FCHead(nn.Module):
         self.fc7 = nn.Linear(hidden, hidden)
         self.fc8 = nn.Linear(hidden, num_outputs)
         self.drop = nn.Dropout(dropout)
-        for m in (self.fc6, self.fc7):
-            nn.init.normal_(m.weight, std=0.005 if in_dim > 4096 else 0.01)
-            nn.init.constant_(m.bias, 0.1)
+        for m in (self.fc6, self.fc7):  # He init: trains from scratch (Caffe's std 0.005/0.01 stalls without ImageNet)
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
         nn.init.normal_(self.fc8.weight, std=0.01)
         nn.init.zeros_(self.fc8.bias)
 

@@ -130,7 +130,8 @@ def stage_pretrain(run: Run, split: str | None = None, folder: str | None = None
 
         items, classes = folder_items(folder)
     else:
-        items, classes = voc_items(run.dataset(split or cfg.data.train_split), cfg.pretrain.background_per_image, rng)
+        items, classes = voc_items(run.dataset(split or cfg.data.train_split), cfg.pretrain.background_per_image, rng,
+                                   cfg.pretrain.jitters)
     run.log(f"pretrain: {len(items)} crops, {len(classes)} classes, sizes {cfg.pretrain.sizes}")
     ck = train_classifier(items, classes, cfg.backbone, cfg.pretrain, run.pretrain_ckpt.parent, cfg.seed, device,
                           log_fn=run.log)

@@ -54,8 +54,21 @@ def folder_items(root: str | Path) -> tuple[list[tuple[str, None, int]], list[st
     return items, classes
 
 
-def voc_items(ds: VOCDataset, background_per_image: int, rng: np.random.Generator):
-    """Ground-truth crops (non-difficult) and random background crops (IoU < 0.3 with all objects)."""
+def _jitter(box: np.ndarray, rng: np.random.Generator, width: int, height: int, min_iou: float = 0.6) -> np.ndarray:
+    """A random shift/scale of ``box`` that keeps IoU >= ``min_iou`` with it (inside the image)."""
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    for _ in range(20):
+        d = rng.uniform(-0.15, 0.15, 4) * np.array([w, h, w, h])
+        j = np.array([max(0, x1 + d[0]), max(0, y1 + d[1]), min(width, x2 + d[2]), min(height, y2 + d[3])], np.float32)
+        if j[2] - j[0] >= 2 and j[3] - j[1] >= 2 and iou_matrix(j[None], box[None])[0, 0] >= min_iou:
+            return j
+    return box.astype(np.float32)
+
+
+def voc_items(ds: VOCDataset, background_per_image: int, rng: np.random.Generator, jitters: int = 0):
+    """Ground-truth crops (non-difficult), ``jitters`` shifted copies of each (IoU >= 0.6), and
+    random background crops (IoU < 0.3 with all objects)."""
     items = []
     bg = len(ds.classes)
     for i in ds.ids:
@@ -64,6 +77,7 @@ def voc_items(ds: VOCDataset, background_per_image: int, rng: np.random.Generato
         for box, k, d in zip(a.boxes, a.labels(ds.classes), a.difficult):
             if not d:
                 items.append((path, box.astype(np.float32), int(k)))
+                items += [(path, _jitter(box, rng, a.width, a.height), int(k)) for _ in range(jitters)]
         for _ in range(background_per_image):
             for _try in range(20):
                 s = rng.uniform(0.1, 0.5) * min(a.width, a.height)
@@ -86,6 +100,16 @@ class CropDataset(Dataset):
         self.items, self.size, self.context, self.train = list(items), int(size), float(context), train
         self.seed = seed
         self.epoch = 0
+        self._images: dict[str, np.ndarray] = {}  # decoded images (small datasets are read once)
+        self.max_cached = 512
+
+    def _image(self, path: str) -> np.ndarray:
+        img = self._images.get(path)
+        if img is None:
+            img = load_image(path)
+            if len(self._images) < self.max_cached:
+                self._images[path] = img
+        return img
 
     def __len__(self) -> int:
         return len(self.items)
@@ -93,7 +117,7 @@ class CropDataset(Dataset):
     def __getitem__(self, idx: int):
         path, box, label = self.items[idx]
         rng = np.random.default_rng((self.seed, self.epoch, idx))
-        img = load_image(path)
+        img = self._image(path)
         s = self.size
         if box is not None:
             x1, y1, x2, y2 = (float(v) for v in box)
@@ -163,10 +187,18 @@ def train_classifier(items: Sequence, classes: Sequence[str], backbone_cfg: Back
     if len(items) < 4:
         raise ValueError(f"pre-training needs at least 4 labelled crops, got {len(items)}")
     rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(items))
-    n_val = max(1, int(round(cfg.val_fraction * len(items))))
-    val_items = [items[i] for i in perm[:n_val]]
-    train_items = [items[i] for i in perm[n_val:]]
+    # Hold out whole images, so that jittered copies of one object never straddle the split.
+    paths = sorted({it[0] for it in items})
+    held = set(rng.permutation(paths)[: max(1, int(round(cfg.val_fraction * len(paths))))].tolist())
+    if len(paths) < 2:
+        held = set()
+    val_items = [it for it in items if it[0] in held]
+    train_items = [it for it in items if it[0] not in held]
+    if not val_items:  # a single image (or folder of one file): hold out items instead
+        perm = rng.permutation(len(items))
+        n_val = max(1, int(round(cfg.val_fraction * len(items))))
+        val_items = [items[i] for i in perm[:n_val]]
+        train_items = [items[i] for i in perm[n_val:]]
     torch.manual_seed(seed)
     weights = backbone_cfg.weights if backbone_cfg.weights not in (None, "pretrain") else None
     backbone = build_backbone(backbone_cfg.name, weights, backbone_cfg.width)

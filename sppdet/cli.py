@@ -1,0 +1,43 @@
+"""Shared command-line plumbing for the tools: --config, --set overrides, --run."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from .config import ConfigError, load_config
+from .pipeline import Run
+from .store import ShardError, StaleCacheError
+from .voc import VOCError
+
+USER_ERRORS = (ConfigError, StaleCacheError, ShardError, VOCError, FileNotFoundError, ValueError, KeyError)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: %(default)s)")
+    ap.add_argument("--run", default=None, help="run folder (default: the config's run_dir)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config value (repeatable), e.g. --set features.scales=[480,688]")
+    return ap
+
+
+def make_run(args) -> Run:
+    cfg = load_config(args.config, args.overrides)
+    return Run(cfg, args.run)
+
+
+def run_main(fn: Callable[[], int]) -> int:
+    """Run a tool body; user errors become one clear line and exit code 2, not a traceback."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return fn()
+    except USER_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""conv5 once per image (one or five scales), cached as float16; SPP pooling happens on read.
+
+    python tools/extract_features.py --config configs/demo.yaml --split trainval
+    python tools/extract_features.py --config configs/voc07_zf5.yaml --split test --shard 0/4   # 4 workers/machines
+Computes missing proposals first. Resumes; a changed config, backbone or proposal set is an error naming what
+changed (--overwrite rebuilds). Prints seconds per image for conv and pooling, bytes per image, and the
+projection to VOC 2007 (9963 images) for the conv5 cache and for caching pooled vectors instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from sppdet.cli import make_run, parser, run_main
+from sppdet.pipeline import stage_features
+
+
+def _shard(s: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in s.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard must look like i/n, got {s!r}")
+    if not 0 <= i < n:
+        raise SystemExit(f"--shard {s}: need 0 <= i < n")
+    return i, n
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__)
+    ap.add_argument("--split", required=True)
+    ap.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: process every n-th image starting at i")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--flip", action="store_true", help="also cache the flipped image's conv5 (for fine-tuning flips)")
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+
+    def body() -> int:
+        import torch
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        run = make_run(args)
+        m = stage_features(run, args.split, args.shard, args.overwrite, device, args.flip)
+        print(f"features {args.split}: {'complete' if m['complete'] else 'partial (other shards pending)'} in "
+              f"{run.features_dir(args.split)}")
+        return 0
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
