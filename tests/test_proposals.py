@@ -1,0 +1,107 @@
+import warnings
+
+import numpy as np
+import pytest
+
+from sppdet.boxes import iou_matrix
+from sppdet.proposals import (ProposalStore, compute_proposals, load_demo_boxes, load_precomputed_mat, propose)
+from sppdet.store import StaleCacheError
+
+
+def rect_image():
+    rng = np.random.default_rng(0)
+    img = np.full((200, 260, 3), 30, np.uint8)
+    gt = np.array([[10, 20, 90, 120], [120, 40, 250, 100], [60, 140, 200, 190]], np.float32)
+    cols = [(220, 40, 40), (40, 200, 60), (50, 60, 230)]
+    for (x1, y1, x2, y2), c in zip(gt.astype(int), cols):
+        img[y1:y2, x1:x2] = c
+    img = np.clip(img.astype(int) + rng.integers(-3, 4, img.shape), 0, 255).astype(np.uint8)
+    return img, gt
+
+
+def test_fast_recovers_flat_rectangles():
+    img, gt = rect_image()
+    boxes = propose(img, backend="fast")
+    assert boxes.dtype == np.float32 and boxes.shape[1] == 4
+    assert (iou_matrix(gt, boxes).max(1) >= 0.7).all()
+
+
+def test_backends_agree_on_format():
+    img, gt = rect_image()
+    small = img[::2, ::2].copy()
+    for backend in ("fast", "selectivesearch"):
+        b = propose(small, backend=backend, max_boxes=50, min_size=5, ks=(50,))
+        assert b.dtype == np.float32 and b.ndim == 2 and b.shape[1] == 4 and 1 <= len(b) <= 50
+        assert (b[:, 0] >= 0).all() and (b[:, 2] <= small.shape[1]).all() and (b[:, 3] <= small.shape[0]).all()
+        assert (b[:, 2] - b[:, 0] >= 5).all()
+        assert len(np.unique(b, axis=0)) == len(b)
+    with pytest.raises(ValueError, match="unknown proposal backend"):
+        propose(small, backend="magic")
+
+
+def test_degenerate_images_never_crash():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for img in (np.zeros((1, 300, 3), np.uint8), np.full((64, 64), 128, np.uint8), np.zeros((5, 5, 4), np.uint8)):
+            b = propose(img)
+            assert b.shape[1] == 4 and len(b) >= 1
+    with pytest.warns(UserWarning, match="whole image"):
+        b = propose(np.zeros((1, 300, 3), np.uint8))
+    np.testing.assert_array_equal(b, [[0, 0, 300, 1]])
+
+
+def test_large_image_is_processed_downscaled():
+    img = np.random.default_rng(0).integers(0, 255, (60, 2000, 3), dtype=np.uint8)
+    b = propose(img, max_boxes=100)
+    assert (b[:, 2] <= 2000).all() and b[:, 2].max() > 1000
+
+
+def test_demo_mat_conversion(voc_sample):
+    from sppdet.voc import read_annotation
+
+    ss = voc_sample.parents[1] / "selective_search"
+    for image_id, n in (("000004", 2888), ("001551", 2057)):
+        b = load_demo_boxes(ss / f"{image_id}_boxes.mat")
+        a = read_annotation(voc_sample / "Annotations" / f"{image_id}.xml")
+        assert len(b) == n
+        assert b[:, 0].min() >= 0 and b[:, 1].min() >= 0
+        assert b[:, 2].max() <= a.width and b[:, 3].max() <= a.height
+        assert b[:, 2].max() == a.width or b[:, 3].max() == a.height  # some box reaches the border
+        assert iou_matrix(a.boxes, b).max(1).mean() > 0.6
+
+
+def test_precomputed_cell_mat(tmp_path):
+    from scipy.io import savemat
+
+    boxes = np.empty((2,), dtype=object)
+    boxes[0] = np.array([[1, 1, 10, 20], [5, 6, 7, 8]], np.float64)  # y1 x1 y2 x2, 1-based inclusive
+    boxes[1] = np.array([[2, 3, 4, 5]], np.float64)
+    images = np.empty((2,), dtype=object)
+    images[0], images[1] = "000001", "000002"
+    savemat(tmp_path / "voc_2007_test.mat", {"boxes": boxes, "images": images})
+    d = load_precomputed_mat(tmp_path / "voc_2007_test.mat")
+    np.testing.assert_array_equal(d["000001"], [[0, 0, 20, 10], [5, 4, 8, 7]])
+    np.testing.assert_array_equal(d["000002"], [[2, 1, 5, 4]])
+
+
+def test_store_resume_and_invalidation(toy_voc, tmp_path):
+    from sppdet.synthetic import TOY_CLASSES
+    from sppdet.voc import VOCDataset
+
+    ds = VOCDataset(toy_voc, "val", TOY_CLASSES)
+    out = tmp_path / "props"
+    kw = dict(backend="fast", max_boxes=300, min_size=10, params={"ks": [100]}, workers=1, progress=False)
+    m = compute_proposals(ds.ids, ds.image_path, out, **kw)
+    assert m["complete"] and m["items"] == len(ds.ids)
+    first = ProposalStore(out).load(ds.ids[0])
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.npz")}
+    # simulate an interrupted run: one shard missing; resume recomputes only that one
+    (out / f"{ds.ids[0]}.npz").unlink()
+    m = compute_proposals(ds.ids, ds.image_path, out, **kw)
+    assert m["new_images"] == 1
+    np.testing.assert_array_equal(ProposalStore(out).load(ds.ids[0]), first)
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items() if p.stem != ds.ids[0])
+    with pytest.raises(StaleCacheError, match="max_boxes"):
+        compute_proposals(ds.ids, ds.image_path, out, **{**kw, "max_boxes": 100})
+    m = compute_proposals(ds.ids, ds.image_path, out, overwrite=True, **{**kw, "max_boxes": 100})
+    assert len(ProposalStore(out).load(ds.ids[0])) <= 100

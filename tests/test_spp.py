@@ -1,0 +1,134 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sppdet.spp import (SpatialPyramidPooling, bin_edges, paper_window_stride, pool_windows, project_boxes_to_cells,
+                        spp_output_dim)
+
+
+def reference_spp(x: np.ndarray, levels, mode):
+    """Slow float64 loop over the floor/ceil bins."""
+    n_, c_, h, w = x.shape
+    out = []
+    for n in levels:
+        lv = np.zeros((n_, c_, n, n))
+        for i in range(n):
+            y0, y1 = math.floor(i * h / n), math.ceil((i + 1) * h / n)
+            for j in range(n):
+                x0, x1 = math.floor(j * w / n), math.ceil((j + 1) * w / n)
+                patch = x[:, :, y0:y1, x0:x1]
+                lv[:, :, i, j] = patch.max(axis=(2, 3)) if mode == "max" else patch.mean(axis=(2, 3))
+        out.append(lv.reshape(n_, -1))
+    return np.concatenate(out, 1)
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_spp_matches_loop_reference_for_all_sizes(mode):
+    rng = np.random.default_rng(0)
+    levels = (1, 2, 3, 4, 6)
+    layer = SpatialPyramidPooling(levels, mode)
+    for a in range(1, 41):
+        for b in range(1, 41):
+            x = rng.standard_normal((1, 2, a, b))
+            got = layer(torch.from_numpy(x)).numpy()
+            assert got.shape == (1, 2 * sum(n * n for n in levels))
+            np.testing.assert_allclose(got, reference_spp(x, levels, mode), rtol=1e-12, atol=1e-12)
+
+
+def test_golden_values():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    assert SpatialPyramidPooling((2, 1))(x).tolist() == [[5, 7, 13, 15, 15]]
+    assert SpatialPyramidPooling((2, 1), "avg")(x).tolist() == [[2.5, 4.5, 10.5, 12.5, 7.5]]
+
+
+def test_output_layout_and_dim():
+    x = torch.randn(3, 5, 13, 9)
+    y = SpatialPyramidPooling((6, 3, 2, 1))(x)
+    assert y.shape == (3, spp_output_dim(5, (6, 3, 2, 1))) == (3, 250)
+    # level order and (C, n, n) flattening: the last level is the global max per channel
+    assert torch.equal(y[:, -5:], x.amax(dim=(2, 3)))
+    assert spp_output_dim(256, (6, 3, 2, 1)) == 12800
+
+
+def test_gradcheck():
+    x = torch.randn(1, 2, 5, 7, dtype=torch.float64, requires_grad=True)
+    for mode in ("max", "avg"):
+        assert torch.autograd.gradcheck(SpatialPyramidPooling((3, 2, 1), mode), (x,))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        SpatialPyramidPooling((0, 1))
+    with pytest.raises(ValueError):
+        SpatialPyramidPooling((2,), "median")
+    with pytest.raises(ValueError):
+        SpatialPyramidPooling()(torch.zeros(2, 3, 4))
+
+
+def test_bins_cover_and_count():
+    for a in range(1, 30):
+        for n in (1, 2, 3, 4, 6, 7):
+            e = bin_edges(a, n)
+            assert len(e) == n and e[0][0] == 0 and e[-1][1] == a
+            assert all(lo < hi for lo, hi in e)
+
+
+def test_paper_window_stride_breaks():
+    assert paper_window_stride(13, 4) == (4, 3, 4)
+    assert paper_window_stride(13, 6) == (3, 2, 6)
+    assert paper_window_stride(7, 4)[2] == 6
+    assert paper_window_stride(10, 6)[2] == 9
+    assert paper_window_stride(11, 4)[2] == 5
+    win, stride, produced = paper_window_stride(3, 4)
+    assert stride == 0 and produced == 0
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_pool_windows_equals_spp_on_crops(mode):
+    g = torch.Generator().manual_seed(0)
+    fmap = torch.rand(4, 17, 23, generator=g)
+    cells = torch.tensor([[0, 0, 22, 16], [3, 4, 3, 4], [5, 2, 9, 15], [20, 10, 22, 11], [0, 16, 22, 16]])
+    levels = (6, 3, 2, 1)
+    got = pool_windows(fmap, cells, levels, mode)
+    layer = SpatialPyramidPooling(levels, mode)
+    for r, (l, t, rr, b) in enumerate(cells.tolist()):
+        ref = layer(fmap[None, :, t:b + 1, l:rr + 1])[0]
+        torch.testing.assert_close(got[r], ref, rtol=1e-6, atol=1e-6)
+    assert pool_windows(fmap, torch.zeros((0, 4), dtype=torch.int64), levels).shape == (0, 200)
+
+
+def test_projection_hand_worked():
+    # ZF-5: stride 16, cell j centred at pixel 16j + 20, shrink 6.5 (authors' offset0 21, offset 6.5)
+    prj = lambda b, hw=(40, 40): project_boxes_to_cells(torch.tensor([b], dtype=torch.float32), hw, 16, 20, 6.5)[0].tolist()  # noqa: E731
+    # x1 = 0: floor((0-20+6.5)/16+0.5) = floor(-0.34) = -1 -> clamped 0; x2 = 224: ceil((223-20-6.5)/16-0.5)= ceil(11.78)=12
+    assert prj([0, 0, 224, 224]) == [0, 0, 12, 12]
+    # authors' 1-based formula on the same box: l = floor((1-21+6.5)/16+0.5)+1 = 0 -> 1-based 0 clamps to 1
+    # box [100, 50, 300, 200]: l = floor((100-13.5)/16+0.5)=floor(5.906)=5; t = floor((50-13.5)/16+0.5)=floor(2.78)=2
+    # r = ceil((299-26.5)/16-0.5)=ceil(16.53)=17; b = ceil((199-26.5)/16-0.5)=ceil(10.28)=11
+    assert prj([100, 50, 300, 200]) == [5, 2, 17, 11]
+    # a tiny box collapses to one cell: l = floor((100-13.5)/16+.5)=5, r = ceil((109-26.5)/16-.5)=ceil(4.66)=5
+    assert prj([100, 100, 110, 110]) == [5, 5, 5, 5]
+    # collapsed with l > r: [100,100,104,104] -> l=5, r=ceil((103-26.5)/16-.5)=ceil(4.28)=5 ; [90,90,95,95] -> l=5, r=4 -> 4
+    assert prj([90, 90, 95, 95]) == [4, 4, 4, 4]
+    # beyond the border: clamped to the last cell
+    assert prj([600, 600, 900, 900], (40, 30)) == [29, 39, 29, 39]
+
+
+def test_projection_matches_authors_one_based_formula():
+    rng = np.random.default_rng(1)
+    boxes = rng.uniform(0, 600, (500, 2))
+    boxes = np.concatenate([boxes, boxes + rng.uniform(1, 300, (500, 2))], 1)
+    boxes = np.floor(boxes)
+    got = project_boxes_to_cells(torch.tensor(boxes), (60, 60), 16, 20, 6.5).numpy()
+    # authors (1-based pixels, 1-based cells): x1_1b = x1 + 1, x2_1b = x2 (inclusive last pixel)
+    x1, x2 = boxes[:, 0] + 1, boxes[:, 2]
+    l = np.floor((x1 - 21 + 6.5) / 16 + 0.5) + 1
+    r = np.ceil((x2 - 21 - 6.5) / 16 - 0.5) + 1
+    m = l > r
+    mid = np.floor((l + r) / 2)
+    l, r = np.where(m, mid, l), np.where(m, mid, r)
+    l, r = np.clip(l, 1, 60), np.clip(r, 1, 60)
+    np.testing.assert_array_equal(got[:, 0], l - 1)
+    np.testing.assert_array_equal(got[:, 2], r - 1)

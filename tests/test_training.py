@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+import torch
+
+from sppdet.bbox_reg import fit_class_regressor, BoxRegressor
+from sppdet.boxes import decode, encode
+from sppdet.config import FinetuneConfig, SVMConfig
+from sppdet.finetune import sample_windows
+from sppdet.roidb import Windows
+from sppdet.svm import HardNegativeTrainer
+
+
+def test_encode_decode_round_trip():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 100, (50, 2))
+    p = np.concatenate([p, p + rng.uniform(5, 80, (50, 2))], 1).astype(np.float32)
+    g = p + rng.normal(0, 4, p.shape).astype(np.float32)
+    g[:, 2:] = np.maximum(g[:, 2:], g[:, :2] + 1)
+    np.testing.assert_allclose(decode(p, encode(p, g)), g, atol=1e-3)
+
+
+def test_sampler_fractions_and_ranges():
+    rng = np.random.default_rng(0)
+    ious = np.concatenate([np.full(100, 0.7), np.full(300, 0.3), np.full(200, 0.05)]).astype(np.float32)
+    w = Windows(np.zeros((600, 4), np.float32), np.zeros(600, bool), ious, np.zeros(600, np.int64),
+                np.full(600, 2), np.zeros((600, 3), np.float32))
+    idx, lab = sample_windows(w, 128, 0.25, 0.5, 0.1, 0.5, 3, rng)
+    assert len(idx) == 128 and len(set(idx.tolist())) == 128
+    fg = ious[idx] >= 0.5
+    assert fg.sum() == 32 and (lab[fg] == 2).all() and (lab[~fg] == 3).all()
+    assert ((ious[idx][~fg] >= 0.1) & (ious[idx][~fg] < 0.5)).all()
+    # few foreground windows: the rest is background
+    idx, lab = sample_windows(Windows(w.boxes[95:], w.is_gt[95:], ious[95:], w.gt_index[95:], w.label[95:],
+                                      w.class_iou[95:]), 128, 0.25, 0.5, 0.1, 0.5, 3, rng)
+    assert (lab != 3).sum() == 5 and len(idx) == 128
+
+
+def test_hard_negative_mining_on_separable_data():
+    rng = np.random.default_rng(0)
+    d = 20
+    direction = np.zeros(d, np.float32)
+    direction[0] = 1
+    x_pos = (rng.normal(0, 1, (40, d)) + 4 * direction).astype(np.float32)
+    cfg = SVMConfig(C=1.0, retrain_limit=200)
+    trainer = HardNegativeTrainer([x_pos], d, cfg)
+    total_neg = 0
+    all_neg = []
+    n_images = 30
+    for i in range(n_images):
+        neg = (rng.normal(0, 1, (300, d)) - 4 * direction).astype(np.float32)
+        all_neg.append(neg)
+        total_neg += len(neg)
+        trainer.add_image(i, neg, np.ones((300, 1), bool), last=i == n_images - 1)
+    c = trainer.finish()[0]
+    assert len(c.retrains) >= 2
+    all_neg = np.concatenate(all_neg)
+    assert ((x_pos @ c.w + c.b) > 0).all() and ((all_neg @ c.w + c.b) < 0).all()
+    assert len(c.x_neg) < total_neg / 10
+    objs = [r["objective"] for r in c.retrains]
+    assert all(np.isfinite(objs))
+
+
+def test_box_regression_recovers_known_shift():
+    rng = np.random.default_rng(0)
+    n, d = 400, 30
+    feats = rng.normal(0, 1, (n, d))
+    p = rng.uniform(0, 200, (n, 2))
+    p = np.concatenate([p, p + rng.uniform(30, 100, (n, 2))], 1)
+    true = np.stack([0.1 * feats[:, 0], -0.05 * feats[:, 1], 0.2 + 0.1 * feats[:, 2], 0.05 * feats[:, 3]], 1)
+    g = decode(p, true)
+    for whiten in (True, False):
+        r = fit_class_regressor(feats, p, g, lam=1e-3, whiten=whiten)
+        reg = BoxRegressor(r["W"][None], r["b"][None], r["mu"][None], r["T_inv"][None], 1.0, np.array([True]))
+        np.testing.assert_allclose(reg.predict(0, feats, p), g, atol=0.5)
+
+
+def test_finetune_freezes_conv_and_lowers_loss(tmp_path):
+    from sppdet.backbones import build_backbone
+    from sppdet.features import FeatureCache, conv5_maps, weights_fingerprint
+    from sppdet.finetune import finetune_head
+    from sppdet.models import FCHead
+    from sppdet.roidb import make_windows
+    from sppdet.voc import Annotation
+
+    torch.manual_seed(0)
+    zf = build_backbone("zf5", width=0.125).eval()
+    before = {k: v.clone() for k, v in zf.state_dict().items()}
+    rng = np.random.default_rng(0)
+    windows = {}
+    for i in range(4):
+        img = rng.integers(0, 60, (160, 200, 3), dtype=np.uint8)
+        img[40:120, 50:150] = (220, 200, 30)  # one bright object per image
+        maps, f = conv5_maps(zf, img, [160], 1000)
+        FeatureCache.write(tmp_path / f"{i}.npz", maps, f, img.shape[:2])
+        ann = Annotation("x", 200, 160, ["a"], np.array([[50, 40, 150, 120]], np.float32), np.zeros(1, bool))
+        props = np.concatenate([np.array([[50, 40, 150, 120]]) + rng.normal(0, 6, (40, 4)),
+                                rng.uniform(0, 80, (120, 2)).repeat(2, 1) + np.array([0, 0, 60, 50])]).astype(np.float32)
+        windows[str(i)] = make_windows(ann, np.array([0]), props, 1)
+    cache = FeatureCache(tmp_path, zf.stride, zf.center0)
+    head = FCHead(16 * 50, 64, 2)
+    cfg = FinetuneConfig(iterations=60, batch_size=32, images_per_batch=2, lr=0.01, lr_steps=[1000], val_every=20,
+                         val_batches=4, flip=False)
+    res = finetune_head(head, windows, windows, cache, cache, 1, cfg, progress=False, log_fn=lambda s: None)
+    h = res["history"]
+    assert h[-1]["val_loss"] < h[0]["val_loss"] or h[-1]["train_loss"] < h[0]["train_loss"]
+    assert all(torch.equal(before[k], v) for k, v in zf.state_dict().items())
+    assert weights_fingerprint(zf) == weights_fingerprint(zf)

@@ -1,0 +1,156 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from sppdet.boxes import iou_matrix
+from sppdet.synthetic import TOY_CLASSES
+from sppdet.voc import VOC_CLASSES, Annotation, VOCDataset, VOCError, load_image, read_annotation, read_split, write_annotation
+
+
+def devkit_iou(a, b):
+    """VOCdevkit's inclusive IoU on 1-based boxes."""
+    iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
+    ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    ua = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - inter
+    return inter / ua
+
+
+def test_converted_iou_equals_devkit_iou():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        a = np.sort(rng.integers(1, 60, (2, 2)), axis=0).T.ravel()[[0, 2, 1, 3]]
+        b = np.sort(rng.integers(1, 60, (2, 2)), axis=0).T.ravel()[[0, 2, 1, 3]]
+        conv = lambda v: np.array([[v[0] - 1, v[1] - 1, v[2], v[3]]], np.float64)  # noqa: E731
+        assert iou_matrix(conv(a), conv(b))[0, 0] == pytest.approx(devkit_iou(a, b))
+
+
+def write_xml(path, body, size="<size><width>100</width><height>80</height><depth>3</depth></size>"):
+    path.write_text(f"<annotation><filename>x.jpg</filename>{size}{body}</annotation>")
+    return path
+
+
+OBJ = "<object><name>{n}</name><difficult>{d}</difficult><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+
+
+def test_read_annotation_converts_to_zero_based(tmp_path):
+    p = write_xml(tmp_path / "a.xml", OBJ.format(n="dog", d=1, x1=1, y1=2, x2=100, y2=80))
+    a = read_annotation(p)
+    assert (a.width, a.height, a.names) == (100, 80, ["dog"])
+    np.testing.assert_array_equal(a.boxes, [[0, 1, 100, 80]])
+    assert a.boxes.dtype == np.float32 and a.difficult.tolist() == [True]
+
+
+@pytest.mark.parametrize("body,msg", [
+    ("", None),
+    (OBJ.format(n="unicorn", d=0, x1=1, y1=1, x2=5, y2=5), "unknown class 'unicorn'"),
+    (OBJ.format(n="dog", d=0, x1=10, y1=1, x2=5, y2=5), "xmax < xmin"),
+    (OBJ.format(n="dog", d=0, x1=200, y1=1, x2=300, y2=5), "outside"),
+    ("<object><name>dog</name></object>", "no <bndbox>"),
+    (OBJ.format(n="dog", d=0, x1="a", y1=1, x2=5, y2=5), "not a number"),
+])
+def test_bad_annotations(tmp_path, body, msg):
+    p = write_xml(tmp_path / "bad.xml", body)
+    if msg is None:
+        assert read_annotation(p).boxes.shape == (0, 4)
+        return
+    with pytest.raises(VOCError, match=msg) as e:
+        read_annotation(p)
+    assert "bad.xml" in str(e.value)
+
+
+def test_missing_and_malformed(tmp_path):
+    with pytest.raises(VOCError, match="missing"):
+        read_annotation(tmp_path / "nope.xml")
+    (tmp_path / "m.xml").write_text("<annotation><size>")
+    with pytest.raises(VOCError, match="malformed XML"):
+        read_annotation(tmp_path / "m.xml")
+    write_xml(tmp_path / "s.xml", "", size="")
+    with pytest.raises(VOCError, match="missing <size>"):
+        read_annotation(tmp_path / "s.xml")
+
+
+def test_unknown_class_can_be_skipped(tmp_path):
+    p = write_xml(tmp_path / "a.xml", OBJ.format(n="unicorn", d=0, x1=1, y1=1, x2=5, y2=5))
+    assert read_annotation(p, strict_classes=False).names == []
+
+
+def test_box_slightly_outside_is_clipped(tmp_path):
+    p = write_xml(tmp_path / "a.xml", OBJ.format(n="dog", d=0, x1=1, y1=1, x2=103, y2=80))
+    assert read_annotation(p).boxes[0, 2] == 100
+
+
+def test_split_errors(tmp_path):
+    (tmp_path / "e.txt").write_text("\n")
+    with pytest.raises(VOCError, match="empty"):
+        read_split(tmp_path / "e.txt")
+    (tmp_path / "d.txt").write_text("1\n2\n1\n")
+    with pytest.raises(VOCError, match="duplicate"):
+        read_split(tmp_path / "d.txt")
+    with pytest.raises(VOCError, match="missing"):
+        read_split(tmp_path / "none.txt")
+
+
+def test_images_load_as_rgb(tmp_path):
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[..., 0] = 200
+    Image.fromarray(rgb).convert("L").save(tmp_path / "g.jpg")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "c.jpg")
+    rgba = np.dstack([rgb, np.full((20, 30), 255, np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    for name in ("g.jpg", "c.jpg", "a.png"):
+        im = load_image(tmp_path / name)
+        assert im.shape == (20, 30, 3) and im.dtype == np.uint8
+    assert abs(int(load_image(tmp_path / "c.jpg")[5, 5, 0]) - 200) < 12
+    assert load_image(tmp_path / "a.png")[5, 5].tolist() == [200, 0, 0]
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(VOCError, match="bad.jpg"):
+        load_image(tmp_path / "bad.jpg")
+    with pytest.raises(VOCError, match="missing"):
+        load_image(tmp_path / "none.jpg")
+
+
+def test_round_trip_generated_dataset(toy_voc, tmp_path):
+    ds = VOCDataset(toy_voc, "trainval", TOY_CLASSES, check_images=True)
+    assert len(ds) > 0 and set(VOCDataset(toy_voc, "test", TOY_CLASSES).ids).isdisjoint(ds.ids)
+    for i in ds.ids:
+        a = ds.annotation(i)
+        write_annotation(tmp_path / f"{i}.xml", a)
+        b = read_annotation(tmp_path / f"{i}.xml", TOY_CLASSES)
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        assert a.names == b.names and a.difficult.tolist() == b.difficult.tolist()
+        assert (a.boxes[:, 2] <= a.width).all() and (a.boxes[:, 3] <= a.height).all()
+
+
+def test_size_mismatch_is_an_error(toy_voc, tmp_path):
+    import shutil
+
+    root = tmp_path / "VOC2007"
+    shutil.copytree(toy_voc, root)
+    ds = VOCDataset(root, "train", TOY_CLASSES)
+    i = ds.ids[0]
+    a = ds.annotation(i)
+    write_annotation(root / "Annotations" / f"{i}.xml", Annotation(a.filename, a.width + 1, a.height, a.names, a.boxes, a.difficult))
+    with pytest.raises(VOCError, match="XML says"):
+        VOCDataset(root, "train", TOY_CLASSES).image(i)
+
+
+def test_generator_is_deterministic(tmp_path):
+    from sppdet.synthetic import make_toy_voc
+
+    a = make_toy_voc(tmp_path / "a", 4, seed=7)
+    b = make_toy_voc(tmp_path / "b", 4, seed=7)
+    for f in sorted((a / "JPEGImages").iterdir()):
+        assert f.read_bytes() == (b / "JPEGImages" / f.name).read_bytes()
+
+
+def test_real_voc_sample(voc_sample):
+    ds = VOCDataset(voc_sample, "test")
+    assert len(ds) == 15
+    for i in ds.ids:
+        im, a = ds.image(i), ds.annotation(i)
+        assert im.shape[:2] == (a.height, a.width)
+        assert len(a.names) >= 1 and set(a.names) <= set(VOC_CLASSES)
+        assert (a.boxes[:, :2] >= 0).all() and (a.boxes[:, 2] <= a.width).all() and (a.boxes[:, 3] <= a.height).all()
