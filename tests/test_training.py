@@ -97,7 +97,7 @@ def test_finetune_freezes_conv_and_lowers_loss(tmp_path):
                                 rng.uniform(0, 80, (120, 2)).repeat(2, 1) + np.array([0, 0, 60, 50])]).astype(np.float32)
         windows[str(i)] = make_windows(ann, np.array([0]), props, 1)
     cache = FeatureCache(tmp_path, zf.stride, zf.center0)
-    head = FCHead(16 * 50, 64, 2)
+    head = FCHead(zf.out_channels * 50, 64, 2)
     cfg = FinetuneConfig(iterations=60, batch_size=32, images_per_batch=2, lr=0.01, lr_steps=[1000], val_every=20,
                          val_batches=4, flip=False)
     res = finetune_head(head, windows, windows, cache, cache, 1, cfg, progress=False, log_fn=lambda s: None)

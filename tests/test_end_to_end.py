@@ -1,0 +1,93 @@
+"""Runs the real tools as subprocesses on configs/tiny.yaml (a couple of minutes on 2 cores)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tool(name, *args, check=True):
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{name} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    common = ["--config", "configs/tiny.yaml", "--run", tmp / "run", "--set", f"data.root={tmp / 'data' / 'VOC2007'}"]
+    tool("pretrain.py", *common)
+    for split in ("train", "val", "test"):
+        tool("propose.py", *common, "--split", split)
+        tool("extract_features.py", *common, "--split", split)
+    tool("finetune_fc.py", *common)
+    tool("train_svm.py", *common, "--bbox-reg")
+    r = tool("test_net.py", *common)
+    return tmp, r.stdout
+
+
+def test_pipeline_outputs_and_map(trained):
+    tmp, out = trained
+    det = tmp / "run" / "detections" / "test"
+    assert (det / "detections.npz").is_file() and (det / "pr_curves.png").is_file()
+    assert len(list(det.glob("comp4_det_test_*.txt"))) == 5
+    m = json.loads((det / "metrics.json").read_text())
+    assert "mAP (VOC07 11-point)" in out
+    # chance: the same proposals with random scores
+    from sppdet.evaluation import evaluate_detections
+    from sppdet.proposals import ProposalStore
+    from sppdet.voc import VOCDataset
+
+    ds = VOCDataset(tmp / "data" / "VOC2007", "test", m["classes"])
+    store = ProposalStore(tmp / "run" / "proposals" / "test")
+    rng = np.random.default_rng(0)
+    dets = {k: [] for k in range(5)}
+    for i in ds.ids:
+        for b in store.load(i)[:100]:
+            dets[int(rng.integers(0, 5))].append((i, float(rng.random()), *map(float, b)))
+    chance = evaluate_detections(dets, {k: ds.ground_truth(k) for k in range(5)}, m["classes"])["map07"]
+    assert m["map07"] > 3 * chance, (m["map07"], chance)
+    for k in ("without_bbox_reg", "with_bbox_reg"):
+        assert k in m["results"]
+    # the stage manifests record that only fc layers were trained
+    ft = json.loads((tmp / "run" / "model" / "finetune" / "manifest.json").read_text())
+    assert ft["complete"] and ft["conv_fingerprint_unchanged"]
+    ev = tool("evaluate.py", "--detections", det / "detections.npz", "--voc-root", tmp / "data" / "VOC2007", "--split",
+              "test", "--classes", ",".join(m["classes"]), "--out", tmp / "eval")
+    assert f"{m['map07']:.3f}" in ev.stdout
+
+
+def test_rerun_reuses_caches_and_stale_config_is_refused(trained):
+    tmp, _ = trained
+    common = ["--config", "configs/tiny.yaml", "--run", tmp / "run", "--set", f"data.root={tmp / 'data' / 'VOC2007'}"]
+    r = tool("extract_features.py", *common, "--split", "test")
+    assert "0 new images" in r.stdout
+    r = tool("extract_features.py", *common, "--split", "test", "--set", "features.scales=[300]", check=False)
+    assert r.returncode == 2 and "features.scales" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_detect_on_odd_images(trained, tmp_path):
+    tmp, _ = trained
+    rgb = np.asarray(Image.open(next((tmp / "data" / "VOC2007" / "JPEGImages").glob("*.jpg"))).convert("RGB"))
+    Image.fromarray(rgb).convert("L").save(tmp_path / "gray.jpg")
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 200, np.uint8)])).save(tmp_path / "alpha.png")
+    Image.fromarray(rgb[:12, :15]).save(tmp_path / "tiny.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8garbage")
+    out = tmp_path / "out"
+    r = tool("detect.py", "--run", tmp / "run", "--out", out, tmp_path / "gray.jpg", tmp_path / "alpha.png",
+             tmp_path / "tiny.png", tmp_path / "broken.jpg", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "broken.jpg" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for stem in ("gray", "alpha", "tiny"):
+        dets = json.loads((out / f"{stem}.json").read_text())
+        assert (out / f"{stem}.png").is_file()
+        for d in dets:
+            assert set(d) == {"class", "score", "box"} and len(d["box"]) == 4
