@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Every proposal backend on the same images: seconds per image, boxes, recall@0.5/0.7, MABO, peak memory.
+
+    python benchmarks/bench_proposals.py [--images 15] [--skip-selectivesearch]
+Uses the real VOC sample when present (../shared/data/voc2007-sample), else generated images. Each backend runs
+in its own process on one core (the selectivesearch backend with --ss-workers processes, default 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dataset(n):
+    from sppdet.voc import VOCDataset
+
+    real = ROOT.parent / "shared" / "data" / "voc2007-sample" / "VOCdevkit" / "VOC2007"
+    if real.is_dir():
+        ds = VOCDataset(real, "test")
+        return [(ds.image(i), ds.annotation(i).boxes, i) for i in ds.ids[:n]], "real VOC 2007 sample"
+    from sppdet.synthetic import TOY_CLASSES, make_toy_voc
+    from sppdet.voc import load_image, read_annotation
+
+    root = make_toy_voc(ROOT / "data" / "bench_toy", max(n, 3), seed=5)
+    ids = [p.stem for p in sorted((root / "JPEGImages").glob("*.jpg"))][:n]
+    return [(load_image(root / "JPEGImages" / f"{i}.jpg"),
+             read_annotation(root / "Annotations" / f"{i}.xml", TOY_CLASSES).boxes, i) for i in ids], "generated images"
+
+
+def run_backend(args):
+    backend, items, params = args
+    import warnings
+
+    from sppdet.boxes import iou_matrix
+    from sppdet.proposals import propose
+
+    best, nb, tt = [], [], 0.0
+    for img, gt, _ in items:
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            b = propose(img, backend=backend, **params)
+        tt += time.perf_counter() - t0
+        nb.append(len(b))
+        if len(gt):
+            best += list(iou_matrix(gt, b).max(1))
+    best = np.array(best)
+    return {"s/img": tt / len(items), "boxes": float(np.mean(nb)), "R50": float((best >= 0.5).mean()),
+            "R70": float((best >= 0.7).mean()), "MABO": float(best.mean()),
+            "peak MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--images", type=int, default=15)
+    ap.add_argument("--skip-selectivesearch", action="store_true")
+    ap.add_argument("--ss-workers", type=int, default=1)
+    args = ap.parse_args(argv)
+    items, what = dataset(args.images)
+    rows = [("fast (sppdet, default)", "fast", {})]
+    if not args.skip_selectivesearch:
+        rows.append(("selectivesearch 0.4, 8 runs", "selectivesearch", {"workers": args.ss_workers}))
+    print(f"{len(items)} {what}")
+    print(f"{'backend':<32}{'s/img':>7}{'boxes':>7}{'R@0.5':>7}{'R@0.7':>7}{'MABO':>7}{'peak MB':>9}")
+    results = {}
+    for label, backend, params in rows:
+        with ProcessPoolExecutor(1) as ex:  # fresh process each: peak memory per backend
+            r = ex.submit(run_backend, (backend, items, params)).result()
+        results[label] = r
+        print(f"{label:<32}{r['s/img']:7.2f}{r['boxes']:7.0f}{r['R50']:7.3f}{r['R70']:7.3f}{r['MABO']:7.3f}{r['peak MB']:9.0f}")
+    ss = Path(ROOT.parent / "shared" / "data" / "voc2007-sample" / "selective_search")
+    if ss.is_dir():
+        from sppdet.boxes import iou_matrix
+        from sppdet.proposals import load_demo_boxes
+
+        best, nb = [], []
+        for img, gt, i in items:
+            f = ss / f"{i}_boxes.mat"
+            if f.is_file():
+                b = load_demo_boxes(f)
+                nb.append(len(b))
+                best += list(iou_matrix(gt, b).max(1))
+        if best:
+            best = np.array(best)
+            print(f"{'original MATLAB fast mode':<32}{'-':>7}{np.mean(nb):7.0f}{(best >= .5).mean():7.3f}"
+                  f"{(best >= .7).mean():7.3f}{best.mean():7.3f}{'-':>9}  ({len(nb)} images only)")
+    if len(results) == 2:
+        a, b = results["fast (sppdet, default)"], results["selectivesearch 0.4, 8 runs"]
+        print(f"time ratio selectivesearch / fast: {b['s/img'] / a['s/img']:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
