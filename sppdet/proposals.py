@@ -125,6 +125,15 @@ def finalize_boxes(boxes: np.ndarray, width: int, height: int, min_size: float, 
     return b.astype(np.float32)
 
 
+def _downscale(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """Shrink so the longer side is at most ``max_side`` (R-CNN runs selective search at 500 px)."""
+    h0, w0 = rgb.shape[:2]
+    if not max_side or max(h0, w0) <= max_side:
+        return rgb, 1.0
+    scale = max_side / float(max(h0, w0))
+    return cv2.resize(rgb, (max(1, round(w0 * scale)), max(1, round(h0 * scale))), interpolation=cv2.INTER_AREA), scale
+
+
 # ------------------------------------------------ project-owned selective search
 def _texture_codes(img: np.ndarray) -> np.ndarray:
     """(H, W, 24) bin codes 0..9 of Gaussian derivatives (sigma 1), 8 orientations x 3 channels."""
@@ -254,12 +263,7 @@ def fast_selective_search(image: np.ndarray, colour_spaces: Sequence[str] = ("hs
     """Selective search, fast mode, vectorised. Returns ranked raw boxes (xyxy, original frame)."""
     from skimage.segmentation import felzenszwalb
 
-    rgb = as_rgb(image)
-    h0, w0 = rgb.shape[:2]
-    scale = 1.0
-    if max_side and max(h0, w0) > max_side:
-        scale = max_side / float(max(h0, w0))
-        rgb = cv2.resize(rgb, (max(1, round(w0 * scale)), max(1, round(h0 * scale))), interpolation=cv2.INTER_AREA)
+    rgb, scale = _downscale(as_rgb(image), max_side)
     hierarchies = []
     for space in colour_spaces:
         img = convert_colour(rgb, space)
@@ -296,12 +300,7 @@ def selectivesearch_diversified(image: np.ndarray, colour_spaces: Sequence[str] 
                                 ks: Sequence[int] = (50, 100), sigma: float = 0.8, max_side: int = 500,
                                 workers: int = 1, seed: int = 0) -> np.ndarray:
     """The ``selectivesearch`` package run once per (colour space, k), merged and ranked."""
-    rgb = as_rgb(image)
-    h0, w0 = rgb.shape[:2]
-    scale = 1.0
-    if max_side and max(h0, w0) > max_side:
-        scale = max_side / float(max(h0, w0))
-        rgb = cv2.resize(rgb, (max(1, round(w0 * scale)), max(1, round(h0 * scale))), interpolation=cv2.INTER_AREA)
+    rgb, scale = _downscale(as_rgb(image), max_side)
     jobs = [(convert_colour(rgb, s), k, sigma) for s in colour_spaces for k in ks]
     if workers and workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as ex:
