@@ -422,13 +422,11 @@ def build_backbone(name: str, weights: str | None = None, width: float = 1.0) ->
         else:
             bb = EfficientNetLite0(build_efficientnet_lite0_classifier(weights) if weights else None)
     elif name in ("vgg16", "alexnet"):
-        bb = TorchvisionTrunk(name)
         if weights == "imagenet":
             raise ValueError(f"{name}: pass a local weights file; nothing is downloaded at run time")
+        bb = TorchvisionTrunk(name)
         if weights:
-            tv = TorchvisionTrunk(name)
-            tv.load_torchvision_state(load_weights_file(weights))
-            bb = tv
+            bb.load_torchvision_state(load_weights_file(weights))
     else:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     return bb

@@ -39,7 +39,7 @@ def load_svms(path: str | Path) -> dict:
             "layer": str(d["layer"]), "feature": str(d["feature"]), "classes": [str(c) for c in d["classes"]]}
 
 
-def _select(boxes, scores, k, thresh, nms_iou):
+def _select(boxes, scores, thresh, nms_iou):
     keep = np.nonzero(scores > thresh)[0]
     if len(keep) == 0:
         return keep
@@ -97,7 +97,7 @@ class Detector:
         thr = self.test.score_threshold if score_threshold is None else score_threshold
         plain, refined = [], []
         for k in range(scores.shape[1]):
-            keep = _select(proposals, scores[:, k], k, thr, self.test.nms)
+            keep = _select(proposals, scores[:, k], thr, self.test.nms)
             if len(keep) == 0:
                 continue
             plain.append((proposals[keep], scores[keep, k], k))

@@ -152,9 +152,7 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
             history.append(rec)
             running = []
             bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val_err=f"{verr:.3f}")
-            if not np.isnan(verr) and verr < best["val_error"]:
-                best = {"val_error": verr, "iteration": it, "state": {k: v.clone() for k, v in head.state_dict().items()}}
-            elif np.isnan(verr):
+            if np.isnan(verr) or verr < best["val_error"]:  # no validation split: keep the latest
                 best = {"val_error": verr, "iteration": it, "state": {k: v.clone() for k, v in head.state_dict().items()}}
     bar.close()
     head.load_state_dict(best["state"])

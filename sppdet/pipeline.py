@@ -29,7 +29,7 @@ from .backbones import Backbone, build_backbone
 from .bbox_reg import BoxRegressor, fit_class_regressor
 from .config import Config, fingerprint
 from .detector import Detector, load_svms
-from .features import FeatureCache, extract_image, weights_fingerprint
+from .features import FeatureCache, ImageFeatures, extract_image, weights_fingerprint
 from .finetune import finetune_head
 from .models import FCHead
 from .pretrain import load_checkpoint, save_checkpoint, train_classifier, voc_items
@@ -188,8 +188,6 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
         t_conv += dt
         boxes = store.load(i)
         t0 = time.perf_counter()
-        from .features import ImageFeatures
-
         cache.pooled(ImageFeatures(maps, factors, rgb.shape[0], rgb.shape[1]), boxes)  # timed, not stored
         t_pool += time.perf_counter() - t0
         nbox += len(boxes)
@@ -222,8 +220,8 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
     return m
 
 
-def _windows(run: Run, split: str) -> dict:
-    ds = run.dataset(split)
+def _windows(run: Run, split: str, ds: VOCDataset | None = None) -> dict:
+    ds = ds or run.dataset(split)
     store = ProposalStore(run.proposals_dir(split))
     k = len(run.classes)
     return {i: make_windows(ds.annotation(i), ds.labels(i), store.load(i), k) for i in ds.ids}
@@ -382,8 +380,8 @@ def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = 3000)
     if path.is_file():
         run.log(f"bbox_reg: reusing {path}")
         return stage.finish(1)
-    windows = _windows(run, tr)
     ds = run.dataset(tr)
+    windows = _windows(run, tr, ds)  # ds's annotations are parsed once and reused below
     k_cls = len(run.classes)
     rng = np.random.default_rng(cfg.seed)
     feats, props, gts = [[] for _ in range(k_cls)], [[] for _ in range(k_cls)], [[] for _ in range(k_cls)]

@@ -30,6 +30,7 @@ at most ``max_boxes``.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import os
@@ -206,27 +207,21 @@ def _hierarchical_grouping(labels: np.ndarray, colour_hist: np.ndarray, texture_
         nbrs[a].add(b)
         nbrs[b].add(a)
 
-    def sim(i: int, js: np.ndarray) -> np.ndarray:
-        s = np.minimum(ht[i], ht[js]).sum(1)
+    def sim(a, b) -> np.ndarray:
+        """Similarities of regions ``a`` and ``b`` (index arrays, or one index against an array)."""
+        s = np.minimum(ht[a], ht[b]).sum(-1)
         if use_colour:
-            s += np.minimum(hc[i], hc[js]).sum(1)
-        s += 1.0 - (size[i] + size[js]) / im_size
-        bw = np.maximum(box[i, 2], box[js, 2]) - np.minimum(box[i, 0], box[js, 0])
-        bh = np.maximum(box[i, 3], box[js, 3]) - np.minimum(box[i, 1], box[js, 1])
-        s += 1.0 - (bw * bh - size[i] - size[js]) / im_size
+            s += np.minimum(hc[a], hc[b]).sum(-1)
+        s += 1.0 - (size[a] + size[b]) / im_size
+        bw = np.maximum(box[a, 2], box[b, 2]) - np.minimum(box[a, 0], box[b, 0])
+        bh = np.maximum(box[a, 3], box[b, 3]) - np.minimum(box[a, 1], box[b, 1])
+        s += 1.0 - (bw * bh - size[a] - size[b]) / im_size
         return s
 
     heap: list = []
     if len(pairs):
         a, b = pairs[:, 0], pairs[:, 1]
-        s = np.minimum(ht[a], ht[b]).sum(1)
-        if use_colour:
-            s += np.minimum(hc[a], hc[b]).sum(1)
-        s += 1.0 - (size[a] + size[b]) / im_size
-        bw = np.maximum(box[a, 2], box[b, 2]) - np.minimum(box[a, 0], box[b, 0])
-        bh = np.maximum(box[a, 3], box[b, 3]) - np.minimum(box[a, 1], box[b, 1])
-        s += 1.0 - (bw * bh - size[a] - size[b]) / im_size
-        heap = list(zip((-s).tolist(), a.tolist(), b.tolist()))
+        heap = list(zip((-sim(a, b)).tolist(), a.tolist(), b.tolist()))
         heapq.heapify(heap)
     alive = np.zeros(total, bool)
     alive[:n] = True
@@ -311,17 +306,22 @@ def selectivesearch_diversified(image: np.ndarray, colour_spaces: Sequence[str] 
 
 
 # --------------------------------------------------------------- precomputed
-def load_demo_boxes(path: str | Path) -> np.ndarray:
-    """Fast R-CNN demo file (``boxes``: N x 4, 0-based *inclusive* x1 y1 x2 y2) -> continuous xyxy."""
+def _loadmat(path: Path, keys: tuple[str, ...]) -> dict:
     from scipy.io import loadmat
 
-    path = Path(path)
     try:
         m = loadmat(str(path))
     except Exception as e:
         raise ValueError(f"{path}: cannot read .mat file ({e})") from e
-    if "boxes" not in m:
-        raise ValueError(f"{path}: no 'boxes' variable")
+    for key in keys:
+        if key not in m:
+            raise ValueError(f"{path}: no {key!r} variable")
+    return m
+
+
+def load_demo_boxes(path: str | Path) -> np.ndarray:
+    """Fast R-CNN demo file (``boxes``: N x 4, 0-based *inclusive* x1 y1 x2 y2) -> continuous xyxy."""
+    m = _loadmat(Path(path), ("boxes",))
     b = np.asarray(m["boxes"], np.float64).reshape(-1, 4)
     b[:, 2:] += 1.0  # inclusive last pixel -> continuous right/bottom edge
     return b.astype(np.float32)
@@ -333,16 +333,8 @@ def load_precomputed_mat(path: str | Path) -> dict[str, np.ndarray]:
     The file holds a cell array ``boxes`` (one N x 4 array per image, 1-based inclusive
     ``y1 x1 y2 x2``) and ``images`` (the ids). Output boxes: 0-based continuous xyxy.
     """
-    from scipy.io import loadmat
-
     path = Path(path)
-    try:
-        m = loadmat(str(path))
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read .mat file ({e})") from e
-    for key in ("boxes", "images"):
-        if key not in m:
-            raise ValueError(f"{path}: no {key!r} variable")
+    m = _loadmat(path, ("boxes", "images"))
     cells = m["boxes"].ravel()
     ids = [str(np.asarray(x).ravel()[0]) for x in m["images"].ravel()]
     if len(ids) != len(cells):
@@ -456,20 +448,13 @@ def compute_proposals(ids: Sequence[str], image_path: Callable[[str], Path], out
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), desc=f"proposals ({backend})", unit="img", disable=not progress)
-        if n_workers == 1:
-            results = map(_propose_one, jobs)
+        with (ProcessPoolExecutor(max_workers=n_workers) if n_workers > 1 else contextlib.nullcontext()) as ex:
+            results = ex.map(_propose_one, jobs, chunksize=1) if ex else map(_propose_one, jobs)
             for _, nb, dt in results:
                 stats["boxes"] += nb
                 stats["seconds"] += dt
                 stats["images"] += 1
                 bar.update(1)
-        else:
-            with ProcessPoolExecutor(max_workers=n_workers) as ex:
-                for _, nb, dt in ex.map(_propose_one, jobs, chunksize=1):
-                    stats["boxes"] += nb
-                    stats["seconds"] += dt
-                    stats["images"] += 1
-                    bar.update(1)
         bar.close()
     else:
         raise ValueError(f"unknown proposal backend {backend!r}; choose one of {', '.join(BACKENDS)}")
