@@ -141,6 +141,24 @@ class Backbone(nn.Module):
 
 
 # --------------------------------------------------------------------------- ZF-5
+class CrossChannelLRN(nn.LocalResponseNorm):
+    """Caffe's across-channel LRN, ``x / (k + alpha/n * sum_{window} x^2)^beta``, same
+    parameters and result as :class:`torch.nn.LocalResponseNorm` (checked in a test), but
+    the window sum is ``n`` shifted channel slices instead of a 3-D average pool: about 3x
+    faster forward + backward on CPU, where torch's LRN took over half of a ZF-5 step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.size
+        if x.dim() != 4:
+            return super().forward(x)
+        sq = F.pad(x * x, (0, 0, 0, 0, n // 2, (n - 1) // 2))
+        c = x.shape[1]
+        s = sq[:, 0:c]
+        for i in range(1, n):
+            s = s + sq[:, i:i + c]
+        return x * s.mul(self.alpha / n).add_(self.k).pow_(-self.beta)
+
+
 class ZF5(Backbone):
     """ZF-5 as released with SPP_net (``model-defs/Zeiler_conv5.prototxt``).
 
@@ -162,10 +180,10 @@ class ZF5(Backbone):
         self.width = float(width)
         self.features = nn.Sequential(
             nn.Conv2d(3, c[0], 7, stride=2, padding=1), nn.ReLU(inplace=True),
-            nn.LocalResponseNorm(3, alpha=5e-5, beta=0.75, k=1.0),
+            CrossChannelLRN(3, alpha=5e-5, beta=0.75, k=1.0),
             nn.MaxPool2d(3, stride=2, ceil_mode=True),
             nn.Conv2d(c[0], c[1], 5, stride=2, padding=0), nn.ReLU(inplace=True),
-            nn.LocalResponseNorm(3, alpha=5e-5, beta=0.75, k=1.0),
+            CrossChannelLRN(3, alpha=5e-5, beta=0.75, k=1.0),
             nn.MaxPool2d(3, stride=2, ceil_mode=True),
             nn.Conv2d(c[1], c[2], 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(c[2], c[3], 3, padding=1), nn.ReLU(inplace=True),

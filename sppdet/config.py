@@ -87,6 +87,14 @@ class PretrainConfig:
     jitters: int = 0  # extra shifted copies (IoU >= 0.6) of each ground-truth crop (VOC source)
     val_fraction: float = 0.2
     workers: int = 0
+    # Source of the crops: None = ground truth of data.train_split. A VOC year folder = its
+    # ``split`` (the toy world's "ImageNet": a separate set the detector is never tested on,
+    # which needs no proposals and so is cheap to make large). ``synthetic_images`` > 0
+    # generates it there (seed ``synthetic_seed``) when missing.
+    root: Optional[str] = None
+    split: str = "trainval"
+    synthetic_images: int = 0
+    synthetic_seed: int = 1000
 
 
 @dataclass(frozen=True)

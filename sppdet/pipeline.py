@@ -91,12 +91,21 @@ class Run:
 
     def dataset(self, split: str) -> VOCDataset:
         d = self.cfg.data
-        root = Path(d.root)
-        if d.synthetic_images and not (root / "ImageSets" / "Main" / f"{split}.txt").is_file():
+        return self._dataset(Path(d.root), split, d.synthetic_images, d.synthetic_seed)
+
+    def pretrain_dataset(self) -> VOCDataset:
+        """The pre-training source: its own folder when ``pretrain.root`` is set, else the detection train split."""
+        p = self.cfg.pretrain
+        if not p.root:
+            return self.dataset(self.cfg.data.train_split)
+        return self._dataset(Path(p.root), p.split, p.synthetic_images, p.synthetic_seed)
+
+    def _dataset(self, root: Path, split: str, synthetic_images: int, synthetic_seed: int) -> VOCDataset:
+        if synthetic_images and not (root / "ImageSets" / "Main" / f"{split}.txt").is_file():
             from .synthetic import make_toy_voc
 
-            self.log(f"generating the synthetic dataset: {d.synthetic_images} images into {root}")
-            make_toy_voc(root.parent, d.synthetic_images, d.synthetic_seed, year=root.name, progress=True)
+            self.log(f"generating the synthetic dataset: {synthetic_images} images into {root}")
+            make_toy_voc(root.parent, synthetic_images, synthetic_seed, year=root.name, progress=True)
         return VOCDataset(root, split, self.classes)
 
     # --------------------------------------------------------------- backbone
@@ -135,8 +144,8 @@ def stage_pretrain(run: Run, split: str | None = None, folder: str | None = None
 
         items, classes = folder_items(folder)
     else:
-        items, classes = voc_items(run.dataset(split or cfg.data.train_split), cfg.pretrain.background_per_image, rng,
-                                   cfg.pretrain.jitters)
+        ds = run.dataset(split) if split else run.pretrain_dataset()
+        items, classes = voc_items(ds, cfg.pretrain.background_per_image, rng, cfg.pretrain.jitters)
     run.log(f"pretrain: {len(items)} crops, {len(classes)} classes, sizes {cfg.pretrain.sizes}")
     ck = train_classifier(items, classes, cfg.backbone, cfg.pretrain, run.pretrain_ckpt.parent, cfg.seed, device,
                           log_fn=run.log)

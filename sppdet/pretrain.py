@@ -101,7 +101,7 @@ class CropDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self._images: dict[str, np.ndarray] = {}  # decoded images (small datasets are read once)
-        self.max_cached = 512
+        self.max_cached = 1024
 
     def _image(self, path: str) -> np.ndarray:
         img = self._images.get(path)

@@ -74,11 +74,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_save_npz(path: str | Path, compress: bool = False, **arrays: Any) -> int:
-    """Write arrays as one ``.npz`` atomically; returns the bytes written."""
+def npz_bytes(compress: bool = False, **arrays: Any) -> bytes:
+    """An ``.npz`` (readable by ``np.load``) whose bytes depend only on the arrays: members
+    carry a fixed timestamp, where ``np.savez`` stamps the current time, so the same
+    content gives the same file (resumed runs and reruns are byte-identical)."""
     buf = io.BytesIO()
-    (np.savez_compressed if compress else np.savez)(buf, **arrays)
-    data = buf.getvalue()
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(buf, "w", compression=method, allowZip64=True) as zf:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = method
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def atomic_save_npz(path: str | Path, compress: bool = False, **arrays: Any) -> int:
+    """Write arrays as one ``.npz`` atomically (deterministic bytes); returns the bytes written."""
+    data = npz_bytes(compress, **arrays)
     atomic_write_bytes(path, data)
     return len(data)
 

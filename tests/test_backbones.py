@@ -84,3 +84,15 @@ def test_efficientnet_lite0_classifies_the_cat(voc_sample):
     trunk = build_backbone("efficientnet_lite0", "imagenet").eval()
     with torch.no_grad():
         assert trunk(x).shape == (1, 112, 14, 14)
+
+
+@pytest.mark.parametrize("size", [3, 4, 5])
+def test_fast_lrn_equals_torch_lrn(size):
+    from sppdet.backbones import CrossChannelLRN
+
+    g = torch.Generator().manual_seed(size)
+    x = (torch.randn(2, 7, 5, 6, generator=g) * 3).requires_grad_()
+    ours, ref = CrossChannelLRN(size, alpha=0.1, beta=0.75, k=1.0), torch.nn.LocalResponseNorm(size, 0.1, 0.75, 1.0)
+    ya, yb = ours(x), ref(x)
+    torch.testing.assert_close(ya, yb)
+    torch.testing.assert_close(torch.autograd.grad(ya.sum(), x)[0], torch.autograd.grad(yb.sum(), x)[0])

@@ -69,3 +69,52 @@ def test_truncated_and_missing_shard_errors(zf, tmp_path):
         cache.load("000")
     with pytest.raises(ShardError, match="001.npz.*missing"):
         cache.load("001")
+
+
+def test_resume_after_crash_mid_split_gives_identical_files(toy_voc, tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    import sppdet.pipeline as pl
+    from sppdet.config import load_config
+    from sppdet.synthetic import TOY_CLASSES
+
+    torch.manual_seed(0)
+    weights = tmp_path / "zf5.pt"
+    torch.save(build_backbone("zf5", width=0.125).state_dict(), weights)
+    conf = {"data": {"root": str(toy_voc), "classes": list(TOY_CLASSES), "train_split": "train"},
+            "proposals": {"backend": "fast", "max_boxes": 150, "params": {"ks": [100]}},
+            "backbone": {"name": "zf5", "width": 0.125, "weights": str(weights)},
+            "features": {"scales": [200, 260]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(conf))
+    cfg = load_config(tmp_path / "c.yaml")
+    clean = pl.Run(cfg, tmp_path / "clean", log_fn=lambda s: None)
+    pl.stage_features(clean, "train")
+    ids = clean.dataset("train").ids
+    assert len(ids) >= 4
+
+    crashed = pl.Run(cfg, tmp_path / "crashed", log_fn=lambda s: None)
+    shutil.copytree(clean.proposals_dir("train"), crashed.proposals_dir("train"))
+    real, calls = pl.extract_image, []
+
+    def dies_on_third_image(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process is stopped mid-split
+        return real(*a, **k)
+
+    monkeypatch.setattr(pl, "extract_image", dies_on_third_image)
+    with pytest.raises(KeyboardInterrupt):
+        pl.stage_features(crashed, "train")
+    done = sorted(p.name for p in crashed.features_dir("train").glob("*.npz"))
+    assert len(done) == 2
+    # A write killed half-way leaves only a hidden temporary file, never a truncated shard.
+    (crashed.features_dir("train") / f".{ids[2]}.npz.x.tmp").write_bytes(b"partial")
+    monkeypatch.setattr(pl, "extract_image", real)
+    m = pl.stage_features(crashed, "train")
+    assert m["complete"] and m["new_images"] == len(ids) - 2
+    for i in ids:
+        a = (clean.features_dir("train") / f"{i}.npz").read_bytes()
+        b = (crashed.features_dir("train") / f"{i}.npz").read_bytes()
+        assert a == b, f"{i}.npz differs after resume"

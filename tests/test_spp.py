@@ -99,6 +99,32 @@ def test_pool_windows_equals_spp_on_crops(mode):
     assert pool_windows(fmap, torch.zeros((0, 4), dtype=torch.int64), levels).shape == (0, 200)
 
 
+@pytest.mark.parametrize("shape", [(3, 1, 1), (5, 1, 40), (4, 3, 9), (6, 37, 53)])
+@pytest.mark.parametrize("levels", [(6, 3, 2, 1), (4, 2, 1), (5, 3, 1), (1,), (7,)])
+def test_sparse_table_pooling_equals_roi_pool(shape, levels):
+    g = torch.Generator().manual_seed(sum(shape) + sum(levels))
+    c, h, w = shape
+    fmap = torch.randn(c, h, w, generator=g)
+    r = 300
+    l = torch.randint(0, w, (r,), generator=g)
+    t = torch.randint(0, h, (r,), generator=g)
+    rr = torch.minimum(l + torch.randint(0, w, (r,), generator=g), torch.tensor(w - 1))
+    b = torch.minimum(t + torch.randint(0, h, (r,), generator=g), torch.tensor(h - 1))
+    cells = torch.stack([l, t, rr, b], 1)
+    fast = pool_windows(fmap, cells, levels)  # sparse table, the default
+    ref = pool_windows(fmap, cells, levels, method="roi_pool")
+    assert torch.equal(fast, ref)
+
+
+def test_pool_windows_rejects_windows_outside_the_map():
+    fmap = torch.rand(2, 5, 6)
+    for bad in ([0, 0, 6, 4], [-1, 0, 2, 2], [3, 0, 2, 2], [0, 0, 1, 5]):
+        with pytest.raises(ValueError, match="cell windows must satisfy"):
+            pool_windows(fmap, torch.tensor([bad]))
+    with pytest.raises(ValueError, match="method"):
+        pool_windows(fmap, torch.tensor([[0, 0, 1, 1]]), method="nope")
+
+
 def test_projection_hand_worked():
     # ZF-5: stride 16, cell j centred at pixel 16j + 20, shrink 6.5 (authors' offset0 21, offset 6.5)
     prj = lambda b, hw=(40, 40): project_boxes_to_cells(torch.tensor([b], dtype=torch.float32), hw, 16, 20, 6.5)[0].tolist()  # noqa: E731

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pre-train a trunk as an SPP-net classifier (single- or multi-size).
 
-    python tools/pretrain.py --config configs/demo.yaml                  # VOC ground-truth crops of data.train_split
+    python tools/pretrain.py --config configs/demo.yaml                  # ground-truth crops of pretrain.root (else data.train_split)
     python tools/pretrain.py --config configs/demo.yaml --folder imgs/   # an image folder, one sub-folder per class
     python tools/pretrain.py --config configs/demo.yaml --set pretrain.sizes=[224]   # single-size
 """
@@ -17,7 +17,7 @@ from sppdet.pipeline import stage_pretrain
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__)
     ap.add_argument("--folder", help="image folder with one sub-folder per class (instead of VOC crops)")
-    ap.add_argument("--split", help="VOC split whose ground-truth crops are used (default: data.train_split)")
+    ap.add_argument("--split", help="a split of data.root whose ground-truth crops are used (default: pretrain.root/pretrain.split if set, else data.train_split)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
