@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     rows = [("fast (sppdet, default)", "fast", {})]
     if not args.skip_selectivesearch:
         rows.append(("selectivesearch 0.4, 8 runs", "selectivesearch", {"workers": args.ss_workers}))
+        rows.append(("  same, package as released", "selectivesearch", {"workers": args.ss_workers, "repair": False}))
     print(f"{len(items)} {what}")
     print(f"{'backend':<32}{'s/img':>7}{'boxes':>7}{'R@0.5':>7}{'R@0.7':>7}{'MABO':>7}{'peak MB':>9}")
     results = {}

@@ -1,15 +1,23 @@
 #!/usr/bin/env python
-"""SPP-net (conv5 once + SPP pooling of every window) vs R-CNN (every window cropped with 16 px context,
-warped to 224x224 and pushed through the same conv layers), side by side on one image and one proposal set.
+"""SPP-net vs R-CNN per-image scoring, side by side in one run, on one image and one proposal set.
 
-    python benchmarks/bench_spp_vs_rcnn.py [--width 1.0] [--rcnn-windows 128] [--threads 2]
-R-CNN time is measured on --rcnn-windows windows (batched) and scaled linearly to all windows (said in the output).
-Also times fc6+fc7 for all windows, dense and with truncated SVD (Fast R-CNN's trick).
+(a) SPP-net: conv5 once on the whole image (shorter side 688), every window projected onto conv5 and
+    SPP-pooled ({6,3,2,1}); pooling timed with the default sparse-table method and with the
+    ``torchvision.ops.roi_pool`` reference.
+(b) R-CNN: every window cropped with 16 px of context (in the warped frame), warped to 224x224 and pushed
+    through the same conv layers, batched 64 at a time (crop + warp time included).
+Both then run the same fc6/fc7 (dense, and truncated SVD as an option) and the same linear SVMs.
+
+    python benchmarks/bench_spp_vs_rcnn.py [--width 1.0] [--rcnn-windows 128] [--threads 2] [--json out.json]
+
+R-CNN's conv time is measured on --rcnn-windows windows and scaled linearly to all windows (said in the
+output). Random weights: timings do not depend on them. Proposals: the project's selective search.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +40,7 @@ def load_image():
     if p.is_file():
         from sppdet.voc import load_image as li
 
-        return li(p), str(p)
+        return li(p), str(p.name)
     from sppdet.synthetic import render_scene
 
     return render_scene(np.random.default_rng(0), 500, 375)[0], "synthetic 500x375"
@@ -47,61 +55,106 @@ def best_of(fn, n=3):
     return min(ts)
 
 
+def rcnn_conv(zf, rgb: np.ndarray, boxes: np.ndarray, levels, batch: int = 64) -> None:
+    """R-CNN's feature path: crop with 16 px context, warp to 224, conv, pool5 (here SPP on 13x13)."""
+    spp = SpatialPyramidPooling(levels)
+    crops = []
+    for x1, y1, x2, y2 in boxes:
+        w, h = x2 - x1, y2 - y1
+        px, py = 16 * w / (224 - 32), 16 * h / (224 - 32)
+        a, b = int(max(0, x1 - px)), int(max(0, y1 - py))
+        c, d = int(min(rgb.shape[1], np.ceil(x2 + px))), int(min(rgb.shape[0], np.ceil(y2 + py)))
+        crops.append(cv2.resize(rgb[b:max(d, b + 1), a:max(c, a + 1)], (224, 224)))
+    x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float()
+    for i in range(0, len(x), batch):
+        spp(zf(zf.normalize(x[i:i + batch])))
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=float, default=1.0, help="ZF-5 width (1.0 = the paper's network)")
     ap.add_argument("--rcnn-windows", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--scale", type=int, default=688)
+    ap.add_argument("--classes", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3, help="best of N for the SPP parts")
+    ap.add_argument("--json", help="also write the numbers here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
     rgb, name = load_image()
     boxes = propose(rgb, max_boxes=2000)
     R = len(boxes)
     zf = build_backbone("zf5", width=args.width).eval()
     levels = (6, 3, 2, 1)
+    n = min(args.rcnn_windows, R)
+    t = {}
     with torch.no_grad():
-        conv_t = best_of(lambda: conv5_maps(zf, rgb, [args.scale], 2000))
+        t["conv5_once"] = best_of(lambda: conv5_maps(zf, rgb, [args.scale], 2000), args.repeats)
         maps, f = conv5_maps(zf, rgb, [args.scale], 2000)
         sidx = np.zeros(R, np.int64)
-        pool_t = best_of(lambda: pool_boxes(maps, f, boxes, sidx, zf.stride, zf.center0, levels, 6.5))
-        pooled = pool_boxes(maps, f, boxes, sidx, zf.stride, zf.center0, levels, 6.5)
-        # R-CNN: crop with 16 px of context in the warped frame, warp to 224, conv, then pool5 per window.
-        n = min(args.rcnn_windows, R)
-        spp = SpatialPyramidPooling(levels)
-
-        def rcnn():
-            crops = []
-            for x1, y1, x2, y2 in boxes[:n]:
-                w, h = x2 - x1, y2 - y1
-                px, py = 16 * w / (224 - 32), 16 * h / (224 - 32)
-                a, b = int(max(0, x1 - px)), int(max(0, y1 - py))
-                c, d = int(min(rgb.shape[1], np.ceil(x2 + px))), int(min(rgb.shape[0], np.ceil(y2 + py)))
-                crops.append(cv2.resize(rgb[b:max(d, b + 1), a:max(c, a + 1)], (224, 224)))
-            x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float()
-            for i in range(0, n, 64):
-                spp(zf(zf.normalize(x[i:i + 64])))
-
-        rcnn_t = best_of(rcnn, 1) * R / n
-        head = FCHead(pooled.shape[1], 4096 if args.width == 1.0 else int(4096 * args.width), 21).eval()
-        fc_t = best_of(lambda: head.features(pooled, "fc7"))
-        r6 = min(1024, head.fc6.out_features // 4)
+        pool = lambda m: pool_boxes(maps, f, boxes, sidx, zf.stride, zf.center0, levels, 6.5, method=m)  # noqa: E731
+        t["pool_sparse_table"] = best_of(lambda: pool("sparse_table"), args.repeats)
+        t["pool_roi_pool"] = best_of(lambda: pool("roi_pool"), args.repeats)
+        pooled = pool("sparse_table")
+        assert torch.equal(pooled, pool("roi_pool"))
+        t["rcnn_conv"] = best_of(lambda: rcnn_conv(zf, rgb, boxes[:n], levels), 1) * R / n
+        hidden = 4096 if args.width == 1.0 else int(4096 * args.width)
+        head = FCHead(pooled.shape[1], hidden, args.classes + 1).eval()
+        t["fc_dense"] = best_of(lambda: head.features(pooled, "fc7"), args.repeats)
+        fc7 = head.features(pooled, "fc7")
+        w_svm = torch.randn(hidden, args.classes)
+        t["svm"] = best_of(lambda: fc7 @ w_svm + 1.0, args.repeats)
+        r6 = min(1024, hidden // 4)
         head.fc6 = truncated_svd_linear(head.fc6, r6)
         head.fc7 = truncated_svd_linear(head.fc7, r6 // 4)
-        fc_svd_t = best_of(lambda: head.features(pooled, "fc7"))
-    print(f"image {name} ({rgb.shape[1]}x{rgb.shape[0]}), {R} proposals, ZF-5 width {args.width} "
-          f"(conv5 {zf.out_channels} ch, {pooled.shape[1]}-d SPP), scale {args.scale}, {torch.get_num_threads()} threads")
-    print(f"{'':34}{'seconds':>10}")
-    print(f"{'(a) SPP: conv5 once':34}{conv_t:10.3f}")
-    print(f"{'(a) SPP: pooling all windows':34}{pool_t:10.3f}  ({100 * pool_t / conv_t:.1f}% of the conv5 forward)")
-    print(f"{'(b) R-CNN: conv of every window':34}{rcnn_t:10.3f}  (measured on {n} windows, scaled x{R / n:.1f})")
-    print(f"conv part speed-up, R-CNN / SPP (conv5 + pooling): {rcnn_t / (conv_t + pool_t):.0f}x "
-          f"(conv alone: {rcnn_t / conv_t:.0f}x; paper, GPU, ZF-5 1 scale: 270x)")
-    print(f"fc6+fc7 for {R} windows: dense {fc_t:.3f} s, truncated SVD (rank {r6}/{r6 // 4}) {fc_svd_t:.3f} s "
-          f"({fc_t / fc_svd_t:.1f}x)")
-    print(f"SPP total per image (conv + pool + fc): {conv_t + pool_t + fc_t:.3f} s; R-CNN (conv + same fc): "
-          f"{rcnn_t + fc_t:.3f} s; ratio {(rcnn_t + fc_t) / (conv_t + pool_t + fc_t):.0f}x")
+        t["fc_svd"] = best_of(lambda: head.features(pooled, "fc7"), args.repeats)
+    h, w = maps[0].shape[-2:]
+    sh, sw = round(rgb.shape[0] * f[0]), round(rgb.shape[1] * f[0])
+    pixel_ratio = R * 224 * 224 / (sh * sw)
+    spp_conv = t["conv5_once"] + t["pool_sparse_table"]
+    spp_score = spp_conv + t["fc_dense"] + t["svm"]
+    rcnn_score = t["rcnn_conv"] + t["fc_dense"] + t["svm"]
+    spp_score_svd = spp_conv + t["fc_svd"] + t["svm"]
+    res = {
+        "image": name, "image_size": list(rgb.shape[:2]), "resized": [sh, sw], "conv5": [h, w], "windows": R,
+        "width": args.width, "feature_dim": pooled.shape[1], "threads": torch.get_num_threads(),
+        "rcnn_windows_measured": n, "seconds": t,
+        "pool_fraction_of_conv": t["pool_sparse_table"] / t["conv5_once"],
+        "pool_speedup_vs_roi_pool": t["pool_roi_pool"] / t["pool_sparse_table"],
+        "conv_part_ratio": t["rcnn_conv"] / spp_conv, "conv_alone_ratio": t["rcnn_conv"] / t["conv5_once"],
+        "pixel_ratio": pixel_ratio,
+        "scoring_ratio": rcnn_score / spp_score, "scoring_ratio_svd": (t["rcnn_conv"] + t["fc_svd"] + t["svm"]) /
+        spp_score_svd,
+        "spp_shares": {k: v / spp_score for k, v in
+                       {"conv": t["conv5_once"], "pool": t["pool_sparse_table"], "fc": t["fc_dense"],
+                        "svm": t["svm"]}.items()},
+    }
+    print(f"image {name} ({rgb.shape[1]}x{rgb.shape[0]} -> {sw}x{sh}, conv5 {w}x{h}), {R} proposals, ZF-5 width "
+          f"{args.width} ({zf.out_channels} ch, {pooled.shape[1]}-d SPP), {res['threads']} threads")
+    print(f"{'':44}{'seconds':>9}")
+    print(f"{'(a) SPP: conv5 once':44}{t['conv5_once']:9.3f}")
+    print(f"{'(a) SPP: pool all windows, sparse table':44}{t['pool_sparse_table']:9.3f}  "
+          f"({100 * res['pool_fraction_of_conv']:.1f}% of the conv5 forward)")
+    print(f"{'    same, torchvision roi_pool (reference)':44}{t['pool_roi_pool']:9.3f}  "
+          f"(sparse table {res['pool_speedup_vs_roi_pool']:.1f}x faster, identical output)")
+    print(f"{'(b) R-CNN: crop + warp + conv every window':44}{t['rcnn_conv']:9.3f}  "
+          f"(measured on {n} windows, scaled x{R / n:.1f})")
+    print(f"conv part, R-CNN / SPP (conv5 + pooling): {res['conv_part_ratio']:.0f}x (conv alone "
+          f"{res['conv_alone_ratio']:.0f}x; paper, GPU, ZF-5 one scale: 270x). Pixels pushed through conv: "
+          f"{R} x 224^2 / ({sw}x{sh}) = {pixel_ratio:.0f}x, the bound at equal conv efficiency")
+    print(f"{'fc6+fc7, dense':44}{t['fc_dense']:9.3f}")
+    print(f"{'fc6+fc7, truncated SVD (rank %d/%d)' % (r6, r6 // 4):44}{t['fc_svd']:9.3f}  "
+          f"({t['fc_dense'] / t['fc_svd']:.1f}x)")
+    print(f"{'SVM scores (%d classes)' % args.classes:44}{t['svm']:9.3f}")
+    sh_ = res["spp_shares"]
+    print(f"per-image scoring (proposals excluded): SPP {spp_score:.3f} s [conv {100 * sh_['conv']:.0f}%, pool "
+          f"{100 * sh_['pool']:.0f}%, fc {100 * sh_['fc']:.0f}%, svm {100 * sh_['svm']:.1f}%] vs R-CNN "
+          f"{rcnn_score:.3f} s: {res['scoring_ratio']:.0f}x; with SVD fc {spp_score_svd:.3f} s: "
+          f"{res['scoring_ratio_svd']:.0f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
     return 0
 
 

@@ -83,6 +83,10 @@ class PretrainConfig:
     dropout: float = 0.5
     levels: list = field(default_factory=lambda: [6, 3, 2, 1])
     context: float = 0.15  # crops of VOC boxes are enlarged by this fraction per side
+    # Scale augmentation (0 = off): in training, the context per side is drawn from
+    # [context, context_max], so the object fills between 1/(1+2*context) and
+    # 1/(1+2*context_max) of the crop, as objects of many sizes fill conv5 windows at test time.
+    context_max: float = 0.0
     background_per_image: int = 2  # extra "background" crops per image (VOC source)
     jitters: int = 0  # extra shifted copies (IoU >= 0.6) of each ground-truth crop (VOC source)
     val_fraction: float = 0.2

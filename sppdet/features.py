@@ -97,19 +97,27 @@ def choose_scale(boxes: np.ndarray, factors: Sequence[float], target_size: float
 
 
 def pool_boxes(maps: Sequence[torch.Tensor], factors: Sequence[float], boxes: np.ndarray, scale_idx: np.ndarray,
-               stride: float, center0: float, levels: Sequence[int], shrink: float) -> torch.Tensor:
+               stride: float, center0: float, levels: Sequence[int], shrink: float,
+               method: str = "sparse_table") -> torch.Tensor:
     """SPP features ``(R, C * sum(n*n))`` float32 of original-image ``boxes`` (R, 4) xyxy,
-    each pooled from the map of its scale."""
+    each pooled from the map of its scale (``method``: see :func:`sppdet.spp.pool_windows`)."""
     b = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4))
-    dim = spp_output_dim(maps[0].shape[0], levels)
-    out = torch.zeros((len(b), dim), dtype=torch.float32, device=maps[0].device)
     sidx = np.asarray(scale_idx, np.int64).reshape(-1)
-    for s, (fmap, f) in enumerate(zip(maps, factors)):
+    if len(sidx) != len(b) or (len(sidx) and (sidx.min() < 0 or sidx.max() >= len(maps))):
+        raise ValueError(f"scale_idx must give one scale in [0, {len(maps)}) per box")
+
+    def pool(s: int, sel) -> torch.Tensor:
+        fmap = maps[s]
+        cells = project_boxes_to_cells(b[sel] * factors[s], fmap.shape[-2:], stride, center0, shrink)
+        return pool_windows(fmap, cells.to(fmap.device), levels, method=method)
+
+    if len(maps) == 1 or (len(sidx) and (sidx == sidx[0]).all()):  # one scale: no scatter copy
+        return pool(int(sidx[0]) if len(sidx) else 0, slice(None))
+    out = torch.empty((len(b), spp_output_dim(maps[0].shape[0], levels)), dtype=torch.float32, device=maps[0].device)
+    for s in range(len(maps)):
         sel = np.nonzero(sidx == s)[0]
-        if len(sel) == 0:
-            continue
-        cells = project_boxes_to_cells(b[sel] * f, fmap.shape[-2:], stride, center0, shrink)
-        out[torch.as_tensor(sel, device=out.device)] = pool_windows(fmap, cells.to(fmap.device), levels)
+        if len(sel):
+            out[torch.as_tensor(sel, device=out.device)] = pool(s, torch.as_tensor(sel))
     return out
 
 

@@ -98,14 +98,16 @@ class Run:
         p = self.cfg.pretrain
         if not p.root:
             return self.dataset(self.cfg.data.train_split)
-        return self._dataset(Path(p.root), p.split, p.synthetic_images, p.synthetic_seed)
+        # A pre-training set has no test use: its trainval is 95% of it.
+        return self._dataset(Path(p.root), p.split, p.synthetic_images, p.synthetic_seed, (0.9, 0.05))
 
-    def _dataset(self, root: Path, split: str, synthetic_images: int, synthetic_seed: int) -> VOCDataset:
+    def _dataset(self, root: Path, split: str, synthetic_images: int, synthetic_seed: int,
+                 splits: tuple[float, float] = (0.4, 0.2)) -> VOCDataset:
         if synthetic_images and not (root / "ImageSets" / "Main" / f"{split}.txt").is_file():
             from .synthetic import make_toy_voc
 
             self.log(f"generating the synthetic dataset: {synthetic_images} images into {root}")
-            make_toy_voc(root.parent, synthetic_images, synthetic_seed, year=root.name, progress=True)
+            make_toy_voc(root.parent, synthetic_images, synthetic_seed, splits=splits, year=root.name, progress=True)
         return VOCDataset(root, split, self.classes)
 
     # --------------------------------------------------------------- backbone

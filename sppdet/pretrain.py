@@ -96,8 +96,10 @@ class CropDataset(Dataset):
     the image resized so its shorter side is ``size * 256/224`` (folder). Horizontal flips
     when ``train``. Returns ``(uint8 tensor (3, size, size), label)``."""
 
-    def __init__(self, items: Sequence, size: int = 224, context: float = 0.15, train: bool = True, seed: int = 0):
+    def __init__(self, items: Sequence, size: int = 224, context: float = 0.15, train: bool = True, seed: int = 0,
+                 context_max: float = 0.0):
         self.items, self.size, self.context, self.train = list(items), int(size), float(context), train
+        self.context_max = max(float(context_max), self.context)
         self.seed = seed
         self.epoch = 0
         self._images: dict[str, np.ndarray] = {}  # decoded images (small datasets are read once)
@@ -122,11 +124,12 @@ class CropDataset(Dataset):
         if box is not None:
             x1, y1, x2, y2 = (float(v) for v in box)
             jit = rng.uniform(-0.05, 0.05, 4) if self.train else np.zeros(4)
+            ctx = rng.uniform(self.context, self.context_max) if self.train else self.context
             w, h = x2 - x1, y2 - y1
-            x1 -= (self.context + jit[0]) * w
-            x2 += (self.context + jit[1]) * w
-            y1 -= (self.context + jit[2]) * h
-            y2 += (self.context + jit[3]) * h
+            x1 -= (ctx + jit[0]) * w
+            x2 += (ctx + jit[1]) * w
+            y1 -= (ctx + jit[2]) * h
+            y2 += (ctx + jit[3]) * h
             H, W = img.shape[:2]
             x1, y1 = max(0, int(np.floor(x1))), max(0, int(np.floor(y1)))
             x2, y2 = min(W, max(x1 + 1, int(np.ceil(x2)))), min(H, max(y1 + 1, int(np.ceil(y2))))
@@ -204,7 +207,7 @@ def train_classifier(items: Sequence, classes: Sequence[str], backbone_cfg: Back
     backbone = build_backbone(backbone_cfg.name, weights, backbone_cfg.width)
     model = SPPNetClassifier(backbone, len(classes), cfg.levels, cfg.hidden, cfg.dropout).to(device)
     big = max(cfg.sizes)
-    train_ds = CropDataset(train_items, big, cfg.context, train=True, seed=seed)
+    train_ds = CropDataset(train_items, big, cfg.context, train=True, seed=seed, context_max=cfg.context_max)
     val_ds = CropDataset(val_items, big, cfg.context, train=False, seed=seed)
     g = torch.Generator().manual_seed(seed)
     train_dl = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g, num_workers=cfg.workers,

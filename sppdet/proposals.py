@@ -278,11 +278,58 @@ def fast_selective_search(image: np.ndarray, colour_spaces: Sequence[str] = ("hs
 
 
 # ------------------------------------------------------- selectivesearch package
+@contextlib.contextmanager
+def _repaired_selectivesearch():
+    """Swap three defective functions of ``selectivesearch`` 0.4 for corrected ones while a
+    call runs (its public API and merging loop are kept):
+
+    - colour histograms: it bins HSV values that lie in [0, 1] over (0, 255), so every
+      region falls in the first bin and colour similarity is constant; binned over (0, 1);
+    - texture histograms: it bins LBP codes that lie in 0..255 over (0, 1); binned over
+      (0, 256);
+    - neighbours: it calls two regions adjacent when a corner of one bounding box lies
+      strictly inside the other (missing about a third of touching pairs and adding many
+      that do not touch); replaced by true 4-connected pixel adjacency of the segments.
+    """
+    import selectivesearch.selectivesearch as ss
+
+    saved = {k: getattr(ss, k) for k in ("_calc_colour_hist", "_calc_texture_hist", "_extract_regions",
+                                         "_extract_neighbours")}
+    label_image: list[np.ndarray] = []
+
+    def colour_hist(img):
+        return np.concatenate([np.histogram(img[:, c], 25, (0.0, 1.0))[0] for c in range(3)]) / len(img)
+
+    def texture_hist(img):
+        return np.concatenate([np.histogram(img[:, c], 10, (0.0, 256.0))[0] for c in range(3)]) / len(img)
+
+    def extract_regions(img):
+        label_image.append(img[:, :, 3].astype(np.int64))
+        return saved["_extract_regions"](img)
+
+    def extract_neighbours(regions):
+        lab = label_image[-1]
+        a = np.concatenate([lab[:, :-1].ravel(), lab[:-1, :].ravel()])
+        b = np.concatenate([lab[:, 1:].ravel(), lab[1:, :].ravel()])
+        d = a != b
+        pairs = np.unique(np.stack([np.minimum(a[d], b[d]), np.maximum(a[d], b[d])], 1), axis=0)
+        return [((int(i), regions[int(i)]), (int(j), regions[int(j)])) for i, j in pairs
+                if int(i) in regions and int(j) in regions]
+
+    ss._calc_colour_hist, ss._calc_texture_hist = colour_hist, texture_hist
+    ss._extract_regions, ss._extract_neighbours = extract_regions, extract_neighbours
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(ss, k, v)
+
+
 def _ss_package_run(args) -> np.ndarray:
-    img, k, sigma = args
+    img, k, sigma, repair = args
     import selectivesearch
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), (_repaired_selectivesearch() if repair else contextlib.nullcontext()):
         warnings.simplefilter("ignore")
         _, regions = selectivesearch.selective_search(img, scale=float(k), sigma=sigma, min_size=int(k))
     # 'rect' is (min_x, min_y, max_x - min_x, max_y - min_y): one pixel short; fix to continuous xyxy.
@@ -293,10 +340,14 @@ def _ss_package_run(args) -> np.ndarray:
 
 def selectivesearch_diversified(image: np.ndarray, colour_spaces: Sequence[str] = ("hsv", "lab", "rgb", "rgi"),
                                 ks: Sequence[int] = (50, 100), sigma: float = 0.8, max_side: int = 500,
-                                workers: int = 1, seed: int = 0) -> np.ndarray:
-    """The ``selectivesearch`` package run once per (colour space, k), merged and ranked."""
+                                workers: int = 1, seed: int = 0, repair: bool = True) -> np.ndarray:
+    """The ``selectivesearch`` package run once per (colour space, k), merged and ranked.
+
+    ``repair=True`` (default) runs it with three of its defects corrected (see
+    :func:`_repaired_selectivesearch`); ``repair=False`` runs it exactly as released.
+    """
     rgb, scale = _downscale(as_rgb(image), max_side)
-    jobs = [(convert_colour(rgb, s), k, sigma) for s in colour_spaces for k in ks]
+    jobs = [(convert_colour(rgb, s), k, sigma, bool(repair)) for s in colour_spaces for k in ks]
     if workers and workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as ex:
             hier = list(ex.map(_ss_package_run, jobs))

@@ -216,3 +216,46 @@ def require_complete(directory: str | Path, stage: str) -> dict:
     if not m.get("complete"):
         raise ShardError(f"{directory}: stage {stage!r} did not finish; rerun it (it resumes)")
     return m
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the ``with`` block runs, in bytes.
+
+    ``ru_maxrss`` only ever grows over a process's life, so a later stage could not be told
+    from an earlier one; this samples ``/proc/self/statm`` from a thread (every
+    ``interval`` s) and falls back to ``ru_maxrss`` where ``/proc`` is missing.
+    """
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peak = 0
+        self._stop = None
+        self._thread = None
+
+    @staticmethod
+    def current() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.current())
+
+    def __enter__(self) -> "PeakRSS":
+        import threading
+
+        self.peak = self.current()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())

@@ -118,3 +118,21 @@ def test_resume_after_crash_mid_split_gives_identical_files(toy_voc, tmp_path, m
         a = (clean.features_dir("train") / f"{i}.npz").read_bytes()
         b = (crashed.features_dir("train") / f"{i}.npz").read_bytes()
         assert a == b, f"{i}.npz differs after resume"
+
+
+def test_peak_rss_sees_a_temporary_allocation_and_npz_bytes_are_deterministic(tmp_path):
+    from sppdet.store import PeakRSS, atomic_save_npz, load_npz
+
+    with PeakRSS(interval=0.01) as before:
+        pass
+    with PeakRSS(interval=0.01) as mem:
+        a = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        a.sum()
+        del a
+    assert mem.peak >= before.peak + 48 * 2**20
+    arrays = {"x": np.arange(5, dtype=np.float16), "y": np.eye(3)}
+    atomic_save_npz(tmp_path / "a.npz", **arrays)
+    atomic_save_npz(tmp_path / "b.npz", **arrays)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    back = load_npz(tmp_path / "a.npz")
+    assert back["x"].dtype == np.float16 and np.array_equal(back["y"], np.eye(3))

@@ -39,6 +39,29 @@ def test_backends_agree_on_format():
         propose(small, backend="magic")
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_selectivesearch_repairs_are_scoped_and_correct():
+    import selectivesearch.selectivesearch as ss
+
+    from sppdet.proposals import _repaired_selectivesearch
+
+    before = (ss._calc_colour_hist, ss._calc_texture_hist, ss._extract_neighbours)
+    img, gt = rect_image()
+    lab = np.zeros((4, 6), np.int64)
+    lab[:, 3:] = 1
+    lab[3, :2] = 2  # 2 touches 0 only; 1 and 2 share no edge, though their boxes overlap
+    with _repaired_selectivesearch():
+        hsv = np.random.default_rng(0).uniform(0, 1, (100, 3))
+        assert np.count_nonzero(ss._calc_colour_hist(hsv)) > 30  # the package's own put all in bin 0
+        ss._extract_regions(np.dstack([np.zeros((4, 6, 3)), lab]).astype(np.float64))
+        regions = {k: {} for k in range(3)}
+        pairs = {(a[0], b[0]) for a, b in ss._extract_neighbours(regions)}
+        assert pairs == {(0, 1), (0, 2)}
+        b = propose(img[::2, ::2].copy(), backend="selectivesearch", ks=(50,), min_size=5)
+    assert (ss._calc_colour_hist, ss._calc_texture_hist, ss._extract_neighbours) == before
+    assert (iou_matrix(gt / 2, b).max(1) >= 0.7).all()
+
+
 def test_degenerate_images_never_crash():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -18,7 +18,7 @@ from pathlib import Path
 from sppdet.cli import make_run, parser, run_main
 from sppdet.pipeline import (stage_bbox_reg, stage_features, stage_finetune, stage_pretrain, stage_proposals,
                              stage_svm, stage_test)
-from sppdet.store import atomic_write_text, dir_bytes
+from sppdet.store import PeakRSS, atomic_write_text, dir_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,10 +35,11 @@ def main(argv: list[str] | None = None) -> int:
             folders = folder if isinstance(folder, list) else [folder]
             before = sum(dir_bytes(f) for f in folders)
             t0 = time.time()
-            out = fn()
+            with PeakRSS() as mem:
+                out = fn()
             costs.append({"stage": name, "seconds": time.time() - t0,
                           "bytes": sum(dir_bytes(f) for f in folders) - before,
-                          "total_bytes": sum(dir_bytes(f) for f in folders)})
+                          "total_bytes": sum(dir_bytes(f) for f in folders), "peak_rss_bytes": mem.peak})
             return out
 
         t_all = time.time()
@@ -56,14 +57,16 @@ def main(argv: list[str] | None = None) -> int:
                         lambda: stage_test(run, cfg.data.test_split))
         total = time.time() - t_all
         lines = ["", "cost of the multi-stage pipeline (this run; reused artefacts cost ~0):",
-                 f"{'stage':<40} {'wall s':>8} {'written MB':>11} {'on disk MB':>11}"]
+                 f"{'stage':<40} {'wall s':>8} {'written MB':>11} {'on disk MB':>11} {'peak RSS MB':>12}"]
         for c in costs:
-            lines.append(f"{c['stage']:<40} {c['seconds']:8.1f} {c['bytes'] / 1e6:11.1f} {c['total_bytes'] / 1e6:11.1f}")
+            lines.append(f"{c['stage']:<40} {c['seconds']:8.1f} {c['bytes'] / 1e6:11.1f} {c['total_bytes'] / 1e6:11.1f} "
+                         f"{c['peak_rss_bytes'] / 2**20:12.0f}")
         lines.append(f"{'total':<40} {total:8.1f} {sum(c['bytes'] for c in costs) / 1e6:11.1f}")
         ft = json.loads((run.finetune_path.parent / "manifest.json").read_text())
         lines.append("fine-tuning updated fc6, fc7 and fc8 only: the conv layers were frozen (conv weights fingerprint "
                      f"{ft.get('conv_fingerprint_unchanged', '?')} unchanged); Fast R-CNN removes this limitation.")
         lines.append("features were written to disk as conv5 maps (float16) and pooled on read.")
+        lines.append("peak RSS: of this process while the stage ran (proposal workers, if any, are separate processes).")
         report = "\n".join(lines)
         print(report)
         atomic_write_text(run.dir / "cost_report.json", json.dumps({"stages": costs, "total_seconds": total}, indent=2))
