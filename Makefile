@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/demo.yaml
 
-.PHONY: demo test venv clean-demo bench
+.PHONY: demo test venv clean-demo bench ablation
 
 venv: $(STAMP)
 
@@ -21,7 +21,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/bench_spp_vs_rcnn.py --threads 2
+	$(BIN)/python benchmarks/bench_proposals.py
+
+ablation: $(STAMP)
+	$(BIN)/python benchmarks/bench_ablation.py --config $(CONFIG)
 
 clean-demo:
-	rm -rf runs/demo data/toy
+	rm -rf runs/demo data/toy data/toy_pretrain

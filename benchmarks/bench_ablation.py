@@ -2,12 +2,12 @@
 """The paper's ablation (Table 9 rows) on the synthetic benchmark, one run:
 
     SVMs on pool5 | on fc7 without fine-tuning | on fine-tuned fc7 | + box regression,
-    at one scale (688) and at five scales ({480, 576, 688, 864, 1200}).
+    for each scale set (default: one scale, 688, and the config's own scales; --scales repeatable).
 
-    python benchmarks/bench_ablation.py [--config configs/demo.yaml] [--one-scale-only] [--json out.json]
+    python benchmarks/bench_ablation.py [--config configs/demo.yaml] [--scales 688 --scales 480,576,688,864,1200]
 
-The one-scale run is the config's own run folder (whatever `make demo` already built is reused); the
-five-scale run lives beside it (``<run_dir>_5scale``) and shares its pre-trained trunk and proposals.
+The config's own scales use its run folder (whatever `make demo` built is reused); every other scale set
+runs beside it (``<run_dir>_s<scales>``) and shares its pre-trained trunk and proposals.
 Both are evaluated on the same test split with the VOC07 11-point metric. The data is synthetic, so
 the numbers are not comparable with the paper's VOC 2007 numbers, only the ordering is.
 """
@@ -29,7 +29,6 @@ from sppdet.pipeline import (Run, stage_bbox_reg, stage_features, stage_finetune
 PAPER = {  # VOC 2007 test mAP, SPP-net ZF-5 (He et al. 2014, Table 9)
     "pool5": (43.0, 44.9), "fc7_noft": (None, None), "fc6_noft": (42.5, 44.8), "ftfc7": (54.5, 55.2),
     "ftfc7_bb": (58.0, 59.2)}
-FIVE = [480, 576, 688, 864, 1200]
 
 
 def ablate(run: Run, log) -> dict:
@@ -45,7 +44,7 @@ def ablate(run: Run, log) -> dict:
     out = {}
     for feature, tag in (("pool5", "_pool5"), ("fc7_noft", "_fc7_noft"), ("fc7", "")):
         stage_svm(run, feature, tag)
-        m = stage_test(run, cfg.data.test_split, svm_tag=tag, tag=tag, draw=0, progress=False)
+        m = stage_test(run, cfg.data.test_split, svm_tag=tag, tag=f"_ablation_{feature}", draw=0, progress=False)
         r = m["results"]
         if feature == "fc7":
             out["ftfc7"] = r["without_bbox_reg"]["map07"]
@@ -60,24 +59,28 @@ def ablate(run: Run, log) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/demo.yaml")
-    ap.add_argument("--one-scale-only", action="store_true")
+    ap.add_argument("--scales", action="append", help="comma-separated scale set (repeatable)")
     ap.add_argument("--json", help="also write the table here")
     args = ap.parse_args(argv)
 
     def body() -> int:
         cfg = load_config(args.config)
-        one = Run(cfg)
-        res = {"1 scale": ablate(one, print)}
-        if not args.one_scale_only:
-            five_dir = Path(str(one.dir) + "_5scale")
-            cfg5 = load_config(args.config, [f"features.scales={FIVE}", f"run_dir={five_dir}"])
-            five = Run(cfg5)
-            # Same trunk and proposals: copy them (never re-train or re-propose for the ablation).
+        base = Run(cfg)
+        sets = [[int(v) for v in x.split(",")] for x in (args.scales or ["688", ",".join(map(str, cfg.features.scales))])]
+        res = {}
+        for scales in dict.fromkeys(tuple(x) for x in sets):
+            label = f"{len(scales)} scale{'s' if len(scales) > 1 else ''}"
+            if list(scales) == list(cfg.features.scales):
+                res[label] = ablate(base, print)
+                continue
+            d = Path(f"{base.dir}_s{'-'.join(map(str, scales))}")
+            run = Run(load_config(args.config, [f"features.scales={list(scales)}", f"run_dir={d}"]))
+            # Same trunk and proposals: copied, never re-trained or re-proposed for the ablation.
             for sub in ["pretrain"] + [f"proposals/{s}" for s in
                                        {cfg.data.train_split, cfg.data.val_split, cfg.data.test_split}]:
-                if (one.dir / sub).is_dir() and not (five.dir / sub).is_dir():
-                    shutil.copytree(one.dir / sub, five.dir / sub)
-            res["5 scales"] = ablate(five, print)
+                if (base.dir / sub).is_dir() and not (run.dir / sub).is_dir():
+                    shutil.copytree(base.dir / sub, run.dir / sub)
+            res[label] = ablate(run, print)
         rows = [("SVM on pool5", "pool5"), ("SVM on fc7, no fine-tuning", "fc7_noft"),
                 ("SVM on fine-tuned fc7", "ftfc7"), ("fine-tuned fc7 + box regression", "ftfc7_bb")]
         cols = list(res)

@@ -103,6 +103,15 @@ class Run:
 
     def _dataset(self, root: Path, split: str, synthetic_images: int, synthetic_seed: int,
                  splits: tuple[float, float] = (0.4, 0.2)) -> VOCDataset:
+        if synthetic_images and (root / "synthetic.json").is_file():
+            from .store import StaleCacheError
+            from .synthetic import synthetic_params
+
+            have = json.loads((root / "synthetic.json").read_text())
+            want = synthetic_params(synthetic_images, synthetic_seed, splits)
+            if have != want:
+                raise StaleCacheError(f"{root}: generated with {have}, the config asks for {want}; delete the folder "
+                                      "(make clean-demo) or point the config at another root")
         if synthetic_images and not (root / "ImageSets" / "Main" / f"{split}.txt").is_file():
             from .synthetic import make_toy_voc
 

@@ -14,6 +14,7 @@ same files byte for byte (OpenCV's JPEG encoder is deterministic).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,4 +190,10 @@ def make_toy_voc(out: str | Path, num_images: int = 100, seed: int = 0, min_side
     for name, lst in parts.items():
         atomic_write_text(root / "ImageSets" / "Main" / f"{name}.txt", "\n".join(lst) + "\n")
     atomic_write_text(root / "classes.txt", "\n".join(TOY_CLASSES) + "\n")
+    atomic_write_text(root / "synthetic.json", json.dumps(synthetic_params(num_images, seed, splits)))
     return root
+
+
+def synthetic_params(num_images: int, seed: int, splits: tuple[float, float] = (0.4, 0.2)) -> dict:
+    """What identifies a generated dataset (written to ``<year>/synthetic.json``)."""
+    return {"num_images": int(num_images), "seed": int(seed), "splits": [float(v) for v in splits]}

@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         t_all = time.time()
         data_root = Path(cfg.data.root)
         timed("synthetic data", data_root, lambda: [run.dataset(s) for s in splits])
-        timed("pretrain (classifier, multi-size)", run.pretrain_ckpt.parent, lambda: stage_pretrain(run))
+        if cfg.backbone.weights == "pretrain":
+            timed("pretrain (classifier, multi-size)", run.pretrain_ckpt.parent, lambda: stage_pretrain(run))
+        else:
+            print(f"pretrain: skipped, the trunk uses backbone.weights = {cfg.backbone.weights!r}")
         timed("proposals (selective search)", [run.proposals_dir(s) for s in splits],
               lambda: [stage_proposals(run, s) for s in splits])
         timed("features (conv5 once per image)", [run.features_dir(s) for s in splits],
