@@ -36,7 +36,7 @@ from .pretrain import load_checkpoint, save_checkpoint, train_classifier, voc_it
 from .proposals import ProposalStore, compute_proposals
 from .roidb import make_windows
 from .spp import spp_output_dim
-from .store import Stage, ShardError, atomic_save_npz, atomic_write_text, dir_bytes, require_complete
+from .store import Stage, ShardError, StaleCacheError, atomic_save_npz, atomic_write_text, dir_bytes, require_complete
 from .svm import HardNegativeTrainer, mean_norm
 from .voc import VOCDataset
 
@@ -104,7 +104,6 @@ class Run:
     def _dataset(self, root: Path, split: str, synthetic_images: int, synthetic_seed: int,
                  splits: tuple[float, float] = (0.4, 0.2)) -> VOCDataset:
         if synthetic_images and (root / "synthetic.json").is_file():
-            from .store import StaleCacheError
             from .synthetic import synthetic_params
 
             have = json.loads((root / "synthetic.json").read_text())
@@ -144,8 +143,6 @@ def stage_pretrain(run: Run, split: str | None = None, folder: str | None = None
         ck = load_checkpoint(run.pretrain_ckpt)
         same = ck.get("pretrain_cfg") == asdict(cfg.pretrain) and ck.get("backbone_cfg") == asdict(cfg.backbone)
         if not same:
-            from .store import StaleCacheError
-
             raise StaleCacheError(f"{run.pretrain_ckpt}: made with another pretrain/backbone config; use --overwrite")
         run.log(f"pretrain: reusing {run.pretrain_ckpt}")
         return ck

@@ -153,6 +153,14 @@ def project_boxes_to_cells(
     return torch.cat([lo, hi], dim=1)
 
 
+def _edges(lo: torch.Tensor, size: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(R, n)`` half-open bin edges ``lo + [floor(i*size/n), ceil((i+1)*size/n))`` (integer arithmetic)."""
+    i = torch.arange(n, device=lo.device)
+    start = lo[:, None] + torch.div(i[None] * size[:, None], n, rounding_mode="floor")
+    end = lo[:, None] - torch.div(-(i[None] + 1) * size[:, None], n, rounding_mode="floor")
+    return start, end
+
+
 def _avg_pool_windows(fmap: torch.Tensor, cells: torch.Tensor, levels: Sequence[int]) -> torch.Tensor:
     """Average pooling of integer windows through a summed-area table (vectorised)."""
     c, h, w = fmap.shape
@@ -161,11 +169,8 @@ def _avg_pool_windows(fmap: torch.Tensor, cells: torch.Tensor, levels: Sequence[
     ww, hh = r - l + 1, b - t + 1
     outs = []
     for n in levels:
-        i = torch.arange(n, device=fmap.device)
-        x0 = l[:, None] + torch.div(i[None] * ww[:, None], n, rounding_mode="floor")
-        x1 = l[:, None] - torch.div(-(i[None] + 1) * ww[:, None], n, rounding_mode="floor")
-        y0 = t[:, None] + torch.div(i[None] * hh[:, None], n, rounding_mode="floor")
-        y1 = t[:, None] - torch.div(-(i[None] + 1) * hh[:, None], n, rounding_mode="floor")
+        x0, x1 = _edges(l, ww, n)
+        y0, y1 = _edges(t, hh, n)
         # (R, n_y, n_x) corner indices
         Y0, X0 = y0[:, :, None].expand(-1, n, n), x0[:, None, :].expand(-1, n, n)
         Y1, X1 = y1[:, :, None].expand(-1, n, n), x1[:, None, :].expand(-1, n, n)
@@ -173,14 +178,6 @@ def _avg_pool_windows(fmap: torch.Tensor, cells: torch.Tensor, levels: Sequence[
         area = ((Y1 - Y0) * (X1 - X0)).to(torch.float64)
         outs.append((s / area).permute(1, 0, 2, 3).reshape(cells.shape[0], -1))
     return torch.cat(outs, dim=1).to(fmap.dtype)
-
-
-def _edges(lo: torch.Tensor, size: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(R, n)`` half-open bin edges ``lo + [floor(i*size/n), ceil((i+1)*size/n))`` (integer arithmetic)."""
-    i = torch.arange(n, device=lo.device)
-    start = lo[:, None] + torch.div(i[None] * size[:, None], n, rounding_mode="floor")
-    end = lo[:, None] - torch.div(-(i[None] + 1) * size[:, None], n, rounding_mode="floor")
-    return start, end
 
 
 def _floor_log2(v: torch.Tensor) -> torch.Tensor:
@@ -219,30 +216,29 @@ def _sparse_table_max(fmap: torch.Tensor, cells: torch.Tensor, n: int) -> torch.
     xs = torch.stack([x0[:, None, :].expand(r, n, n), (x1 - (1 << kb))[:, None, :].expand(r, n, n)]).reshape(2, -1)
     key, order = torch.sort(key, stable=True)
     ys, xs = ys[:, order], xs[:, order]
-    counts = torch.bincount(key, minlength=int(key[-1]) + 1).tolist()
+    a_max = int(ka.max())
+    counts = torch.bincount(key, minlength=(a_max + 1) * (b_max + 1)).tolist()
     starts = [0]
     for k in counts:
         starts.append(starts[-1] + k)
     vals = fmap.new_empty((r * n * n, c))
     rows = fmap.permute(1, 2, 0).contiguous()  # (H, W, C): each lookup is one contiguous C-vector
-    for a in range((len(counts) - 1) // (b_max + 1) + 1):
+    for a in range(a_max + 1):
         if a:
             s = 1 << (a - 1)
             rows = torch.maximum(rows[:-s], rows[s:])  # blocks 2^a rows high, H - 2^a + 1 anchors
-        ks = [a * (b_max + 1) + bb for bb in range(b_max + 1)]
-        if not any(k < len(counts) and counts[k] for k in ks):
+        if not any(counts[a * (b_max + 1):(a + 1) * (b_max + 1)]):
             continue
         tab = rows
-        for bb, k in enumerate(ks):
-            if k >= len(counts):
-                break
+        for bb in range(b_max + 1):
             if bb:
                 s = 1 << (bb - 1)
                 tab = torch.maximum(tab[:, :-s], tab[:, s:])
+            k = a * (b_max + 1) + bb
             if not counts[k]:
                 continue
             lo, hi = starts[k], starts[k + 1]
-            flat = tab.contiguous().view(-1, c) if bb else tab.reshape(-1, c)
+            flat = tab.view(-1, c)  # every table is a fresh contiguous maximum() output (or the permuted map)
             wt = tab.shape[1]
             ya, yb, xa, xb = ys[0, lo:hi] * wt, ys[1, lo:hi] * wt, xs[0, lo:hi], xs[1, lo:hi]
             v = vals[lo:hi]
