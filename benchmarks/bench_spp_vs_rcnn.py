@@ -2,7 +2,8 @@
 """SPP-net vs R-CNN per-image scoring, side by side in one run, on one image and one proposal set.
 
 (a) SPP-net: conv5 once on the whole image (shorter side 688), every window projected onto conv5 and
-    SPP-pooled ({6,3,2,1}); pooling timed with the default sparse-table method and with the
+    SPP-pooled ({6,3,2,1}); pooling timed on the map as the cache stores it (float16, the cast
+    included) with the default sparse-table method, and on the float32 map with it and with the
     ``torchvision.ops.roi_pool`` reference.
 (b) R-CNN: every window cropped with 16 px of context (in the warped frame), warped to 224x224 and pushed
     through the same conv layers, batched 64 at a time (crop + warp time included).
@@ -94,11 +95,17 @@ def main(argv=None) -> int:
         t["conv5_once"] = best_of(lambda: conv5_maps(zf, rgb, [args.scale], 2000), args.repeats)
         maps, f = conv5_maps(zf, rgb, [args.scale], 2000)
         sidx = np.zeros(R, np.int64)
-        pool = lambda m: pool_boxes(maps, f, boxes, sidx, zf.stride, zf.center0, levels, 6.5, method=m)  # noqa: E731
-        t["pool_sparse_table"] = best_of(lambda: pool("sparse_table"), args.repeats)
-        t["pool_roi_pool"] = best_of(lambda: pool("roi_pool"), args.repeats)
-        pooled = pool("sparse_table")
-        assert torch.equal(pooled, pool("roi_pool"))
+
+        def pool(method: str, half: bool):  # half: the map as the cache stores it (float16), cast included
+            m = [x.half() for x in maps] if half else maps
+            return pool_boxes(m, f, boxes, sidx, zf.stride, zf.center0, levels, 6.5, method=method)
+
+        t["pool_sparse_table"] = best_of(lambda: pool("sparse_table", True), args.repeats)
+        t["pool_sparse_table_f32"] = best_of(lambda: pool("sparse_table", False), args.repeats)
+        t["pool_roi_pool"] = best_of(lambda: pool("roi_pool", False), args.repeats)
+        pooled = pool("sparse_table", True)
+        assert torch.equal(pooled, pool("roi_pool", True))  # float16 map: identical to the reference on it
+        assert torch.equal(pool("sparse_table", False), pool("roi_pool", False))
         t["rcnn_conv"] = best_of(lambda: rcnn_conv(zf, rgb, boxes[:n], levels), 1) * R / n
         hidden = 4096 if args.width == 1.0 else int(4096 * args.width)
         head = FCHead(pooled.shape[1], hidden, args.classes + 1).eval()
@@ -136,9 +143,10 @@ def main(argv=None) -> int:
     print(f"{'':44}{'seconds':>9}")
     print(f"{'(a) SPP: conv5 once':44}{t['conv5_once']:9.3f}")
     print(f"{'(a) SPP: pool all windows, sparse table':44}{t['pool_sparse_table']:9.3f}  "
-          f"({100 * res['pool_fraction_of_conv']:.1f}% of the conv5 forward)")
+          f"({100 * res['pool_fraction_of_conv']:.1f}% of the conv5 forward; float16 map as cached)")
+    print(f"{'    same on the float32 map':44}{t['pool_sparse_table_f32']:9.3f}")
     print(f"{'    same, torchvision roi_pool (reference)':44}{t['pool_roi_pool']:9.3f}  "
-          f"(sparse table {res['pool_speedup_vs_roi_pool']:.1f}x faster, identical output)")
+          f"(sparse table {res['pool_speedup_vs_roi_pool']:.1f}x faster, identical output on the same map)")
     print(f"{'(b) R-CNN: crop + warp + conv every window':44}{t['rcnn_conv']:9.3f}  "
           f"(measured on {n} windows, scaled x{R / n:.1f})")
     print(f"conv part, R-CNN / SPP (conv5 + pooling): {res['conv_part_ratio']:.0f}x (conv alone "

@@ -122,7 +122,8 @@ class Detector:
         """Full test-time path on a new image: conv5 once per scale, then :meth:`detect_cached`."""
         t0 = time.perf_counter()
         maps, factors = conv5_maps(backbone, rgb, features.scales, features.max_size, device)
-        maps = [m.cpu() for m in maps]
+        # Rounded to the cache's dtype: the fc head and SVMs were trained on maps read from it.
+        maps = [m.cpu().to(getattr(torch, features.dtype)) for m in maps]
         t_conv = time.perf_counter() - t0
         feats = ImageFeatures(maps, factors, rgb.shape[0], rgb.shape[1])
         plain, reg, timing = self.detect_cached(feats, proposals, score_threshold)

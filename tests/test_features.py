@@ -59,7 +59,11 @@ def test_cache_round_trip_float16(zf, tmp_path):
         got = cache.pooled(k, boxes)
         torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3)
         f = cache.load(k)
-        assert (f.height, f.width) == im.shape[:2] and f.maps[0].dtype == torch.float32
+        assert (f.height, f.width) == im.shape[:2] and f.maps[0].dtype == torch.float16  # stored dtype
+        # pooling the float16 map directly is exact: equal to pooling its float32 upcast
+        up = pool_boxes([m.float() for m in f.maps], f.factors, boxes, np.zeros(2, np.int64), zf.stride, zf.center0,
+                        (6, 3, 2, 1), 6.5)
+        assert got.dtype == torch.float32 and torch.equal(got, up)
 
 
 def test_truncated_and_missing_shard_errors(zf, tmp_path):

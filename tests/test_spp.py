@@ -100,7 +100,7 @@ def test_pool_windows_equals_spp_on_crops(mode):
 
 
 @pytest.mark.parametrize("shape", [(3, 1, 1), (5, 1, 40), (4, 3, 9), (6, 37, 53)])
-@pytest.mark.parametrize("levels", [(6, 3, 2, 1), (4, 2, 1), (5, 3, 1), (1,), (7,)])
+@pytest.mark.parametrize("levels", [(6, 3, 2, 1), (4, 2, 1), (5, 3, 1), (1,), (7,), (6, 4, 3, 2, 1), (1, 8, 2)])
 def test_sparse_table_pooling_equals_roi_pool(shape, levels):
     g = torch.Generator().manual_seed(sum(shape) + sum(levels))
     c, h, w = shape
@@ -114,6 +114,9 @@ def test_sparse_table_pooling_equals_roi_pool(shape, levels):
     fast = pool_windows(fmap, cells, levels)  # sparse table, the default
     ref = pool_windows(fmap, cells, levels, method="roi_pool")
     assert torch.equal(fast, ref)
+    # a float16 map (the cache's dtype) is pooled in float16: exact, float32 out
+    half = pool_windows(fmap.half(), cells, levels)
+    assert half.dtype == torch.float32 and torch.equal(half, pool_windows(fmap.half().float(), cells, levels, "max", "roi_pool"))
 
 
 def test_pool_windows_rejects_windows_outside_the_map():
