@@ -52,6 +52,7 @@ class DataConfig:
     # Only for the synthetic dataset: generated into ``root``'s parent if missing.
     synthetic_images: int = 0
     synthetic_seed: int = 0
+    synthetic_splits: list = field(default_factory=lambda: [0.4, 0.2])  # train, val fractions; the rest is test
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ class Run:
 
     def dataset(self, split: str) -> VOCDataset:
         d = self.cfg.data
-        return self._dataset(Path(d.root), split, d.synthetic_images, d.synthetic_seed)
+        return self._dataset(Path(d.root), split, d.synthetic_images, d.synthetic_seed, tuple(d.synthetic_splits))
 
     def pretrain_dataset(self) -> VOCDataset:
         """The pre-training source: its own folder when ``pretrain.root`` is set, else the detection train split."""

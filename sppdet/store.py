@@ -150,9 +150,14 @@ class Stage:
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         old = self.read_manifest(self.dir) if self.manifest_path.exists() else None
+        # What a finished run recorded beyond the base fields (e.g. fine-tuning's conv fingerprint)
+        # stays in the manifest when a rerun reuses the outputs.
+        self._recorded: dict = {}
         if old is not None:
             self._check_compatible(old)
             self.previous_seconds = float(old.get("seconds", 0.0))
+            base = {"stage", "schema", "sppdet_version", "config", "fingerprint", "inputs", "complete", "seconds"}
+            self._recorded = {k: v for k, v in old.items() if k not in base}
         else:
             self.previous_seconds = 0.0
         self.write_manifest(complete=False)
@@ -193,6 +198,7 @@ class Stage:
             "complete": bool(complete),
             "seconds": round(self.previous_seconds + time.time() - self._t0, 3),
         }
+        m.update(self._recorded)
         m.update(extra)
         atomic_write_text(self.manifest_path, json.dumps(m, indent=2, sort_keys=True, default=str))
 

@@ -149,3 +149,13 @@ def test_peak_rss_sees_a_temporary_allocation_and_npz_bytes_are_deterministic(tm
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
     back = load_npz(tmp_path / "a.npz")
     assert back["x"].dtype == np.float16 and np.array_equal(back["y"], np.eye(3))
+
+
+def test_stage_manifest_keeps_recorded_results_on_reuse_and_rejects_changed_config(tmp_path):
+    from sppdet.store import Stage, StaleCacheError
+
+    Stage(tmp_path / "s", "finetune", {"lr": 0.1}, {"features": "abc"}).finish(1, conv_fingerprint_unchanged="f00d")
+    again = Stage(tmp_path / "s", "finetune", {"lr": 0.1}, {"features": "abc"}).finish(1)  # a rerun reusing it
+    assert again["conv_fingerprint_unchanged"] == "f00d" and again["complete"]
+    with pytest.raises(StaleCacheError, match="config.lr"):
+        Stage(tmp_path / "s", "finetune", {"lr": 0.2}, {"features": "abc"})
