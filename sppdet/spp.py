@@ -196,32 +196,36 @@ def _sparse_table_max(fmap: torch.Tensor, cells: torch.Tensor, n: int) -> torch.
     """Max over the ``n x n`` floor/ceil bins of every window: ``(R, n, n, C)``.
 
     A 2-D sparse table (range-maximum query): ``T[a][b][y, x]`` is the max over the
-    ``2^a x 2^b`` block at ``(y, x)``; the max over any bin is the max of four such
-    blocks anchored at its corners (they overlap, which max does not mind). Building
-    every table costs a few elementwise maxima over the map; each bin then costs four
-    contiguous C-vector reads, independent of its area, where a direct pool reads every
-    cell of every bin. Tables are built one at a time (memory: two maps, not all), and
-    bins are grouped by the table they need with one sort.
+    ``2^a x 2^b`` block at ``(y, x)``; the max over a bin is the max of four such blocks
+    anchored at its corners (they overlap, which max does not mind). Building every table
+    costs a few elementwise maxima over the map; each bin then costs four contiguous
+    C-vector reads, independent of its area, where a direct pool reads every cell of
+    every bin. Tables are built one at a time (memory: two maps, not all).
+
+    One exponent per window and axis serves all its bins: floor/ceil bins of one window
+    differ in size by at most one cell, so with ``a = floor(log2(smallest bin))`` two
+    blocks of ``2^a`` (``2^(a+1) >= smallest + 1 >= largest``) cover every bin. Windows
+    are grouped by the table they need with one sort of R keys; a window's bins stay
+    together, and the results are put back in window order in one row-block copy.
     """
     c = fmap.shape[0]
     r = cells.shape[0]
     l, t, rr, b = cells.unbind(1)
     y0, y1 = _edges(t, b - t + 1, n)  # (R, n)
     x0, x1 = _edges(l, rr - l + 1, n)
-    ka, kb = _floor_log2(y1 - y0), _floor_log2(x1 - x0)  # block exponents per row / column bin
-    b_max = int(kb.max())
-    # Per bin, flattened (R, n, n): the table it needs and its two anchor rows / columns.
-    key = (ka[:, :, None] * (b_max + 1) + kb[:, None, :]).reshape(-1)
-    ys = torch.stack([y0[:, :, None].expand(r, n, n), (y1 - (1 << ka))[:, :, None].expand(r, n, n)]).reshape(2, -1)
-    xs = torch.stack([x0[:, None, :].expand(r, n, n), (x1 - (1 << kb))[:, None, :].expand(r, n, n)]).reshape(2, -1)
-    key, order = torch.sort(key, stable=True)
-    ys, xs = ys[:, order], xs[:, order]
-    a_max = int(ka.max())
+    ka = _floor_log2((y1 - y0).min(1).values)  # (R,) block exponents per window
+    kb = _floor_log2((x1 - x0).min(1).values)
+    a_max, b_max = int(ka.max()), int(kb.max())
+    key, order = torch.sort(ka * (b_max + 1) + kb, stable=True)
+    y0, y1, x0, x1, ka, kb = (v[order] for v in (y0, y1, x0, x1, ka, kb))
+    # Per window (sorted), per bin: the two anchor rows and columns, (R, n, n) each.
+    ya, yb = y0[:, :, None].expand(r, n, n), (y1 - (1 << ka)[:, None])[:, :, None].expand(r, n, n)
+    xa, xb = x0[:, None, :].expand(r, n, n), (x1 - (1 << kb)[:, None])[:, None, :].expand(r, n, n)
     counts = torch.bincount(key, minlength=(a_max + 1) * (b_max + 1)).tolist()
     starts = [0]
     for k in counts:
         starts.append(starts[-1] + k)
-    vals = fmap.new_empty((r * n * n, c))
+    vals = fmap.new_empty((r, n, n, c))
     rows = fmap.permute(1, 2, 0).contiguous()  # (H, W, C): each lookup is one contiguous C-vector
     for a in range(a_max + 1):
         if a:
@@ -240,14 +244,15 @@ def _sparse_table_max(fmap: torch.Tensor, cells: torch.Tensor, n: int) -> torch.
             lo, hi = starts[k], starts[k + 1]
             flat = tab.view(-1, c)  # every table is a fresh contiguous maximum() output (or the permuted map)
             wt = tab.shape[1]
-            ya, yb, xa, xb = ys[0, lo:hi] * wt, ys[1, lo:hi] * wt, xs[0, lo:hi], xs[1, lo:hi]
-            v = vals[lo:hi]
-            torch.maximum(flat.index_select(0, ya + xa), flat.index_select(0, ya + xb), out=v)
-            torch.maximum(v, flat.index_select(0, yb + xa), out=v)
-            torch.maximum(v, flat.index_select(0, yb + xb), out=v)
+            ra, rb = (ya[lo:hi] * wt).reshape(-1), (yb[lo:hi] * wt).reshape(-1)
+            ca, cb = xa[lo:hi].reshape(-1), xb[lo:hi].reshape(-1)
+            v = vals[lo:hi].view(-1, c)
+            torch.maximum(flat.index_select(0, ra + ca), flat.index_select(0, ra + cb), out=v)
+            torch.maximum(v, flat.index_select(0, rb + ca), out=v)
+            torch.maximum(v, flat.index_select(0, rb + cb), out=v)
     out = torch.empty_like(vals)
-    out.index_copy_(0, order, vals)
-    return out.view(r, n, n, c)
+    out.view(r, -1).index_copy_(0, order, vals.view(r, -1))
+    return out
 
 
 def _group_max(p: torch.Tensor, n: int, g: int) -> torch.Tensor:

@@ -162,3 +162,14 @@ def test_projection_matches_authors_one_based_formula():
     l, r = np.clip(l, 1, 60), np.clip(r, 1, 60)
     np.testing.assert_array_equal(got[:, 0], l - 1)
     np.testing.assert_array_equal(got[:, 2], r - 1)
+
+
+def test_floor_ceil_bins_of_one_window_differ_by_at_most_one_cell():
+    # what lets the sparse table use one block size per window and axis
+    from sppdet.spp import _edges
+
+    size = torch.arange(1, 301)
+    for n in range(1, 14):
+        start, end = _edges(torch.zeros_like(size), size, n)
+        widths = end - start
+        assert bool((widths.max(1).values - widths.min(1).values <= 1).all()), n
