@@ -28,4 +28,4 @@ ablation: $(STAMP)
 	$(BIN)/python benchmarks/bench_ablation.py --config $(CONFIG)
 
 clean-demo:
-	rm -rf runs/demo data/toy data/toy_pretrain
+	rm -rf runs/demo runs/demo_s* data/toy data/toy_pretrain  # runs/demo_s*: make ablation's runs beside it
