@@ -41,3 +41,22 @@ def run_main(fn: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def stage_main(description: str, body: Callable[[Run, argparse.Namespace], None], argv: list[str] | None = None,
+               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+               overwrite: bool = True) -> int:
+    """The whole ``main()`` of a stage tool: the common options, the tool's own (``add_arguments``)
+    and ``--overwrite``; then ``body(run, args)`` under :func:`run_main`."""
+    ap = parser(description)
+    if add_arguments is not None:
+        add_arguments(ap)
+    if overwrite:
+        ap.add_argument("--overwrite", action="store_true", help="rebuild this stage's outputs")
+    args = ap.parse_args(argv)
+
+    def fn() -> int:
+        body(make_run(args), args)
+        return 0
+
+    return run_main(fn)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from sppdet.cli import make_run, parser, run_main
+from sppdet.cli import stage_main
 from sppdet.pipeline import stage_features
 
 
@@ -26,26 +26,24 @@ def _shard(s: str) -> tuple[int, int]:
     return i, n
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = parser(__doc__)
+def _arguments(ap) -> None:
     ap.add_argument("--split", required=True)
     ap.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: process every n-th image starting at i")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--flip", action="store_true", help="also cache the flipped image's conv5 (for fine-tuning flips)")
-    ap.add_argument("--overwrite", action="store_true")
-    args = ap.parse_args(argv)
 
-    def body() -> int:
-        import torch
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        run = make_run(args)
-        m = stage_features(run, args.split, args.shard, args.overwrite, device, args.flip)
-        print(f"features {args.split}: {'complete' if m['complete'] else 'partial (other shards pending)'} in "
-              f"{run.features_dir(args.split)}")
-        return 0
+def _body(run, args) -> None:
+    import torch
 
-    return run_main(body)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    m = stage_features(run, args.split, args.shard, args.overwrite, device, args.flip)
+    print(f"features {args.split}: {'complete' if m['complete'] else 'partial (other shards pending)'} in "
+          f"{run.features_dir(args.split)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(__doc__, _body, argv, _arguments)
 
 
 if __name__ == "__main__":

@@ -10,22 +10,17 @@ from __future__ import annotations
 
 import sys
 
-from sppdet.cli import make_run, parser, run_main
+from sppdet.cli import stage_main
 from sppdet.pipeline import stage_finetune
 
 
+def _body(run, args) -> None:
+    m = stage_finetune(run, args.overwrite)
+    print(f"fine-tuned head: {run.finetune_path} (best validation error {m.get('best_val_error', float('nan')):.4f})")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = parser(__doc__)
-    ap.add_argument("--overwrite", action="store_true")
-    args = ap.parse_args(argv)
-
-    def body() -> int:
-        run = make_run(args)
-        m = stage_finetune(run, args.overwrite)
-        print(f"fine-tuned head: {run.finetune_path} (best validation error {m.get('best_val_error', float('nan')):.4f})")
-        return 0
-
-    return run_main(body)
+    return stage_main(__doc__, _body, argv)
 
 
 if __name__ == "__main__":

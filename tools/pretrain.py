@@ -10,26 +10,24 @@ from __future__ import annotations
 
 import sys
 
-from sppdet.cli import make_run, parser, run_main
+from sppdet.cli import stage_main
 from sppdet.pipeline import stage_pretrain
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = parser(__doc__)
+def _arguments(ap) -> None:
     ap.add_argument("--folder", help="image folder with one sub-folder per class (instead of VOC crops)")
     ap.add_argument("--split", help="a split of data.root whose ground-truth crops are used (default: pretrain.root/pretrain.split if set, else data.train_split)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--overwrite", action="store_true")
-    args = ap.parse_args(argv)
 
-    def body() -> int:
-        run = make_run(args)
-        ck = stage_pretrain(run, args.split, args.folder, args.device, args.overwrite)
-        h = ck["history"][-1] if ck.get("history") else {}
-        print(f"checkpoint: {run.pretrain_ckpt} (held-out accuracy {h.get('val_acc', float('nan')):.3f})")
-        return 0
 
-    return run_main(body)
+def _body(run, args) -> None:
+    ck = stage_pretrain(run, args.split, args.folder, args.device, args.overwrite)
+    h = ck["history"][-1] if ck.get("history") else {}
+    print(f"checkpoint: {run.pretrain_ckpt} (held-out accuracy {h.get('val_acc', float('nan')):.3f})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(__doc__, _body, argv, _arguments)
 
 
 if __name__ == "__main__":

@@ -9,25 +9,23 @@ from __future__ import annotations
 
 import sys
 
-from sppdet.cli import make_run, parser, run_main
+from sppdet.cli import stage_main
 from sppdet.pipeline import stage_proposals
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = parser(__doc__)
+def _arguments(ap) -> None:
     ap.add_argument("--split", required=True)
     ap.add_argument("--workers", type=int, default=None, help="processes (default: proposals.workers, 0 = all cores)")
-    ap.add_argument("--overwrite", action="store_true")
-    args = ap.parse_args(argv)
 
-    def body() -> int:
-        run = make_run(args)
-        m = stage_proposals(run, args.split, args.overwrite, args.workers)
-        print(f"proposals {args.split}: {m['items']} images in {run.proposals_dir(args.split)} "
-              f"({m['bytes'] / 1e6:.1f} MB, {m['seconds']:.1f} s)")
-        return 0
 
-    return run_main(body)
+def _body(run, args) -> None:
+    m = stage_proposals(run, args.split, args.overwrite, args.workers)
+    print(f"proposals {args.split}: {m['items']} images in {run.proposals_dir(args.split)} "
+          f"({m['bytes'] / 1e6:.1f} MB, {m['seconds']:.1f} s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(__doc__, _body, argv, _arguments)
 
 
 if __name__ == "__main__":

@@ -8,22 +8,17 @@ from __future__ import annotations
 
 import sys
 
-from sppdet.cli import make_run, parser, run_main
+from sppdet.cli import stage_main
 from sppdet.pipeline import stage_bbox_reg
 
 
+def _body(run, args) -> None:
+    stage_bbox_reg(run, args.overwrite)
+    print(f"box regressors: {run.bbox_reg_path}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = parser(__doc__)
-    ap.add_argument("--overwrite", action="store_true")
-    args = ap.parse_args(argv)
-
-    def body() -> int:
-        run = make_run(args)
-        stage_bbox_reg(run, args.overwrite)
-        print(f"box regressors: {run.bbox_reg_path}")
-        return 0
-
-    return run_main(body)
+    return stage_main(__doc__, _body, argv)
 
 
 if __name__ == "__main__":

@@ -11,29 +11,27 @@ from __future__ import annotations
 
 import sys
 
-from sppdet.cli import make_run, parser, run_main
+from sppdet.cli import stage_main
 from sppdet.pipeline import stage_bbox_reg, stage_svm
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = parser(__doc__)
+def _arguments(ap) -> None:
     ap.add_argument("--feature", choices=["pool5", "fc6", "fc7", "fc7_noft"], default=None,
                     help="features for the SVMs (default: svm.feature)")
     ap.add_argument("--tag", default="", help="suffix of the model folder (model/svm<tag>), for ablations")
     ap.add_argument("--bbox-reg", action="store_true", help="also train the bounding-box regressors")
-    ap.add_argument("--overwrite", action="store_true")
-    args = ap.parse_args(argv)
 
-    def body() -> int:
-        run = make_run(args)
-        stage_svm(run, args.feature, args.tag, args.overwrite)
-        print(f"SVMs: {run.svm_path(args.tag)}")
-        if args.bbox_reg:
-            stage_bbox_reg(run, args.overwrite)
-            print(f"box regressors: {run.bbox_reg_path}")
-        return 0
 
-    return run_main(body)
+def _body(run, args) -> None:
+    stage_svm(run, args.feature, args.tag, args.overwrite)
+    print(f"SVMs: {run.svm_path(args.tag)}")
+    if args.bbox_reg:
+        stage_bbox_reg(run, args.overwrite)
+        print(f"box regressors: {run.bbox_reg_path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(__doc__, _body, argv, _arguments)
 
 
 if __name__ == "__main__":
