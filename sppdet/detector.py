@@ -71,11 +71,10 @@ class Detector:
                  test: TestConfig, classes: Sequence[str]):
         self.head = head.eval() if head is not None else None
         self.svms, self.regressor, self.cache, self.test, self.classes = svms, regressor, cache, test, list(classes)
-        if head is not None and (test.svd_fc6 or test.svd_fc7):
-            if test.svd_fc6:
-                head.fc6 = truncated_svd_linear(head.fc6, test.svd_fc6)
-            if test.svd_fc7:
-                head.fc7 = truncated_svd_linear(head.fc7, test.svd_fc7)
+        if head is not None and test.svd_fc6:
+            head.fc6 = truncated_svd_linear(head.fc6, test.svd_fc6)
+        if head is not None and test.svd_fc7:
+            head.fc7 = truncated_svd_linear(head.fc7, test.svd_fc7)
 
     @torch.no_grad()
     def score(self, feats: ImageFeatures, proposals: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -156,8 +156,7 @@ class Stage:
         if old is not None:
             self._check_compatible(old)
             self.previous_seconds = float(old.get("seconds", 0.0))
-            base = {"stage", "schema", "sppdet_version", "config", "fingerprint", "inputs", "complete", "seconds"}
-            self._recorded = {k: v for k, v in old.items() if k not in base}
+            self._recorded = {k: v for k, v in old.items() if k not in self._base_fields(False)}
         else:
             self.previous_seconds = 0.0
         self.write_manifest(complete=False)
@@ -187,8 +186,8 @@ class Stage:
                 + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else "")
                 + ". Use --overwrite to rebuild, or another run folder.")
 
-    def write_manifest(self, complete: bool, **extra: Any) -> None:
-        m = {
+    def _base_fields(self, complete: bool) -> dict:
+        return {
             "stage": self.stage,
             "schema": SCHEMA,
             "sppdet_version": __version__,
@@ -198,6 +197,9 @@ class Stage:
             "complete": bool(complete),
             "seconds": round(self.previous_seconds + time.time() - self._t0, 3),
         }
+
+    def write_manifest(self, complete: bool, **extra: Any) -> None:
+        m = self._base_fields(complete)
         m.update(self._recorded)
         m.update(extra)
         atomic_write_text(self.manifest_path, json.dumps(m, indent=2, sort_keys=True, default=str))
