@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .backbones import Backbone
-from .spp import pool_windows, project_boxes_to_cells, spp_output_dim
+from .spp import pool_windows, project_boxes_to_cells
 from .store import ShardError, atomic_save_npz, load_npz
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,18 @@ def prepare_image(rgb: np.ndarray, factor: float, min_side: int) -> np.ndarray:
 @torch.no_grad()
 def conv5_maps(backbone: Backbone, rgb: np.ndarray, scales: Sequence[int], max_size: int,
                device: str | torch.device = "cpu") -> tuple[list[torch.Tensor], list[float]]:
-    """One forward per scale. Returns ``([(C, h, w) float32 on device], [factor per scale])``."""
+    """One forward per scale. Returns ``([(C, h, w) float32 on device], [factor per scale])``.
+
+    The input is channels-last: oneDNN's convolutions are then 1.3x (ZF-5) to 2x (the demo's
+    narrow ZF-5) faster on CPU, same arithmetic up to summation order. The maps come back in that
+    layout (strides of an (h, w, C) array), which is the layout the sparse-table pooling reads."""
     maps, factors = [], []
     h, w = rgb.shape[:2]
     for s in scales:
         f = resize_factor(h, w, s, max_size)
         im = prepare_image(rgb, f, backbone.min_input_size)
         x = torch.from_numpy(np.ascontiguousarray(im)).to(device).permute(2, 0, 1)[None].float()
-        maps.append(backbone(backbone.normalize(x))[0])
+        maps.append(backbone(backbone.normalize(x).contiguous(memory_format=torch.channels_last))[0])
         factors.append(f)
     return maps, factors
 
@@ -98,27 +102,19 @@ def choose_scale(boxes: np.ndarray, factors: Sequence[float], target_size: float
 
 def pool_boxes(maps: Sequence[torch.Tensor], factors: Sequence[float], boxes: np.ndarray, scale_idx: np.ndarray,
                stride: float, center0: float, levels: Sequence[int], shrink: float,
-               method: str = "sparse_table") -> torch.Tensor:
+               method: str = "sparse_table", out: torch.Tensor | None = None) -> torch.Tensor:
     """SPP features ``(R, C * sum(n*n))`` float32 of original-image ``boxes`` (R, 4) xyxy,
-    each pooled from the map of its scale (``method``: see :func:`sppdet.spp.pool_windows`)."""
+    each pooled from the map of its scale, all scales in one call (``method``, ``out``: see
+    :func:`sppdet.spp.pool_windows`)."""
     b = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4))
     sidx = np.asarray(scale_idx, np.int64).reshape(-1)
     if len(sidx) != len(b) or (len(sidx) and (sidx.min() < 0 or sidx.max() >= len(maps))):
         raise ValueError(f"scale_idx must give one scale in [0, {len(maps)}) per box")
-
-    def pool(s: int, sel) -> torch.Tensor:
-        fmap = maps[s]
-        cells = project_boxes_to_cells(b[sel] * factors[s], fmap.shape[-2:], stride, center0, shrink)
-        return pool_windows(fmap, cells.to(fmap.device), levels, method=method)
-
-    if len(maps) == 1 or (len(sidx) and (sidx == sidx[0]).all()):  # one scale: no scatter copy
-        return pool(int(sidx[0]) if len(sidx) else 0, slice(None))
-    out = torch.empty((len(b), spp_output_dim(maps[0].shape[0], levels)), dtype=torch.float32, device=maps[0].device)
-    for s in range(len(maps)):
-        sel = np.nonzero(sidx == s)[0]
-        if len(sel):
-            out[torch.as_tensor(sel, device=out.device)] = pool(s, torch.as_tensor(sel))
-    return out
+    cells = torch.empty((len(b), 4), dtype=torch.int64)
+    for s in np.unique(sidx):
+        sel = torch.as_tensor(np.nonzero(sidx == s)[0])
+        cells[sel] = project_boxes_to_cells(b[sel] * factors[s], maps[s].shape[-2:], stride, center0, shrink)
+    return pool_windows(maps, cells, levels, method=method, map_index=torch.as_tensor(sidx), out=out)
 
 
 @dataclass
@@ -176,11 +172,12 @@ class FeatureCache:
         return ImageFeatures(maps, [float(f) for f in d["factors"]], h, w, flipped)
 
     def pooled(self, feats: ImageFeatures | str, boxes: np.ndarray, flipped: bool = False,
-               scale_idx: np.ndarray | None = None) -> torch.Tensor:
+               scale_idx: np.ndarray | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """SPP features ``(R, D)`` of ``boxes`` (R, 4) original-image xyxy.
 
         ``scale_idx`` overrides the per-box best scale (used for random-scale training);
-        ``flipped`` pools from the flipped image's maps with mirrored boxes.
+        ``flipped`` pools from the flipped image's maps with mirrored boxes; ``out`` is written
+        into when given (see :func:`sppdet.spp.pool_windows`).
         """
         if isinstance(feats, str):
             feats = self.load(feats)
@@ -193,7 +190,8 @@ class FeatureCache:
             b = np.stack([feats.width - b[:, 2], b[:, 1], feats.width - b[:, 0], b[:, 3]], 1)
         if scale_idx is None:
             scale_idx = choose_scale(b, feats.factors, self.target_size)
-        return pool_boxes(maps, feats.factors, b, scale_idx, self.stride, self.center0, self.levels, self.shrink)
+        return pool_boxes(maps, feats.factors, b, scale_idx, self.stride, self.center0, self.levels, self.shrink,
+                          out=out)
 
 
 def extract_image(backbone: Backbone, rgb: np.ndarray, scales: Sequence[int], max_size: int, flip: bool,

@@ -12,6 +12,7 @@ configured order.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Sequence
 
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     "spp_output_dim",
     "project_boxes_to_cells",
     "pool_windows",
+    "release_workspace",
 ]
 
 
@@ -192,102 +194,152 @@ def _floor_log2(v: torch.Tensor) -> torch.Tensor:
         p *= 2
 
 
-def _sparse_table_max(fmap: torch.Tensor, cells: torch.Tensor, n: int) -> torch.Tensor:
-    """Max over the ``n x n`` floor/ceil bins of every window: ``(R, n, n, C)``.
+class _Workspace(threading.local):
+    """Scratch buffers of the sparse-table pooling, kept between calls (one set per thread).
+
+    Pooling 2000 windows gathers ~4 x 37 MB per image; fresh buffers of that size come from
+    ``mmap`` and every call paid their page faults (measured: a 37 MB ``index_select`` into a
+    fresh tensor took 10x as long as into a reused one). Buffers only grow; :func:`release_workspace`
+    frees them."""
+
+    def __init__(self):
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = math.prod(shape)
+        b = self.bufs.get(name)
+        if b is None or b.numel() < numel or b.dtype != dtype or b.device != device:
+            b = torch.empty(numel, dtype=dtype, device=device)
+            self.bufs[name] = b
+        return b[:numel].view(shape)
+
+
+_WS = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free the pooling scratch buffers of the calling thread."""
+    _WS.bufs.clear()
+
+
+def _sparse_table_max(maps: Sequence[torch.Tensor], cells: torch.Tensor, map_index: torch.Tensor, n: int,
+                      name: str) -> torch.Tensor:
+    """Max over the ``n x n`` floor/ceil bins of every window: ``(R, n, n, C)``, in the workspace
+    buffer ``name``.
 
     A 2-D sparse table (range-maximum query): ``T[a][b][y, x]`` is the max over the
     ``2^a x 2^b`` block at ``(y, x)``; the max over a bin is the max of four such blocks
-    anchored at its corners (they overlap, which max does not mind). Building every table
-    costs a few elementwise maxima over the map; each bin then costs four contiguous
+    anchored at its corners (they overlap, which max does not mind). Building a table
+    costs an elementwise maximum over the map; each bin then costs four contiguous
     C-vector reads, independent of its area, where a direct pool reads every cell of
-    every bin. Tables are built one at a time (memory: two maps, not all).
+    every bin.
 
     One exponent per window and axis serves all its bins: floor/ceil bins of one window
     differ in size by at most one cell, so with ``a = floor(log2(smallest bin))`` two
-    blocks of ``2^a`` (``2^(a+1) >= smallest + 1 >= largest``) cover every bin. Windows
-    are grouped by the table they need with one sort of R keys; a window's bins stay
-    together, and the results are put back in window order in one row-block copy.
+    blocks of ``2^a`` (``2^(a+1) >= smallest + 1 >= largest``) cover every bin. Only the
+    tables some window needs are kept, for all maps (scales) together, stacked in one
+    ``(rows, C)`` buffer; every bin's four corners are row indices into it, so one gather
+    per corner serves all windows of all scales, in window order (no grouping, no scatter).
     """
-    c = fmap.shape[0]
+    c = maps[0].shape[0]
+    dev, dt = maps[0].device, maps[0].dtype
     r = cells.shape[0]
     l, t, rr, b = cells.unbind(1)
     y0, y1 = _edges(t, b - t + 1, n)  # (R, n)
     x0, x1 = _edges(l, rr - l + 1, n)
     ka = _floor_log2((y1 - y0).min(1).values)  # (R,) block exponents per window
     kb = _floor_log2((x1 - x0).min(1).values)
-    a_max, b_max = int(ka.max()), int(kb.max())
-    key, order = torch.sort(ka * (b_max + 1) + kb, stable=True)
-    y0, y1, x0, x1, ka, kb = (v[order] for v in (y0, y1, x0, x1, ka, kb))
-    # Per window (sorted), per bin: the two anchor rows and columns, (R, n, n) each.
-    ya, yb = y0[:, :, None].expand(r, n, n), (y1 - (1 << ka)[:, None])[:, :, None].expand(r, n, n)
-    xa, xb = x0[:, None, :].expand(r, n, n), (x1 - (1 << kb)[:, None])[:, None, :].expand(r, n, n)
-    counts = torch.bincount(key, minlength=(a_max + 1) * (b_max + 1)).tolist()
-    starts = [0]
-    for k in counts:
-        starts.append(starts[-1] + k)
-    vals = fmap.new_empty((r, n, n, c))
-    rows = fmap.permute(1, 2, 0).contiguous()  # (H, W, C): each lookup is one contiguous C-vector
-    for a in range(a_max + 1):
-        if a:
-            s = 1 << (a - 1)
-            rows = torch.maximum(rows[:-s], rows[s:])  # blocks 2^a rows high, H - 2^a + 1 anchors
-        if not any(counts[a * (b_max + 1):(a + 1) * (b_max + 1)]):
-            continue
-        tab = rows
-        for bb in range(b_max + 1):
-            if bb:
-                s = 1 << (bb - 1)
-                tab = torch.maximum(tab[:, :-s], tab[:, s:])
-            k = a * (b_max + 1) + bb
-            if not counts[k]:
+    na, nb = int(ka.max()) + 1, int(kb.max()) + 1
+    key = (map_index * na + ka) * nb + kb
+    needed = torch.unique(key).tolist()
+    # Row offset and width of every needed table in the stacked buffer.
+    off = torch.zeros(len(maps) * na * nb, dtype=torch.int64)
+    width = torch.zeros_like(off)
+    total = 0
+    for k in needed:
+        s, a, bb = k // (na * nb), (k // nb) % na, k % nb
+        h, w = maps[s].shape[-2:]
+        off[k], width[k] = total, w - (1 << bb) + 1
+        total += (h - (1 << a) + 1) * (w - (1 << bb) + 1)
+    table = _WS.get("table", (total, c), dt, dev)
+    by_map: dict[int, dict[int, set[int]]] = {}
+    for k in needed:
+        by_map.setdefault(k // (na * nb), {}).setdefault((k // nb) % na, set()).add(k % nb)
+    for s, want in by_map.items():
+        rows = maps[s].permute(1, 2, 0).contiguous()  # (H, W, C); free for a channels-last map
+        for a in range(max(want) + 1):
+            if a:
+                h = 1 << (a - 1)
+                rows = torch.maximum(rows[:-h], rows[h:])  # blocks 2^a rows high
+            if a not in want:
                 continue
-            lo, hi = starts[k], starts[k + 1]
-            flat = tab.view(-1, c)  # every table is a fresh contiguous maximum() output (or the permuted map)
-            wt = tab.shape[1]
-            ra, rb = (ya[lo:hi] * wt).reshape(-1), (yb[lo:hi] * wt).reshape(-1)
-            ca, cb = xa[lo:hi].reshape(-1), xb[lo:hi].reshape(-1)
-            v = vals[lo:hi].view(-1, c)
-            torch.maximum(flat.index_select(0, ra + ca), flat.index_select(0, ra + cb), out=v)
-            torch.maximum(v, flat.index_select(0, rb + ca), out=v)
-            torch.maximum(v, flat.index_select(0, rb + cb), out=v)
-    out = torch.empty_like(vals)
-    out.view(r, -1).index_copy_(0, order, vals.view(r, -1))
-    return out
+            tab = rows
+            for bb in range(max(want[a]) + 1):
+                k = (s * na + a) * nb + bb
+                dst = None
+                if bb in want[a]:
+                    o, wt = int(off[k]), int(width[k])
+                    dst = table[o:o + tab.shape[0] * wt].view(tab.shape[0], wt, c)
+                if bb:
+                    h = 1 << (bb - 1)
+                    tab = torch.maximum(tab[:, :-h], tab[:, h:], out=dst) if dst is not None else \
+                        torch.maximum(tab[:, :-h], tab[:, h:])
+                elif dst is not None:
+                    dst.copy_(tab)
+    # Per window, per bin: the two anchor rows and columns, as rows of the stacked buffer.
+    o, wt = off.to(dev)[key], width.to(dev)[key]
+    ya = o[:, None] + y0 * wt[:, None]  # (R, n)
+    yb = o[:, None] + (y1 - (1 << ka)[:, None]) * wt[:, None]
+    xa, xb = x0, x1 - (1 << kb)[:, None]
+    vals = _WS.get(name, (r * n * n, c), dt, dev)
+    tmp = _WS.get("tmp", (r * n * n, c), dt, dev)
+    first = True
+    for ry in (ya, yb):
+        for cx in (xa, xb):
+            idx = (ry[:, :, None] + cx[:, None, :]).reshape(-1)
+            torch.index_select(table, 0, idx, out=vals if first else tmp)
+            if not first:
+                torch.maximum(vals, tmp, out=vals)
+            first = False
+    return vals.view(r, n, n, c)
 
 
-def _group_max(p: torch.Tensor, n: int, g: int) -> torch.Tensor:
+def _group_max(p: torch.Tensor, n: int, g: int, name: str) -> torch.Tensor:
     """``(R, n*g, n*g, C) -> (R, n, n, C)``: max over each ``g x g`` group of bins, by pairwise
-    maxima over slices (a reduction over two strided middle dims is several times slower)."""
+    maxima over slices (a reduction over two strided middle dims is several times slower),
+    into workspace buffers."""
     r, c = p.shape[0], p.shape[-1]
     v = p.view(r, n, g, n, g, c)
-    m = v[:, :, :, :, 0]
-    for k in range(1, g):
-        m = torch.maximum(m, v[:, :, :, :, k])
-    out = m[:, :, 0]
-    for k in range(1, g):
-        out = torch.maximum(out, m[:, :, k])
+    m = _WS.get(name + "_cols", (r, n, n * g, c), p.dtype, p.device).view(r, n, g, n, c)
+    torch.maximum(v[:, :, :, :, 0], v[:, :, :, :, 1], out=m) if g > 1 else m.copy_(v[:, :, :, :, 0])
+    for k in range(2, g):
+        torch.maximum(m, v[:, :, :, :, k], out=m)
+    out = _WS.get(name, (r, n, n, c), p.dtype, p.device)
+    torch.maximum(m[:, :, 0], m[:, :, 1], out=out) if g > 1 else out.copy_(m[:, :, 0])
+    for k in range(2, g):
+        torch.maximum(out, m[:, :, k], out=out)
     return out
 
 
-def _max_pool_windows(fmap: torch.Tensor, cells: torch.Tensor, levels: Sequence[int]) -> torch.Tensor:
-    """Max pooling of integer windows, computed in the map's dtype (max is exact in any
+def _max_pool_windows(maps: Sequence[torch.Tensor], cells: torch.Tensor, map_index: torch.Tensor,
+                      levels: Sequence[int], out: torch.Tensor) -> torch.Tensor:
+    """Max pooling of integer windows, computed in the maps' dtype (max is exact in any
     dtype, so a float16 map gives the float32 result bit for bit at half the memory traffic).
 
     The finest level by sparse table; every other level from the smallest finer level it
     divides (with floor/ceil bins, bin ``j`` of level ``n`` is exactly the union of bins
     ``j*g .. j*g+g-1`` of level ``n*g``): {6,3,2,1} needs one sparse-table query, then
     3 and 2 from 6 and 1 from 2. Levels that divide no finer one get their own query.
-    Written straight into the float32 ``(C, n, n)``-per-level layout."""
-    r, c = cells.shape[0], fmap.shape[0]
+    Written straight into ``out``'s float32 ``(C, n, n)``-per-level layout."""
+    r, c = cells.shape[0], maps[0].shape[0]
     done: dict[int, torch.Tensor] = {}
     for n in sorted(set(levels), reverse=True):
         finer = [m for m in done if m % n == 0]
         if finer:
             m = min(finer)
-            done[n] = _group_max(done[m], n, m // n)
+            done[n] = _group_max(done[m], n, m // n, f"level{n}")
         else:
-            done[n] = _sparse_table_max(fmap, cells, n)
-    out = torch.empty((r, spp_output_dim(c, levels)), dtype=torch.float32, device=fmap.device)
+            done[n] = _sparse_table_max(maps, cells, map_index, n, f"level{n}")
     off = 0
     for n in levels:
         out[:, off:off + c * n * n].view(r, c, n, n).copy_(done[n].permute(0, 3, 1, 2))
@@ -295,11 +347,22 @@ def _max_pool_windows(fmap: torch.Tensor, cells: torch.Tensor, levels: Sequence[
     return out
 
 
+def _pool_one_map(fmap: torch.Tensor, cells: torch.Tensor, levels: Sequence[int], mode: str) -> torch.Tensor:
+    """The reference paths on one float32 map: roi_pool per level (max) or summed-area table (avg)."""
+    if mode == "avg":
+        return _avg_pool_windows(fmap, cells, levels)
+    r = cells.shape[0]
+    rois = torch.cat([fmap.new_zeros((r, 1)), cells.to(fmap.dtype)], dim=1)
+    x = fmap.unsqueeze(0)
+    return torch.cat([roi_pool(x, rois, output_size=(n, n), spatial_scale=1.0).reshape(r, -1) for n in levels], dim=1)
+
+
 def pool_windows(
-    fmap: torch.Tensor, cells: torch.Tensor, levels: Sequence[int] = (6, 3, 2, 1), mode: str = "max",
-    method: str = "sparse_table",
+    fmap: torch.Tensor | Sequence[torch.Tensor], cells: torch.Tensor, levels: Sequence[int] = (6, 3, 2, 1),
+    mode: str = "max", method: str = "sparse_table", map_index: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SPP-pool many integer cell windows of one feature map in one vectorised call.
+    """SPP-pool many integer cell windows of one or more feature maps in one vectorised call.
 
     Equal to ``SpatialPyramidPooling(levels, mode)`` applied to each crop
     ``fmap[:, t:b+1, l:r+1]`` (tested). Max mode: ``method="sparse_table"`` (default;
@@ -308,38 +371,62 @@ def pool_windows(
     which computes exactly the floor/ceil bins; the reference). Avg mode: summed-area table.
 
     Args:
-        fmap: ``(C, H, W)`` feature map, float32 or float16 (the cache's dtype; max pooling by sparse
-            table runs in float16 then, exactly, at half the memory traffic; the rest in float32).
+        fmap: a ``(C, H, W)`` feature map, or a list of them (one per scale; same ``C``, dtype and
+            device), float32 or float16 (the cache's dtype; max pooling by sparse table runs in
+            float16 then, exactly, at half the memory traffic; the rest in float32). Any memory
+            layout; channels-last maps are read without a copy.
         cells: ``(R, 4)`` int64 inclusive ``(l, t, r, b)`` from :func:`project_boxes_to_cells`,
-            inside the map.
+            inside the map of each window.
         levels: pyramid levels.
         mode: ``"max"`` or ``"avg"``.
         method: max-mode algorithm, ``"sparse_table"`` or ``"roi_pool"``.
+        map_index: ``(R,)`` which map each window lies in (needed with a list of maps).
+        out: an ``(R, C * sum(n*n))`` float32 tensor to write into (e.g. one buffer reused per image,
+            which saves the page faults of a fresh 100 MB output); a new one when None.
 
     Returns:
-        ``(R, C * sum(n*n))`` float32.
+        ``(R, C * sum(n*n))`` float32 (``out`` when given).
     """
     levels = _check_levels(levels)
-    if fmap.dim() != 3:
-        raise ValueError(f"pool_windows expects a (C, H, W) map, got shape {tuple(fmap.shape)}")
-    if not (mode == "max" and method == "sparse_table" and fmap.dtype in (torch.float16, torch.bfloat16)):
-        fmap = fmap.float()
-    cells = cells.to(device=fmap.device, dtype=torch.int64).reshape(-1, 4)
-    r = cells.shape[0]
-    if r == 0:
-        return torch.zeros((0, spp_output_dim(fmap.shape[0], levels)), device=fmap.device)
-    _, h, w = fmap.shape
-    l, t, rr, b = cells.unbind(1)
-    if bool(((l < 0) | (t < 0) | (rr >= w) | (b >= h) | (rr < l) | (b < t)).any()):
-        raise ValueError(f"cell windows must satisfy 0 <= l <= r < {w} and 0 <= t <= b < {h} (map {h}x{w})")
-    if mode == "avg":
-        return _avg_pool_windows(fmap, cells, levels)
-    if mode != "max":
+    maps = [fmap] if isinstance(fmap, torch.Tensor) else list(fmap)
+    if not maps or any(m.dim() != 3 for m in maps):
+        raise ValueError(f"pool_windows expects (C, H, W) maps, got shapes {[tuple(m.shape) for m in maps]}")
+    if len({(m.shape[0], m.dtype, m.device) for m in maps}) > 1:
+        raise ValueError("pool_windows: all maps need the same channels, dtype and device")
+    if mode not in ("max", "avg"):
         raise ValueError(f"mode must be 'max' or 'avg', got {mode!r}")
-    if method == "sparse_table":
-        return _max_pool_windows(fmap, cells, levels)
-    if method != "roi_pool":
+    if method not in ("sparse_table", "roi_pool"):
         raise ValueError(f"method must be 'sparse_table' or 'roi_pool', got {method!r}")
-    rois = torch.cat([fmap.new_zeros((r, 1)), cells.to(fmap.dtype)], dim=1)
-    x = fmap.unsqueeze(0)
-    return torch.cat([roi_pool(x, rois, output_size=(n, n), spatial_scale=1.0).reshape(r, -1) for n in levels], dim=1)
+    fast = mode == "max" and method == "sparse_table"
+    if not (fast and maps[0].dtype in (torch.float16, torch.bfloat16)):
+        maps = [m.float() for m in maps]
+    dev = maps[0].device
+    cells = cells.to(device=dev, dtype=torch.int64).reshape(-1, 4)
+    r, dim = cells.shape[0], spp_output_dim(maps[0].shape[0], levels)
+    if map_index is None:
+        if len(maps) > 1:
+            raise ValueError("pool_windows: map_index is needed with more than one map")
+        map_index = torch.zeros(r, dtype=torch.int64, device=dev)
+    map_index = torch.as_tensor(map_index, dtype=torch.int64).to(dev).reshape(-1)
+    if len(map_index) != r or (r and (int(map_index.min()) < 0 or int(map_index.max()) >= len(maps))):
+        raise ValueError(f"map_index must give one map in [0, {len(maps)}) per window")
+    if out is None:
+        out = torch.empty((r, dim), dtype=torch.float32, device=dev)
+    elif out.shape != (r, dim) or out.dtype != torch.float32:
+        raise ValueError(f"out must be a float32 tensor of shape {(r, dim)}, got {out.dtype} {tuple(out.shape)}")
+    if r == 0:
+        return out
+    sizes = torch.tensor([list(m.shape[-2:]) for m in maps], device=dev)[map_index]  # (R, 2): H, W
+    l, t, rr, b = cells.unbind(1)
+    if bool(((l < 0) | (t < 0) | (rr >= sizes[:, 1]) | (b >= sizes[:, 0]) | (rr < l) | (b < t)).any()):
+        shapes = ", ".join(f"{m.shape[-2]}x{m.shape[-1]}" for m in maps)
+        raise ValueError(f"cell windows must satisfy 0 <= l <= r < W and 0 <= t <= b < H of their map ({shapes})")
+    if fast:
+        return _max_pool_windows(maps, cells, map_index, levels, out)
+    for s, m in enumerate(maps):
+        sel = torch.nonzero(map_index == s).reshape(-1)
+        if len(sel) == r:
+            out.copy_(_pool_one_map(m, cells, levels, mode))
+        elif len(sel):
+            out[sel] = _pool_one_map(m, cells[sel], levels, mode)
+    return out

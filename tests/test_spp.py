@@ -119,6 +119,40 @@ def test_sparse_table_pooling_equals_roi_pool(shape, levels):
     assert half.dtype == torch.float32 and torch.equal(half, pool_windows(fmap.half().float(), cells, levels, "max", "roi_pool"))
 
 
+def test_pooling_several_maps_in_one_call_equals_one_map_at_a_time():
+    """Scales pooled together (one stacked table, windows in their own order) give each window
+    exactly what pooling its own map alone gives; channels-last maps and a reused ``out`` too."""
+    g = torch.Generator().manual_seed(5)
+    maps = [torch.randn(8, h, w, generator=g).half() for h, w in ((9, 14), (23, 31), (40, 52))]
+    maps[1] = maps[1][None].contiguous(memory_format=torch.channels_last)[0]  # a conv output's layout
+    r, levels = 500, (6, 3, 2, 1)
+    sidx = torch.randint(0, 3, (r,), generator=g)
+    cells = torch.zeros((r, 4), dtype=torch.int64)
+    for s, m in enumerate(maps):
+        h, w = m.shape[-2:]
+        sel = sidx == s
+        k = int(sel.sum())
+        l, t = torch.randint(0, w, (k,), generator=g), torch.randint(0, h, (k,), generator=g)
+        rr = torch.minimum(l + torch.randint(0, w, (k,), generator=g), torch.tensor(w - 1))
+        b = torch.minimum(t + torch.randint(0, h, (k,), generator=g), torch.tensor(h - 1))
+        cells[sel] = torch.stack([l, t, rr, b], 1)
+    out = torch.full((r, 8 * 50), float("nan"))
+    got = pool_windows(maps, cells, levels, map_index=sidx, out=out)
+    assert got is out
+    ref = pool_windows(maps, cells, levels, method="roi_pool", map_index=sidx)
+    assert torch.equal(got, ref)
+    for s, m in enumerate(maps):
+        sel = sidx == s
+        assert torch.equal(got[sel], pool_windows(m, cells[sel], levels))
+    first = got.clone()
+    pool_windows(maps[2], cells[sidx == 2], levels)  # reuses the scratch buffers, not the caller's output
+    assert torch.equal(got, first)
+    with pytest.raises(ValueError, match="map_index"):
+        pool_windows(maps, cells, levels)
+    with pytest.raises(ValueError, match="out must be"):
+        pool_windows(maps, cells, levels, map_index=sidx, out=torch.empty(3, 3))
+
+
 def test_pool_windows_rejects_windows_outside_the_map():
     fmap = torch.rand(2, 5, 6)
     for bad in ([0, 0, 6, 4], [-1, 0, 2, 2], [3, 0, 2, 2], [0, 0, 1, 5]):
