@@ -92,6 +92,11 @@ class PretrainConfig:
     jitters: int = 0  # extra shifted copies (IoU >= 0.6) of each ground-truth crop (VOC source)
     val_fraction: float = 0.2
     workers: int = 0
+    # Arithmetic of the training steps: "fp32", "bf16" (autocast: convolutions and matmuls in
+    # bfloat16, reductions and the loss in float32) or "auto" (bf16 where the processor has
+    # native bfloat16 instructions or on a CUDA device that supports it, else fp32).
+    # Convolutions always run channels-last (a layout change, same arithmetic).
+    precision: str = "auto"
     # Source of the crops: None = ground truth of data.train_split. A VOC year folder = its
     # ``split`` (the toy world's "ImageNet": a separate set the detector is never tested on,
     # which needs no proposals and so is cheap to make large). ``synthetic_images`` > 0
@@ -163,6 +168,11 @@ class BBoxRegConfig:
 class TestConfig:
     nms: float = 0.3
     score_threshold: float = -1.5  # SVM scores are margins; the authors keep > -1.5 for evaluation
+    # Caps per image: per class first (R-CNN keeps the top 100 of each class for evaluation), then
+    # across classes for tools/detect.py's output (0 = none). Evaluation applies only the per-class
+    # cap: SVM margins of different classes are not calibrated against each other, so a cross-class
+    # cap lets the most permissive class crowd out the others (demo: block took 94 of the 100).
+    max_per_class: int = 100
     max_per_image: int = 100
     bbox_reg: bool = True
     svd_fc6: int = 0  # truncated-SVD rank for fc6 (0: off)

@@ -15,6 +15,7 @@ from .boxes import clip_boxes, nms
 from .config import FeatureConfig, TestConfig
 from .features import FeatureCache, ImageFeatures, conv5_maps
 from .models import FCHead, truncated_svd_linear
+from .spp import spp_output_dim
 from .store import load_npz
 
 __all__ = ["Detections", "Detector", "load_svms"]
@@ -46,13 +47,19 @@ def _select(boxes, scores, thresh, nms_iou):
     return keep[nms(boxes[keep], scores[keep], nms_iou)]
 
 
-def _cap(dets: list[tuple], max_per_image: int) -> Detections:
+def _cap(dets: list[tuple], max_per_class: int, max_per_image: int) -> Detections:
+    """Concatenate per-class ``(boxes, scores, k)`` (each sorted by score, as NMS returns them),
+    keeping the top ``max_per_class`` of each class, then the top ``max_per_image`` in all (0: no cap)."""
+    if max_per_class > 0:
+        dets = [(b[:max_per_class], s[:max_per_class], k) for b, s, k in dets]
     if not dets:
         return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
     b = np.concatenate([d[0] for d in dets]).astype(np.float32)
     s = np.concatenate([d[1] for d in dets]).astype(np.float32)
     k = np.concatenate([np.full(len(d[1]), d[2]) for d in dets]).astype(np.int64)
-    order = np.argsort(-s, kind="stable")[:max_per_image]
+    order = np.argsort(-s, kind="stable")
+    if max_per_image > 0:
+        order = order[:max_per_image]
     return Detections(b[order], s[order], k[order])
 
 
@@ -71,6 +78,7 @@ class Detector:
                  test: TestConfig, classes: Sequence[str]):
         self.head = head.eval() if head is not None else None
         self.svms, self.regressor, self.cache, self.test, self.classes = svms, regressor, cache, test, list(classes)
+        self._pooled: torch.Tensor | None = None
         if head is not None and test.svd_fc6:
             head.fc6 = truncated_svd_linear(head.fc6, test.svd_fc6)
         if head is not None and test.svd_fc7:
@@ -78,9 +86,14 @@ class Detector:
 
     @torch.no_grad()
     def score(self, feats: ImageFeatures, proposals: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
-        """``(pool5 (R, D0), scores (R, K), timing)`` for an image's proposals."""
+        """``(pool5 (R, D0), scores (R, K), timing)`` for an image's proposals. ``pool5`` lives in a
+        buffer that the next call overwrites (one buffer for every image: a fresh ~100 MB output per
+        image cost its page faults every time); copy it to keep it."""
         t0 = time.perf_counter()
-        pooled = self.cache.pooled(feats, proposals)
+        r, d = len(proposals), spp_output_dim(feats.maps[0].shape[0], self.cache.levels)
+        if self._pooled is None or self._pooled.shape[0] < r or self._pooled.shape[1] != d:
+            self._pooled = torch.empty((max(r, 2000), d), dtype=torch.float32)
+        pooled = self.cache.pooled(feats, proposals, out=self._pooled[:r])
         t1 = time.perf_counter()
         layer = self.svms["layer"]
         x = pooled if layer == "pool5" or self.head is None else self.head.features(pooled, layer)
@@ -90,10 +103,13 @@ class Detector:
         return pooled.numpy(), scores, {"pool": t1 - t0, "fc": t2 - t1, "svm": t3 - t2}
 
     def postprocess(self, pooled: np.ndarray, scores: np.ndarray, proposals: np.ndarray, width: int, height: int,
-                    score_threshold: float | None = None) -> tuple[Detections, Detections | None, float]:
-        """Per-class threshold + NMS (without regression), then regression + clip + NMS (with)."""
+                    score_threshold: float | None = None, max_per_image: int | None = None,
+                    ) -> tuple[Detections, Detections | None, float]:
+        """Per-class threshold + NMS (without regression), then regression + clip + NMS (with), then the
+        caps (``max_per_image``: None = ``test.max_per_image``; evaluation passes 0, see ``TestConfig``)."""
         t0 = time.perf_counter()
         thr = self.test.score_threshold if score_threshold is None else score_threshold
+        cap = self.test.max_per_image if max_per_image is None else max_per_image
         plain, refined = [], []
         for k in range(scores.shape[1]):
             keep = _select(proposals, scores[:, k], thr, self.test.nms)
@@ -106,13 +122,15 @@ class Detector:
                 rb, sk = rb[ok], scores[keep, k][ok]
                 k2 = nms(rb, sk, self.test.nms)
                 refined.append((rb[k2], sk[k2], k))
-        det_plain = _cap(plain, self.test.max_per_image)
-        det_reg = _cap(refined, self.test.max_per_image) if self.regressor is not None else None
+        det_plain = _cap(plain, self.test.max_per_class, cap)
+        det_reg = _cap(refined, self.test.max_per_class, cap) if self.regressor is not None else None
         return det_plain, det_reg, time.perf_counter() - t0
 
-    def detect_cached(self, feats: ImageFeatures, proposals: np.ndarray, score_threshold: float | None = None):
+    def detect_cached(self, feats: ImageFeatures, proposals: np.ndarray, score_threshold: float | None = None,
+                      max_per_image: int | None = None):
         pooled, scores, timing = self.score(feats, proposals)
-        plain, reg, t_post = self.postprocess(pooled, scores, proposals, feats.width, feats.height, score_threshold)
+        plain, reg, t_post = self.postprocess(pooled, scores, proposals, feats.width, feats.height, score_threshold,
+                                              max_per_image)
         timing["post"] = t_post
         return plain, reg, timing
 

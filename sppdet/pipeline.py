@@ -494,7 +494,7 @@ def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str =
     t0 = time.time()
     for i in tqdm(ds.ids, desc=f"test {split}", unit="img", disable=not progress):
         feats = det.cache.load(i)
-        plain, reg, t = det.detect_cached(feats, store.load(i))
+        plain, reg, t = det.detect_cached(feats, store.load(i), max_per_image=0)  # per-class cap only (R-CNN)
         for k in timing:
             timing[k] += t[k]
         plain_all[i] = plain

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
-__all__ = ["CropDataset", "folder_items", "voc_items", "train_classifier", "save_checkpoint", "load_checkpoint"]
+__all__ = ["CropDataset", "folder_items", "voc_items", "train_classifier", "resolve_precision", "save_checkpoint", "load_checkpoint"]
 
 
 def folder_items(root: str | Path) -> tuple[list[tuple[str, None, int]], list[str]]:
@@ -163,10 +163,33 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"{path}: not a readable checkpoint ({e})") from e
 
 
-def _evaluate(model, loader, size: int, device) -> float:
+def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
+    """``"fp32"`` or ``"bf16"`` for a requested ``"auto" | "fp32" | "bf16"`` on ``device``.
+
+    ``"auto"`` picks bf16 only where it is native: a CPU with bfloat16 instructions (oneDNN's
+    check; elsewhere bf16 is emulated and slower than fp32) or a CUDA device that supports it.
+    """
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"pretrain.precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if precision != "auto":
+        return precision
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return "bf16" if native else "fp32"
+
+
+def _autocast(device, precision: str):
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _evaluate(model, loader, size: int, device, precision: str = "fp32") -> float:
     model.eval()
     correct = total = 0
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(device, precision):
         for x, y in loader:
             x = _batch(model, x, size, device)
             correct += int((model(x).argmax(1).cpu() == y).sum())
@@ -178,7 +201,8 @@ def _batch(model, x: torch.Tensor, size: int, device) -> torch.Tensor:
     x = x.to(device).float()
     if x.shape[-1] != size:  # the smaller input is the crop resized, as in the paper
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return model.backbone.normalize(x)
+    # Channels-last: oneDNN's convolutions are 1.5x (fp32) to 3x (with bf16) faster per step on CPU.
+    return model.backbone.normalize(x).contiguous(memory_format=torch.channels_last)
 
 
 def train_classifier(items: Sequence, classes: Sequence[str], backbone_cfg: BackboneConfig, cfg: PretrainConfig,
@@ -206,6 +230,9 @@ def train_classifier(items: Sequence, classes: Sequence[str], backbone_cfg: Back
     weights = backbone_cfg.weights if backbone_cfg.weights not in (None, "pretrain") else None
     backbone = build_backbone(backbone_cfg.name, weights, backbone_cfg.width)
     model = SPPNetClassifier(backbone, len(classes), cfg.levels, cfg.hidden, cfg.dropout).to(device)
+    model.to(memory_format=torch.channels_last)
+    precision = resolve_precision(cfg.precision, device)
+    log_fn(f"pretrain: {precision} steps (pretrain.precision={cfg.precision!r}), channels-last convolutions")
     big = max(cfg.sizes)
     train_ds = CropDataset(train_items, big, cfg.context, train=True, seed=seed, context_max=cfg.context_max)
     val_ds = CropDataset(val_items, big, cfg.context, train=False, seed=seed)
@@ -227,15 +254,16 @@ def train_classifier(items: Sequence, classes: Sequence[str], backbone_cfg: Back
                    leave=False)
         for x, y in bar:
             x = _batch(model, x, size, device)
-            loss = F.cross_entropy(model(x), y.to(device))
+            with _autocast(device, precision):
+                loss = F.cross_entropy(model(x).float(), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        acc = _evaluate(model, val_dl, big, device)
-        acc_small = _evaluate(model, val_dl, min(cfg.sizes), device) if len(cfg.sizes) > 1 else acc
+        acc = _evaluate(model, val_dl, big, device, precision)
+        acc_small = _evaluate(model, val_dl, min(cfg.sizes), device, precision) if len(cfg.sizes) > 1 else acc
         rec = {"epoch": epoch + 1, "size": size, "loss": float(np.mean(losses)) if losses else float("nan"),
                "val_acc": acc, "val_acc_small": acc_small}
         history.append(rec)
@@ -247,8 +275,9 @@ def train_classifier(items: Sequence, classes: Sequence[str], backbone_cfg: Back
         "pretrain_cfg": asdict(cfg),
         "classes": list(classes),
         "levels": list(cfg.levels),
-        "backbone": {k: v.cpu() for k, v in model.backbone.state_dict().items()},
-        "head": {k: v.cpu() for k, v in model.head.state_dict().items()},
+        "backbone": {k: v.cpu().contiguous() for k, v in model.backbone.state_dict().items()},
+        "head": {k: v.cpu().contiguous() for k, v in model.head.state_dict().items()},
+        "precision": precision,
         "history": history,
         "seconds": time.time() - t0,
         "num_train": len(train_items),

@@ -105,3 +105,42 @@ def test_finetune_freezes_conv_and_lowers_loss(tmp_path):
     assert h[-1]["val_loss"] < h[0]["val_loss"] or h[-1]["train_loss"] < h[0]["train_loss"]
     assert all(torch.equal(before[k], v) for k, v in zf.state_dict().items())
     assert weights_fingerprint(zf) == weights_fingerprint(zf)
+
+
+def test_pretrain_multi_size_and_precision(toy_voc, tmp_path):
+    from sppdet.config import BackboneConfig, PretrainConfig
+    from sppdet.pretrain import resolve_precision, train_classifier, voc_items
+    from sppdet.synthetic import TOY_CLASSES
+    from sppdet.voc import VOCDataset
+
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp16")
+    assert resolve_precision("auto") in ("fp32", "bf16")
+    ds = VOCDataset(toy_voc, "trainval", TOY_CLASSES)
+    items, classes = voc_items(ds, 1, np.random.default_rng(0))
+    cfg = PretrainConfig(sizes=[96, 64], epochs=2, batch_size=8, hidden=32, precision="bf16", lr=0.01)
+    ck = train_classifier(items[:24], classes, BackboneConfig(name="zf5", width=0.125), cfg, tmp_path, progress=False,
+                          log_fn=lambda *a: None)
+    assert ck["precision"] == "bf16"
+    assert [h["size"] for h in ck["history"]] == [96, 64]  # multi-size: the size alternates per epoch
+    assert all(np.isfinite(h["loss"]) for h in ck["history"])
+    # Weights are stored float32 and contiguous (channels-last is a training-time layout only).
+    assert all(v.dtype == torch.float32 and v.is_contiguous() for v in ck["backbone"].values())
+    assert (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_caps_per_class_then_per_image():
+    from sppdet.detector import _cap
+
+    def cls(k, scores):
+        s = np.asarray(scores, np.float32)
+        return np.tile(np.array([[0, 0, 10, 10]], np.float32), (len(s), 1)), s, k
+
+    dets = [cls(0, [5, 4, 3, 2, 1]), cls(1, [0.5, 0.4])]
+    d = _cap(dets, 3, 0)  # evaluation: per class only, so class 1's low margins survive
+    assert sorted(d.labels.tolist()) == [0, 0, 0, 1, 1]
+    d = _cap(dets, 3, 4)
+    assert d.scores.tolist() == [5, 4, 3, 0.5] and d.labels.tolist() == [0, 0, 0, 1]
+    d = _cap(dets, 0, 2)
+    assert d.scores.tolist() == [5, 4]
+    assert len(_cap([], 3, 4).scores) == 0
