@@ -306,9 +306,11 @@ def _sparse_table_max(maps: Sequence[torch.Tensor], cells: torch.Tensor, map_ind
 
 def _group_max(p: torch.Tensor, n: int, g: int, name: str) -> torch.Tensor:
     """``(R, n*g, n*g, C) -> (R, n, n, C)``: max over each ``g x g`` group of bins, by pairwise
-    maxima over slices (a reduction over two strided middle dims is several times slower),
-    into workspace buffers."""
+    maxima over slices into workspace buffers (a reduction over two strided middle dims is several
+    times slower), or for groups wider than 2 by a channels-last max pool."""
     r, c = p.shape[0], p.shape[-1]
+    if g > 2:  # oneDNN/ATen's channels-last max pool is faster here (3x3 groups: 3.6 vs 6.6 ms for 2000 windows)
+        return F.max_pool2d(p.permute(0, 3, 1, 2), g, g).permute(0, 2, 3, 1)
     v = p.view(r, n, g, n, g, c)
     m = _WS.get(name + "_cols", (r, n, n * g, c), p.dtype, p.device).view(r, n, g, n, c)
     torch.maximum(v[:, :, :, :, 0], v[:, :, :, :, 1], out=m) if g > 1 else m.copy_(v[:, :, :, :, 0])
