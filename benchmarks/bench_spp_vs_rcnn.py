@@ -7,7 +7,8 @@
     into a fresh output, and on the float32 map with it and with the ``torchvision.ops.roi_pool`` reference.
 (b) R-CNN: every window cropped with 16 px of context (in the warped frame), warped to 224x224 and pushed
     through the same conv layers, batched 64 at a time (crop + warp time included).
-Both then run the same fc6/fc7 (dense, and truncated SVD as an option) and the same linear SVMs.
+Both then run the same fc6/fc7 (dense float32; truncated SVD and bfloat16 autocast as options) and the same
+linear SVMs.
 
     python benchmarks/bench_spp_vs_rcnn.py [--width 1.0] [--rcnn-windows 128] [--threads 2] [--json out.json]
 
@@ -29,7 +30,7 @@ import torch
 
 from sppdet.backbones import build_backbone
 from sppdet.features import conv5_maps, pool_boxes
-from sppdet.models import FCHead, truncated_svd_linear
+from sppdet.models import FCHead, autocast, truncated_svd_linear
 from sppdet.proposals import propose
 from sppdet.spp import SpatialPyramidPooling, spp_output_dim
 
@@ -116,6 +117,8 @@ def main(argv=None) -> int:
         fc7 = head.features(pooled, "fc7")
         w_svm = torch.randn(hidden, args.classes)
         t["svm"] = best_of(lambda: fc7 @ w_svm + 1.0, args.repeats)
+        with autocast("cpu", "bf16"):  # test.fc_precision: bf16 (what "auto" picks with native bfloat16)
+            t["fc_bf16"] = best_of(lambda: head.features(pooled, "fc7").float(), args.repeats)
         r6 = min(1024, hidden // 4)
         head.fc6 = truncated_svd_linear(head.fc6, r6)
         head.fc7 = truncated_svd_linear(head.fc7, r6 // 4)
@@ -127,6 +130,7 @@ def main(argv=None) -> int:
     spp_score = spp_conv + t["fc_dense"] + t["svm"]
     rcnn_score = t["rcnn_conv"] + t["fc_dense"] + t["svm"]
     spp_score_svd = spp_conv + t["fc_svd"] + t["svm"]
+    spp_score_bf16 = spp_conv + t["fc_bf16"] + t["svm"]
     res = {
         "image": name, "image_size": list(rgb.shape[:2]), "resized": [sh, sw], "conv5": [h, w], "windows": R,
         "width": args.width, "feature_dim": pooled.shape[1], "threads": torch.get_num_threads(),
@@ -137,6 +141,7 @@ def main(argv=None) -> int:
         "pixel_ratio": pixel_ratio,
         "scoring_ratio": rcnn_score / spp_score, "scoring_ratio_svd": (t["rcnn_conv"] + t["fc_svd"] + t["svm"]) /
         spp_score_svd,
+        "scoring_ratio_fc_bf16": (t["rcnn_conv"] + t["fc_bf16"] + t["svm"]) / spp_score_bf16,
         "spp_shares": {k: v / spp_score for k, v in
                        {"conv": t["conv5_once"], "pool": t["pool_sparse_table"], "fc": t["fc_dense"],
                         "svm": t["svm"]}.items()},
@@ -160,12 +165,14 @@ def main(argv=None) -> int:
     print(f"{'fc6+fc7, dense':44}{t['fc_dense']:9.3f}")
     print(f"{'fc6+fc7, truncated SVD (rank %d/%d)' % (r6, r6 // 4):44}{t['fc_svd']:9.3f}  "
           f"({t['fc_dense'] / t['fc_svd']:.1f}x)")
+    print(f"{'fc6+fc7, bfloat16 autocast':44}{t['fc_bf16']:9.3f}  ({t['fc_dense'] / t['fc_bf16']:.1f}x)")
     print(f"{'SVM scores (%d classes)' % args.classes:44}{t['svm']:9.3f}")
     sh_ = res["spp_shares"]
     print(f"per-image scoring (proposals excluded): SPP {spp_score:.3f} s [conv {100 * sh_['conv']:.0f}%, pool "
           f"{100 * sh_['pool']:.0f}%, fc {100 * sh_['fc']:.0f}%, svm {100 * sh_['svm']:.1f}%] vs R-CNN "
           f"{rcnn_score:.3f} s: {res['scoring_ratio']:.0f}x; with SVD fc {spp_score_svd:.3f} s: "
-          f"{res['scoring_ratio_svd']:.0f}x")
+          f"{res['scoring_ratio_svd']:.0f}x; with bf16 fc (both sides) {spp_score_bf16:.3f} s: "
+          f"{res['scoring_ratio_fc_bf16']:.0f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0

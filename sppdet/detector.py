@@ -14,7 +14,7 @@ from .bbox_reg import BoxRegressor
 from .boxes import clip_boxes, nms
 from .config import FeatureConfig, TestConfig
 from .features import FeatureCache, ImageFeatures, conv5_maps
-from .models import FCHead, truncated_svd_linear
+from .models import FCHead, autocast, resolve_precision, truncated_svd_linear
 from .spp import spp_output_dim
 from .store import load_npz
 
@@ -83,6 +83,7 @@ class Detector:
             head.fc6 = truncated_svd_linear(head.fc6, test.svd_fc6)
         if head is not None and test.svd_fc7:
             head.fc7 = truncated_svd_linear(head.fc7, test.svd_fc7)
+        self.fc_precision = resolve_precision(test.fc_precision, "cpu", "test.fc_precision")
 
     @torch.no_grad()
     def score(self, feats: ImageFeatures, proposals: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -96,7 +97,11 @@ class Detector:
         pooled = self.cache.pooled(feats, proposals, out=self._pooled[:r])
         t1 = time.perf_counter()
         layer = self.svms["layer"]
-        x = pooled if layer == "pool5" or self.head is None else self.head.features(pooled, layer)
+        if layer == "pool5" or self.head is None:
+            x = pooled
+        else:
+            with autocast("cpu", self.fc_precision):
+                x = self.head.features(pooled, layer).float()
         t2 = time.perf_counter()
         scores = (x.numpy() * self.svms["feature_scale"]) @ self.svms["W"].T + self.svms["b"]
         t3 = time.perf_counter()

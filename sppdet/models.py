@@ -10,7 +10,7 @@ from torch import nn
 from .backbones import Backbone
 from .spp import SpatialPyramidPooling, spp_output_dim
 
-__all__ = ["FCHead", "SPPNetClassifier", "FixedSizeClassifier", "truncated_svd_linear"]
+__all__ = ["FCHead", "SPPNetClassifier", "FixedSizeClassifier", "truncated_svd_linear", "resolve_precision", "autocast"]
 
 
 class FCHead(nn.Module):
@@ -104,3 +104,27 @@ def truncated_svd_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
     second.weight.data = u[:, :rank].float().contiguous()
     second.bias.data = layer.bias.data.clone()
     return nn.Sequential(first, second)
+
+
+def resolve_precision(precision: str, device: str | torch.device = "cpu", name: str = "precision") -> str:
+    """``"fp32"`` or ``"bf16"`` for a requested ``"auto" | "fp32" | "bf16"`` (config key ``name``) on ``device``.
+
+    ``"auto"`` picks bf16 only where it is native: a CPU with bfloat16 instructions (oneDNN's
+    check; elsewhere bf16 is emulated and slower than fp32) or a CUDA device that supports it.
+    """
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"{name} must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if precision != "auto":
+        return precision
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return "bf16" if native else "fp32"
+
+
+def autocast(device: str | torch.device, precision: str):
+    """bfloat16 autocast on ``device`` when ``precision == "bf16"`` (a no-op context otherwise)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from .backbones import build_backbone
 from .boxes import iou_matrix
 from .config import BackboneConfig, PretrainConfig
-from .models import SPPNetClassifier
+from .models import SPPNetClassifier, autocast, resolve_precision
 from .store import atomic_write_bytes
 from .voc import VOCDataset, load_image
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
-__all__ = ["CropDataset", "folder_items", "voc_items", "train_classifier", "resolve_precision", "save_checkpoint", "load_checkpoint"]
+__all__ = ["CropDataset", "folder_items", "voc_items", "train_classifier", "save_checkpoint", "load_checkpoint"]
 
 
 def folder_items(root: str | Path) -> tuple[list[tuple[str, None, int]], list[str]]:
@@ -163,33 +163,10 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"{path}: not a readable checkpoint ({e})") from e
 
 
-def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
-    """``"fp32"`` or ``"bf16"`` for a requested ``"auto" | "fp32" | "bf16"`` on ``device``.
-
-    ``"auto"`` picks bf16 only where it is native: a CPU with bfloat16 instructions (oneDNN's
-    check; elsewhere bf16 is emulated and slower than fp32) or a CUDA device that supports it.
-    """
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"pretrain.precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
-    if precision != "auto":
-        return precision
-    if torch.device(device).type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native = False
-    return "bf16" if native else "fp32"
-
-
-def _autocast(device, precision: str):
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def _evaluate(model, loader, size: int, device, precision: str = "fp32") -> float:
     model.eval()
     correct = total = 0
-    with torch.no_grad(), _autocast(device, precision):
+    with torch.no_grad(), autocast(device, precision):
         for x, y in loader:
             x = _batch(model, x, size, device)
             correct += int((model(x).argmax(1).cpu() == y).sum())
@@ -231,7 +208,7 @@ def train_classifier(items: Sequence, classes: Sequence[str], backbone_cfg: Back
     backbone = build_backbone(backbone_cfg.name, weights, backbone_cfg.width)
     model = SPPNetClassifier(backbone, len(classes), cfg.levels, cfg.hidden, cfg.dropout).to(device)
     model.to(memory_format=torch.channels_last)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, "pretrain.precision")
     log_fn(f"pretrain: {precision} steps (pretrain.precision={cfg.precision!r}), channels-last convolutions")
     big = max(cfg.sizes)
     train_ds = CropDataset(train_items, big, cfg.context, train=True, seed=seed, context_max=cfg.context_max)
@@ -254,7 +231,7 @@ def train_classifier(items: Sequence, classes: Sequence[str], backbone_cfg: Back
                    leave=False)
         for x, y in bar:
             x = _batch(model, x, size, device)
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 loss = F.cross_entropy(model(x).float(), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -109,7 +109,8 @@ def test_finetune_freezes_conv_and_lowers_loss(tmp_path):
 
 def test_pretrain_multi_size_and_precision(toy_voc, tmp_path):
     from sppdet.config import BackboneConfig, PretrainConfig
-    from sppdet.pretrain import resolve_precision, train_classifier, voc_items
+    from sppdet.models import resolve_precision
+    from sppdet.pretrain import train_classifier, voc_items
     from sppdet.synthetic import TOY_CLASSES
     from sppdet.voc import VOCDataset
 
