@@ -203,14 +203,14 @@ class _Workspace(threading.local):
     frees them."""
 
     def __init__(self):
-        self.bufs: dict[str, torch.Tensor] = {}
+        self.bufs: dict[tuple, torch.Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         numel = math.prod(shape)
-        b = self.bufs.get(name)
-        if b is None or b.numel() < numel or b.dtype != dtype or b.device != device:
-            b = torch.empty(numel, dtype=dtype, device=device)
-            self.bufs[name] = b
+        key = (name, dtype, torch.device(device))
+        b = self.bufs.get(key)
+        if b is None or b.numel() < numel:
+            b = self.bufs[key] = torch.empty(numel, dtype=dtype, device=device)
         return b[:numel].view(shape)
 
 
@@ -276,14 +276,11 @@ def _sparse_table_max(maps: Sequence[torch.Tensor], cells: torch.Tensor, map_ind
             tab = rows
             for bb in range(max(want[a]) + 1):
                 k = (s * na + a) * nb + bb
-                dst = None
-                if bb in want[a]:
-                    o, wt = int(off[k]), int(width[k])
-                    dst = table[o:o + tab.shape[0] * wt].view(tab.shape[0], wt, c)
+                o, wt = int(off[k]), int(width[k])
+                dst = table[o:o + tab.shape[0] * wt].view(tab.shape[0], wt, c) if bb in want[a] else None
                 if bb:
                     h = 1 << (bb - 1)
-                    tab = torch.maximum(tab[:, :-h], tab[:, h:], out=dst) if dst is not None else \
-                        torch.maximum(tab[:, :-h], tab[:, h:])
+                    tab = torch.maximum(tab[:, :-h], tab[:, h:], out=dst)  # straight into the stack when needed
                 elif dst is not None:
                     dst.copy_(tab)
     # Per window, per bin: the two anchor rows and columns, as rows of the stacked buffer.
