@@ -38,6 +38,9 @@ __all__ = [
 ]
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 class ConfigError(ValueError):
     pass
 
@@ -96,7 +99,7 @@ class PretrainConfig:
     # bfloat16, reductions and the loss in float32) or "auto" (bf16 where the processor has
     # native bfloat16 instructions or on a CUDA device that supports it, else fp32).
     # Convolutions always run channels-last (a layout change, same arithmetic).
-    precision: str = "auto"
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     # Source of the crops: None = ground truth of data.train_split. A VOC year folder = its
     # ``split`` (the toy world's "ImageNet": a separate set the detector is never tested on,
     # which needs no proposals and so is cheap to make large). ``synthetic_images`` > 0
@@ -179,7 +182,7 @@ class TestConfig:
     svd_fc7: int = 0
     # fc6/fc7 arithmetic at test time: "fp32", "bf16" (autocast: 2.2x faster fc6+fc7 for 2000 windows
     # with native bfloat16 instructions) or "auto" (bf16 where native). See the README for its mAP cost.
-    fc_precision: str = "auto"
+    fc_precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     draw_threshold: float = 0.0
 
 
@@ -218,7 +221,8 @@ def _build(cls, data: dict, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
@@ -231,6 +235,9 @@ def _build(cls, data: dict, where: str):
         else:
             if not _type_ok(v, tp):
                 raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {v!r} ({type(v).__name__})")
+            choices = fields[k].metadata.get("choices")
+            if choices is not None and v not in choices:
+                raise ConfigError(f"{key}: must be one of {', '.join(map(repr, choices))}, got {v!r}")
             kwargs[k] = float(v) if tp is float else v
     return cls(**kwargs)
 

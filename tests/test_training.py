@@ -145,3 +145,17 @@ def test_caps_per_class_then_per_image():
     d = _cap(dets, 0, 2)
     assert d.scores.tolist() == [5, 4]
     assert len(_cap([], 3, 4).scores) == 0
+
+
+def test_config_rejects_an_unknown_precision_naming_the_file():
+    import re
+    from pathlib import Path
+
+    from sppdet.config import ConfigError, load_config
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    for key in ("pretrain.precision", "test.fc_precision"):
+        want = f"{demo}: {key}: must be one of 'auto', 'fp32', 'bf16', got 'fp16'"
+        with pytest.raises(ConfigError, match=re.escape(want)):
+            load_config(demo, [f"{key}=fp16"])
+    assert load_config(demo, ["test.fc_precision=bf16"]).test.fc_precision == "bf16"
