@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone
+from .config import PRECISIONS
 from .spp import SpatialPyramidPooling, spp_output_dim
 
 __all__ = ["FCHead", "SPPNetClassifier", "FixedSizeClassifier", "truncated_svd_linear", "resolve_precision", "autocast"]
@@ -112,8 +113,8 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu", name: 
     ``"auto"`` picks bf16 only where it is native: a CPU with bfloat16 instructions (oneDNN's
     check; elsewhere bf16 is emulated and slower than fp32) or a CUDA device that supports it.
     """
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"{name} must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
     if precision != "auto":
         return precision
     if torch.device(device).type == "cuda":

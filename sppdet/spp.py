@@ -256,15 +256,14 @@ def _sparse_table_max(maps: Sequence[torch.Tensor], cells: torch.Tensor, map_ind
     off = torch.zeros(len(maps) * na * nb, dtype=torch.int64)
     width = torch.zeros_like(off)
     total = 0
+    by_map: dict[int, dict[int, set[int]]] = {}  # map -> row exponent -> column exponents needed
     for k in needed:
         s, a, bb = k // (na * nb), (k // nb) % na, k % nb
         h, w = maps[s].shape[-2:]
         off[k], width[k] = total, w - (1 << bb) + 1
         total += (h - (1 << a) + 1) * (w - (1 << bb) + 1)
+        by_map.setdefault(s, {}).setdefault(a, set()).add(bb)
     table = _WS.get("table", (total, c), dt, dev)
-    by_map: dict[int, dict[int, set[int]]] = {}
-    for k in needed:
-        by_map.setdefault(k // (na * nb), {}).setdefault((k // nb) % na, set()).add(k % nb)
     for s, want in by_map.items():
         rows = maps[s].permute(1, 2, 0).contiguous()  # (H, W, C); free for a channels-last map
         for a in range(max(want) + 1):
