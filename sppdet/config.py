@@ -108,6 +108,9 @@ class PretrainConfig:
     split: str = "trainval"
     synthetic_images: int = 0
     synthetic_seed: int = 1000
+    # Generated sets only: annotate up to this many distractor blobs per image as one more class
+    # ("distractor"), so the trunk learns to tell object-like clutter from the classes (0 = off).
+    synthetic_distractors: int = 0
 
 
 @dataclass(frozen=True)

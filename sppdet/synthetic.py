@@ -28,8 +28,11 @@ from .voc import Annotation, write_annotation
 log = logging.getLogger(__name__)
 
 TOY_CLASSES = ("disc", "block", "triangle", "ring", "cross")
+# The class of annotated distractor blobs (pre-training sets only: clutter shaped like objects,
+# which the trunk should learn to tell from them, as ImageNet's non-VOC classes do for VOC).
+DISTRACTOR_CLASS = "distractor"
 
-__all__ = ["TOY_CLASSES", "make_toy_voc", "render_scene"]
+__all__ = ["DISTRACTOR_CLASS", "TOY_CLASSES", "make_toy_voc", "render_scene"]
 
 
 @dataclass
@@ -38,7 +41,8 @@ class _Obj:
     mask: np.ndarray  # (H, W) bool, full extent of the object
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def _background(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The scene behind the objects and the outlines of its distractor blobs, in drawing order."""
     small = rng.uniform(40, 215, size=(rng.integers(2, 6), rng.integers(2, 6), 3)).astype(np.float32)
     img = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
     fine = cv2.resize(rng.normal(0, 18, size=(h // 8 + 1, w // 8 + 1, 3)).astype(np.float32), (w, h))
@@ -47,6 +51,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         p1 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
         p2 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
         cv2.line(img, p1, p2, tuple(float(c) for c in rng.uniform(0, 255, 3)), int(rng.integers(1, 4)), cv2.LINE_AA)
+    blobs = []
     for _ in range(rng.integers(3, 10)):  # distractor blobs: irregular polygons, no class
         c = rng.uniform([0, 0], [w, h])
         r = rng.uniform(8, 45)
@@ -55,7 +60,34 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         rad = r * rng.uniform(0.5, 1.3, n)
         pts = np.stack([c[0] + rad * np.cos(ang), c[1] + rad * np.sin(ang)], 1).astype(np.int32)
         cv2.fillPoly(img, [pts], tuple(float(v) for v in rng.uniform(0, 255, 3)), cv2.LINE_AA)
-    return img
+        blobs.append(pts)
+    return img, blobs
+
+
+def _visible_distractors(blobs: list[np.ndarray], owner: np.ndarray, limit: int) -> list[np.ndarray]:
+    """Boxes (visible extent) of at most ``limit`` distractor blobs, in drawing order, that are
+    at least half visible (not under later blobs or objects) and at least 12 px on each side."""
+    h, w = owner.shape
+    covered = owner >= 0
+    masks = []
+    for pts in reversed(blobs):  # later blobs cover earlier ones
+        m = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(m, [pts], 1)
+        m = m.astype(bool)
+        masks.append((m, m & ~covered))
+        covered = covered | m
+    out = []
+    for full, vis in reversed(masks):
+        n_full, n_vis = int(full.sum()), int(vis.sum())
+        if n_full == 0 or n_vis < 0.5 * n_full:
+            continue
+        ys, xs = np.nonzero(vis)
+        box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+        if min(box[2] - box[0], box[3] - box[1]) >= 12:
+            out.append(box)
+        if len(out) == limit:
+            break
+    return out
 
 
 def _shape_mask(rng: np.random.Generator, cls: int, h: int, w: int, cx: float, cy: float,
@@ -106,10 +138,15 @@ def _texture(rng: np.random.Generator, cls: int, h: int, w: int) -> np.ndarray:
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB).astype(np.float32)
 
 
-def render_scene(rng: np.random.Generator, width: int, height: int, max_objects: int = 6):
-    """Draw one scene. Returns ``(rgb uint8 (H, W, 3), labels (N,), boxes (N, 4), difficult, truncated)``."""
+def render_scene(rng: np.random.Generator, width: int, height: int, max_objects: int = 6, distractors: int = 0):
+    """Draw one scene. Returns ``(rgb uint8 (H, W, 3), labels (N,), boxes (N, 4), difficult, truncated)``.
+
+    ``distractors`` > 0 also lists up to that many visible distractor blobs, with label
+    ``len(TOY_CLASSES)``, after the objects. The pixels (and the random draws) are the same
+    either way: only the annotation differs.
+    """
     h, w = height, width
-    img = _background(rng, h, w)
+    img, blobs = _background(rng, h, w)
     owner = np.full((h, w), -1, np.int32)
     objs: list[_Obj] = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
@@ -146,14 +183,23 @@ def render_scene(rng: np.random.Generator, width: int, height: int, max_objects:
         boxes.append(box)
         difficult.append(n_vis / n_full < 0.35 or min(bw, bh) < 12)
         truncated.append(bool(cut))
+    if distractors > 0:
+        for box in _visible_distractors(blobs, owner, distractors):
+            labels.append(len(TOY_CLASSES))
+            boxes.append([float(v) for v in box])
+            difficult.append(False)
+            truncated.append(bool(box[0] == 0 or box[1] == 0 or box[2] == w or box[3] == h))
     return (rgb, np.array(labels, np.int64), np.array(boxes, np.float32).reshape(-1, 4),
             np.array(difficult, bool), np.array(truncated, bool))
 
 
 def make_toy_voc(out: str | Path, num_images: int = 100, seed: int = 0, min_side: int = 300,
                  max_side: int = 500, splits: tuple[float, float] = (0.4, 0.2), year: str = "VOC2007",
-                 jpeg_quality: int = 92, progress: bool = False) -> Path:
+                 jpeg_quality: int = 92, progress: bool = False, distractors: int = 0) -> Path:
     """Write ``<out>/<year>/{JPEGImages,Annotations,ImageSets/Main}`` and return the year folder.
+
+    ``distractors`` > 0 annotates up to that many distractor blobs per image as the extra class
+    ``DISTRACTOR_CLASS`` (listed last in ``classes.txt``); the images are the same as without.
 
     Split fractions: ``splits = (train, val)``; the rest is ``test``; ``trainval`` is
     train + val. Ids are ``000001``... Existing files with the same ids are replaced.
@@ -162,6 +208,7 @@ def make_toy_voc(out: str | Path, num_images: int = 100, seed: int = 0, min_side
         raise ValueError(f"num_images must be >= 3 (one per split), got {num_images}")
     root = Path(out) / year
     rng = np.random.default_rng(seed)
+    names = TOY_CLASSES + ((DISTRACTOR_CLASS,) if distractors > 0 else ())
     ids = [f"{i + 1:06d}" for i in range(num_images)]
     it = ids
     if progress:
@@ -170,12 +217,12 @@ def make_toy_voc(out: str | Path, num_images: int = 100, seed: int = 0, min_side
         it = tqdm(ids, desc="toy VOC", unit="img")
     for image_id in it:
         w, h = int(rng.integers(min_side, max_side + 1)), int(rng.integers(min_side, max_side + 1))
-        rgb, labels, boxes, difficult, truncated = render_scene(rng, w, h)
+        rgb, labels, boxes, difficult, truncated = render_scene(rng, w, h, distractors=distractors)
         ok, enc = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
         if not ok:  # pragma: no cover
             raise RuntimeError(f"JPEG encoding failed for {image_id}")
         atomic_write_bytes(root / "JPEGImages" / f"{image_id}.jpg", enc.tobytes())
-        ann = Annotation(f"{image_id}.jpg", w, h, [TOY_CLASSES[k] for k in labels], boxes, difficult, truncated)
+        ann = Annotation(f"{image_id}.jpg", w, h, [names[k] for k in labels], boxes, difficult, truncated)
         write_annotation(root / "Annotations" / f"{image_id}.xml", ann, folder=year)
     n_train = max(1, int(round(splits[0] * num_images)))
     n_val = max(1, int(round(splits[1] * num_images)))
@@ -189,11 +236,15 @@ def make_toy_voc(out: str | Path, num_images: int = 100, seed: int = 0, min_side
     parts["trainval"] = parts["train"] + parts["val"]
     for name, lst in parts.items():
         atomic_write_text(root / "ImageSets" / "Main" / f"{name}.txt", "\n".join(lst) + "\n")
-    atomic_write_text(root / "classes.txt", "\n".join(TOY_CLASSES) + "\n")
-    atomic_write_text(root / "synthetic.json", json.dumps(synthetic_params(num_images, seed, splits)))
+    atomic_write_text(root / "classes.txt", "\n".join(names) + "\n")
+    atomic_write_text(root / "synthetic.json", json.dumps(synthetic_params(num_images, seed, splits, distractors)))
     return root
 
 
-def synthetic_params(num_images: int, seed: int, splits: tuple[float, float] = (0.4, 0.2)) -> dict:
+def synthetic_params(num_images: int, seed: int, splits: tuple[float, float] = (0.4, 0.2),
+                     distractors: int = 0) -> dict:
     """What identifies a generated dataset (written to ``<year>/synthetic.json``)."""
-    return {"num_images": int(num_images), "seed": int(seed), "splits": [float(v) for v in splits]}
+    out = {"num_images": int(num_images), "seed": int(seed), "splits": [float(v) for v in splits]}
+    if distractors:  # absent when 0, so that datasets made before the option still match
+        out["distractors"] = int(distractors)
+    return out

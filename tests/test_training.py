@@ -159,3 +159,25 @@ def test_config_rejects_an_unknown_precision_naming_the_file():
         with pytest.raises(ConfigError, match=re.escape(want)):
             load_config(demo, [f"{key}=fp16"])
     assert load_config(demo, ["test.fc_precision=bf16"]).test.fc_precision == "bf16"
+
+
+def test_pretrain_set_with_distractors_has_the_extra_class_and_is_checked_for_staleness(tmp_path):
+    import sppdet.pipeline as pl
+    from sppdet.config import load_config
+    from sppdet.store import StaleCacheError
+    from sppdet.synthetic import DISTRACTOR_CLASS, TOY_CLASSES
+
+    def run(distractors):
+        cfg = load_config(overrides=[f"data.classes={list(TOY_CLASSES)}", f"pretrain.root={tmp_path / 'pre' / 'VOC2007'}",
+                                     "pretrain.synthetic_images=4", f"pretrain.synthetic_distractors={distractors}"])
+        return pl.Run(cfg, tmp_path / "run", log_fn=lambda s: None)
+
+    ds = run(2).pretrain_dataset()
+    assert list(ds.classes) == list(TOY_CLASSES) + [DISTRACTOR_CLASS]
+    names = [n for i in ds.ids for n in ds.annotation(i).names]
+    assert DISTRACTOR_CLASS in names and set(names) - {DISTRACTOR_CLASS} <= set(TOY_CLASSES)
+    items, classes = pl.voc_items(ds, 1, np.random.default_rng(0))
+    assert classes[-2:] == [DISTRACTOR_CLASS, "background"]
+    assert {k for _, _, k in items} >= {len(TOY_CLASSES), len(TOY_CLASSES) + 1}
+    with pytest.raises(StaleCacheError, match="distractors"):
+        run(0).pretrain_dataset()

@@ -154,3 +154,30 @@ def test_real_voc_sample(voc_sample):
         assert im.shape[:2] == (a.height, a.width)
         assert len(a.names) >= 1 and set(a.names) <= set(VOC_CLASSES)
         assert (a.boxes[:, :2] >= 0).all() and (a.boxes[:, 2] <= a.width).all() and (a.boxes[:, 3] <= a.height).all()
+
+
+def test_generator_annotates_distractors_without_changing_the_images(tmp_path):
+    from sppdet.synthetic import DISTRACTOR_CLASS, make_toy_voc
+
+    plain = make_toy_voc(tmp_path / "plain", 6, seed=11)
+    extra = make_toy_voc(tmp_path / "extra", 6, seed=11, distractors=2)
+    assert (extra / "classes.txt").read_text().split() == list(TOY_CLASSES) + [DISTRACTOR_CLASS]
+    classes = list(TOY_CLASSES) + [DISTRACTOR_CLASS]
+    n_extra = 0
+    for f in sorted((plain / "JPEGImages").iterdir()):
+        assert f.read_bytes() == (extra / "JPEGImages" / f.name).read_bytes()
+        a = read_annotation(plain / "Annotations" / f"{f.stem}.xml", TOY_CLASSES)
+        b = read_annotation(extra / "Annotations" / f"{f.stem}.xml", classes)
+        k = len(a.names)
+        # The objects are unchanged and listed first; at most 2 distractors follow them.
+        assert b.names[:k] == a.names and np.array_equal(b.boxes[:k], a.boxes)
+        assert set(b.names[k:]) <= {DISTRACTOR_CLASS} and len(b.names) - k <= 2
+        for box in b.boxes[k:]:
+            assert min(box[2] - box[0], box[3] - box[1]) >= 12
+            assert 0 <= box[0] < box[2] <= b.width and 0 <= box[1] < box[3] <= b.height
+        n_extra += len(b.names) - k
+    assert n_extra >= 6  # 3-9 blobs are drawn per image: most images have two visible ones
+    # Read with the detection classes only, a distractor is an unknown class (named in the error).
+    with pytest.raises(VOCError, match="unknown class 'distractor'"):
+        for p in sorted((extra / "Annotations").iterdir()):
+            read_annotation(p, TOY_CLASSES)
