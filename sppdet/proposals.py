@@ -191,9 +191,10 @@ def _region_boxes(labels: np.ndarray, n: int) -> np.ndarray:
 
 
 def _hierarchical_grouping(labels: np.ndarray, colour_hist: np.ndarray, texture_hist: np.ndarray,
-                           use_colour: bool) -> np.ndarray:
-    """Greedy merging of adjacent regions by similarity; returns the boxes of all regions
-    (initial ones first, then each merged region in merge order)."""
+                           measures: str = "ctsf") -> np.ndarray:
+    """Greedy merging of adjacent regions by the sum of the similarity ``measures`` (letters of
+    "ctsf": colour, texture, size, fill); returns the boxes of all regions (initial ones first,
+    then each merged region in merge order)."""
     n = colour_hist.shape[0]
     im_size = float(labels.size)
     total = 2 * n - 1
@@ -212,13 +213,17 @@ def _hierarchical_grouping(labels: np.ndarray, colour_hist: np.ndarray, texture_
 
     def sim(a, b) -> np.ndarray:
         """Similarities of regions ``a`` and ``b`` (index arrays, or one index against an array)."""
-        s = np.minimum(ht[a], ht[b]).sum(-1)
-        if use_colour:
-            s += np.minimum(hc[a], hc[b]).sum(-1)
-        s += 1.0 - (size[a] + size[b]) / im_size
-        bw = np.maximum(box[a, 2], box[b, 2]) - np.minimum(box[a, 0], box[b, 0])
-        bh = np.maximum(box[a, 3], box[b, 3]) - np.minimum(box[a, 1], box[b, 1])
-        s += 1.0 - (bw * bh - size[a] - size[b]) / im_size
+        s = 0.0
+        if "c" in measures:
+            s = s + np.minimum(hc[a], hc[b]).sum(-1)
+        if "t" in measures:
+            s = s + np.minimum(ht[a], ht[b]).sum(-1)
+        if "s" in measures:
+            s = s + (1.0 - (size[a] + size[b]) / im_size)
+        if "f" in measures:
+            bw = np.maximum(box[a, 2], box[b, 2]) - np.minimum(box[a, 0], box[b, 0])
+            bh = np.maximum(box[a, 3], box[b, 3]) - np.minimum(box[a, 1], box[b, 1])
+            s = s + (1.0 - (bw * bh - size[a] - size[b]) / im_size)
         return s
 
     heap: list = []
@@ -261,6 +266,10 @@ def fast_selective_search(image: np.ndarray, colour_spaces: Sequence[str] = ("hs
     """Selective search, fast mode, vectorised. Returns ranked raw boxes (xyxy, original frame)."""
     from skimage.segmentation import felzenszwalb
 
+    for simset in similarity_sets:
+        if not simset or set(simset) - set("ctsf"):
+            raise ValueError(f"unknown similarity set {simset!r}: letters of 'ctsf' (colour, texture, size, fill), "
+                             "e.g. 'ctsf', 'tsf' (fast mode), 'f', 's' (quality mode adds these)")
     rgb, scale = _downscale(as_rgb(image), max_side)
     hierarchies = []
     for space in colour_spaces:
@@ -273,9 +282,7 @@ def fast_selective_search(image: np.ndarray, colour_spaces: Sequence[str] = ("hs
             hc = _region_histograms(labels, n, colour_codes, 25)
             ht = _region_histograms(labels, n, texture, 10)
             for simset in similarity_sets:
-                if simset not in ("ctsf", "tsf"):
-                    raise ValueError(f"unknown similarity set {simset!r} (ctsf or tsf)")
-                hierarchies.append(_hierarchical_grouping(labels, hc, ht, use_colour=simset == "ctsf"))
+                hierarchies.append(_hierarchical_grouping(labels, hc, ht, simset))
     ranked = rank_hierarchies(hierarchies, np.random.default_rng(seed))
     return (ranked / scale).astype(np.float32)
 

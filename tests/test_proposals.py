@@ -26,6 +26,18 @@ def test_fast_recovers_flat_rectangles():
     assert (iou_matrix(gt, boxes).max(1) >= 0.7).all()
 
 
+def test_similarity_sets_are_letters_of_ctsf():
+    img, gt = rect_image()
+    for sets in (("f",), ("s",), ("ctsf", "tsf", "f", "s")):
+        boxes = propose(img, backend="fast", similarity_sets=sets)
+        assert (iou_matrix(gt, boxes).max(1) >= 0.7).all(), sets
+    # More hierarchies add boxes (before the cap): the quality-mode sets give at least fast mode's.
+    n_fast = len(propose(img, backend="fast", max_boxes=0))
+    assert len(propose(img, backend="fast", max_boxes=0, similarity_sets=("ctsf", "tsf", "f", "s"))) >= n_fast
+    with pytest.raises(ValueError, match="similarity set 'cx'"):
+        propose(img, backend="fast", similarity_sets=("cx",))
+
+
 def test_backends_agree_on_format():
     img, gt = rect_image()
     small = img[::2, ::2].copy()
