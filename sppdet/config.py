@@ -94,6 +94,7 @@ class PretrainConfig:
     background_per_image: int = 2  # extra "background" crops per image (VOC source)
     jitters: int = 0  # extra shifted copies (IoU >= 0.6) of each ground-truth crop (VOC source)
     val_fraction: float = 0.2
+    eval_every: int = 1  # held-out accuracy every this many epochs (and always after the last)
     workers: int = 0
     # Arithmetic of the training steps: "fp32", "bf16" (autocast: convolutions and matmuls in
     # bfloat16, reductions and the loss in float32) or "auto" (bf16 where the processor has

@@ -239,13 +239,16 @@ def train_classifier(items: Sequence, classes: Sequence[str], backbone_cfg: Back
             sched.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        acc = _evaluate(model, val_dl, big, device, precision)
-        acc_small = _evaluate(model, val_dl, min(cfg.sizes), device, precision) if len(cfg.sizes) > 1 else acc
-        rec = {"epoch": epoch + 1, "size": size, "loss": float(np.mean(losses)) if losses else float("nan"),
-               "val_acc": acc, "val_acc_small": acc_small}
+        rec = {"epoch": epoch + 1, "size": size, "loss": float(np.mean(losses)) if losses else float("nan")}
+        msg = f"epoch {epoch + 1}/{cfg.epochs} size {size}: train loss {rec['loss']:.3f}"
+        if (epoch + 1) % max(1, cfg.eval_every) == 0 or epoch + 1 == cfg.epochs:
+            acc = _evaluate(model, val_dl, big, device, precision)
+            acc_small = _evaluate(model, val_dl, min(cfg.sizes), device, precision) if len(cfg.sizes) > 1 else acc
+            rec.update(val_acc=acc, val_acc_small=acc_small)
+            msg += f", held-out accuracy {acc:.3f} @{big}" + (f", {acc_small:.3f} @{min(cfg.sizes)}"
+                                                             if len(cfg.sizes) > 1 else "")
         history.append(rec)
-        log_fn(f"epoch {epoch + 1}/{cfg.epochs} size {size}: train loss {rec['loss']:.3f}, held-out accuracy "
-               f"{acc:.3f} @{big}" + (f", {acc_small:.3f} @{min(cfg.sizes)}" if len(cfg.sizes) > 1 else ""))
+        log_fn(msg)
     ckpt = {
         "backbone_name": backbone_cfg.name,
         "backbone_cfg": asdict(backbone_cfg),

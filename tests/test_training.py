@@ -119,11 +119,14 @@ def test_pretrain_multi_size_and_precision(toy_voc, tmp_path):
     assert resolve_precision("auto") in ("fp32", "bf16")
     ds = VOCDataset(toy_voc, "trainval", TOY_CLASSES)
     items, classes = voc_items(ds, 1, np.random.default_rng(0))
-    cfg = PretrainConfig(sizes=[96, 64], epochs=2, batch_size=8, hidden=32, precision="bf16", lr=0.01)
+    cfg = PretrainConfig(sizes=[96, 64], epochs=3, batch_size=8, hidden=32, precision="bf16", lr=0.01, eval_every=2)
     ck = train_classifier(items[:24], classes, BackboneConfig(name="zf5", width=0.125), cfg, tmp_path, progress=False,
                           log_fn=lambda *a: None)
     assert ck["precision"] == "bf16"
-    assert [h["size"] for h in ck["history"]] == [96, 64]  # multi-size: the size alternates per epoch
+    assert [h["size"] for h in ck["history"]] == [96, 64, 96]  # multi-size: the size alternates per epoch
+    # Held-out accuracy every eval_every epochs and after the last one.
+    assert ["val_acc" in h for h in ck["history"]] == [False, True, True]
+    assert 0.0 <= ck["history"][-1]["val_acc_small"] <= 1.0
     assert all(np.isfinite(h["loss"]) for h in ck["history"])
     # Weights are stored float32 and contiguous (channels-last is a training-time layout only).
     assert all(v.dtype == torch.float32 and v.is_contiguous() for v in ck["backbone"].values())
