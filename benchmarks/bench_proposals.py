@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ss-workers", type=int, default=1)
     args = ap.parse_args(argv)
     items, what = dataset(args.images)
-    rows = [("fast (sppdet, default)", "fast", {})]
+    rows = [("fast (sppdet, default)", "fast", {}),
+            ("  fast mode's 2 similarity sets", "fast", {"similarity_sets": ("ctsf", "tsf")})]
     if not args.skip_selectivesearch:
         rows.append(("selectivesearch 0.4, 8 runs", "selectivesearch", {"workers": args.ss_workers}))
         rows.append(("  same, R-CNN's k 50/100", "selectivesearch", {"workers": args.ss_workers, "ks": (50, 100)}))
