@@ -69,25 +69,22 @@ def _visible_distractors(blobs: list[np.ndarray], owner: np.ndarray, limit: int)
     at least half visible (not under later blobs or objects) and at least 12 px on each side."""
     h, w = owner.shape
     covered = owner >= 0
-    masks = []
+    found = []  # (box or None) per blob, last-drawn first
     for pts in reversed(blobs):  # later blobs cover earlier ones
         m = np.zeros((h, w), np.uint8)
         cv2.fillPoly(m, [pts], 1)
         m = m.astype(bool)
-        masks.append((m, m & ~covered))
-        covered = covered | m
-    out = []
-    for full, vis in reversed(masks):
-        n_full, n_vis = int(full.sum()), int(vis.sum())
-        if n_full == 0 or n_vis < 0.5 * n_full:
-            continue
-        ys, xs = np.nonzero(vis)
-        box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
-        if min(box[2] - box[0], box[3] - box[1]) >= 12:
-            out.append(box)
-        if len(out) == limit:
-            break
-    return out
+        vis = m & ~covered
+        covered |= m
+        n_full, n_vis = int(m.sum()), int(vis.sum())
+        box = None
+        if n_full and n_vis >= 0.5 * n_full:
+            ys, xs = np.nonzero(vis)
+            box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+            if min(box[2] - box[0], box[3] - box[1]) < 12:
+                box = None
+        found.append(box)
+    return [b for b in reversed(found) if b is not None][:limit]
 
 
 def _shape_mask(rng: np.random.Generator, cls: int, h: int, w: int, cx: float, cy: float,
