@@ -112,6 +112,10 @@ class PretrainConfig:
     # Generated sets only: annotate up to this many distractor blobs per image as one more class
     # ("distractor"), so the trunk learns to tell object-like clutter from the classes (0 = off).
     synthetic_distractors: int = 0
+    # Generated sets only: objects are drawn from this many more shapes (synthetic.EXTRA_CLASSES:
+    # star, hexagon, crescent, chevron), each painted like a random detection class, as classes of
+    # their own (0 = off): pre-training classes beyond the detector's, told apart by shape.
+    synthetic_extra_classes: int = 0
 
 
 @dataclass(frozen=True)

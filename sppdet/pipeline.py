@@ -100,15 +100,16 @@ class Run:
             return self.dataset(self.cfg.data.train_split)
         # A pre-training set has no test use: its trainval is 95% of it.
         return self._dataset(Path(p.root), p.split, p.synthetic_images, p.synthetic_seed, (0.9, 0.05),
-                             p.synthetic_distractors)
+                             p.synthetic_distractors, p.synthetic_extra_classes)
 
     def _dataset(self, root: Path, split: str, synthetic_images: int, synthetic_seed: int,
-                 splits: tuple[float, float] = (0.4, 0.2), distractors: int = 0) -> VOCDataset:
+                 splits: tuple[float, float] = (0.4, 0.2), distractors: int = 0,
+                 extra_classes: int = 0) -> VOCDataset:
         if synthetic_images and (root / "synthetic.json").is_file():
             from .synthetic import synthetic_params
 
             have = json.loads((root / "synthetic.json").read_text())
-            want = synthetic_params(synthetic_images, synthetic_seed, splits, distractors)
+            want = synthetic_params(synthetic_images, synthetic_seed, splits, distractors, extra_classes)
             if have != want:
                 raise StaleCacheError(f"{root}: generated with {have}, the config asks for {want}; delete the folder "
                                       "(make clean-demo) or point the config at another root")
@@ -117,12 +118,12 @@ class Run:
 
             self.log(f"generating the synthetic dataset: {synthetic_images} images into {root}")
             make_toy_voc(root.parent, synthetic_images, synthetic_seed, splits=splits, year=root.name, progress=True,
-                         distractors=distractors)
+                         distractors=distractors, extra_classes=extra_classes)
         classes = self.classes
-        if synthetic_images and distractors:
-            from .synthetic import DISTRACTOR_CLASS
+        if synthetic_images and (distractors or extra_classes):
+            from .synthetic import class_names
 
-            classes = classes + [DISTRACTOR_CLASS]
+            classes = classes + list(class_names(extra_classes, distractors)[len(class_names()):])
         return VOCDataset(root, split, classes)
 
     # --------------------------------------------------------------- backbone

@@ -31,8 +31,21 @@ TOY_CLASSES = ("disc", "block", "triangle", "ring", "cross")
 # The class of annotated distractor blobs (pre-training sets only: clutter shaped like objects,
 # which the trunk should learn to tell from them, as ImageNet's non-VOC classes do for VOC).
 DISTRACTOR_CLASS = "distractor"
+# Shapes of pre-training sets only (``extra_classes``), painted with the colour and texture of a
+# random detection class: the toy world's "ImageNet" has classes beyond the detector's, as
+# ImageNet has beyond VOC's, and these ones are told from the detection classes by shape alone.
+EXTRA_CLASSES = ("star", "hexagon", "crescent", "chevron")
 
-__all__ = ["DISTRACTOR_CLASS", "TOY_CLASSES", "make_toy_voc", "render_scene"]
+__all__ = ["DISTRACTOR_CLASS", "EXTRA_CLASSES", "TOY_CLASSES", "class_names", "make_toy_voc", "render_scene"]
+
+
+def class_names(extra_classes: int = 0, distractors: int = 0) -> tuple[str, ...]:
+    """Class names of a generated set, in label order: the detection classes, the first
+    ``extra_classes`` of ``EXTRA_CLASSES``, then ``DISTRACTOR_CLASS`` when distractors are annotated."""
+    if not 0 <= extra_classes <= len(EXTRA_CLASSES):
+        raise ValueError(f"extra_classes must be 0..{len(EXTRA_CLASSES)} ({', '.join(EXTRA_CLASSES)}), "
+                         f"got {extra_classes}")
+    return TOY_CLASSES + EXTRA_CLASSES[:extra_classes] + ((DISTRACTOR_CLASS,) if distractors > 0 else ())
 
 
 @dataclass
@@ -104,10 +117,34 @@ def _shape_mask(rng: np.random.Generator, cls: int, h: int, w: int, cx: float, c
         cv2.ellipse(m, ((cx, cy), (bw, bh), ang), 1, -1)
         t = rng.uniform(0.45, 0.65)
         cv2.ellipse(m, ((cx, cy), (bw * t, bh * t), ang), 0, -1)
-    else:  # cross: plus sign
+    elif cls == 4:  # cross: plus sign
         tw, th = bw * rng.uniform(0.25, 0.4), bh * rng.uniform(0.25, 0.4)
         cv2.rectangle(m, (int(cx - bw / 2), int(cy - th / 2)), (int(cx + bw / 2), int(cy + th / 2)), 1, -1)
         cv2.rectangle(m, (int(cx - tw / 2), int(cy - bh / 2)), (int(cx + tw / 2), int(cy + bh / 2)), 1, -1)
+    else:  # EXTRA_CLASSES, as polygons in a unit frame rotated by ``ang`` and scaled to (bw, bh)
+        kind = EXTRA_CLASSES[cls - len(TOY_CLASSES)]
+        if kind == "star":  # five points
+            t = np.arange(10) * np.pi / 5 - np.pi / 2
+            r = np.where(np.arange(10) % 2 == 0, 0.5, 0.5 * rng.uniform(0.38, 0.5))
+            pts = np.stack([r * np.cos(t), r * np.sin(t)], 1)
+        elif kind == "hexagon":
+            t = np.arange(6) * np.pi / 3
+            pts = 0.5 * np.stack([np.cos(t), np.sin(t)], 1)
+        elif kind == "crescent":  # a disc less a shifted disc, traced as one polygon
+            t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+            outer = 0.5 * np.stack([np.cos(t), np.sin(t)], 1)
+            d = rng.uniform(0.2, 0.35)
+            inner = outer + [d, 0.0]
+            keep_o = np.hypot(outer[:, 0] - d, outer[:, 1]) >= 0.5
+            keep_i = np.hypot(inner[:, 0], inner[:, 1]) <= 0.5
+            pts = np.concatenate([outer[keep_o], inner[keep_i][::-1]])
+        else:  # chevron: an arrow head pointing right
+            k = rng.uniform(0.25, 0.4)
+            pts = np.array([[-0.5, -0.5], [-0.5 + k, -0.5], [0.5, 0.0], [-0.5 + k, 0.5], [-0.5, 0.5], [0.5 - k, 0.0]])
+        a = np.deg2rad(ang)
+        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        pts = (pts * [bw, bh]) @ rot.T + [cx, cy]
+        cv2.fillPoly(m, [np.round(pts).astype(np.int32)], 1)
     return m.astype(bool)
 
 
@@ -135,19 +172,25 @@ def _texture(rng: np.random.Generator, cls: int, h: int, w: int) -> np.ndarray:
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB).astype(np.float32)
 
 
-def render_scene(rng: np.random.Generator, width: int, height: int, max_objects: int = 6, distractors: int = 0):
+def render_scene(rng: np.random.Generator, width: int, height: int, max_objects: int = 6, distractors: int = 0,
+                 extra_classes: int = 0):
     """Draw one scene. Returns ``(rgb uint8 (H, W, 3), labels (N,), boxes (N, 4), difficult, truncated)``.
 
     ``distractors`` > 0 also lists up to that many visible distractor blobs, with label
-    ``len(TOY_CLASSES)``, after the objects. The pixels (and the random draws) are the same
-    either way: only the annotation differs.
+    ``len(class_names(extra_classes))``, after the objects. The pixels (and the random draws)
+    are the same either way: only the annotation differs.
+
+    ``extra_classes`` > 0 draws objects from that many ``EXTRA_CLASSES`` as well (labels after
+    the detection classes), each painted as a random detection class; 0 gives the scenes of
+    the detection sets.
     """
+    n_classes = len(class_names(extra_classes))
     h, w = height, width
     img, blobs = _background(rng, h, w)
     owner = np.full((h, w), -1, np.int32)
     objs: list[_Obj] = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
-        cls = int(rng.integers(0, len(TOY_CLASSES)))
+        cls = int(rng.integers(0, n_classes))
         size = float(np.exp(rng.uniform(np.log(18), np.log(min(260, 0.8 * min(h, w))))))
         aspect = float(np.exp(rng.uniform(np.log(0.4), np.log(2.5))))
         bw, bh = size * np.sqrt(aspect), size / np.sqrt(aspect)
@@ -158,7 +201,8 @@ def render_scene(rng: np.random.Generator, width: int, height: int, max_objects:
         mask = _shape_mask(rng, cls, h, w, float(cx), float(cy), bw, bh)
         if not mask.any():
             continue
-        tex = _texture(rng, cls, h, w)
+        style = cls if cls < len(TOY_CLASSES) else int(rng.integers(0, len(TOY_CLASSES)))
+        tex = _texture(rng, style, h, w)
         img[mask] = tex[mask]
         owner[mask] = len(objs)
         objs.append(_Obj(cls, mask))
@@ -182,7 +226,7 @@ def render_scene(rng: np.random.Generator, width: int, height: int, max_objects:
         truncated.append(bool(cut))
     if distractors > 0:
         for box in _visible_distractors(blobs, owner, distractors):
-            labels.append(len(TOY_CLASSES))
+            labels.append(n_classes)
             boxes.append([float(v) for v in box])
             difficult.append(False)
             truncated.append(bool(box[0] == 0 or box[1] == 0 or box[2] == w or box[3] == h))
@@ -192,11 +236,13 @@ def render_scene(rng: np.random.Generator, width: int, height: int, max_objects:
 
 def make_toy_voc(out: str | Path, num_images: int = 100, seed: int = 0, min_side: int = 300,
                  max_side: int = 500, splits: tuple[float, float] = (0.4, 0.2), year: str = "VOC2007",
-                 jpeg_quality: int = 92, progress: bool = False, distractors: int = 0) -> Path:
+                 jpeg_quality: int = 92, progress: bool = False, distractors: int = 0,
+                 extra_classes: int = 0) -> Path:
     """Write ``<out>/<year>/{JPEGImages,Annotations,ImageSets/Main}`` and return the year folder.
 
     ``distractors`` > 0 annotates up to that many distractor blobs per image as the extra class
     ``DISTRACTOR_CLASS`` (listed last in ``classes.txt``); the images are the same as without.
+    ``extra_classes`` > 0 (pre-training sets) adds that many ``EXTRA_CLASSES`` to the objects drawn.
 
     Split fractions: ``splits = (train, val)``; the rest is ``test``; ``trainval`` is
     train + val. Ids are ``000001``... Existing files with the same ids are replaced.
@@ -205,7 +251,7 @@ def make_toy_voc(out: str | Path, num_images: int = 100, seed: int = 0, min_side
         raise ValueError(f"num_images must be >= 3 (one per split), got {num_images}")
     root = Path(out) / year
     rng = np.random.default_rng(seed)
-    names = TOY_CLASSES + ((DISTRACTOR_CLASS,) if distractors > 0 else ())
+    names = class_names(extra_classes, distractors)
     ids = [f"{i + 1:06d}" for i in range(num_images)]
     it = ids
     if progress:
@@ -214,7 +260,8 @@ def make_toy_voc(out: str | Path, num_images: int = 100, seed: int = 0, min_side
         it = tqdm(ids, desc="toy VOC", unit="img")
     for image_id in it:
         w, h = int(rng.integers(min_side, max_side + 1)), int(rng.integers(min_side, max_side + 1))
-        rgb, labels, boxes, difficult, truncated = render_scene(rng, w, h, distractors=distractors)
+        rgb, labels, boxes, difficult, truncated = render_scene(rng, w, h, distractors=distractors,
+                                                                extra_classes=extra_classes)
         ok, enc = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
         if not ok:  # pragma: no cover
             raise RuntimeError(f"JPEG encoding failed for {image_id}")
@@ -234,14 +281,17 @@ def make_toy_voc(out: str | Path, num_images: int = 100, seed: int = 0, min_side
     for name, lst in parts.items():
         atomic_write_text(root / "ImageSets" / "Main" / f"{name}.txt", "\n".join(lst) + "\n")
     atomic_write_text(root / "classes.txt", "\n".join(names) + "\n")
-    atomic_write_text(root / "synthetic.json", json.dumps(synthetic_params(num_images, seed, splits, distractors)))
+    atomic_write_text(root / "synthetic.json",
+                      json.dumps(synthetic_params(num_images, seed, splits, distractors, extra_classes)))
     return root
 
 
 def synthetic_params(num_images: int, seed: int, splits: tuple[float, float] = (0.4, 0.2),
-                     distractors: int = 0) -> dict:
+                     distractors: int = 0, extra_classes: int = 0) -> dict:
     """What identifies a generated dataset (written to ``<year>/synthetic.json``)."""
     out = {"num_images": int(num_images), "seed": int(seed), "splits": [float(v) for v in splits]}
     if distractors:  # absent when 0, so that datasets made before the option still match
         out["distractors"] = int(distractors)
+    if extra_classes:
+        out["extra_classes"] = int(extra_classes)
     return out

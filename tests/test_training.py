@@ -184,3 +184,24 @@ def test_pretrain_set_with_distractors_has_the_extra_class_and_is_checked_for_st
     assert {k for _, _, k in items} >= {len(TOY_CLASSES), len(TOY_CLASSES) + 1}
     with pytest.raises(StaleCacheError, match="distractors"):
         run(0).pretrain_dataset()
+
+
+def test_pretrain_set_with_extra_classes(tmp_path):
+    import sppdet.pipeline as pl
+    from sppdet.config import load_config
+    from sppdet.store import StaleCacheError
+    from sppdet.synthetic import DISTRACTOR_CLASS, EXTRA_CLASSES, TOY_CLASSES
+
+    def run(extra):
+        cfg = load_config(overrides=[f"data.classes={list(TOY_CLASSES)}", f"pretrain.root={tmp_path / 'pre' / 'VOC2007'}",
+                                     "pretrain.synthetic_images=6", "pretrain.synthetic_distractors=1",
+                                     f"pretrain.synthetic_extra_classes={extra}"])
+        return pl.Run(cfg, tmp_path / "run", log_fn=lambda s: None)
+
+    ds = run(3).pretrain_dataset()
+    assert list(ds.classes) == list(TOY_CLASSES) + list(EXTRA_CLASSES[:3]) + [DISTRACTOR_CLASS]
+    assert len(ds.ids) >= 5  # every annotation reads with these classes
+    for i in ds.ids:
+        ds.annotation(i)
+    with pytest.raises(StaleCacheError, match="extra_classes"):
+        run(2).pretrain_dataset()

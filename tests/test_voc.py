@@ -181,3 +181,30 @@ def test_generator_annotates_distractors_without_changing_the_images(tmp_path):
     with pytest.raises(VOCError, match="unknown class 'distractor'"):
         for p in sorted((extra / "Annotations").iterdir()):
             read_annotation(p, TOY_CLASSES)
+
+
+def test_generator_extra_classes(tmp_path):
+    from sppdet.synthetic import DISTRACTOR_CLASS, EXTRA_CLASSES, class_names, make_toy_voc, render_scene
+
+    assert class_names(2, 1) == TOY_CLASSES + EXTRA_CLASSES[:2] + (DISTRACTOR_CLASS,)
+    with pytest.raises(ValueError, match="extra_classes must be 0..4"):
+        class_names(5)
+    # 0 extra classes: the detection sets' scenes, draw for draw
+    a = render_scene(np.random.default_rng(4), 200, 160)
+    b = render_scene(np.random.default_rng(4), 200, 160, extra_classes=0)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    root = make_toy_voc(tmp_path / "pre", 12, seed=2, distractors=1, extra_classes=4)
+    names = class_names(4, 1)
+    assert (root / "classes.txt").read_text().split() == list(names)
+    seen = [n for p in sorted((root / "Annotations").iterdir()) for n in read_annotation(p, names).names]
+    assert set(seen) & set(EXTRA_CLASSES) and set(seen) & set(TOY_CLASSES) and DISTRACTOR_CLASS in seen
+    # each extra shape fills a region of about the asked size, with its own share of its box
+    from sppdet.synthetic import _shape_mask
+
+    fill = {}
+    for k, name in enumerate(EXTRA_CLASSES):
+        m = _shape_mask(np.random.default_rng(k), len(TOY_CLASSES) + k, 200, 200, 100.0, 100.0, 80.0, 80.0)
+        ys, xs = np.nonzero(m)
+        assert 40 <= xs.max() - xs.min() + 1 <= 115 and 40 <= ys.max() - ys.min() + 1 <= 115, name
+        fill[name] = m.sum() / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
+    assert fill["hexagon"] > 0.7 and fill["star"] < 0.6 and fill["crescent"] < 0.6 and fill["chevron"] < 0.6, fill
