@@ -153,7 +153,7 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class SVMConfig:
-    feature: str = "fc7"  # pool5 | fc6 | fc7 (of the fine-tuned head) | fc7_noft (pre-trained head)
+    feature: str = "fc7"  # pool5 | fc6 | fc7 (of the fine-tuned head) | fc6_noft | fc7_noft (pre-trained head)
     C: float = 0.001
     pos_weight: float = 2.0
     bias_mult: float = 10.0

@@ -329,12 +329,12 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
     cache = _feature_cache(run, tr)
     if feature in ("fc6", "fc7"):
         head, layer = load_head(run), feature
-    elif feature == "fc7_noft":
-        head, layer = pretrained_head(run), "fc7"
+    elif feature in ("fc6_noft", "fc7_noft"):
+        head, layer = pretrained_head(run), feature[:3]
     elif feature == "pool5":
         head, layer = None, "pool5"
     else:
-        raise ValueError(f"svm.feature must be pool5, fc6, fc7 or fc7_noft, got {feature!r}")
+        raise ValueError(f"svm.feature must be pool5, fc6, fc7, fc6_noft or fc7_noft, got {feature!r}")
     inputs = {"features": Stage.read_manifest(cache.dir)["fingerprint"]}
     if feature in ("fc6", "fc7"):
         inputs["finetune"] = Stage.read_manifest(run.finetune_path.parent)["fingerprint"]
@@ -459,7 +459,7 @@ def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool =
         cache = FeatureCache(run.features_dir(split), g.stride, g.center0, f.levels, f.shrink, f.target_size)
     svms = load_svms(run.svm_path(svm_tag))
     head = None
-    if svms["feature"] == "fc7_noft":
+    if svms["feature"] in ("fc6_noft", "fc7_noft"):
         head = pretrained_head(run)
     elif svms["layer"] in ("fc6", "fc7"):
         head = load_head(run)

@@ -91,3 +91,19 @@ def test_detect_on_odd_images(trained, tmp_path):
         assert (out / f"{stem}.png").is_file()
         for d in dets:
             assert set(d) == {"class", "score", "box"} and len(d["box"]) == 4
+
+
+def test_svms_on_the_pretrained_head_without_fine_tuning(trained):
+    """The ablation's rows that skip fine-tuning: SVMs on the pre-trained classifier's fc6 (the paper's Table 9
+    row) and fc7, each scored by the detector with that same head."""
+    tmp, _ = trained
+    common = ["--config", "configs/tiny.yaml", "--run", tmp / "run", "--set", f"data.root={tmp / 'data' / 'VOC2007'}"]
+    for feature in ("fc6_noft", "fc7_noft"):
+        tool("train_svm.py", *common, "--feature", feature, "--tag", f"_{feature}")
+        svm = json.loads((tmp / "run" / "model" / f"svm_{feature}" / "manifest.json").read_text())
+        assert svm["complete"] and svm["config"]["feature"] == feature
+        r = tool("test_net.py", *common, "--svm-tag", f"_{feature}", "--tag", f"_{feature}")
+        m = json.loads((tmp / "run" / "detections" / f"test_{feature}" / "metrics.json").read_text())
+        assert 0.0 < m["map07"] <= 1.0 and "mAP (VOC07 11-point)" in r.stdout
+    r = tool("train_svm.py", *common, "--feature", "fc8", check=False)
+    assert r.returncode == 2 and "fc8" in r.stderr and "Traceback" not in r.stderr

@@ -16,7 +16,7 @@ from sppdet.pipeline import stage_bbox_reg, stage_svm
 
 
 def _arguments(ap) -> None:
-    ap.add_argument("--feature", choices=["pool5", "fc6", "fc7", "fc7_noft"], default=None,
+    ap.add_argument("--feature", choices=["pool5", "fc6", "fc7", "fc6_noft", "fc7_noft"], default=None,
                     help="features for the SVMs (default: svm.feature)")
     ap.add_argument("--tag", default="", help="suffix of the model folder (model/svm<tag>), for ablations")
     ap.add_argument("--bbox-reg", action="store_true", help="also train the bounding-box regressors")
