@@ -304,3 +304,18 @@ def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             out.append(f"{key}: {va!r} -> {vb!r}")
     return out
+
+
+def section_changes(saved: dict | None, section: Any, prefix: str = "") -> list[str]:
+    """``diff_keys`` between a config section saved by an earlier run and the current one, where a
+    field the saved dict lacks counts as its default (an option added since, left off, changes nothing)."""
+    current = dataclasses.asdict(section)
+    saved = dict(saved or {})
+    for f in dataclasses.fields(section):
+        if f.name not in saved:
+            if f.default is not dataclasses.MISSING:
+                saved[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                saved[f.name] = f.default_factory()
+    return diff_keys(json.loads(json.dumps(saved, default=str)), json.loads(json.dumps(current, default=str)),
+                     prefix)

@@ -27,7 +27,7 @@ import torch
 
 from .backbones import Backbone, build_backbone
 from .bbox_reg import BoxRegressor, fit_class_regressor
-from .config import Config, fingerprint
+from .config import Config, fingerprint, section_changes
 from .detector import Detector, load_svms
 from .features import FeatureCache, ImageFeatures, extract_image, weights_fingerprint
 from .finetune import finetune_head
@@ -149,9 +149,11 @@ def stage_pretrain(run: Run, split: str | None = None, folder: str | None = None
     cfg = run.cfg
     if run.pretrain_ckpt.is_file() and not overwrite:
         ck = load_checkpoint(run.pretrain_ckpt)
-        same = ck.get("pretrain_cfg") == asdict(cfg.pretrain) and ck.get("backbone_cfg") == asdict(cfg.backbone)
-        if not same:
-            raise StaleCacheError(f"{run.pretrain_ckpt}: made with another pretrain/backbone config; use --overwrite")
+        changes = (section_changes(ck.get("pretrain_cfg"), cfg.pretrain, "pretrain.")
+                   + section_changes(ck.get("backbone_cfg"), cfg.backbone, "backbone."))
+        if changes:
+            raise StaleCacheError(f"{run.pretrain_ckpt}: made with another pretrain/backbone config "
+                                  f"({'; '.join(changes)}); use --overwrite")
         run.log(f"pretrain: reusing {run.pretrain_ckpt}")
         return ck
     rng = np.random.default_rng(cfg.seed)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import json
 import logging
 import os
 import time
@@ -459,6 +460,26 @@ def propose(image: np.ndarray, backend: str = "fast", max_boxes: int = 2000, min
     return finalize_boxes(raw, w, h, min_size, max_boxes)
 
 
+def resolved_params(backend: str, params: dict | None) -> dict:
+    """A backend's parameters with its defaults filled in (what the store records, so that a
+    changed default is seen as a changed parameter, not silently reused); ``workers`` is left
+    out (it does not change the boxes). Unknown names are an error that lists the known ones."""
+    import inspect
+
+    params = dict(params or {})
+    fn = {"fast": fast_selective_search, "selectivesearch": selectivesearch_diversified}.get(backend)
+    if fn is None:
+        return params
+    sig = {k: v for k, v in inspect.signature(fn).parameters.items() if k != "image"}
+    unknown = sorted(set(params) - set(sig))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for proposal backend {backend!r}; "
+                         f"known: {', '.join(sig)}")
+    out = {k: v.default for k, v in sig.items() if k != "workers"}
+    out.update({k: v for k, v in params.items() if k != "workers"})
+    return json.loads(json.dumps(out))  # tuples -> lists, as read back from a manifest
+
+
 # ----------------------------------------------------------------- the store
 class ProposalStore:
     """Per-image proposal files ``<dir>/<id>.npz`` (``boxes`` (N, 4) float32, image ``size``)."""
@@ -504,8 +525,8 @@ def compute_proposals(ids: Sequence[str], image_path: Callable[[str], Path], out
     change is a :class:`~sppdet.store.StaleCacheError` naming what changed.
     """
     params = dict(params or {})
-    cfg = {"backend": backend, "max_boxes": max_boxes, "min_size": min_size, "params": params,
-           "precomputed": precomputed}
+    cfg = {"backend": backend, "max_boxes": max_boxes, "min_size": min_size,
+           "params": resolved_params(backend, params), "precomputed": precomputed}
     stage = Stage(out_dir, "proposals", cfg, overwrite=overwrite)
     todo = [i for i in ids if not stage.has(i)]
     stats = {"seconds": 0.0, "boxes": 0, "images": 0}

@@ -142,3 +142,24 @@ def test_store_resume_and_invalidation(toy_voc, tmp_path):
         compute_proposals(ds.ids, ds.image_path, out, **{**kw, "max_boxes": 100})
     m = compute_proposals(ds.ids, ds.image_path, out, overwrite=True, **{**kw, "max_boxes": 100})
     assert len(ProposalStore(out).load(ds.ids[0])) <= 100
+
+
+def test_store_records_the_backend_defaults(toy_voc, tmp_path, monkeypatch):
+    """A default of the backend that changes between versions is a changed parameter, not a silent reuse."""
+    import sppdet.proposals as P
+    from sppdet.synthetic import TOY_CLASSES
+    from sppdet.voc import VOCDataset
+
+    ds = VOCDataset(toy_voc, "val", TOY_CLASSES)
+    ids = ds.ids[:2]
+    kw = dict(backend="fast", max_boxes=300, params={"ks": [100]}, workers=1, progress=False)
+    m = compute_proposals(ids, ds.image_path, tmp_path / "p", **kw)
+    params = m["config"]["params"]
+    assert params["ks"] == [100] and params["colour_spaces"] == list(P.fast_selective_search.__defaults__[0])
+    assert "workers" not in P.resolved_params("selectivesearch", {"workers": 2})
+    defaults = P.fast_selective_search.__defaults__
+    monkeypatch.setattr(P.fast_selective_search, "__defaults__", (("hsv",),) + defaults[1:])
+    with pytest.raises(StaleCacheError, match="colour_spaces"):
+        compute_proposals(ids, ds.image_path, tmp_path / "p", **kw)
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) colour_space for .*known: colour_spaces"):
+        compute_proposals(ids, ds.image_path, tmp_path / "q", **{**kw, "params": {"colour_space": ["hsv"]}})

@@ -205,3 +205,19 @@ def test_pretrain_set_with_extra_classes(tmp_path):
         ds.annotation(i)
     with pytest.raises(StaleCacheError, match="extra_classes"):
         run(2).pretrain_dataset()
+
+
+def test_saved_config_sections_compare_with_defaults_for_added_options():
+    """A run saved before an option existed still matches while the option is left at its default."""
+    from dataclasses import asdict
+
+    from sppdet.config import PretrainConfig, load_config, section_changes
+
+    cfg = load_config(overrides=["pretrain.epochs=3"]).pretrain
+    saved = asdict(cfg)
+    del saved["synthetic_extra_classes"], saved["eval_every"]  # options added after that run
+    assert section_changes(saved, cfg) == []
+    cfg2 = load_config(overrides=["pretrain.epochs=3", "pretrain.synthetic_extra_classes=2"]).pretrain
+    assert section_changes(saved, cfg2, "pretrain.") == ["pretrain.synthetic_extra_classes: 0 -> 2"]
+    assert section_changes({**saved, "epochs": 5}, cfg, "pretrain.") == ["pretrain.epochs: 5 -> 3"]
+    assert PretrainConfig().synthetic_extra_classes == 0
