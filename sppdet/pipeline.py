@@ -121,9 +121,9 @@ class Run:
                          distractors=distractors, extra_classes=extra_classes)
         classes = self.classes
         if synthetic_images and (distractors or extra_classes):
-            from .synthetic import class_names
+            from .synthetic import TOY_CLASSES, class_names
 
-            classes = classes + list(class_names(extra_classes, distractors)[len(class_names()):])
+            classes = classes + list(class_names(extra_classes, distractors)[len(TOY_CLASSES):])  # the added ones
         return VOCDataset(root, split, classes)
 
     # --------------------------------------------------------------- backbone
@@ -273,7 +273,7 @@ def _new_head(run: Run, in_dim: int, init_from_pretrain: bool) -> tuple[FCHead, 
 
 
 def pretrained_head(run: Run) -> FCHead | None:
-    """The classifier's fc6/fc7 without fine-tuning (for the 'fc7 no fine-tuning' ablation)."""
+    """The classifier's fc6/fc7 without fine-tuning (for the ablation's 'no fine-tuning' rows)."""
     cache = _feature_cache(run, run.cfg.data.train_split)
     in_dim = spp_output_dim(run.backbone().out_channels, cache.levels)
     head, how = _new_head(run, in_dim, True)

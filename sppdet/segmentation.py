@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import cv2
 import numba
 import numpy as np
 
