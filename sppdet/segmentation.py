@@ -25,7 +25,7 @@ from typing import Sequence
 import numba
 import numpy as np
 
-__all__ = ["felzenszwalb_multi", "pixel_graph"]
+__all__ = ["felzenszwalb_multi", "pixel_graph", "same_partition"]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -137,3 +137,9 @@ def felzenszwalb_multi(image: np.ndarray, ks: Sequence[float], sigma: float = 0.
     h, w = np.shape(image)[:2]
     a, b, wts = pixel_graph(image, sigma)
     return [_merge(a, b, wts, h * w, k / 255.0, m).reshape(h, w) for k, m in zip(ks, min_sizes)]
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when two label images group the pixels identically (labels may be numbered differently)."""
+    pairs = np.unique(np.stack([np.ravel(a), np.ravel(b)], 1), axis=0)
+    return len(pairs) == len(np.unique(a)) == len(np.unique(b))

@@ -1,13 +1,7 @@
 import numpy as np
 import pytest
 
-from sppdet.segmentation import felzenszwalb_multi, pixel_graph
-
-
-def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
-    """True when two label images group the pixels identically (labels may be renumbered)."""
-    pairs = np.unique(np.stack([a.ravel(), b.ravel()], 1), axis=0)
-    return len(pairs) == len(np.unique(a)) == len(np.unique(b))
+from sppdet.segmentation import felzenszwalb_multi, pixel_graph, same_partition
 
 
 def _scene(seed: int, h: int = 90, w: int = 120) -> np.ndarray:
@@ -30,7 +24,7 @@ def test_partitions_identical_to_scikit_image(seed):
     for k, labels in zip(ks, mine):
         ref = felzenszwalb(img, scale=float(k), sigma=0.8, min_size=int(k), channel_axis=-1)
         assert labels.shape == img.shape[:2] and labels.dtype == np.int64
-        assert _same_partition(ref, labels), f"k={k}: {ref.max() + 1} vs {labels.max() + 1} segments"
+        assert same_partition(ref, labels), f"k={k}: {ref.max() + 1} vs {labels.max() + 1} segments"
         # labels are 0..n-1, numbered in raster order of first appearance
         first = np.unique(labels.ravel(), return_index=True)[1]
         assert np.array_equal(np.argsort(first), np.arange(labels.max() + 1))
@@ -57,6 +51,13 @@ def test_degenerate_shapes(shape):
     for labels in felzenszwalb_multi(img, (50, 100)):
         assert labels.shape == shape[:2]
         assert labels.min() == 0 and np.array_equal(np.unique(labels), np.arange(labels.max() + 1))
+
+
+def test_same_partition_ignores_numbering_only():
+    a = np.array([[0, 0, 1], [2, 2, 1]])
+    assert same_partition(a, 5 - a)
+    assert not same_partition(a, np.array([[0, 0, 1], [1, 1, 1]]))  # two segments merged
+    assert not same_partition(np.array([[0, 0, 1], [1, 1, 1]]), a)  # one split
 
 
 def test_flat_image_is_one_segment_and_bad_arguments_raise():
