@@ -174,26 +174,55 @@ class ZF5(Backbone):
 
     name = "zf5"
 
-    def __init__(self, width: float = 1.0):
+    def __init__(self, width: float = 1.0, batchnorm: bool = False):
         super().__init__()
         c = [max(8, int(round(v * width))) for v in (96, 256, 384, 384, 256)]
         self.width = float(width)
+        self.batchnorm = bool(batchnorm)
+
+        def conv(cin: int, cout: int, k: int, stride: int = 1, padding: int = 0) -> list[nn.Module]:
+            layers = [nn.Conv2d(cin, cout, k, stride=stride, padding=padding)]
+            return layers + ([nn.BatchNorm2d(cout)] if batchnorm else []) + [nn.ReLU(inplace=True)]
+
         self.features = nn.Sequential(
-            nn.Conv2d(3, c[0], 7, stride=2, padding=1), nn.ReLU(inplace=True),
+            *conv(3, c[0], 7, stride=2, padding=1),
             CrossChannelLRN(3, alpha=5e-5, beta=0.75, k=1.0),
             nn.MaxPool2d(3, stride=2, ceil_mode=True),
-            nn.Conv2d(c[0], c[1], 5, stride=2, padding=0), nn.ReLU(inplace=True),
+            *conv(c[0], c[1], 5, stride=2),
             CrossChannelLRN(3, alpha=5e-5, beta=0.75, k=1.0),
             nn.MaxPool2d(3, stride=2, ceil_mode=True),
-            nn.Conv2d(c[1], c[2], 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(c[2], c[3], 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(c[3], c[4], 3, padding=1), nn.ReLU(inplace=True),
+            *conv(c[1], c[2], 3, padding=1),
+            *conv(c[2], c[3], 3, padding=1),
+            *conv(c[3], c[4], 3, padding=1),
         )
         self.out_channels = c[4]
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
+
+    def folded(self) -> "ZF5":
+        """The plain ZF-5 (no BatchNorm) that computes what this one computes in eval mode.
+
+        Training from scratch with BatchNorm after each conv converges in far fewer steps;
+        folding each BatchNorm's running statistics and affine into its conv's weight and bias
+        (``w * g / sqrt(var + eps)``, ``(b - mean) * g / sqrt(var + eps) + beta``) gives back
+        the paper's architecture, so every later stage sees an ordinary ZF-5.
+        """
+        plain = ZF5(self.width)
+        convs = [m for m in plain.features if isinstance(m, nn.Conv2d)]
+        mods = list(self.features)
+        src = [(m, mods[i + 1] if self.batchnorm else None) for i, m in enumerate(mods) if isinstance(m, nn.Conv2d)]
+        with torch.no_grad():
+            for dst, (conv, bn) in zip(convs, src):
+                w, b = conv.weight.detach().double(), conv.bias.detach().double()
+                if bn is not None:
+                    scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+                    w = w * scale[:, None, None, None]
+                    b = (b - bn.running_mean.double()) * scale + bn.bias.detach().double()
+                dst.weight.copy_(w.float())
+                dst.bias.copy_(b.float())
+        return plain
 
     def spatial_layers(self) -> list[SpatialOp]:
         return _ops_from_modules(self.features)

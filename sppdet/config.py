@@ -101,6 +101,9 @@ class PretrainConfig:
     # native bfloat16 instructions or on a CUDA device that supports it, else fp32).
     # Convolutions always run channels-last (a layout change, same arithmetic).
     precision: str = field(default="auto", metadata={"choices": PRECISIONS})
+    # ZF-5 from scratch only: train with BatchNorm after each conv, then fold it into the conv
+    # weights and biases (the checkpoint holds a plain ZF-5; later stages never see BatchNorm).
+    batchnorm: bool = False
     # Source of the crops: None = ground truth of data.train_split. A VOC year folder = its
     # ``split`` (the toy world's "ImageNet": a separate set the detector is never tested on,
     # which needs no proposals and so is cheap to make large). ``synthetic_images`` > 0

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .backbones import build_backbone
+from .backbones import ZF5, build_backbone
 from .boxes import iou_matrix
 from .config import BackboneConfig, PretrainConfig
 from .models import SPPNetClassifier, autocast, resolve_precision
@@ -205,7 +205,13 @@ def train_classifier(items: Sequence, classes: Sequence[str], backbone_cfg: Back
         train_items = [items[i] for i in perm[n_val:]]
     torch.manual_seed(seed)
     weights = backbone_cfg.weights if backbone_cfg.weights not in (None, "pretrain") else None
-    backbone = build_backbone(backbone_cfg.name, weights, backbone_cfg.width)
+    if cfg.batchnorm:
+        if backbone_cfg.name != "zf5" or weights is not None:
+            raise ValueError(f"pretrain.batchnorm is for ZF-5 trained from scratch, not {backbone_cfg.name!r} "
+                             f"with weights {weights!r}")
+        backbone = ZF5(backbone_cfg.width, batchnorm=True)
+    else:
+        backbone = build_backbone(backbone_cfg.name, weights, backbone_cfg.width)
     model = SPPNetClassifier(backbone, len(classes), cfg.levels, cfg.hidden, cfg.dropout).to(device)
     model.to(memory_format=torch.channels_last)
     precision = resolve_precision(cfg.precision, device, "pretrain.precision")
@@ -249,13 +255,14 @@ def train_classifier(items: Sequence, classes: Sequence[str], backbone_cfg: Back
                                                              if len(cfg.sizes) > 1 else "")
         history.append(rec)
         log_fn(msg)
+    trunk = model.backbone.folded() if cfg.batchnorm else model.backbone
     ckpt = {
         "backbone_name": backbone_cfg.name,
         "backbone_cfg": asdict(backbone_cfg),
         "pretrain_cfg": asdict(cfg),
         "classes": list(classes),
         "levels": list(cfg.levels),
-        "backbone": {k: v.cpu().contiguous() for k, v in model.backbone.state_dict().items()},
+        "backbone": {k: v.cpu().contiguous() for k, v in trunk.state_dict().items()},
         "head": {k: v.cpu().contiguous() for k, v in model.head.state_dict().items()},
         "precision": precision,
         "history": history,

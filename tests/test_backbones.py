@@ -96,3 +96,26 @@ def test_fast_lrn_equals_torch_lrn(size):
     ya, yb = ours(x), ref(x)
     torch.testing.assert_close(ya, yb)
     torch.testing.assert_close(torch.autograd.grad(ya.sum(), x)[0], torch.autograd.grad(yb.sum(), x)[0])
+
+
+def test_zf5_batchnorm_folds_into_a_plain_zf5():
+    from sppdet.backbones import ZF5
+
+    torch.manual_seed(0)
+    bn = ZF5(0.125, batchnorm=True)
+    with torch.no_grad():  # running statistics and affine parameters far from the identity
+        for _ in range(3):
+            bn.train()(torch.randn(4, 3, 97, 110) * 2 + 1)
+        for m in bn.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.normal_()
+    plain = bn.folded().eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    assert set(plain.state_dict()) == set(ZF5(0.125).state_dict())  # loads where any ZF-5 loads
+    assert (plain.stride, plain.center0, plain.receptive_field) == (bn.stride, bn.center0, bn.receptive_field)
+    x = torch.randn(2, 3, 120, 90)
+    with torch.no_grad():
+        want, got = bn.eval()(x), plain(x)
+    assert want.abs().max() > 1.0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -133,6 +133,34 @@ def test_pretrain_multi_size_and_precision(toy_voc, tmp_path):
     assert (tmp_path / "checkpoint.pt").is_file()
 
 
+def test_pretrain_with_batchnorm_stores_a_plain_zf5(toy_voc, tmp_path):
+    from sppdet.backbones import ZF5, build_backbone
+    from sppdet.config import BackboneConfig, PretrainConfig
+    from sppdet.models import SPPNetClassifier
+    from sppdet.pretrain import CropDataset, _batch, train_classifier, voc_items
+    from sppdet.synthetic import TOY_CLASSES
+    from sppdet.voc import VOCDataset
+
+    ds = VOCDataset(toy_voc, "trainval", TOY_CLASSES)
+    items, classes = voc_items(ds, 1, np.random.default_rng(0))
+    cfg = PretrainConfig(sizes=[96, 64], epochs=2, batch_size=8, hidden=32, precision="fp32", batchnorm=True)
+    bb_cfg = BackboneConfig(name="zf5", width=0.125)
+    ck = train_classifier(items[:24], classes, bb_cfg, cfg, tmp_path, progress=False, log_fn=lambda *a: None)
+    assert ck["pretrain_cfg"]["batchnorm"] is True
+    assert set(ck["backbone"]) == set(ZF5(0.125).state_dict())  # folded: no BatchNorm tensors
+    trunk = build_backbone("zf5", str(tmp_path / "checkpoint.pt"), 0.125)
+    # The stored trunk loads as a plain ZF-5 and, with the stored head, scores crops (finite, varied).
+    net = SPPNetClassifier(trunk, len(classes), cfg.levels, cfg.hidden).eval()
+    net.head.load_state_dict(ck["head"])
+    x = _batch(net, torch.stack([CropDataset(items[:8], 96, cfg.context)[i][0] for i in range(8)]), 96, "cpu")
+    with torch.no_grad():
+        logits = net(x)
+    assert torch.isfinite(logits).all() and logits.std() > 0
+    with pytest.raises(ValueError, match="batchnorm is for ZF-5"):
+        train_classifier(items[:24], classes, BackboneConfig(name="efficientnet_lite0"), cfg, tmp_path / "x",
+                         progress=False, log_fn=lambda *a: None)
+
+
 def test_caps_per_class_then_per_image():
     from sppdet.detector import _cap
 
