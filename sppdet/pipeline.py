@@ -488,8 +488,9 @@ def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str =
     """Detect on a whole split from the caches; evaluate without and with box regression."""
     from tqdm import tqdm
 
+    from .analysis import error_report, format_report, miss_reasons
     from .evaluation import evaluate_detections, format_table
-    from .visualize import plot_pr_curves
+    from .visualize import plot_error_analysis, plot_pr_curves
     from .voc import write_comp4
 
     cfg = run.cfg
@@ -502,14 +503,22 @@ def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str =
     plain_all, reg_all = {}, {}
     timing = {"pool": 0.0, "fc": 0.0, "svm": 0.0, "post": 0.0}
     t0 = time.time()
+    annotations, misses = {}, []
     for i in tqdm(ds.ids, desc=f"test {split}", unit="img", disable=not progress):
-        feats = det.cache.load(i)
-        plain, reg, t = det.detect_cached(feats, store.load(i), max_per_image=0)  # per-class cap only (R-CNN)
+        feats, props = det.cache.load(i), store.load(i)
+        pooled, scores, t = det.score(feats, props)
+        # Per-class cap only (R-CNN); the scores are kept for the miss analysis.
+        plain, reg, t["post"] = det.postprocess(pooled, scores, props, feats.width, feats.height, max_per_image=0)
         for k in timing:
             timing[k] += t[k]
         plain_all[i] = plain
         if reg is not None:
             reg_all[i] = reg
+        a = ds.annotation(i)
+        labels, difficult = a.labels(run.classes), np.asarray(a.difficult, bool)
+        annotations[i] = (a.boxes, labels, difficult)
+        misses += list(zip(labels[~difficult].tolist(), miss_reasons(a.boxes, labels, difficult, props, scores, plain,
+                                                                      reg, det.test.score_threshold)))
     n = len(ds.ids)
     gt = {k: ds.ground_truth(k) for k in range(len(run.classes))}
 
@@ -536,6 +545,9 @@ def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str =
         arrays[f"{i}/boxes"], arrays[f"{i}/scores"], arrays[f"{i}/labels"] = d.boxes, d.scores, d.labels
     atomic_save_npz(out / "detections.npz", **arrays)
     drawn = _draw_examples(run, ds, final, out, draw, cfg.test.draw_threshold)
+    errors = error_report(per_class(final), annotations, run.classes, misses)
+    atomic_write_text(out / "error_analysis.json", json.dumps(errors, indent=2))
+    plot_error_analysis(errors, out / "error_analysis.png", title=f"{run.cfg.name} {split}: where the AP goes")
     metrics = {
         "split": split,
         "images": n,
@@ -547,8 +559,10 @@ def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str =
         "seconds": time.time() - t0,
         "svm": svm_tag or "default",
         "drawn": [str(p) for p in drawn],
+        "error_analysis": errors["summary"],
     }
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     for k, v in results.items():
         run.log(f"\n{k.replace('_', ' ')} ({split}, {n} images):\n" + format_table(v))
+    run.log("\n" + format_report(errors) + f"\n  (per class: {out / 'error_analysis.json'}, {out / 'error_analysis.png'})")
     return metrics

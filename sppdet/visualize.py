@@ -71,3 +71,42 @@ def plot_pr_curves(curves: dict, aps: dict, path: str | Path, title: str = "prec
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_error_analysis(report: dict, path: str | Path, title: str = "where the AP goes") -> None:
+    """One PNG, two panels per class: the kinds of the top-ranked detections (as many as the class
+    has objects) and what became of the objects (``sppdet.analysis.error_report``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from .analysis import FP_KINDS, MISS_REASONS
+
+    names = list(report["per_class"])
+    rows = report["per_class"]
+    panels = [("top-ranked detections", ("correct",) + FP_KINDS, "top"),
+              ("objects", ("detected",) + MISS_REASONS, "objects_by_outcome")]
+    colours = ["#3a9d3a", "#e8a33d", "#c9c94a", "#8f5fbf", "#d64b4b"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 2.8), dpi=110)
+    y = np.arange(len(names))
+    for ax, (label, kinds, key) in zip(axes, panels):
+        left = np.zeros(len(names))
+        for kind, col in zip(kinds, colours):
+            v = np.array([rows[n][key].get(kind, 0) for n in names], float)
+            ax.barh(y, v, left=left, color=col, label=kind)
+            left += v
+        ax.set_yticks(y, names)
+        ax.invert_yaxis()
+        ax.set_xlabel("count")
+        ax.set_title(label)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+    s = report["summary"]
+    fig.suptitle(f"{title}: mAP {s['map07']:.3f}, without any false positive {s['map07_without']['all']:.3f}")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

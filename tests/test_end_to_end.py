@@ -57,6 +57,16 @@ def test_pipeline_outputs_and_map(trained):
     assert m["map07"] > 3 * chance, (m["map07"], chance)
     for k in ("without_bbox_reg", "with_bbox_reg"):
         assert k in m["results"]
+    # where the AP goes: every non-difficult object has one outcome, the top detections one kind each
+    err = json.loads((det / "error_analysis.json").read_text())
+    assert (det / "error_analysis.png").is_file() and "where the AP goes" in out
+    objects = sum(int((~ds.annotation(i).difficult.astype(bool)).sum()) for i in ds.ids)
+    assert sum(err["summary"]["objects_by_outcome"].values()) == objects
+    assert err["summary"]["map07"] == pytest.approx(m["map07"])
+    assert m["map07"] <= err["summary"]["map07_without"]["all"] <= 1.0
+    for name, row in err["per_class"].items():
+        assert sum(row["top"].values()) <= min(row["objects"], row["detections"])  # "ignored" ones are not counted
+        assert row["objects_by_outcome"]["detected"] >= row["top"]["correct"]
     # the stage manifests record that only fc layers were trained
     ft = json.loads((tmp / "run" / "model" / "finetune" / "manifest.json").read_text())
     assert ft["complete"] and ft["conv_fingerprint_unchanged"]

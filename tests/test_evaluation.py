@@ -40,3 +40,52 @@ def test_iou_exactly_half_counts():
     # box [0,0,10,20]: intersection 100, union 200 -> IoU exactly 0.5
     assert voc_ap_for_class([("a", 1.0, 0, 0, 10, 20)], gt) == pytest.approx(1.0)
     assert voc_ap_for_class([("a", 1.0, 0, 0, 10, 20.5)], gt) == 0.0
+
+
+def test_error_kinds_and_costs_on_a_hand_built_split():
+    from sppdet.analysis import classify_detections, error_report
+
+    # image a: class 0 objects at [0,0,10,10] and [20,20,30,30] (difficult); class 1 at [40,0,50,10]
+    ann = {"a": (np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 0, 50, 10]], np.float32), np.array([0, 0, 1]),
+                 np.array([False, True, False])),
+           "b": (np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool))}
+    dets0 = [("a", 0.2, 0, 0, 10, 10),    # correct (ranked after the FPs above it)
+             ("a", 0.9, 0, 0, 10, 4),     # IoU 0.4 with its class's object: localisation
+             ("a", 0.8, 40, 0, 50, 10),   # on the class-1 object: confusion
+             ("b", 0.7, 0, 0, 10, 10),    # image without objects: background
+             ("a", 0.1, 0, 0, 10, 10),    # second match of the same object: duplicate
+             ("a", 0.6, 20, 20, 30, 30)]  # on the difficult object: ignored
+    dets, kinds = classify_detections(dets0, 0, ann)
+    assert [d[1] for d in dets] == [0.9, 0.8, 0.7, 0.6, 0.2, 0.1]
+    assert kinds == ["localisation", "confusion", "background", "ignored", "correct", "duplicate"]
+    rep = error_report({0: dets0, 1: [("a", 0.5, 40, 0, 50, 10)]}, ann, ["x", "y"],
+                       misses=[(0, "detected"), (1, "detected")])
+    x = rep["per_class"]["x"]
+    assert x["objects"] == 1 and x["top"] == {"correct": 0, "localisation": 1, "duplicate": 0, "confusion": 0,
+                                               "background": 0}
+    assert x["ap07"] == pytest.approx(voc_ap_for_class(dets0, {"a": (ann["a"][0][:2], ann["a"][2][:2]),
+                                                              "b": (np.zeros((0, 4)), np.zeros(0, bool))}))
+    assert x["ap07"] < x["ap07_without"]["localisation"] < x["ap07_without"]["all"] == pytest.approx(1.0)
+    assert rep["per_class"]["y"]["ap07"] == pytest.approx(1.0)
+    assert rep["summary"]["objects_by_outcome"]["detected"] == 2
+
+
+def test_miss_reasons_name_the_stage_that_lost_each_object():
+    from sppdet.analysis import miss_reasons
+    from sppdet.detector import Detections
+
+    gt = np.array([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [60, 0, 70, 10], [80, 0, 90, 10],
+                   [100, 0, 110, 10]], np.float32)
+    labels = np.array([0, 0, 0, 0, 0, 1])
+    difficult = np.array([False, False, False, False, False, True])
+    props = np.array([[0, 0, 10, 10], [40, 0, 50, 10], [60, 0, 70, 10], [80, 0, 90, 10], [200, 0, 210, 10]],
+                     np.float32)  # nothing near object 1
+    scores = np.array([[1.0, 0], [-2.0, 0], [0.5, 0], [0.8, 0], [0.9, 0]])
+    plain = Detections(np.array([[0, 0, 10, 10], [80, 0, 90, 10]], np.float32), np.array([1.0, 0.8]),
+                       np.array([0, 0]))
+    refined = Detections(np.array([[0, 0, 10, 10], [86, 0, 96, 10]], np.float32), np.array([1.0, 0.8]),
+                         np.array([0, 0]))
+    got = miss_reasons(gt, labels, difficult, props, scores, plain, refined, score_threshold=-1.5)
+    assert got == ["detected", "no proposal", "score below threshold", "suppressed", "lost by box regression"]
+    # without box regression the plain detections are the final ones
+    assert miss_reasons(gt, labels, difficult, props, scores, plain, None, -1.5)[4] == "detected"
