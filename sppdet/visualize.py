@@ -45,12 +45,7 @@ def save_png(path: str | Path, rgb: np.ndarray) -> None:
 
 def plot_pr_curves(curves: dict, aps: dict, path: str | Path, title: str = "precision-recall") -> None:
     """One PNG with every class's PR curve; ``curves[name] = (recall, precision)``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import io
-
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
     for k, (name, (rec, prec)) in enumerate(curves.items()):
@@ -66,22 +61,13 @@ def plot_pr_curves(curves: dict, aps: dict, path: str | Path, title: str = "prec
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save_figure(fig, path)
 
 
 def plot_error_analysis(report: dict, path: str | Path, title: str = "where the AP goes") -> None:
     """One PNG, two panels per class: the kinds of the top-ranked detections (as many as the class
     has objects) and what became of the objects (``sppdet.analysis.error_report``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import io
-
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     from .analysis import FP_KINDS, MISS_REASONS
 
@@ -105,8 +91,25 @@ def plot_error_analysis(report: dict, path: str | Path, title: str = "where the 
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     s = report["summary"]
     fig.suptitle(f"{title}: mAP {s['map07']:.3f}, without any false positive {s['map07_without']['all']:.3f}")
+    _save_figure(fig, path)
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig, path: str | Path) -> None:
+    """Write ``fig`` as a PNG atomically and close it."""
+    import io
+
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
-    plt.close(fig)
+    _pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())
