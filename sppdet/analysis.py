@@ -11,10 +11,12 @@ Two views, both over a whole split:
   confident mistakes are; the AP with one kind removed says what each kind costs.
 - **Misses**: each non-difficult object is ``detected`` (a final detection of its class at IoU
   >= 0.5) or lost at one stage: ``no proposal`` (no window at IoU >= 0.5), ``score below
-  threshold`` (every such window scored at most ``test.score_threshold``), ``suppressed``
-  (one scored above it, but non-maximum suppression by a higher-scoring window of the class, or
-  the per-class cap, removed it) or ``lost by box regression`` (found before regression, moved off after it). Only detected objects can be
-  recalled, so the AP with every false positive removed is the ceiling the misses leave.
+  threshold`` (every such window scored at most ``test.score_threshold``), ``suppressed`` (one
+  scored above it, but non-maximum suppression by a higher-scoring window of the class, or the
+  per-class cap, removed it) or ``lost by box regression`` (found before regression, moved off
+  after it). Only detected objects can be recalled, so the AP with every false positive removed
+  is the ceiling the misses leave at that score threshold (a lower threshold detects more
+  objects, at the bottom of the ranking).
 """
 
 from __future__ import annotations
@@ -155,7 +157,8 @@ def format_report(report: dict) -> str:
              "  top detections: " + ", ".join(f"{k} {v}" for k, v in top.items()),
              f"  mAP {s['map07']:.3f}; without " + ", ".join(
                  f"{k} FPs {v:.3f}" for k, v in s["map07_without"].items() if k != "all")
-             + f"; without any FP {s['map07_without']['all']:.3f} (the ceiling the misses leave)"]
+             + f"; without any FP {s['map07_without']['all']:.3f}"
+             + " (the ceiling the misses leave at this score threshold)"]
     if s["objects_by_outcome"]:
         n = sum(s["objects_by_outcome"].values())
         lines.append(f"  objects ({n}): " + ", ".join(f"{k} {v}" for k, v in s["objects_by_outcome"].items()))

@@ -564,5 +564,6 @@ def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str =
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     for k, v in results.items():
         run.log(f"\n{k.replace('_', ' ')} ({split}, {n} images):\n" + format_table(v))
-    run.log("\n" + format_report(errors) + f"\n  (per class: {out / 'error_analysis.json'}, {out / 'error_analysis.png'})")
+    run.log("\n" + format_report(errors)
+            + f"\n  (per class: {out / 'error_analysis.json'}, {out / 'error_analysis.png'})")
     return metrics
