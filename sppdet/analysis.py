@@ -26,51 +26,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .boxes import iou_matrix
-from .evaluation import voc_ap_for_class
+from .evaluation import FP_KINDS, classify_detections, voc_ap_for_class
 
 __all__ = ["FP_KINDS", "MISS_REASONS", "classify_detections", "miss_reasons", "error_report", "format_report"]
 
-FP_KINDS = ("localisation", "duplicate", "confusion", "background")
 MISS_REASONS = ("no proposal", "score below threshold", "suppressed", "lost by box regression")
-
-
-def classify_detections(detections: Sequence, k: int, annotations: Mapping[str, tuple],
-                        iou_threshold: float = 0.5) -> tuple[list, list[str]]:
-    """``(detections sorted by descending score, kind of each)`` for class ``k``.
-
-    ``detections``: ``(image_id, score, x1, y1, x2, y2)``; ``annotations``: ``{image_id: (boxes
-    (N, 4), labels (N,), difficult (N,))}`` of every image of the split. Correct / duplicate /
-    ignored follow :func:`sppdet.evaluation.match_detections` exactly.
-    """
-    dets = list(detections)
-    order = np.argsort(-np.array([float(d[1]) for d in dets], np.float64), kind="stable")
-    used = {img: np.zeros(len(a[0]), bool) for img, a in annotations.items()}
-    kinds = []
-    for j in order:
-        img = dets[j][0]
-        if img not in annotations:
-            raise KeyError(f"detection for image {img!r}, which is not in the ground truth of this split")
-        boxes, labels, difficult = annotations[img]
-        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-        ov = iou_matrix(np.asarray(dets[j][2:6], np.float64)[None], boxes)[0] if len(boxes) else np.zeros(0)
-        same = np.asarray(labels) == k
-        ov_same = np.where(same, ov, -1.0)
-        m = int(np.argmax(ov_same)) if same.any() else -1
-        if m >= 0 and ov_same[m] >= iou_threshold:
-            if difficult[m]:
-                kinds.append("ignored")
-            elif used[img][m]:
-                kinds.append("duplicate")
-            else:
-                used[img][m] = True
-                kinds.append("correct")
-        elif m >= 0 and ov_same[m] >= 0.1:
-            kinds.append("localisation")
-        elif (~same).any() and ov[~same].max() >= 0.1:
-            kinds.append("confusion")
-        else:
-            kinds.append("background")
-    return [dets[j] for j in order], kinds
 
 
 def miss_reasons(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_difficult: np.ndarray, proposals: np.ndarray,

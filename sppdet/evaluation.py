@@ -18,7 +18,12 @@ import numpy as np
 
 from .boxes import iou_matrix
 
-__all__ = ["voc_ap", "match_detections", "voc_ap_for_class", "ClassResult", "evaluate_detections"]
+__all__ = ["voc_ap", "match_detections", "classify_detections", "FP_KINDS", "voc_ap_for_class", "ClassResult",
+           "evaluate_detections"]
+
+# False-positive kinds of :func:`classify_detections` (after Hoiem et al.); "ignored" (a match to a
+# difficult object) is neither a true nor a false positive.
+FP_KINDS = ("localisation", "duplicate", "confusion", "background")
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = True) -> float:
@@ -54,41 +59,63 @@ def match_detections(detections: Sequence, ground_truth: Mapping[str, tuple], io
     ``detections``: sequence of ``(image_id, score, x1, y1, x2, y2)``;
     ``ground_truth``: ``{image_id: (boxes (N, 4), difficult (N,) bool)}``.
     """
-    gt = {}
+    annotations = {}
     npos = 0
     for img, (boxes, difficult) in ground_truth.items():
         b = np.asarray(boxes, np.float64).reshape(-1, 4)
         d = np.asarray(difficult, bool).reshape(-1)
         if len(d) != len(b):
             raise ValueError(f"ground truth of {img!r}: {len(b)} boxes but {len(d)} difficult flags")
-        gt[img] = (b, d, np.zeros(len(b), bool))
+        annotations[img] = (b, np.zeros(len(b), np.int64), d)
         npos += int((~d).sum())
+    _, kinds = classify_detections(detections, 0, annotations, iou_threshold)
+    kinds = np.array(kinds, dtype=object)
+    return (kinds == "correct").astype(np.float64), np.isin(kinds, FP_KINDS).astype(np.float64), npos
+
+
+def classify_detections(detections: Sequence, k: int, annotations: Mapping[str, tuple],
+                        iou_threshold: float = 0.5) -> tuple[list, list[str]]:
+    """``(detections sorted by descending score, kind of each)`` for class ``k``.
+
+    VOC matching: in descending-score order, each detection goes to the object of class ``k`` it
+    overlaps most; at IoU >= ``iou_threshold`` it is ``"correct"`` (first match), ``"duplicate"``
+    or ``"ignored"`` (a difficult object). Any other detection is a false positive of the kind it
+    is (:data:`FP_KINDS`): ``"localisation"`` (IoU >= 0.1 with an object of class ``k``),
+    ``"confusion"`` (IoU >= 0.1 with an object of another class) or ``"background"``.
+    :func:`match_detections` is this with the objects of one class.
+
+    ``detections``: ``(image_id, score, x1, y1, x2, y2)``; ``annotations``: ``{image_id: (boxes
+    (N, 4), labels (N,), difficult (N,))}`` of every image of the split.
+    """
     dets = list(detections)
-    scores = np.array([float(d[1]) for d in dets], np.float64)
-    order = np.argsort(-scores, kind="stable")
-    tp = np.zeros(len(dets))
-    fp = np.zeros(len(dets))
-    for rank, j in enumerate(order):
+    order = np.argsort(-np.array([float(d[1]) for d in dets], np.float64), kind="stable")
+    used = {img: np.zeros(len(a[0]), bool) for img, a in annotations.items()}
+    kinds = []
+    for j in order:
         img = dets[j][0]
-        if img not in gt:
+        if img not in annotations:
             raise KeyError(f"detection for image {img!r}, which is not in the ground truth of this split")
-        b, d, used = gt[img]
-        if len(b) == 0:
-            fp[rank] = 1
-            continue
-        ov = iou_matrix(np.asarray(dets[j][2:6], np.float64)[None], b)[0]
-        k = int(np.argmax(ov))
-        if ov[k] >= iou_threshold:
-            if d[k]:
-                continue  # difficult: neither TP nor FP
-            if not used[k]:
-                tp[rank] = 1
-                used[k] = True
+        boxes, labels, difficult = annotations[img]
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        ov = iou_matrix(np.asarray(dets[j][2:6], np.float64)[None], boxes)[0] if len(boxes) else np.zeros(0)
+        same = np.asarray(labels) == k
+        ov_same = np.where(same, ov, -1.0)
+        m = int(np.argmax(ov_same)) if same.any() else -1
+        if m >= 0 and ov_same[m] >= iou_threshold:
+            if difficult[m]:
+                kinds.append("ignored")
+            elif used[img][m]:
+                kinds.append("duplicate")
             else:
-                fp[rank] = 1
+                used[img][m] = True
+                kinds.append("correct")
+        elif m >= 0 and ov_same[m] >= 0.1:
+            kinds.append("localisation")
+        elif (~same).any() and ov[~same].max() >= 0.1:
+            kinds.append("confusion")
         else:
-            fp[rank] = 1
-    return tp, fp, npos
+            kinds.append("background")
+    return [dets[j] for j in order], kinds
 
 
 def _class_result(detections, ground_truth, iou_threshold, use_07_metric) -> ClassResult:
