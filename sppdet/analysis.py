@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .boxes import iou_matrix
-from .evaluation import FP_KINDS, classify_detections, voc_ap_for_class
+from .evaluation import FP_KINDS, ap_from_kinds, classify_detections
 
 __all__ = ["FP_KINDS", "MISS_REASONS", "classify_detections", "miss_reasons", "error_report", "format_report"]
 
@@ -75,18 +75,15 @@ def error_report(detections: Mapping[int, Sequence], annotations: Mapping[str, t
     per non-difficult object, from :func:`miss_reasons`)."""
     per_class = {}
     for k, name in enumerate(classes):
-        gt = {img: (np.asarray(a[0]).reshape(-1, 4)[np.asarray(a[1]) == k],
-                    np.asarray(a[2], bool)[np.asarray(a[1]) == k]) for img, a in annotations.items()}
-        npos = int(sum((~d).sum() for _, d in gt.values()))
+        npos = int(sum(((np.asarray(a[1]) == k) & ~np.asarray(a[2], bool)).sum() for a in annotations.values()))
         dets, kinds = classify_detections(detections.get(k, []), k, annotations)
         top = kinds[:npos]
-        row = {"objects": npos, "detections": len(dets), "ap07": voc_ap_for_class(dets, gt) if npos else None,
+        row = {"objects": npos, "detections": len(dets), "ap07": ap_from_kinds(kinds, npos) if npos else None,
                "top": {kind: top.count(kind) for kind in ("correct",) + FP_KINDS}}
         removed = {}
         for kind in FP_KINDS + ("all",):
             drop = FP_KINDS if kind == "all" else (kind,)
-            keep = [d for d, t in zip(dets, kinds) if t not in drop]
-            removed[kind] = voc_ap_for_class(keep, gt) if npos else None
+            removed[kind] = ap_from_kinds([t for t in kinds if t not in drop], npos) if npos else None
         row["ap07_without"] = removed
         reasons = [r for c, r in misses if c == k]
         row["objects_by_outcome"] = {r: reasons.count(r) for r in ("detected",) + MISS_REASONS} if reasons else {}

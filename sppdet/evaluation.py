@@ -18,8 +18,8 @@ import numpy as np
 
 from .boxes import iou_matrix
 
-__all__ = ["voc_ap", "match_detections", "classify_detections", "FP_KINDS", "voc_ap_for_class", "ClassResult",
-           "evaluate_detections"]
+__all__ = ["voc_ap", "match_detections", "classify_detections", "ap_from_kinds", "FP_KINDS", "voc_ap_for_class",
+           "ClassResult", "evaluate_detections"]
 
 # False-positive kinds of :func:`classify_detections` (after Hoiem et al.); "ignored" (a match to a
 # difficult object) is neither a true nor a false positive.
@@ -69,8 +69,29 @@ def match_detections(detections: Sequence, ground_truth: Mapping[str, tuple], io
         annotations[img] = (b, np.zeros(len(b), np.int64), d)
         npos += int((~d).sum())
     _, kinds = classify_detections(detections, 0, annotations, iou_threshold)
-    kinds = np.array(kinds, dtype=object)
-    return (kinds == "correct").astype(np.float64), np.isin(kinds, FP_KINDS).astype(np.float64), npos
+    return (*_tp_fp(kinds), npos)
+
+
+def _tp_fp(kinds: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """TP and FP indicators of :func:`classify_detections` kinds (``"ignored"`` is neither)."""
+    k = np.array(kinds, dtype=object)
+    return (k == "correct").astype(np.float64), np.isin(k, FP_KINDS).astype(np.float64)
+
+
+def _pr_curve(tp: np.ndarray, fp: np.ndarray, npos: int) -> tuple[np.ndarray, np.ndarray]:
+    ctp, cfp = np.cumsum(tp), np.cumsum(fp)
+    rec = ctp / npos if npos > 0 else np.zeros_like(ctp)
+    return rec, ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
+
+
+def ap_from_kinds(kinds: Sequence[str], num_positives: int, use_07_metric: bool = True) -> float:
+    """AP of one class from the kinds of its detections in descending-score order (as
+    :func:`classify_detections` gives them); ``nan`` when the class has no positives. Removing
+    false positives leaves the other detections' kinds unchanged, so the AP without a kind of
+    mistake is this on the remaining kinds."""
+    if num_positives <= 0:
+        return float("nan")
+    return voc_ap(*_pr_curve(*_tp_fp(kinds), num_positives), use_07_metric)
 
 
 def classify_detections(detections: Sequence, k: int, annotations: Mapping[str, tuple],
@@ -120,9 +141,7 @@ def classify_detections(detections: Sequence, k: int, annotations: Mapping[str, 
 
 def _class_result(detections, ground_truth, iou_threshold, use_07_metric) -> ClassResult:
     tp, fp, npos = match_detections(detections, ground_truth, iou_threshold)
-    ctp, cfp = np.cumsum(tp), np.cumsum(fp)
-    rec = ctp / npos if npos > 0 else np.zeros_like(ctp)
-    prec = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
+    rec, prec = _pr_curve(tp, fp, npos)
     ap = voc_ap(rec, prec, use_07_metric) if npos > 0 else float("nan")
     return ClassResult(ap, rec, prec, npos, len(tp))
 
