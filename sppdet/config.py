@@ -309,16 +309,32 @@ def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def section_defaults(section: Any) -> dict:
+    """Each field's default of a config section (a dataclass or its class) as JSON would store it;
+    fields without a default are left out."""
+    out = {}
+    for f in dataclasses.fields(section):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps(out, default=str))
+
+
+def with_defaults(saved: dict, defaults: dict) -> dict:
+    """``saved`` with every key it lacks taken from ``defaults`` (nested dicts alike): an option added
+    after ``saved`` was written, left at its default, behaves as before it existed."""
+    out = dict(saved)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(out[k], dict) and isinstance(v, dict):
+            out[k] = with_defaults(out[k], v)
+    return out
+
+
 def section_changes(saved: dict | None, section: Any, prefix: str = "") -> list[str]:
     """``diff_keys`` between a config section saved by an earlier run and the current one, where a
     field the saved dict lacks counts as its default (an option added since, left off, changes nothing)."""
-    current = dataclasses.asdict(section)
-    saved = dict(saved or {})
-    for f in dataclasses.fields(section):
-        if f.name not in saved:
-            if f.default is not dataclasses.MISSING:
-                saved[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                saved[f.name] = f.default_factory()
-    return diff_keys(json.loads(json.dumps(saved, default=str)), json.loads(json.dumps(current, default=str)),
-                     prefix)
+    saved = with_defaults(json.loads(json.dumps(saved or {}, default=str)), section_defaults(section))
+    return diff_keys(saved, json.loads(json.dumps(dataclasses.asdict(section), default=str)), prefix)

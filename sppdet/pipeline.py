@@ -27,7 +27,7 @@ import torch
 
 from .backbones import Backbone, build_backbone
 from .bbox_reg import BoxRegressor, fit_class_regressor
-from .config import Config, fingerprint, section_changes
+from .config import Config, fingerprint, section_changes, section_defaults
 from .detector import Detector, load_svms
 from .features import FeatureCache, ImageFeatures, extract_image, weights_fingerprint
 from .finetune import finetune_head
@@ -199,7 +199,8 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
     conf = {"features": asdict(cfg.features), "backbone": asdict(cfg.backbone), "flip": bool(flip)}
     inputs = {"weights": weights_fingerprint(backbone), "proposals": prop_manifest["fingerprint"],
               "split": fingerprint(ds.ids)}
-    stage = Stage(run.features_dir(split), "features", conf, inputs, overwrite=overwrite and shard == (0, 1))
+    stage = Stage(run.features_dir(split), "features", conf, inputs, overwrite=overwrite and shard == (0, 1),
+                  defaults={"features": section_defaults(cfg.features), "backbone": section_defaults(cfg.backbone)})
     i_shard, n_shard = shard
     ids = ds.ids[i_shard::n_shard]
     todo = [i for i in ids if not stage.has(i)]
@@ -294,7 +295,7 @@ def stage_finetune(run: Run, overwrite: bool = False) -> dict:
     inputs = {"features_" + tr: Stage.read_manifest(cache_t.dir)["fingerprint"],
               "features_" + va: Stage.read_manifest(cache_v.dir)["fingerprint"]}
     stage = Stage(run.finetune_path.parent, "finetune", {"finetune": asdict(cfg.finetune), "seed": cfg.seed}, inputs,
-                  overwrite=overwrite)
+                  overwrite=overwrite, defaults={"finetune": section_defaults(cfg.finetune)})
     if run.finetune_path.is_file():
         run.log(f"finetune: reusing {run.finetune_path}")
         return stage.finish(1)
@@ -341,7 +342,8 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
     if feature in ("fc6", "fc7"):
         inputs["finetune"] = Stage.read_manifest(run.finetune_path.parent)["fingerprint"]
     path = run.svm_path(tag)
-    stage = Stage(path.parent, "svm", {"svm": asdict(cfg.svm), "feature": feature}, inputs, overwrite=overwrite)
+    stage = Stage(path.parent, "svm", {"svm": asdict(cfg.svm), "feature": feature}, inputs, overwrite=overwrite,
+                  defaults={"svm": section_defaults(cfg.svm)})
     if path.is_file():
         run.log(f"svm: reusing {path}")
         return stage.finish(1)
@@ -403,7 +405,7 @@ def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = 3000)
     path = run.bbox_reg_path
     inputs = {"features": Stage.read_manifest(cache.dir)["fingerprint"]}
     stage = Stage(path.parent, "bbox_reg", {"bbox_reg": asdict(cfg.bbox_reg), "max_per_class": max_per_class}, inputs,
-                  overwrite=overwrite)
+                  overwrite=overwrite, defaults={"bbox_reg": section_defaults(cfg.bbox_reg)})
     if path.is_file():
         run.log(f"bbox_reg: reusing {path}")
         return stage.finish(1)

@@ -527,7 +527,7 @@ def compute_proposals(ids: Sequence[str], image_path: Callable[[str], Path], out
     params = dict(params or {})
     cfg = {"backend": backend, "max_boxes": max_boxes, "min_size": min_size,
            "params": resolved_params(backend, params), "precomputed": precomputed}
-    stage = Stage(out_dir, "proposals", cfg, overwrite=overwrite)
+    stage = Stage(out_dir, "proposals", cfg, overwrite=overwrite, defaults={"params": resolved_params(backend, {})})
     todo = [i for i in ids if not stage.has(i)]
     stats = {"seconds": 0.0, "boxes": 0, "images": 0}
     if backend == "precomputed":

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .config import diff_keys, fingerprint
+from .config import diff_keys, fingerprint, with_defaults
 
 __all__ = [
     "StaleCacheError",
@@ -136,13 +136,17 @@ class Stage:
         config: the resolved config (a JSON-able dict) that determines the outputs.
         inputs: fingerprints of the inputs (other stages, weights, data).
         overwrite: delete existing outputs instead of checking them.
+        defaults: the default of each option in ``config`` (same nesting). A manifest written before
+            an option existed matches while that option is at its default, and the outputs keep
+            their manifest's config and fingerprint, so the stages after them stay valid too.
     """
 
     def __init__(self, directory: str | Path, stage: str, config: dict, inputs: dict | None = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, defaults: dict | None = None):
         self.dir = Path(directory)
         self.stage = stage
         self.config = json.loads(json.dumps(config, default=str))
+        self.defaults = json.loads(json.dumps(defaults or {}, default=str))
         self.inputs = dict(inputs or {})
         self.manifest_path = self.dir / "manifest.json"
         self._t0 = time.time()
@@ -178,13 +182,15 @@ class Stage:
     def _check_compatible(self, old: dict) -> None:
         if old.get("stage") != self.stage:
             raise StaleCacheError(f"{self.manifest_path}: folder belongs to stage {old.get('stage')!r}, not {self.stage!r}")
-        changes = diff_keys(old.get("config", {}), self.config, "config.") + diff_keys(
+        saved = old.get("config", {})
+        changes = diff_keys(with_defaults(saved, self.defaults), self.config, "config.") + diff_keys(
             old.get("inputs", {}), self.inputs, "inputs.")
         if changes:
             raise StaleCacheError(
                 f"{self.manifest_path}: outputs were made with other settings or inputs; changed: "
                 + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else "")
                 + ". Use --overwrite to rebuild, or another run folder.")
+        self.config = saved  # the same settings; options added since stay out of the fingerprint
 
     def _base_fields(self, complete: bool) -> dict:
         return {

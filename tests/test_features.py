@@ -159,3 +159,23 @@ def test_stage_manifest_keeps_recorded_results_on_reuse_and_rejects_changed_conf
     assert again["conv_fingerprint_unchanged"] == "f00d" and again["complete"]
     with pytest.raises(StaleCacheError, match="config.lr"):
         Stage(tmp_path / "s", "finetune", {"lr": 0.2}, {"features": "abc"})
+
+
+def test_stage_made_before_an_option_existed_stays_valid_at_its_default(tmp_path):
+    """An upgrade that adds an option (default: the old behaviour) keeps the caches and their fingerprint;
+    the option set to anything else is a change, named."""
+    from sppdet.store import Stage, StaleCacheError
+
+    old = Stage(tmp_path / "s", "svm", {"svm": {"C": 0.01}, "feature": "fc7"}, {"features": "abc"}).finish(1)
+    new_cfg = {"svm": {"C": 0.01, "new_option": 0}, "feature": "fc7"}
+    defaults = {"svm": {"C": 0.001, "new_option": 0}}
+    again = Stage(tmp_path / "s", "svm", new_cfg, {"features": "abc"}, defaults=defaults).finish(1)
+    assert again["fingerprint"] == old["fingerprint"] and again["config"] == old["config"]
+    with pytest.raises(StaleCacheError, match=r"config\.svm\.new_option: 0 -> 2"):
+        Stage(tmp_path / "s", "svm", {"svm": {"C": 0.01, "new_option": 2}, "feature": "fc7"}, {"features": "abc"},
+              defaults=defaults)
+    with pytest.raises(StaleCacheError, match=r"config\.svm\.new_option"):  # without defaults: strict
+        Stage(tmp_path / "s", "svm", new_cfg, {"features": "abc"})
+    with pytest.raises(StaleCacheError, match=r"config\.svm\.C"):  # a saved value is never replaced by a default
+        Stage(tmp_path / "s", "svm", {"svm": {"C": 0.001, "new_option": 0}, "feature": "fc7"}, {"features": "abc"},
+              defaults=defaults)
