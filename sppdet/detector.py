@@ -143,7 +143,8 @@ class Detector:
                      device: str = "cpu", score_threshold: float | None = None):
         """Full test-time path on a new image: conv5 once per scale, then :meth:`detect_cached`."""
         t0 = time.perf_counter()
-        maps, factors = conv5_maps(backbone, rgb, features.scales, features.max_size, device)
+        maps, factors = conv5_maps(backbone, rgb, features.scales, features.max_size, device,
+                                   resolve_precision(features.precision, device, "features.precision"))
         # Rounded to the cache's dtype: the fc head and SVMs were trained on maps read from it.
         maps = [m.cpu().to(getattr(torch, features.dtype)) for m in maps]
         t_conv = time.perf_counter() - t0

@@ -31,7 +31,7 @@ from .config import Config, fingerprint, section_changes, section_defaults
 from .detector import Detector, load_svms
 from .features import FeatureCache, ImageFeatures, extract_image, weights_fingerprint
 from .finetune import finetune_head
-from .models import FCHead
+from .models import FCHead, resolve_precision
 from .pretrain import load_checkpoint, save_checkpoint, train_classifier, voc_items
 from .proposals import ProposalStore, compute_proposals
 from .roidb import make_windows
@@ -196,6 +196,7 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
     prop_manifest = require_complete(run.proposals_dir(split), "proposals")
     backbone = run.backbone().to(device)
     g = backbone.geometry
+    precision = resolve_precision(cfg.features.precision, device, "features.precision")
     conf = {"features": asdict(cfg.features), "backbone": asdict(cfg.backbone), "flip": bool(flip)}
     inputs = {"weights": weights_fingerprint(backbone), "proposals": prop_manifest["fingerprint"],
               "split": fingerprint(ds.ids)}
@@ -212,7 +213,8 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
     nbox = 0
     for i in tqdm(todo, desc=f"features {split}" + (f" shard {i_shard}/{n_shard}" if n_shard > 1 else ""), unit="img"):
         rgb = ds.image(i)
-        maps, factors, flipped, dt = extract_image(backbone, rgb, cfg.features.scales, cfg.features.max_size, flip, device)
+        maps, factors, flipped, dt = extract_image(backbone, rgb, cfg.features.scales, cfg.features.max_size, flip, device,
+                                                   precision)
         t_conv += dt
         boxes = store.load(i)
         t0 = time.perf_counter()
@@ -229,6 +231,7 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
         "boxes_per_image": nbox / n if n else None,
         "geometry": {"stride": g.stride, "center0": g.center0, "receptive_field": g.receptive_field},
         "feature_dim": spp_output_dim(backbone.out_channels, cfg.features.levels),
+        "conv_precision": precision,
     }
     if done_all:
         m = stage.finish(len(ds.ids), **summary)

@@ -40,6 +40,17 @@ def test_pooled_features_equal_spp_on_the_crop(zf):
         torch.testing.assert_close(got[r], layer(m[None, :, t:b + 1, l:rr + 1])[0])
 
 
+def test_conv5_in_bf16_is_float32_maps_close_to_fp32(zf):
+    rgb = np.random.default_rng(2).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    ref, f_ref = conv5_maps(zf, rgb, [200, 300], 1000)
+    got, f_got = conv5_maps(zf, rgb, [200, 300], 1000, precision="bf16")
+    assert f_got == f_ref
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        err = (a - b).abs().max() / b.abs().max()
+        assert 0 < err < 0.05  # bfloat16 arithmetic: close, and not silently fp32
+
+
 def _write_split(cache_dir, zf, n=3):
     rng = np.random.default_rng(1)
     imgs = {f"{i:03d}": rng.integers(0, 255, (90 + 10 * i, 120, 3), dtype=np.uint8) for i in range(n)}
