@@ -143,6 +143,13 @@ class Run:
 
 
 # ------------------------------------------------------------------ stages
+def _stage(directory: Path, name: str, sections: dict, extra: dict, inputs: dict, overwrite: bool) -> Stage:
+    """A stage folder whose outputs depend on whole config ``sections`` (name -> dataclass) and ``extra``
+    values; the sections' defaults let a manifest from before an added option stay valid."""
+    return Stage(directory, name, {**{k: asdict(v) for k, v in sections.items()}, **extra}, inputs,
+                 overwrite=overwrite, defaults={k: section_defaults(v) for k, v in sections.items()})
+
+
 def stage_pretrain(run: Run, split: str | None = None, folder: str | None = None, device: str = "cpu",
                    overwrite: bool = False) -> dict:
     """Classifier pre-training on VOC ground-truth crops (default: the train split) or a folder."""
@@ -197,11 +204,10 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
     backbone = run.backbone().to(device)
     g = backbone.geometry
     precision = resolve_precision(cfg.features.precision, device, "features.precision")
-    conf = {"features": asdict(cfg.features), "backbone": asdict(cfg.backbone), "flip": bool(flip)}
     inputs = {"weights": weights_fingerprint(backbone), "proposals": prop_manifest["fingerprint"],
               "split": fingerprint(ds.ids)}
-    stage = Stage(run.features_dir(split), "features", conf, inputs, overwrite=overwrite and shard == (0, 1),
-                  defaults={"features": section_defaults(cfg.features), "backbone": section_defaults(cfg.backbone)})
+    stage = _stage(run.features_dir(split), "features", {"features": cfg.features, "backbone": cfg.backbone},
+                   {"flip": bool(flip)}, inputs, overwrite and shard == (0, 1))
     i_shard, n_shard = shard
     ids = ds.ids[i_shard::n_shard]
     todo = [i for i in ids if not stage.has(i)]
@@ -297,8 +303,8 @@ def stage_finetune(run: Run, overwrite: bool = False) -> dict:
     in_dim = spp_output_dim(run.backbone().out_channels, cache_t.levels)
     inputs = {"features_" + tr: Stage.read_manifest(cache_t.dir)["fingerprint"],
               "features_" + va: Stage.read_manifest(cache_v.dir)["fingerprint"]}
-    stage = Stage(run.finetune_path.parent, "finetune", {"finetune": asdict(cfg.finetune), "seed": cfg.seed}, inputs,
-                  overwrite=overwrite, defaults={"finetune": section_defaults(cfg.finetune)})
+    stage = _stage(run.finetune_path.parent, "finetune", {"finetune": cfg.finetune}, {"seed": cfg.seed}, inputs,
+                   overwrite)
     if run.finetune_path.is_file():
         run.log(f"finetune: reusing {run.finetune_path}")
         return stage.finish(1)
@@ -345,8 +351,7 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
     if feature in ("fc6", "fc7"):
         inputs["finetune"] = Stage.read_manifest(run.finetune_path.parent)["fingerprint"]
     path = run.svm_path(tag)
-    stage = Stage(path.parent, "svm", {"svm": asdict(cfg.svm), "feature": feature}, inputs, overwrite=overwrite,
-                  defaults={"svm": section_defaults(cfg.svm)})
+    stage = _stage(path.parent, "svm", {"svm": cfg.svm}, {"feature": feature}, inputs, overwrite)
     if path.is_file():
         run.log(f"svm: reusing {path}")
         return stage.finish(1)
@@ -407,8 +412,8 @@ def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = 3000)
     cache = _feature_cache(run, tr)
     path = run.bbox_reg_path
     inputs = {"features": Stage.read_manifest(cache.dir)["fingerprint"]}
-    stage = Stage(path.parent, "bbox_reg", {"bbox_reg": asdict(cfg.bbox_reg), "max_per_class": max_per_class}, inputs,
-                  overwrite=overwrite, defaults={"bbox_reg": section_defaults(cfg.bbox_reg)})
+    stage = _stage(path.parent, "bbox_reg", {"bbox_reg": cfg.bbox_reg}, {"max_per_class": max_per_class}, inputs,
+                   overwrite)
     if path.is_file():
         run.log(f"bbox_reg: reusing {path}")
         return stage.finish(1)
