@@ -185,7 +185,7 @@ def test_config_rejects_an_unknown_precision_naming_the_file():
     from sppdet.config import ConfigError, load_config
 
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-    for key in ("pretrain.precision", "test.fc_precision"):
+    for key in ("pretrain.precision", "test.fc_precision", "features.precision"):
         want = f"{demo}: {key}: must be one of 'auto', 'fp32', 'bf16', got 'fp16'"
         with pytest.raises(ConfigError, match=re.escape(want)):
             load_config(demo, [f"{key}=fp16"])
