@@ -143,11 +143,14 @@ class Run:
 
 
 # ------------------------------------------------------------------ stages
-def _stage(directory: Path, name: str, sections: dict, extra: dict, inputs: dict, overwrite: bool) -> Stage:
+def _stage(directory: Path, name: str, sections: dict, extra: dict, inputs: dict, overwrite: bool,
+           extra_defaults: dict | None = None) -> Stage:
     """A stage folder whose outputs depend on whole config ``sections`` (name -> dataclass) and ``extra``
-    values; the sections' defaults let a manifest from before an added option stay valid."""
+    values; the sections' defaults (and ``extra_defaults``, for extra values added later) let a manifest
+    from before an added option stay valid."""
     return Stage(directory, name, {**{k: asdict(v) for k, v in sections.items()}, **extra}, inputs,
-                 overwrite=overwrite, defaults={k: section_defaults(v) for k, v in sections.items()})
+                 overwrite=overwrite,
+                 defaults={**{k: section_defaults(v) for k, v in sections.items()}, **(extra_defaults or {})})
 
 
 def stage_pretrain(run: Run, split: str | None = None, folder: str | None = None, device: str = "cpu",
@@ -206,8 +209,15 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
     precision = resolve_precision(cfg.features.precision, device, "features.precision")
     inputs = {"weights": weights_fingerprint(backbone), "proposals": prop_manifest["fingerprint"],
               "split": fingerprint(ds.ids)}
+    # The precision the pass resolved to ("auto" is bf16 on one machine, fp32 on another) is part of the
+    # config, so a run resumed elsewhere cannot mix the two in one cache. Manifests from before it was
+    # recorded there: the value they recorded beside it, else fp32 (the only precision then).
+    mpath = run.features_dir(split) / "manifest.json"
+    before = (Stage.read_manifest(mpath.parent).get("conv_precision", "fp32") if mpath.is_file() and not overwrite
+              else "fp32")
     stage = _stage(run.features_dir(split), "features", {"features": cfg.features, "backbone": cfg.backbone},
-                   {"flip": bool(flip)}, inputs, overwrite and shard == (0, 1))
+                   {"flip": bool(flip), "conv_precision": precision}, inputs, overwrite and shard == (0, 1),
+                   extra_defaults={"conv_precision": before})
     i_shard, n_shard = shard
     ids = ds.ids[i_shard::n_shard]
     todo = [i for i in ids if not stage.has(i)]

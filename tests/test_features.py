@@ -1,3 +1,4 @@
+import json
 import time
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 from sppdet.backbones import build_backbone
 from sppdet.features import FeatureCache, choose_scale, conv5_maps, pool_boxes, resize_factor
 from sppdet.spp import SpatialPyramidPooling, project_boxes_to_cells
-from sppdet.store import ShardError
+from sppdet.store import ShardError, StaleCacheError
 
 
 @pytest.fixture(scope="module")
@@ -129,12 +130,26 @@ def test_resume_after_crash_mid_split_gives_identical_files(toy_voc, tmp_path, m
     # A write killed half-way leaves only a hidden temporary file, never a truncated shard.
     (crashed.features_dir("train") / f".{ids[2]}.npz.x.tmp").write_bytes(b"partial")
     monkeypatch.setattr(pl, "extract_image", real)
+    # Resumed on a machine where the precision resolves to bf16 ("auto"): refused, not mixed in.
+    monkeypatch.setattr(pl, "resolve_precision", lambda *a: "bf16")
+    with pytest.raises(StaleCacheError, match="conv_precision: 'fp32' -> 'bf16'"):
+        pl.stage_features(crashed, "train")
+    monkeypatch.undo()
     m = pl.stage_features(crashed, "train")
     assert m["complete"] and m["new_images"] == len(ids) - 2
     for i in ids:
         a = (clean.features_dir("train") / f"{i}.npz").read_bytes()
         b = (crashed.features_dir("train") / f"{i}.npz").read_bytes()
         assert a == b, f"{i}.npz differs after resume"
+    # A manifest from before the precision was part of the config: what it recorded beside it counts.
+    path = clean.features_dir("train") / "manifest.json"
+    legacy = json.loads(path.read_text())
+    del legacy["config"]["conv_precision"]
+    path.write_text(json.dumps(legacy))
+    assert pl.stage_features(clean, "train")["new_images"] == 0
+    path.write_text(json.dumps({**legacy, "conv_precision": "bf16"}))
+    with pytest.raises(StaleCacheError, match="conv_precision: 'bf16' -> 'fp32'"):
+        pl.stage_features(clean, "train")
 
 
 def test_peak_rss_sees_a_temporary_allocation_and_npz_bytes_are_deterministic(tmp_path):
