@@ -172,6 +172,9 @@ class SVMConfig:
     norm_images: int = 200
     norm_boxes: int = 200
     max_iter: int = 10000
+    # Hard negatives: one window per conv5 rectangle and scale (the authors' dedup; windows on the
+    # same rectangle pool to identical features). SVMs trained before the option existed had none.
+    dedup: bool = field(default=True, metadata={"when_absent": False})
 
 
 @dataclass(frozen=True)
@@ -315,10 +318,13 @@ def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def section_defaults(section: Any) -> dict:
     """Each field's default of a config section (a dataclass or its class) as JSON would store it;
-    fields without a default are left out."""
+    fields without a default are left out. A field whose behaviour before it existed differs from its
+    default says so in ``metadata={"when_absent": value}``: a saved config without it stands for that value."""
     out = {}
     for f in dataclasses.fields(section):
-        if f.default is not dataclasses.MISSING:
+        if "when_absent" in f.metadata:
+            out[f.name] = f.metadata["when_absent"]
+        elif f.default is not dataclasses.MISSING:
             out[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
             out[f.name] = f.default_factory()

@@ -110,15 +110,23 @@ def pool_boxes(maps: Sequence[torch.Tensor], factors: Sequence[float], boxes: np
     """SPP features ``(R, C * sum(n*n))`` float32 of original-image ``boxes`` (R, 4) xyxy,
     each pooled from the map of its scale, all scales in one call (``method``, ``out``: see
     :func:`sppdet.spp.pool_windows`)."""
+    sidx, cells = box_cells([m.shape[-2:] for m in maps], factors, boxes, scale_idx, stride, center0, shrink)
+    return pool_windows(maps, cells, levels, method=method, map_index=torch.as_tensor(sidx), out=out)
+
+
+def box_cells(map_sizes: Sequence[tuple[int, int]], factors: Sequence[float], boxes: np.ndarray,
+              scale_idx: np.ndarray, stride: float, center0: float, shrink: float) -> tuple[np.ndarray, torch.Tensor]:
+    """``(scale_idx (R,), cells (R, 4) int64)``: each original-image box projected onto the conv5
+    map of its scale (inclusive ``(l, t, r, b)`` cells, :func:`sppdet.spp.project_boxes_to_cells`)."""
     b = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4))
     sidx = np.asarray(scale_idx, np.int64).reshape(-1)
-    if len(sidx) != len(b) or (len(sidx) and (sidx.min() < 0 or sidx.max() >= len(maps))):
-        raise ValueError(f"scale_idx must give one scale in [0, {len(maps)}) per box")
+    if len(sidx) != len(b) or (len(sidx) and (sidx.min() < 0 or sidx.max() >= len(map_sizes))):
+        raise ValueError(f"scale_idx must give one scale in [0, {len(map_sizes)}) per box")
     cells = torch.empty((len(b), 4), dtype=torch.int64)
     for s in np.unique(sidx):
         sel = torch.as_tensor(np.nonzero(sidx == s)[0])
-        cells[sel] = project_boxes_to_cells(b[sel] * factors[s], maps[s].shape[-2:], stride, center0, shrink)
-    return pool_windows(maps, cells, levels, method=method, map_index=torch.as_tensor(sidx), out=out)
+        cells[sel] = project_boxes_to_cells(b[sel] * factors[s], tuple(map_sizes[s]), stride, center0, shrink)
+    return sidx, cells
 
 
 @dataclass
@@ -196,6 +204,20 @@ class FeatureCache:
             scale_idx = choose_scale(b, feats.factors, self.target_size)
         return pool_boxes(maps, feats.factors, b, scale_idx, self.stride, self.center0, self.levels, self.shrink,
                           out=out)
+
+    def distinct_windows(self, feats: ImageFeatures | str, boxes: np.ndarray) -> np.ndarray:
+        """Indices (ascending) of the first of each group of ``boxes`` that fall on the same conv5
+        rectangle at the same (best) scale, so pool to identical features: the authors' ``dedup``
+        for hard-negative mining (their stand-in for the paper's "negatives overlapping another
+        negative by more than 70% are removed")."""
+        if isinstance(feats, str):
+            feats = self.load(feats)
+        b = np.asarray(boxes, np.float32).reshape(-1, 4)
+        sidx, cells = box_cells([m.shape[-2:] for m in feats.maps], feats.factors, b,
+                                choose_scale(b, feats.factors, self.target_size), self.stride, self.center0,
+                                self.shrink)
+        keys = np.concatenate([sidx[:, None], cells.numpy()], axis=1)
+        return np.sort(np.unique(keys, axis=0, return_index=True)[1]) if len(keys) else np.zeros(0, np.int64)
 
 
 def extract_image(backbone: Backbone, rgb: np.ndarray, scales: Sequence[int], max_size: int, flip: bool,

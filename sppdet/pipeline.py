@@ -393,11 +393,15 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
     t0 = time.time()
     for n, i in enumerate(tqdm(ids, desc=f"svm hard negatives ({feature})", unit="img")):
         w = windows[i]
-        prop = ~w.is_gt
-        if not prop.any():
-            continue
-        f = _layer_features(head, layer, cache.pooled(i, w.boxes[prop])) * scale
-        neg = w.class_iou[prop] < cfg.svm.neg_iou
+        prop = np.nonzero(~w.is_gt)[0]
+        feats = cache.load(i)
+        if cfg.svm.dedup and len(prop):
+            prop = prop[cache.distinct_windows(feats, w.boxes[prop])]
+        if len(prop):
+            f = _layer_features(head, layer, cache.pooled(feats, w.boxes[prop])) * scale
+            neg = w.class_iou[prop] < cfg.svm.neg_iou
+        else:  # still called: the last image triggers the final retrain
+            f, neg = np.zeros((0, dim), np.float32), np.zeros((0, k_cls), bool)
         trainer.add_image(n, f.astype(np.float32), neg, last=n == len(ids) - 1)
     caches = trainer.finish()
     W = np.stack([c.w if c.w is not None else np.zeros(dim, np.float32) for c in caches])

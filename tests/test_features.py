@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import time
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from sppdet.backbones import build_backbone
-from sppdet.features import FeatureCache, choose_scale, conv5_maps, pool_boxes, resize_factor
+from sppdet.features import FeatureCache, ImageFeatures, choose_scale, conv5_maps, pool_boxes, resize_factor
 from sppdet.spp import SpatialPyramidPooling, project_boxes_to_cells
 from sppdet.store import ShardError, StaleCacheError
 
@@ -205,3 +206,30 @@ def test_stage_made_before_an_option_existed_stays_valid_at_its_default(tmp_path
     with pytest.raises(StaleCacheError, match=r"config\.svm\.C"):  # a saved value is never replaced by a default
         Stage(tmp_path / "s", "svm", {"svm": {"C": 0.001, "new_option": 0}, "feature": "fc7"}, {"features": "abc"},
               defaults=defaults)
+
+
+def test_an_option_whose_old_behaviour_differs_from_its_default_names_the_change():
+    """``svm.dedup`` defaults to the authors' True; SVMs saved before it existed had none."""
+    from sppdet.config import SVMConfig, section_changes, section_defaults
+
+    assert SVMConfig().dedup is True and section_defaults(SVMConfig)["dedup"] is False
+    saved = {k: v for k, v in dataclasses.asdict(SVMConfig()).items() if k != "dedup"}
+    assert section_changes(saved, SVMConfig(), "svm.") == ["svm.dedup: False -> True"]
+    assert section_changes(saved, SVMConfig(dedup=False), "svm.") == []
+
+
+def test_distinct_windows_keeps_one_window_per_conv5_rectangle(zf, tmp_path):
+    rgb = np.random.default_rng(4).integers(0, 255, (150, 200, 3), dtype=np.uint8)
+    maps, factors = conv5_maps(zf, rgb, [200, 300], 1000)
+    cache = FeatureCache(tmp_path, zf.stride, zf.center0)
+    feats = ImageFeatures(maps, factors, 150, 200)
+    base = np.array([[10, 10, 110, 90], [60, 40, 190, 140], [0, 0, 200, 150], [30, 50, 70, 80]], np.float32)
+    boxes = np.concatenate([base, base + 1, base[:2] - 1])  # one pixel rarely moves a conv5 cell edge
+    keep = cache.distinct_windows(feats, boxes)
+    assert list(keep[:4]) == [0, 1, 2, 3] and np.all(np.diff(keep) > 0) and len(keep) < len(boxes)
+    pooled = cache.pooled(feats, boxes).numpy()
+    kept = pooled[keep]
+    assert len(np.unique(kept, axis=0)) == len(keep)  # the kept windows all pool differently
+    for r in range(len(boxes)):  # every dropped window pools exactly like a kept one
+        assert (np.abs(kept - pooled[r]).max(axis=1) == 0).any()
+    assert len(cache.distinct_windows(feats, np.zeros((0, 4), np.float32))) == 0
