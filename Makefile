@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python tools/demo.py --config $(CONFIG)
+	$(BIN)/python tools/demo.py --config $(CONFIG) --rebuild-stale
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

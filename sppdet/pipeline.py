@@ -163,7 +163,7 @@ def stage_pretrain(run: Run, split: str | None = None, folder: str | None = None
                    + section_changes(ck.get("backbone_cfg"), cfg.backbone, "backbone."))
         if changes:
             raise StaleCacheError(f"{run.pretrain_ckpt}: made with another pretrain/backbone config "
-                                  f"({'; '.join(changes)}); use --overwrite")
+                                  f"({'; '.join(changes)}); use --overwrite", folder=run.pretrain_ckpt.parent)
         run.log(f"pretrain: reusing {run.pretrain_ckpt}")
         return ck
     rng = np.random.default_rng(cfg.seed)

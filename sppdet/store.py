@@ -45,7 +45,12 @@ SCHEMA = 1
 
 
 class StaleCacheError(RuntimeError):
-    """A stage folder was made with other settings or inputs."""
+    """A stage folder was made with other settings or inputs; ``folder``: the stage folder that a
+    rebuild would replace (None where the stale thing is not a stage's output, e.g. a dataset)."""
+
+    def __init__(self, message: str, folder: str | Path | None = None):
+        super().__init__(message)
+        self.folder = Path(folder) if folder is not None else None
 
 
 class ShardError(RuntimeError):
@@ -189,7 +194,7 @@ class Stage:
             raise StaleCacheError(
                 f"{self.manifest_path}: outputs were made with other settings or inputs; changed: "
                 + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else "")
-                + ". Use --overwrite to rebuild, or another run folder.")
+                + ". Use --overwrite to rebuild, or another run folder.", folder=self.dir)
         self.config = saved  # the same settings; options added since stay out of the fingerprint
 
     def _base_fields(self, complete: bool) -> dict:

@@ -84,6 +84,23 @@ def test_rerun_reuses_caches_and_stale_config_is_refused(trained):
     assert r.returncode == 2 and "features.scales" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_demo_rebuilds_only_the_stale_stages_when_asked(trained, tmp_path):
+    import shutil
+
+    tmp, _ = trained
+    shutil.copytree(tmp / "run", tmp_path / "run")
+    common = ["--config", "configs/tiny.yaml", "--run", tmp_path / "run", "--set",
+              f"data.root={tmp / 'data' / 'VOC2007'}", "--set", "svm.C=0.02"]
+    r = tool("demo.py", *common, check=False)
+    assert r.returncode == 2 and "svm.C: 0.001 -> 0.02" in r.stderr and "--rebuild-stale" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = tool("demo.py", *common, "--rebuild-stale")
+    assert r.stdout.count("rebuilding a stale stage") == 1 and "svm/manifest.json" in r.stdout
+    assert "reusing" in r.stdout and "mAP (VOC07 11-point)" in r.stdout  # the stages before it were kept
+    svm = json.loads((tmp_path / "run" / "model" / "svm" / "manifest.json").read_text())
+    assert svm["config"]["svm"]["C"] == 0.02 and svm["complete"]
+
+
 def test_detect_on_odd_images(trained, tmp_path):
     tmp, _ = trained
     rgb = np.asarray(Image.open(next((tmp / "data" / "VOC2007" / "JPEGImages").glob("*.jpg"))).convert("RGB"))

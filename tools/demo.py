@@ -4,13 +4,14 @@
     generate data -> pre-train ZF-5 (multi-size 224/180) -> proposals -> conv5 cache -> fc fine-tuning
     (conv frozen) -> SVMs with hard-negative mining -> box regressors -> test (VOC mAP) -> cost report
 
-    python tools/demo.py [--config configs/demo.yaml]
-Reruns reuse every artefact and finish in seconds.
+    python tools/demo.py [--config configs/demo.yaml] [--rebuild-stale]
+Reruns reuse every artefact and finish in seconds (`make demo` passes --rebuild-stale).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,14 +19,34 @@ from pathlib import Path
 from sppdet.cli import make_run, parser, run_main
 from sppdet.pipeline import (stage_bbox_reg, stage_features, stage_finetune, stage_pretrain, stage_proposals,
                              stage_svm, stage_test)
-from sppdet.store import PeakRSS, atomic_write_text, dir_bytes
+from sppdet.store import PeakRSS, StaleCacheError, atomic_write_text, dir_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__)
+    ap.add_argument("--rebuild-stale", action="store_true",
+                    help="a stage of the run folder made with other settings (e.g. after an upgrade that changed a "
+                         "default) is deleted and rebuilt, with the stages after it, instead of stopping the run")
     args = ap.parse_args(argv)
 
     def body() -> int:
+        rebuilt: set[Path] = set()
+        while True:
+            try:
+                return once()
+            except StaleCacheError as e:
+                run_dir = make_run(args).dir.resolve()
+                folder = e.folder.resolve() if e.folder is not None else None
+                inside = folder is not None and folder != run_dir and run_dir in folder.parents
+                if not (args.rebuild_stale and inside) or folder in rebuilt:
+                    hint = (" (tools/demo.py --rebuild-stale rebuilds the stale stages of its run folder)"
+                            if inside and not args.rebuild_stale else "")
+                    raise StaleCacheError(f"{e}{hint}", e.folder) from None
+                print(f"rebuilding a stale stage: {e}")
+                shutil.rmtree(folder)
+                rebuilt.add(folder)
+
+    def once() -> int:
         run = make_run(args)
         cfg = run.cfg
         splits = list(dict.fromkeys([cfg.data.train_split, cfg.data.val_split, cfg.data.test_split]))
