@@ -193,11 +193,15 @@ def stage_proposals(run: Run, split: str, overwrite: bool = False, workers: int 
 
 
 def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwrite: bool = False,
-                   device: str = "cpu", flip: bool = False) -> dict:
-    """conv5 once per image and scale, cached as float16; prints the cost summary."""
+                   device: str = "cpu", flip: bool | None = None) -> dict:
+    """conv5 once per image and scale, cached as float16; prints the cost summary. ``flip``: also
+    the flipped image's maps; None: for the train split when ``finetune.flip`` (the authors include
+    flipped images in fine-tuning)."""
     from tqdm import tqdm
 
     cfg = run.cfg
+    if flip is None:
+        flip = split == cfg.data.train_split and cfg.finetune.flip
     ds = run.dataset(split)
     pm = run.proposals_dir(split) / "manifest.json"
     if not pm.is_file() or not json.loads(pm.read_text()).get("complete"):
@@ -309,6 +313,9 @@ def stage_finetune(run: Run, overwrite: bool = False) -> dict:
     if va == cfg.data.test_split:
         run.log(f"warning: the validation split '{va}' is the test split (the authors' choice); "
                 "the checkpoint is then selected on test")
+    if cfg.finetune.flip and not Stage.read_manifest(cache_t.dir)["config"].get("flip"):
+        raise ShardError(f"{cache_t.dir}: cached without the flipped images' maps, which finetune.flip asks for; "
+                         f"rerun tools/extract_features.py --split {tr} --overwrite, or set finetune.flip=false")
     conv_before = weights_fingerprint(run.backbone())
     in_dim = spp_output_dim(run.backbone().out_channels, cache_t.levels)
     inputs = {"features_" + tr: Stage.read_manifest(cache_t.dir)["fingerprint"],

@@ -89,6 +89,17 @@ def test_demo_rebuilds_only_the_stale_stages_when_asked(trained, tmp_path):
 
     tmp, _ = trained
     shutil.copytree(tmp / "run", tmp_path / "run")
+    # The train split's cache holds the flipped images' maps fine-tuning asks for (finetune.flip)...
+    path = tmp_path / "run" / "features" / "train" / "manifest.json"
+    saved = path.read_text()
+    assert json.loads(saved)["config"]["flip"] is True
+    assert json.loads((tmp_path / "run" / "features" / "test" / "manifest.json").read_text())["config"]["flip"] is False
+    # ... and a cache without them is refused by name, not silently trained without flips.
+    path.write_text(json.dumps({**json.loads(saved), "config": {**json.loads(saved)["config"], "flip": False}}))
+    r = tool("finetune_fc.py", "--config", "configs/tiny.yaml", "--run", tmp_path / "run", "--set",
+             f"data.root={tmp / 'data' / 'VOC2007'}", check=False)
+    assert r.returncode == 2 and "finetune.flip" in r.stderr and str(path.parent) in r.stderr
+    path.write_text(saved)
     common = ["--config", "configs/tiny.yaml", "--run", tmp_path / "run", "--set",
               f"data.root={tmp / 'data' / 'VOC2007'}", "--set", "svm.C=0.02"]
     r = tool("demo.py", *common, check=False)

@@ -30,14 +30,15 @@ def _arguments(ap) -> None:
     ap.add_argument("--split", required=True)
     ap.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: process every n-th image starting at i")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--flip", action="store_true", help="also cache the flipped image's conv5 (for fine-tuning flips)")
+    ap.add_argument("--flip", action="store_true", help="also cache the flipped image's conv5 (default: for the train split "
+                    "when finetune.flip, as fine-tuning needs them)")
 
 
 def _body(run, args) -> None:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    m = stage_features(run, args.split, args.shard, args.overwrite, device, args.flip)
+    m = stage_features(run, args.split, args.shard, args.overwrite, device, True if args.flip else None)
     print(f"features {args.split}: {'complete' if m['complete'] else 'partial (other shards pending)'} in "
           f"{run.features_dir(args.split)}")
 
