@@ -313,12 +313,13 @@ def stage_finetune(run: Run, overwrite: bool = False) -> dict:
     if va == cfg.data.test_split:
         run.log(f"warning: the validation split '{va}' is the test split (the authors' choice); "
                 "the checkpoint is then selected on test")
-    if cfg.finetune.flip and not Stage.read_manifest(cache_t.dir)["config"].get("flip"):
+    feats_t = Stage.read_manifest(cache_t.dir)
+    if cfg.finetune.flip and not feats_t["config"].get("flip"):
         raise ShardError(f"{cache_t.dir}: cached without the flipped images' maps, which finetune.flip asks for; "
                          f"rerun tools/extract_features.py --split {tr} --overwrite, or set finetune.flip=false")
     conv_before = weights_fingerprint(run.backbone())
     in_dim = spp_output_dim(run.backbone().out_channels, cache_t.levels)
-    inputs = {"features_" + tr: Stage.read_manifest(cache_t.dir)["fingerprint"],
+    inputs = {"features_" + tr: feats_t["fingerprint"],
               "features_" + va: Stage.read_manifest(cache_v.dir)["fingerprint"]}
     stage = _stage(run.finetune_path.parent, "finetune", {"finetune": cfg.finetune}, {"seed": cfg.seed}, inputs,
                    overwrite)
