@@ -171,9 +171,11 @@ class FeatureCache:
         arrays["size"] = np.asarray(size, np.int32)
         return atomic_save_npz(path, **arrays)
 
-    def load(self, image_id: str, device: str | torch.device = "cpu") -> ImageFeatures:
+    def load(self, image_id: str, device: str | torch.device = "cpu", flipped: bool = False) -> ImageFeatures:
+        """An image's maps; ``flipped``: also the flipped image's, where the shard has them (only
+        fine-tuning uses them, and they are as large as the maps themselves)."""
         p = self.path(image_id)
-        d = load_npz(p, ("factors", "size"))
+        d = load_npz(p, ("factors", "size"), skip=None if flipped else lambda k: k.startswith("flip_"))
         n = len(d["factors"])
         if any(f"conv_{i}" not in d for i in range(n)):
             raise ShardError(f"{p}: shard lacks a conv map for one of its {n} scales")
@@ -192,7 +194,7 @@ class FeatureCache:
         into when given (see :func:`sppdet.spp.pool_windows`).
         """
         if isinstance(feats, str):
-            feats = self.load(feats)
+            feats = self.load(feats, flipped=flipped)
         b = np.asarray(boxes, np.float32).reshape(-1, 4)
         maps = feats.maps
         if flipped:
@@ -205,13 +207,11 @@ class FeatureCache:
         return pool_boxes(maps, feats.factors, b, scale_idx, self.stride, self.center0, self.levels, self.shrink,
                           out=out)
 
-    def distinct_windows(self, feats: ImageFeatures | str, boxes: np.ndarray) -> np.ndarray:
+    def distinct_windows(self, feats: ImageFeatures, boxes: np.ndarray) -> np.ndarray:
         """Indices (ascending) of the first of each group of ``boxes`` that fall on the same conv5
         rectangle at the same (best) scale, so pool to identical features: the authors' ``dedup``
         for hard-negative mining (their stand-in for the paper's "negatives overlapping another
         negative by more than 70% are removed")."""
-        if isinstance(feats, str):
-            feats = self.load(feats)
         b = np.asarray(boxes, np.float32).reshape(-1, 4)
         sidx, cells = box_cells([m.shape[-2:] for m in feats.maps], feats.factors, b,
                                 choose_scale(b, feats.factors, self.target_size), self.stride, self.center0,

@@ -42,7 +42,7 @@ class FeatureLRU:
         if image_id in self._d:
             self._d.move_to_end(image_id)
             return self._d[image_id]
-        f = self.cache.load(image_id)
+        f = self.cache.load(image_id, flipped=True)
         self._d[image_id] = f
         if len(self._d) > self.capacity:
             self._d.popitem(last=False)

@@ -22,7 +22,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -101,14 +101,16 @@ def atomic_save_npz(path: str | Path, compress: bool = False, **arrays: Any) -> 
     return len(data)
 
 
-def load_npz(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """Load a whole ``.npz`` shard; any defect is a :class:`ShardError` naming the file."""
+def load_npz(path: str | Path, required: tuple[str, ...] = (),
+             skip: Callable[[str], bool] | None = None) -> dict[str, np.ndarray]:
+    """Load a ``.npz`` shard (every array but those ``skip`` names); any defect is a
+    :class:`ShardError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ShardError(f"{path}: shard is missing (run the stage that writes it, or --overwrite)")
     try:
         with np.load(path, allow_pickle=False) as z:
-            out = {k: z[k] for k in z.files}
+            out = {k: z[k] for k in z.files if skip is None or not skip(k)}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise ShardError(f"{path}: shard is truncated or corrupt ({e}); delete it or rerun with --overwrite") from e
     missing = [k for k in required if k not in out]

@@ -233,3 +233,20 @@ def test_distinct_windows_keeps_one_window_per_conv5_rectangle(zf, tmp_path):
     for r in range(len(boxes)):  # every dropped window pools exactly like a kept one
         assert (np.abs(kept - pooled[r]).max(axis=1) == 0).any()
     assert len(cache.distinct_windows(feats, np.zeros((0, 4), np.float32))) == 0
+
+
+def test_flipped_maps_are_read_only_when_asked(zf, tmp_path):
+    rgb = np.random.default_rng(5).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    maps, factors = conv5_maps(zf, rgb, [150], 1000)
+    flipped = conv5_maps(zf, np.ascontiguousarray(rgb[:, ::-1]), [150], 1000)[0]
+    cache = FeatureCache(tmp_path, zf.stride, zf.center0)
+    cache.write(cache.path("a"), maps, factors, rgb.shape[:2], flipped)
+    assert cache.load("a").flipped_maps is None  # SVMs, box regression, test: the maps alone
+    f = cache.load("a", flipped=True)
+    assert torch.equal(f.flipped_maps[0], flipped[0].half()) and torch.equal(f.maps[0], cache.load("a").maps[0])
+    box = np.array([[10, 5, 60, 80]], np.float32)
+    mirrored = np.array([[120 - 60, 5, 120 - 10, 80]], np.float32)
+    torch.testing.assert_close(cache.pooled("a", box, flipped=True), cache.pooled(f, box, flipped=True))
+    want = pool_boxes([flipped[0].half()], factors, mirrored, np.zeros(1, np.int64), zf.stride, zf.center0,
+                      (6, 3, 2, 1), 6.5)
+    assert torch.equal(cache.pooled("a", box, flipped=True), want)  # the mirrored box on the flipped maps
