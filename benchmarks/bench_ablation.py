@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The paper's ablation (Table 9 rows) on the synthetic benchmark, one run:
 
-    SVMs on pool5 | on fc7 without fine-tuning | on fine-tuned fc7 | + box regression,
+    SVMs on pool5 | on fc7 without fine-tuning | on fine-tuned fc7 | + box regression
+    (| + the SVMs of test.combine, where the config combines feature layers: the paper's Table 12 idea),
     for each scale set (default: one scale, 688, and the config's own scales; --scales repeatable).
 
     python benchmarks/bench_ablation.py [--config configs/demo.yaml] [--scales 688 --scales 480,576,688,864,1200]
@@ -24,11 +25,12 @@ from pathlib import Path
 from sppdet.cli import run_main
 from sppdet.config import load_config
 from sppdet.pipeline import (Run, stage_bbox_reg, stage_features, stage_finetune, stage_pretrain, stage_proposals,
-                             stage_svm, stage_test)
+                             stage_svm, stage_svms, stage_test)
 
 PAPER = {  # VOC 2007 test mAP, SPP-net ZF-5 (He et al. 2014, Table 9)
     "pool5": (43.0, 44.9), "fc6_noft": (42.5, 44.8), "fc7_noft": (None, None), "ftfc7": (54.5, 55.2),
-    "ftfc7_bb": (58.0, 59.2)}
+    "ftfc7_bb": (58.0, 59.2),
+    "combined_bb": (None, 60.9)}  # Table 12: two SPP-nets (other initialisations), union of their windows + NMS
 
 
 def ablate(run: Run, log) -> dict:
@@ -44,7 +46,8 @@ def ablate(run: Run, log) -> dict:
     out = {}
     for feature, tag in (("pool5", "_pool5"), ("fc6_noft", "_fc6_noft"), ("fc7_noft", "_fc7_noft"), ("fc7", "")):
         stage_svm(run, feature, tag)
-        m = stage_test(run, cfg.data.test_split, svm_tag=tag, tag=f"_ablation_{feature}", draw=0, progress=False)
+        m = stage_test(run, cfg.data.test_split, svm_tag=tag, tag=f"_ablation_{feature}", draw=0, progress=False,
+                       combine=False)
         r = m["results"]
         if feature == "fc7":
             out["ftfc7"] = r["without_bbox_reg"]["map07"]
@@ -52,6 +55,10 @@ def ablate(run: Run, log) -> dict:
         else:
             out[feature] = r["without_bbox_reg"]["map07"]
         log(f"{run.dir.name} {feature}: {out}")
+    if cfg.test.combine:  # the config's model combination (the paper's section 4.4, here of feature layers)
+        stage_svms(run)
+        m = stage_test(run, cfg.data.test_split, tag="_ablation_combined", draw=0, progress=False)
+        out["combined_bb"] = m["results"]["with_bbox_reg"]["map07"]
     out["seconds"] = time.time() - t0
     return out
 
@@ -84,13 +91,15 @@ def main(argv=None) -> int:
         rows = [("SVM on pool5", "pool5"), ("SVM on fc6, no fine-tuning", "fc6_noft"),
                 ("SVM on fc7, no fine-tuning", "fc7_noft"),
                 ("SVM on fine-tuned fc7", "ftfc7"), ("fine-tuned fc7 + box regression", "ftfc7_bb")]
+        if cfg.test.combine:
+            rows.append((f"+ {'+'.join(cfg.test.combine)} SVMs ({cfg.test.combine_by})", "combined_bb"))
         cols = list(res)
         print(f"\nablation, VOC07 11-point mAP on the synthetic test split ({cfg.name} config)")
         head = "".join(f"{c:>11}" for c in cols)
         print(f"{'':34}{head}   paper VOC07 (1 sc / 5 sc)")
         for label, key in rows:
             p = PAPER[key]
-            ref = "not in the paper's table" if p[0] is None else f"{p[0]} / {p[1]}"
+            ref = "not in the paper's table" if p[1] is None else f"{p[0] or '-'} / {p[1]}"
             print(f"{label:34}" + "".join(f"{res[c][key]:11.3f}" for c in cols) + f"   {ref}")
         for c in cols:
             r = res[c]

@@ -202,6 +202,13 @@ class TestConfig:
     # with native bfloat16 instructions) or "auto" (bf16 where native). See the README for its mAP cost.
     fc_precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     draw_threshold: float = 0.0
+    # Model combination (the paper's section 4.4): SVM sets on these features too (pool5, fc6 or fc7
+    # of the fine-tuned head; trained by the SVM stage as model/svm_<feature>) score every window
+    # beside svm.feature's. ``combine_by: max`` is the paper's rule (NMS over the union of the models'
+    # scored windows: a window's copies overlap fully, so that equals NMS on its highest score);
+    # ``mean`` averages the margins.
+    combine: list = field(default_factory=list)
+    combine_by: str = field(default="max", metadata={"choices": ("max", "mean")})
 
 
 @dataclass(frozen=True)

@@ -68,16 +68,20 @@ class Detector:
 
     Args:
         head: the fine-tuned fc head (fc6/fc7 used for features), or None for pool5 SVMs.
-        svms: ``{"W": (K, D), "b": (K,), "feature_scale", "layer"}``.
+        svms: ``{"W": (K, D), "b": (K,), "feature_scale", "layer"}``, or a list of such sets whose
+            scores for a window are combined by ``test.combine_by`` (max or mean).
         regressor: per-class box regressors or None.
         cache: a :class:`FeatureCache` (gives geometry, levels and scale choice).
         test: thresholds (``TestConfig``).
     """
 
-    def __init__(self, head: FCHead | None, svms: dict, regressor: BoxRegressor | None, cache: FeatureCache,
-                 test: TestConfig, classes: Sequence[str]):
+    def __init__(self, head: FCHead | None, svms: dict | Sequence[dict], regressor: BoxRegressor | None,
+                 cache: FeatureCache, test: TestConfig, classes: Sequence[str]):
         self.head = head.eval() if head is not None else None
-        self.svms, self.regressor, self.cache, self.test, self.classes = svms, regressor, cache, test, list(classes)
+        self.svm_sets = [svms] if isinstance(svms, dict) else list(svms)
+        if not self.svm_sets:
+            raise ValueError("Detector needs at least one SVM set")
+        self.regressor, self.cache, self.test, self.classes = regressor, cache, test, list(classes)
         self._pooled: torch.Tensor | None = None
         if head is not None and test.svd_fc6:
             head.fc6 = truncated_svd_linear(head.fc6, test.svd_fc6)
@@ -96,14 +100,24 @@ class Detector:
             self._pooled = torch.empty((max(r, 2000), d), dtype=torch.float32)
         pooled = self.cache.pooled(feats, proposals, out=self._pooled[:r])
         t1 = time.perf_counter()
-        layer = self.svms["layer"]
-        if layer == "pool5" or self.head is None:
-            x = pooled
-        else:
-            with autocast("cpu", self.fc_precision):
-                x = self.head.features(pooled, layer).float()
+        xs = {}
+        for svms in self.svm_sets:
+            layer = svms["layer"] if self.head is not None else "pool5"
+            if layer not in xs:
+                if layer == "pool5":
+                    xs[layer] = pooled.numpy()
+                else:
+                    with autocast("cpu", self.fc_precision):
+                        xs[layer] = self.head.features(pooled, layer).float().numpy()
         t2 = time.perf_counter()
-        scores = (x.numpy() * self.svms["feature_scale"]) @ self.svms["W"].T + self.svms["b"]
+        each = [(xs[s["layer"] if self.head is not None else "pool5"] * s["feature_scale"]) @ s["W"].T + s["b"]
+                for s in self.svm_sets]
+        if len(each) == 1:
+            scores = each[0]
+        elif self.test.combine_by == "mean":
+            scores = np.mean(each, axis=0)
+        else:  # the paper's union of the models' windows: NMS keeps each window's best copy
+            scores = np.max(each, axis=0)
         t3 = time.perf_counter()
         return pooled.numpy(), scores, {"pool": t1 - t0, "fc": t2 - t1, "svm": t3 - t2}
 

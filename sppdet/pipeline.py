@@ -27,7 +27,7 @@ import torch
 
 from .backbones import Backbone, build_backbone
 from .bbox_reg import BoxRegressor, fit_class_regressor
-from .config import Config, fingerprint, section_changes, section_defaults
+from .config import Config, ConfigError, fingerprint, section_changes, section_defaults
 from .detector import Detector, load_svms
 from .features import FeatureCache, ImageFeatures, extract_image, weights_fingerprint
 from .finetune import finetune_head
@@ -485,17 +485,41 @@ def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = 3000)
     return stage.finish(1, stats=stats, feature_scale=scale)
 
 
-def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool = True) -> Detector:
+def combined_svms(cfg: Config) -> list[tuple[str, str]]:
+    """``(feature, tag)`` of the SVM sets scored at test time: ``svm.feature`` (tag ``""``), then each
+    feature of ``test.combine`` (tag ``_<feature>``, the folder the ablation uses for it too)."""
+    extra = list(dict.fromkeys(cfg.test.combine))
+    bad = [f for f in extra if f not in ("pool5", "fc6", "fc7")]
+    if bad:
+        raise ConfigError(f"test.combine: {bad[0]!r} is not pool5, fc6 or fc7 (of the fine-tuned head)")
+    if cfg.svm.feature in extra:
+        raise ConfigError(f"test.combine: {cfg.svm.feature!r} is svm.feature already")
+    if extra and cfg.svm.feature not in ("pool5", "fc6", "fc7"):
+        raise ConfigError(f"test.combine needs svm.feature pool5, fc6 or fc7 (one fc head per detector), "
+                          f"got {cfg.svm.feature!r}")
+    return [(cfg.svm.feature, "")] + [(f, f"_{f}") for f in extra]
+
+
+def stage_svms(run: Run, overwrite: bool = False) -> list[dict]:
+    """The SVM sets that testing scores with (``combined_svms``), each a stage of its own."""
+    return [stage_svm(run, feature, tag, overwrite) for feature, tag in combined_svms(run.cfg)]
+
+
+def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool = True,
+                   combine: bool = True) -> Detector:
+    """The test-time detector: the SVMs of ``svm_tag``; with the default tag and ``combine``, also those
+    of ``test.combine`` (their scores combined by ``test.combine_by``)."""
     cache = _feature_cache(run, split) if (run.features_dir(split) / "manifest.json").is_file() else None
     if cache is None:
         g = run.backbone().geometry
         f = run.cfg.features
         cache = FeatureCache(run.features_dir(split), g.stride, g.center0, f.levels, f.shrink, f.target_size)
-    svms = load_svms(run.svm_path(svm_tag))
+    tags = [t for _, t in combined_svms(run.cfg)] if combine and not svm_tag else [svm_tag]
+    svms = [load_svms(run.svm_path(t)) for t in tags]
     head = None
-    if svms["feature"] in ("fc6_noft", "fc7_noft"):
+    if svms[0]["feature"] in ("fc6_noft", "fc7_noft"):
         head = pretrained_head(run)
-    elif svms["layer"] in ("fc6", "fc7"):
+    elif any(s["layer"] in ("fc6", "fc7") for s in svms):
         head = load_head(run)
     reg = BoxRegressor.load(run.bbox_reg_path) if use_bbox_reg and run.bbox_reg_path.is_file() else None
     return Detector(head, svms, reg, cache, run.cfg.test, run.classes)
@@ -516,8 +540,9 @@ def _draw_examples(run: Run, ds: VOCDataset, dets: dict, out_dir: Path, n: int, 
 
 
 def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str = "", draw: int = 4,
-               progress: bool = True) -> dict:
-    """Detect on a whole split from the caches; evaluate without and with box regression."""
+               progress: bool = True, combine: bool = True) -> dict:
+    """Detect on a whole split from the caches; evaluate without and with box regression. The SVMs are
+    those of ``svm_tag``, or by default ``svm.feature``'s combined with ``test.combine``'s (``combine``)."""
     from tqdm import tqdm
 
     from .analysis import error_report, format_report, miss_reasons
@@ -528,7 +553,7 @@ def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str =
     cfg = run.cfg
     split = split or cfg.data.test_split
     ds = run.dataset(split)
-    det = build_detector(run, split, svm_tag)
+    det = build_detector(run, split, svm_tag, combine=combine)
     store = ProposalStore(run.proposals_dir(split))
     out = run.detections_dir(split, tag)
     out.mkdir(parents=True, exist_ok=True)
@@ -589,7 +614,8 @@ def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str =
         "results": {k: {kk: vv for kk, vv in v.items() if kk != "curves"} for k, v in results.items()},
         "seconds_per_image": {k: v / max(n, 1) for k, v in timing.items()},
         "seconds": time.time() - t0,
-        "svm": svm_tag or "default",
+        "svm": svm_tag or "+".join(s["feature"] for s in det.svm_sets),
+        "combine_by": det.test.combine_by if len(det.svm_sets) > 1 else None,
         "drawn": [str(p) for p in drawn],
         "error_analysis": errors["summary"],
     }

@@ -145,3 +145,41 @@ def test_svms_on_the_pretrained_head_without_fine_tuning(trained):
         assert 0.0 < m["map07"] <= 1.0 and "mAP (VOC07 11-point)" in r.stdout
     r = tool("train_svm.py", *common, "--feature", "fc8", check=False)
     assert r.returncode == 2 and "fc8" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_model_combination_scores_each_window_with_both_svm_sets(trained, tmp_path):
+    """test.combine: the SVM stage also trains pool5 SVMs; testing scores every window with both sets and
+    takes the max (the paper's union of two models' windows) or the mean of the two margins."""
+    import shutil
+
+    from sppdet.config import load_config
+    from sppdet.pipeline import Run, build_detector
+    from sppdet.proposals import ProposalStore
+
+    tmp, _ = trained
+    run_dir = tmp_path / "run"
+    shutil.copytree(tmp / "run", run_dir)
+    sets = [f"data.root={tmp / 'data' / 'VOC2007'}", "test.combine=[pool5]"]
+    common = ["--config", "configs/tiny.yaml", "--run", run_dir] + [a for s in sets for a in ("--set", s)]
+    r = tool("train_svm.py", *common)
+    assert f"svm: reusing {run_dir / 'model' / 'svm' / 'svm.npz'}" in r.stdout  # fc7's, unchanged
+    assert json.loads((run_dir / "model" / "svm_pool5" / "manifest.json").read_text())["config"]["feature"] == "pool5"
+    maps = {}
+    for by in ("max", "mean"):
+        tool("test_net.py", *common, "--set", f"test.combine_by={by}", "--tag", f"_{by}")
+        m = json.loads((run_dir / "detections" / f"test_{by}" / "metrics.json").read_text())
+        assert m["svm"] == "fc7+pool5" and m["combine_by"] == by
+        maps[by] = m["map07"]
+    assert all(0.0 < v <= 1.0 for v in maps.values())
+    # the wiring: a window's combined scores are the max / mean of each SVM set's own scores
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", sets + [f"run_dir={run_dir}"])
+    run = Run(cfg, save_config=False)
+    store, i = ProposalStore(run.proposals_dir("test")), run.dataset("test").ids[0]
+    alone = [build_detector(run, "test", combine=False), build_detector(run, "test", "_pool5")]
+    feats, props = alone[0].cache.load(i), store.load(i)
+    each = [d.score(feats, props)[1] for d in alone]
+    assert not np.allclose(each[0], each[1])
+    np.testing.assert_allclose(build_detector(run, "test").score(feats, props)[1], np.maximum(*each), rtol=1e-5)
+    mean = load_config(ROOT / "configs" / "tiny.yaml", sets + [f"run_dir={run_dir}", "test.combine_by=mean"])
+    np.testing.assert_allclose(build_detector(Run(mean, save_config=False), "test").score(feats, props)[1],
+                               (each[0] + each[1]) / 2, rtol=1e-5, atol=1e-6)

@@ -178,6 +178,43 @@ def test_caps_per_class_then_per_image():
     assert len(_cap([], 3, 4).scores) == 0
 
 
+def test_union_of_two_models_windows_equals_nms_on_each_windows_best_score():
+    """The paper's model combination (NMS over the union of both models' scored windows) is what
+    ``test.combine_by: max`` computes: a window's two copies overlap fully, so NMS keeps its best one."""
+    from sppdet.config import TestConfig
+    from sppdet.detector import Detector
+
+    rng = np.random.default_rng(0)
+    n, k = 300, 3
+    xy = rng.uniform(0, 200, (n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(10, 80, (n, 2))], 1).astype(np.float32)
+    s1, s2 = rng.normal(-1, 1, (n, k)), rng.normal(-1, 1, (n, k))
+    det = Detector(None, {"layer": "pool5"}, None, None, TestConfig(), ["a", "b", "c"])
+    pooled = np.zeros((n, 1), np.float32)
+    best, _, _ = det.postprocess(pooled, np.maximum(s1, s2), boxes, 300, 300, max_per_image=0)
+    union, _, _ = det.postprocess(np.concatenate([pooled, pooled]), np.concatenate([s1, s2]),
+                                  np.concatenate([boxes, boxes]), 300, 300, max_per_image=0)
+    assert len(best.scores) > 20
+    np.testing.assert_array_equal(best.boxes, union.boxes)
+    np.testing.assert_array_equal(best.scores, union.scores)
+    np.testing.assert_array_equal(best.labels, union.labels)
+
+
+def test_combined_svm_sets_are_checked():
+    from sppdet.config import Config, ConfigError, SVMConfig, TestConfig
+    from sppdet.pipeline import combined_svms
+
+    def cfg(feature, combine):
+        return Config(svm=SVMConfig(feature=feature), test=TestConfig(combine=combine))
+
+    assert combined_svms(cfg("fc7", [])) == [("fc7", "")]
+    assert combined_svms(cfg("fc7", ["pool5", "fc6", "pool5"])) == [("fc7", ""), ("pool5", "_pool5"), ("fc6", "_fc6")]
+    for feature, combine, msg in (("fc7", ["fc8"], "'fc8' is not pool5"), ("fc7", ["fc7"], "svm.feature already"),
+                                  ("fc7_noft", ["pool5"], "one fc head per detector")):
+        with pytest.raises(ConfigError, match=msg):
+            combined_svms(cfg(feature, combine))
+
+
 def test_config_rejects_an_unknown_precision_naming_the_file():
     import re
     from pathlib import Path

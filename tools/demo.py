@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from sppdet.cli import make_run, parser, run_main
-from sppdet.pipeline import (stage_bbox_reg, stage_features, stage_finetune, stage_pretrain, stage_proposals,
-                             stage_svm, stage_test)
+from sppdet.pipeline import (combined_svms, stage_bbox_reg, stage_features, stage_finetune, stage_pretrain,
+                             stage_proposals, stage_svms, stage_test)
 from sppdet.store import PeakRSS, StaleCacheError, atomic_write_text, dir_bytes
 
 
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         timed("features (conv5 once per image)", [run.features_dir(s) for s in splits],
               lambda: [stage_features(run, s) for s in splits])
         timed("fine-tune fc6/fc7/fc8 (conv frozen)", run.finetune_path.parent, lambda: stage_finetune(run))
-        timed("SVMs (hard-negative mining)", run.svm_path().parent, lambda: stage_svm(run))
+        timed("SVMs (hard-negative mining)", [run.svm_path(t).parent for _, t in combined_svms(cfg)],
+              lambda: stage_svms(run))
         timed("box regressors", run.bbox_reg_path.parent, lambda: stage_bbox_reg(run))
         metrics = timed("test + evaluation", run.detections_dir(cfg.data.test_split),
                         lambda: stage_test(run, cfg.data.test_split))

@@ -2,7 +2,7 @@
 """Test on a whole split from the caches: detections, VOC comp4 files, per-class AP table, mAP (VOC07 11-point
 and area), PR-curve PNG, without and with box regression.
 
-    python tools/test_net.py --config configs/demo.yaml [--split test] [--svm-tag _pool5]
+    python tools/test_net.py --config configs/demo.yaml [--split test] [--svm-tag _pool5 | --no-combine]
 """
 
 from __future__ import annotations
@@ -15,14 +15,16 @@ from sppdet.pipeline import stage_features, stage_test
 
 def _arguments(ap) -> None:
     ap.add_argument("--split", default=None)
-    ap.add_argument("--svm-tag", default="")
+    ap.add_argument("--svm-tag", default="", help="only the SVMs of model/svm<tag> (default: svm.feature's, combined "
+                                                 "with test.combine's)")
+    ap.add_argument("--no-combine", action="store_true", help="svm.feature's SVMs alone, without test.combine's")
     ap.add_argument("--tag", default="", help="suffix of the detections folder")
 
 
 def _body(run, args) -> None:
     split = args.split or run.cfg.data.test_split
     stage_features(run, split)
-    m = stage_test(run, split, args.svm_tag, args.tag)
+    m = stage_test(run, split, args.svm_tag, args.tag, combine=not args.no_combine)
     print(f"mAP (VOC07 11-point): {m['map07']:.3f}")
     print(f"results: {run.detections_dir(split, args.tag)}")
 

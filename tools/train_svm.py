@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Per-class linear SVMs with hard-negative mining (and, with --bbox-reg, the box regressors).
 
-    python tools/train_svm.py --config configs/demo.yaml                    # fc7 of the fine-tuned head
+    python tools/train_svm.py --config configs/demo.yaml                    # svm.feature (+ test.combine's)
     python tools/train_svm.py --config configs/demo.yaml --feature pool5 --tag _pool5
     python tools/train_svm.py --config configs/demo.yaml --bbox-reg         # also per-class ridge regressors
 Prints per class the positives, the final negative cache and the objective after each retrain.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from sppdet.cli import stage_main
-from sppdet.pipeline import stage_bbox_reg, stage_svm
+from sppdet.pipeline import combined_svms, stage_bbox_reg, stage_svm, stage_svms
 
 
 def _arguments(ap) -> None:
@@ -23,8 +23,13 @@ def _arguments(ap) -> None:
 
 
 def _body(run, args) -> None:
-    stage_svm(run, args.feature, args.tag, args.overwrite)
-    print(f"SVMs: {run.svm_path(args.tag)}")
+    if args.feature is None and not args.tag:  # what testing scores with: svm.feature and test.combine
+        stage_svms(run, args.overwrite)
+        tags = [t for _, t in combined_svms(run.cfg)]
+    else:
+        stage_svm(run, args.feature, args.tag, args.overwrite)
+        tags = [args.tag]
+    print(f"SVMs: {', '.join(str(run.svm_path(t)) for t in tags)}")
     if args.bbox_reg:
         stage_bbox_reg(run, args.overwrite)
         print(f"box regressors: {run.bbox_reg_path}")
