@@ -148,12 +148,16 @@ def _shape_mask(rng: np.random.Generator, cls: int, h: int, w: int, cx: float, c
     return m.astype(bool)
 
 
-def _texture(rng: np.random.Generator, cls: int, h: int, w: int) -> np.ndarray:
-    """Class-specific colour and texture over the whole canvas (masked later)."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+def _texture(rng: np.random.Generator, cls: int, h: int, w: int,
+             window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Class-specific colour and texture of an ``h`` x ``w`` canvas (masked later), or of its rows
+    ``y0:y1`` and columns ``x0:x1`` only (``window``): the same pixels, since each depends only on its
+    coordinates and on draws made for the whole canvas either way (the data stays what it was)."""
+    y0, y1, x0, x1 = window or (0, h, 0, w)
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
     hue = {0: 0, 1: 110, 2: 60, 3: 25, 4: 150}[cls] + rng.uniform(-12, 12)  # OpenCV hue 0..180
     sat, val = rng.uniform(140, 240), rng.uniform(120, 240)
-    hsv = np.empty((h, w, 3), np.float32)
+    hsv = np.empty((y1 - y0, x1 - x0, 3), np.float32)
     hsv[..., 0] = hue % 180
     hsv[..., 1] = sat
     hsv[..., 2] = val
@@ -167,9 +171,10 @@ def _texture(rng: np.random.Generator, cls: int, h: int, w: int) -> np.ndarray:
         hsv[..., 2] *= 0.6 + 0.4 * (((xx // per) + (yy // per)) % 2)
     elif cls == 0:  # smooth radial shading
         hsv[..., 2] *= 0.75 + 0.25 * np.cos(xx / (w / 3.0)) * np.cos(yy / (h / 3.0))
-    hsv += rng.normal(0, 4, size=hsv.shape).astype(np.float32)
-    hsv = np.clip(hsv, 0, [179, 255, 255]).astype(np.uint8)
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB).astype(np.float32)
+    hsv += rng.normal(0, 4, size=(h, w, 3))[y0:y1, x0:x1].astype(np.float32)
+    canvas = np.zeros((h, w, 3), np.uint8)  # OpenCV's conversion rounds by position in the row: whole rows
+    canvas[y0:y1, x0:x1] = np.clip(hsv, 0, [179, 255, 255])
+    return cv2.cvtColor(canvas, cv2.COLOR_HSV2RGB)[y0:y1, x0:x1].astype(np.float32)
 
 
 def render_scene(rng: np.random.Generator, width: int, height: int, max_objects: int = 6, distractors: int = 0,
@@ -202,8 +207,10 @@ def render_scene(rng: np.random.Generator, width: int, height: int, max_objects:
         if not mask.any():
             continue
         style = cls if cls < len(TOY_CLASSES) else int(rng.integers(0, len(TOY_CLASSES)))
-        tex = _texture(rng, style, h, w)
-        img[mask] = tex[mask]
+        rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        inside = mask[y0:y1, x0:x1]
+        img[y0:y1, x0:x1][inside] = _texture(rng, style, h, w, (y0, y1, x0, x1))[inside]
         owner[mask] = len(objs)
         objs.append(_Obj(cls, mask))
     img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.4, 1.0))
