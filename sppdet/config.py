@@ -226,6 +226,17 @@ class Config:
     bbox_reg: BBoxRegConfig = field(default_factory=BBoxRegConfig)
     test: TestConfig = field(default_factory=TestConfig)
 
+    def __post_init__(self):
+        # test.combine's SVM sets share the detector's one fc head, the fine-tuned one.
+        for f in self.test.combine:
+            if f not in ("pool5", "fc6", "fc7"):
+                raise ConfigError(f"test.combine: {f!r} is not pool5, fc6 or fc7 (of the fine-tuned head)")
+            if f == self.svm.feature:
+                raise ConfigError(f"test.combine: {f!r} is svm.feature already")
+        if self.test.combine and self.svm.feature not in ("pool5", "fc6", "fc7"):
+            raise ConfigError(f"test.combine needs svm.feature pool5, fc6 or fc7 (one fc head per detector), "
+                              f"got {self.svm.feature!r}")
+
 
 def _type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)

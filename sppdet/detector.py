@@ -100,18 +100,16 @@ class Detector:
             self._pooled = torch.empty((max(r, 2000), d), dtype=torch.float32)
         pooled = self.cache.pooled(feats, proposals, out=self._pooled[:r])
         t1 = time.perf_counter()
+        layers = [s["layer"] if self.head is not None else "pool5" for s in self.svm_sets]
         xs = {}
-        for svms in self.svm_sets:
-            layer = svms["layer"] if self.head is not None else "pool5"
-            if layer not in xs:
-                if layer == "pool5":
-                    xs[layer] = pooled.numpy()
-                else:
-                    with autocast("cpu", self.fc_precision):
-                        xs[layer] = self.head.features(pooled, layer).float().numpy()
+        for layer in dict.fromkeys(layers):
+            if layer == "pool5":
+                xs[layer] = pooled.numpy()
+            else:
+                with autocast("cpu", self.fc_precision):
+                    xs[layer] = self.head.features(pooled, layer).float().numpy()
         t2 = time.perf_counter()
-        each = [(xs[s["layer"] if self.head is not None else "pool5"] * s["feature_scale"]) @ s["W"].T + s["b"]
-                for s in self.svm_sets]
+        each = [(xs[layer] * s["feature_scale"]) @ s["W"].T + s["b"] for layer, s in zip(layers, self.svm_sets)]
         if len(each) == 1:
             scores = each[0]
         elif self.test.combine_by == "mean":

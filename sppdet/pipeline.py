@@ -27,7 +27,7 @@ import torch
 
 from .backbones import Backbone, build_backbone
 from .bbox_reg import BoxRegressor, fit_class_regressor
-from .config import Config, ConfigError, fingerprint, section_changes, section_defaults
+from .config import Config, fingerprint, section_changes, section_defaults
 from .detector import Detector, load_svms
 from .features import FeatureCache, ImageFeatures, extract_image, weights_fingerprint
 from .finetune import finetune_head
@@ -487,17 +487,9 @@ def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = 3000)
 
 def combined_svms(cfg: Config) -> list[tuple[str, str]]:
     """``(feature, tag)`` of the SVM sets scored at test time: ``svm.feature`` (tag ``""``), then each
-    feature of ``test.combine`` (tag ``_<feature>``, the folder the ablation uses for it too)."""
-    extra = list(dict.fromkeys(cfg.test.combine))
-    bad = [f for f in extra if f not in ("pool5", "fc6", "fc7")]
-    if bad:
-        raise ConfigError(f"test.combine: {bad[0]!r} is not pool5, fc6 or fc7 (of the fine-tuned head)")
-    if cfg.svm.feature in extra:
-        raise ConfigError(f"test.combine: {cfg.svm.feature!r} is svm.feature already")
-    if extra and cfg.svm.feature not in ("pool5", "fc6", "fc7"):
-        raise ConfigError(f"test.combine needs svm.feature pool5, fc6 or fc7 (one fc head per detector), "
-                          f"got {cfg.svm.feature!r}")
-    return [(cfg.svm.feature, "")] + [(f, f"_{f}") for f in extra]
+    feature of ``test.combine`` (tag ``_<feature>``, the folder the ablation uses for it too; ``Config``
+    checks that they can share one detector)."""
+    return [(cfg.svm.feature, "")] + [(f, f"_{f}") for f in dict.fromkeys(cfg.test.combine)]
 
 
 def stage_svms(run: Run, overwrite: bool = False) -> list[dict]:

@@ -200,8 +200,10 @@ def test_union_of_two_models_windows_equals_nms_on_each_windows_best_score():
     np.testing.assert_array_equal(best.labels, union.labels)
 
 
-def test_combined_svm_sets_are_checked():
-    from sppdet.config import Config, ConfigError, SVMConfig, TestConfig
+def test_combined_svm_sets_are_checked_naming_the_config_file():
+    from pathlib import Path
+
+    from sppdet.config import Config, ConfigError, SVMConfig, TestConfig, load_config
     from sppdet.pipeline import combined_svms
 
     def cfg(feature, combine):
@@ -212,7 +214,10 @@ def test_combined_svm_sets_are_checked():
     for feature, combine, msg in (("fc7", ["fc8"], "'fc8' is not pool5"), ("fc7", ["fc7"], "svm.feature already"),
                                   ("fc7_noft", ["pool5"], "one fc head per detector")):
         with pytest.raises(ConfigError, match=msg):
-            combined_svms(cfg(feature, combine))
+            cfg(feature, combine)
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    with pytest.raises(ConfigError, match=f"^{demo}: test.combine: 'fc8' is not pool5"):
+        load_config(demo, ["test.combine=[fc8]"])
 
 
 def test_config_rejects_an_unknown_precision_naming_the_file():
