@@ -506,8 +506,12 @@ def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool =
         g = run.backbone().geometry
         f = run.cfg.features
         cache = FeatureCache(run.features_dir(split), g.stride, g.center0, f.levels, f.shrink, f.target_size)
-    tags = [t for _, t in combined_svms(run.cfg)] if combine and not svm_tag else [svm_tag]
-    svms = [load_svms(run.svm_path(t)) for t in tags]
+    sets = combined_svms(run.cfg) if combine and not svm_tag else [(None, svm_tag)]
+    for feature, t in sets[1:]:
+        if not run.svm_path(t).is_file():
+            raise ShardError(f"{run.svm_path(t)}: missing; test.combine lists {feature}, whose SVMs "
+                             f"tools/train_svm.py trains (or leave them out: --set 'test.combine=[]')")
+    svms = [load_svms(run.svm_path(t)) for _, t in sets]
     head = None
     if svms[0]["feature"] in ("fc6_noft", "fc7_noft"):
         head = pretrained_head(run)

@@ -161,6 +161,8 @@ def test_model_combination_scores_each_window_with_both_svm_sets(trained, tmp_pa
     shutil.copytree(tmp / "run", run_dir)
     sets = [f"data.root={tmp / 'data' / 'VOC2007'}", "test.combine=[pool5]"]
     common = ["--config", "configs/tiny.yaml", "--run", run_dir] + [a for s in sets for a in ("--set", s)]
+    r = tool("test_net.py", *common, check=False)  # before the SVM stage has trained the pool5 set
+    assert r.returncode == 2 and "svm_pool5/svm.npz: missing" in r.stderr and "train_svm.py" in r.stderr
     r = tool("train_svm.py", *common)
     assert f"svm: reusing {run_dir / 'model' / 'svm' / 'svm.npz'}" in r.stdout  # fc7's, unchanged
     assert json.loads((run_dir / "model" / "svm_pool5" / "manifest.json").read_text())["config"]["feature"] == "pool5"
