@@ -39,6 +39,7 @@ __all__ = [
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+COMBINABLE = ("pool5", "fc6", "fc7")  # SVM features that share one detector (the fine-tuned head, or none)
 
 
 class ConfigError(ValueError):
@@ -229,11 +230,11 @@ class Config:
     def __post_init__(self):
         # test.combine's SVM sets share the detector's one fc head, the fine-tuned one.
         for f in self.test.combine:
-            if f not in ("pool5", "fc6", "fc7"):
+            if f not in COMBINABLE:
                 raise ConfigError(f"test.combine: {f!r} is not pool5, fc6 or fc7 (of the fine-tuned head)")
             if f == self.svm.feature:
                 raise ConfigError(f"test.combine: {f!r} is svm.feature already")
-        if self.test.combine and self.svm.feature not in ("pool5", "fc6", "fc7"):
+        if self.test.combine and self.svm.feature not in COMBINABLE:
             raise ConfigError(f"test.combine needs svm.feature pool5, fc6 or fc7 (one fc head per detector), "
                               f"got {self.svm.feature!r}")
 
