@@ -32,6 +32,7 @@ __all__ = [
     "conv5_maps",
     "choose_scale",
     "pool_boxes",
+    "group_windows",
     "ImageFeatures",
     "FeatureCache",
     "weights_fingerprint",
@@ -207,17 +208,52 @@ class FeatureCache:
         return pool_boxes(maps, feats.factors, b, scale_idx, self.stride, self.center0, self.levels, self.shrink,
                           out=out)
 
-    def distinct_windows(self, feats: ImageFeatures, boxes: np.ndarray) -> np.ndarray:
-        """Indices (ascending) of the first of each group of ``boxes`` that fall on the same conv5
-        rectangle at the same (best) scale, so pool to identical features: the authors' ``dedup``
-        for hard-negative mining (their stand-in for the paper's "negatives overlapping another
-        negative by more than 70% are removed")."""
+    def _cells(self, feats: ImageFeatures, boxes: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
         b = np.asarray(boxes, np.float32).reshape(-1, 4)
-        sidx, cells = box_cells([m.shape[-2:] for m in feats.maps], feats.factors, b,
-                                choose_scale(b, feats.factors, self.target_size), self.stride, self.center0,
-                                self.shrink)
-        keys = np.concatenate([sidx[:, None], cells.numpy()], axis=1)
-        return np.sort(np.unique(keys, axis=0, return_index=True)[1]) if len(keys) else np.zeros(0, np.int64)
+        return box_cells([m.shape[-2:] for m in feats.maps], feats.factors, b,
+                         choose_scale(b, feats.factors, self.target_size), self.stride, self.center0, self.shrink)
+
+    def window_groups(self, feats: ImageFeatures, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(first, group)``: ``boxes`` that fall on the same conv5 rectangle at the same (best) scale
+        pool to identical features; ``first`` (G,) ascending holds the first window of each such group,
+        ``group`` (R,) the group of every window (``boxes[first][group]`` pools like ``boxes``)."""
+        return group_windows(*self._cells(feats, boxes))
+
+    def distinct_windows(self, feats: ImageFeatures, boxes: np.ndarray) -> np.ndarray:
+        """Indices (ascending) of the first window of each conv5 rectangle and scale
+        (:meth:`window_groups`): the authors' ``dedup`` for hard-negative mining (their stand-in for the
+        paper's "negatives overlapping another negative by more than 70% are removed")."""
+        return self.window_groups(feats, boxes)[0]
+
+    def pooled_groups(self, feats: ImageFeatures, boxes: np.ndarray, out: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, np.ndarray]:
+        """``(pooled (G, D), group (R,))``: SPP features of each group of ``boxes`` on one conv5
+        rectangle and scale (:meth:`window_groups`), pooled once; row ``group[i]`` is box ``i``'s.
+        ``out`` (at least G rows) is written into when given."""
+        sidx, cells = self._cells(feats, boxes)
+        first, group = group_windows(sidx, cells)
+        if out is not None:
+            out = out[:len(first)]
+        sel = torch.as_tensor(first)
+        return pool_windows(feats.maps, cells[sel], self.levels, map_index=torch.as_tensor(sidx[first]),
+                            out=out), group
+
+
+def group_windows(scale_idx: np.ndarray, cells: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(first, group)`` of windows given their scale (R,) and conv5 cells (R, 4): see
+    :meth:`FeatureCache.window_groups`."""
+    c = np.asarray(cells, np.int64).reshape(-1, 4)
+    if not len(c):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    m = int(c.max()) + 1  # one integer key per (scale, l, t, r, b): a 1-d unique, far faster than axis=0
+    key = np.asarray(scale_idx, np.int64).reshape(-1)
+    for j in range(4):
+        key = key * m + c[:, j]
+    _, first, group = np.unique(key, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # groups in the order of their first window
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return first[order].astype(np.int64), rank[group.reshape(-1)].astype(np.int64)
 
 
 def extract_image(backbone: Backbone, rgb: np.ndarray, scales: Sequence[int], max_size: int, flip: bool,

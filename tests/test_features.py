@@ -235,6 +235,38 @@ def test_distinct_windows_keeps_one_window_per_conv5_rectangle(zf, tmp_path):
     assert len(cache.distinct_windows(feats, np.zeros((0, 4), np.float32))) == 0
 
 
+def test_detector_scores_each_conv5_rectangle_once_and_exactly(zf, tmp_path):
+    """Scoring pools and runs fc6/fc7 once per group of windows on the same conv5 rectangle; every
+    window still gets exactly the scores and pool5 row it would get on its own."""
+    from sppdet.config import TestConfig
+    from sppdet.detector import Detector
+    from sppdet.models import FCHead
+
+    rgb = np.random.default_rng(6).integers(0, 255, (150, 200, 3), dtype=np.uint8)
+    maps, factors = conv5_maps(zf, rgb, [200, 300], 1000)
+    cache = FeatureCache(tmp_path, zf.stride, zf.center0)
+    feats = ImageFeatures([m.half() for m in maps], factors, 150, 200)
+    base = np.array([[10, 10, 110, 90], [60, 40, 190, 140], [0, 0, 200, 150], [30, 50, 70, 80]], np.float32)
+    boxes = np.concatenate([base + 1, base, base[:2] - 1, base[2:] + 2])
+    first, group = cache.window_groups(feats, boxes)
+    assert len(first) < len(boxes) and np.all(np.diff(first) > 0) and np.array_equal(group[first], np.arange(len(first)))
+    torch.manual_seed(0)
+    full = cache.pooled(feats, boxes)
+    head = FCHead(full.shape[1], 32, 4).eval()
+    rng = np.random.default_rng(0)
+    svm = {"W": rng.normal(size=(3, 32)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32),
+           "feature_scale": 0.5, "layer": "fc7"}
+    det = Detector(head, svm, None, cache, TestConfig(fc_precision="fp32"), ["a", "b", "c"])
+    rows, scores, _ = det.score(feats, boxes)
+    with torch.no_grad():
+        expected = (head.features(full, "fc7").numpy() * 0.5) @ svm["W"].T + svm["b"]
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(rows[np.arange(len(boxes))], full.numpy())
+    assert len(rows) == len(boxes) and len(rows.distinct) == len(first)
+    empty = det.score(feats, np.zeros((0, 4), np.float32))
+    assert empty[1].shape == (0, 3) and len(empty[0]) == 0
+
+
 def test_flipped_maps_are_read_only_when_asked(zf, tmp_path):
     rgb = np.random.default_rng(5).integers(0, 255, (90, 120, 3), dtype=np.uint8)
     maps, factors = conv5_maps(zf, rgb, [150], 1000)
