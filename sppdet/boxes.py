@@ -101,6 +101,12 @@ def decode(proposals: np.ndarray, deltas: np.ndarray, max_log: float = np.log(10
     return np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=1).astype(np.float32)
 
 
+def flip_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
+    """xyxy boxes of an image ``width`` wide, mirrored left-right (continuous coordinates)."""
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    return np.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], 1)
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float = 0.3) -> np.ndarray:
     """Indices kept by greedy NMS (suppress IoU > threshold), highest score first."""
     b = np.asarray(boxes, np.float32).reshape(-1, 4)

@@ -176,6 +176,10 @@ class SVMConfig:
     # Hard negatives: one window per conv5 rectangle and scale (the authors' dedup; windows on the
     # same rectangle pool to identical features). SVMs trained before the option existed had none.
     dedup: bool = field(default=True, metadata={"when_absent": False})
+    # Also the train split's mirrored images (their conv5 maps are in the cache when finetune.flip is on):
+    # their ground-truth boxes as more positives, their windows as more negatives. The authors train the
+    # SVMs without flips; off by default.
+    flip: bool = False
 
 
 @dataclass(frozen=True)

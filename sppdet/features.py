@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .backbones import Backbone
+from .boxes import flip_boxes
 from .models import autocast
 from .spp import pool_windows, project_boxes_to_cells
 from .store import ShardError, atomic_save_npz, load_npz
@@ -140,6 +141,12 @@ class ImageFeatures:
     width: int
     flipped_maps: list[torch.Tensor] | None = None
 
+    def mirrored(self) -> "ImageFeatures":
+        """The mirrored image's features as an image of their own (its boxes: :func:`flip_boxes`)."""
+        if self.flipped_maps is None:
+            raise ValueError("these features were loaded without the flipped image's maps")
+        return ImageFeatures(self.flipped_maps, self.factors, self.height, self.width, self.maps)
+
 
 class FeatureCache:
     """Reader (and writer) of ``<dir>/<id>.npz``: ``conv_<s>`` float16 (C, h, w), ``factors``,
@@ -202,7 +209,7 @@ class FeatureCache:
             if feats.flipped_maps is None:
                 raise ShardError(f"{self.dir}: features were cached without flipped maps (features.flip: true)")
             maps = feats.flipped_maps
-            b = np.stack([feats.width - b[:, 2], b[:, 1], feats.width - b[:, 0], b[:, 3]], 1)
+            b = flip_boxes(b, feats.width)
         if scale_idx is None:
             scale_idx = choose_scale(b, feats.factors, self.target_size)
         return pool_boxes(maps, feats.factors, b, scale_idx, self.stride, self.center0, self.levels, self.shrink,

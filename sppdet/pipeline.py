@@ -27,6 +27,7 @@ import torch
 
 from .backbones import Backbone, build_backbone
 from .bbox_reg import BoxRegressor, fit_class_regressor
+from .boxes import flip_boxes
 from .config import Config, fingerprint, section_changes, section_defaults
 from .detector import Detector, load_svms
 from .features import FeatureCache, ImageFeatures, extract_image, weights_fingerprint
@@ -350,13 +351,18 @@ def _layer_features(head: FCHead | None, layer: str, pooled: torch.Tensor) -> np
 
 
 def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bool = False) -> dict:
-    """Per-class SVMs with hard-negative mining on the train split (one pass)."""
+    """Per-class SVMs with hard-negative mining on the train split (one pass; with ``svm.flip`` also on its
+    mirror images, positives and negatives)."""
     from tqdm import tqdm
 
     cfg = run.cfg
     feature = feature or cfg.svm.feature
     tr = cfg.data.train_split
     cache = _feature_cache(run, tr)
+    flip = cfg.svm.flip
+    if flip and not Stage.read_manifest(cache.dir)["config"].get("flip"):
+        raise ShardError(f"{cache.dir}: cached without the flipped images' maps, which svm.flip asks for; rerun "
+                         f"tools/extract_features.py --split {tr} --flip --overwrite, or set svm.flip=false")
     if feature in ("fc6", "fc7"):
         head, layer = load_head(run), feature
     elif feature in ("fc6_noft", "fc7_noft"):
@@ -384,13 +390,20 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
         sel = rng.choice(len(w.boxes), min(cfg.svm.norm_boxes, len(w.boxes)), replace=False)
         sample.append(_layer_features(head, layer, cache.pooled(i, w.boxes[sel])))
     scale = cfg.svm.target_norm / mean_norm(sample)
+    def views(i: str):
+        """The image's features and windows, then (svm.flip) its mirror image's."""
+        feats, boxes = cache.load(i, flipped=flip), windows[i].boxes
+        yield feats, boxes
+        if flip:
+            yield feats.mirrored(), flip_boxes(boxes, feats.width)
+
     # Positives: ground-truth boxes (difficult included, as the authors' roidb).
     pos: list[list[np.ndarray]] = [[] for _ in range(k_cls)]
     for i in tqdm(ids, desc="svm positives", unit="img", leave=False):
         w = windows[i]
         g = np.nonzero(w.is_gt)[0]
-        if len(g):
-            f = _layer_features(head, layer, cache.pooled(i, w.boxes[g])) * scale
+        for feats, boxes in (views(i) if len(g) else ()):
+            f = _layer_features(head, layer, cache.pooled(feats, boxes[g])) * scale
             for j, gi in enumerate(g):
                 pos[int(w.label[gi])].append(f[j:j + 1])
     dim = sample[0].shape[1]
@@ -399,18 +412,20 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
         run.log(f"svm {name}: {len(x_pos[k])} positives")
     trainer = HardNegativeTrainer(x_pos, dim, cfg.svm, log_fn=run.log)
     t0 = time.time()
-    for n, i in enumerate(tqdm(ids, desc=f"svm hard negatives ({feature})", unit="img")):
+    n, last = 0, len(ids) * (2 if flip else 1) - 1
+    for i in tqdm(ids, desc=f"svm hard negatives ({feature})", unit="img"):
         w = windows[i]
-        prop = np.nonzero(~w.is_gt)[0]
-        feats = cache.load(i)
-        if cfg.svm.dedup and len(prop):
-            prop = prop[cache.distinct_windows(feats, w.boxes[prop])]
-        if len(prop):
-            f = _layer_features(head, layer, cache.pooled(feats, w.boxes[prop])) * scale
-            neg = w.class_iou[prop] < cfg.svm.neg_iou
-        else:  # still called: the last image triggers the final retrain
-            f, neg = np.zeros((0, dim), np.float32), np.zeros((0, k_cls), bool)
-        trainer.add_image(n, f.astype(np.float32), neg, last=n == len(ids) - 1)
+        for feats, boxes in views(i):
+            prop = np.nonzero(~w.is_gt)[0]
+            if cfg.svm.dedup and len(prop):
+                prop = prop[cache.distinct_windows(feats, boxes[prop])]
+            if len(prop):
+                f = _layer_features(head, layer, cache.pooled(feats, boxes[prop])) * scale
+                neg = w.class_iou[prop] < cfg.svm.neg_iou
+            else:  # still called: the last image triggers the final retrain
+                f, neg = np.zeros((0, dim), np.float32), np.zeros((0, k_cls), bool)
+            trainer.add_image(n, f.astype(np.float32), neg, last=n == last)
+            n += 1
     caches = trainer.finish()
     W = np.stack([c.w if c.w is not None else np.zeros(dim, np.float32) for c in caches])
     b = np.array([c.b for c in caches], np.float32)

@@ -185,3 +185,22 @@ def test_model_combination_scores_each_window_with_both_svm_sets(trained, tmp_pa
     mean = load_config(ROOT / "configs" / "tiny.yaml", sets + [f"run_dir={run_dir}", "test.combine_by=mean"])
     np.testing.assert_allclose(build_detector(Run(mean, save_config=False), "test").score(feats, props)[1],
                                (each[0] + each[1]) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_svm_flip_adds_the_mirror_images(trained):
+    """svm.flip: the train split's mirrored images (cached for fine-tuning) give twice the positives and their
+    own hard negatives; a split cached without them is refused with the fix named."""
+    tmp, _ = trained
+    common = ["--config", "configs/tiny.yaml", "--run", tmp / "run", "--set", f"data.root={tmp / 'data' / 'VOC2007'}",
+              "--set", "svm.flip=true"]
+    tool("train_svm.py", *common, "--tag", "_flip")
+    plain = json.loads((tmp / "run" / "model" / "svm" / "manifest.json").read_text())
+    flip = json.loads((tmp / "run" / "model" / "svm_flip" / "manifest.json").read_text())
+    assert flip["complete"] and flip["config"]["svm"]["flip"] is True
+    for name, s in plain["stats"].items():
+        assert flip["stats"][name]["positives"] == 2 * s["positives"] > 0
+    r = tool("test_net.py", *common, "--svm-tag", "_flip", "--tag", "_flip")
+    assert "mAP (VOC07 11-point)" in r.stdout
+    r = tool("train_svm.py", *common, "--set", "data.train_split=test", "--tag", "_flip_test", check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "cached without the flipped images' maps" in r.stderr and "--flip" in r.stderr
