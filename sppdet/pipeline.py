@@ -327,6 +327,9 @@ def stage_finetune(run: Run, overwrite: bool = False) -> dict:
     if run.finetune_path.is_file():
         run.log(f"finetune: reusing {run.finetune_path}")
         return stage.finish(1)
+    # fc8 (and fc6/fc7 when not from the pre-trained classifier) start from random weights: seeded here, as
+    # torch seeds each process differently, so that a run folder's fine-tuning is reproducible.
+    torch.manual_seed(cfg.seed)
     head, how = _new_head(run, in_dim, cfg.finetune.init_from_pretrain)
     run.log(f"finetune: fc6/fc7 initialised from {how}; conv layers frozen (not loaded into the trainer)")
     res = finetune_head(head, _windows(run, tr), _windows(run, va), cache_t, cache_v, len(run.classes), cfg.finetune,
