@@ -204,3 +204,20 @@ def test_svm_flip_adds_the_mirror_images(trained):
     r = tool("train_svm.py", *common, "--set", "data.train_split=test", "--tag", "_flip_test", check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "cached without the flipped images' maps" in r.stderr and "--flip" in r.stderr
+
+
+def test_fine_tuning_is_reproducible(trained, tmp_path):
+    """Fine-tuning again with the same config, in another process (torch seeds each differently), gives the
+    same head: its random fc8 is seeded from the config's seed."""
+    import shutil
+
+    import torch
+
+    tmp, _ = trained
+    run_dir = tmp_path / "run"
+    shutil.copytree(tmp / "run", run_dir)
+    common = ["--config", "configs/tiny.yaml", "--run", run_dir, "--set", f"data.root={tmp / 'data' / 'VOC2007'}"]
+    tool("finetune_fc.py", *common, "--overwrite")
+    a = torch.load(tmp / "run" / "model" / "finetune" / "finetune.pt", weights_only=False)["head"]
+    b = torch.load(run_dir / "model" / "finetune" / "finetune.pt", weights_only=False)["head"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
