@@ -116,7 +116,7 @@ class Detector:
         r, d = len(proposals), spp_output_dim(feats.maps[0].shape[0], self.cache.levels)
         if self._pooled is None or self._pooled.shape[0] < r or self._pooled.shape[1] != d:
             self._pooled = torch.empty((max(r, 2000), d), dtype=torch.float32)
-        pooled, group = self.cache.pooled_groups(feats, proposals, out=self._pooled)
+        pooled, _, group = self.cache.pooled_groups(feats, proposals, out=self._pooled)
         t1 = time.perf_counter()
         layers = [s["layer"] if self.head is not None else "pool5" for s in self.svm_sets]
         xs = {}

@@ -223,27 +223,24 @@ class FeatureCache:
     def window_groups(self, feats: ImageFeatures, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(first, group)``: ``boxes`` that fall on the same conv5 rectangle at the same (best) scale
         pool to identical features; ``first`` (G,) ascending holds the first window of each such group,
-        ``group`` (R,) the group of every window (``boxes[first][group]`` pools like ``boxes``)."""
+        ``group`` (R,) the group of every window (``boxes[first][group]`` pools like ``boxes``). The
+        detector scores each group once; hard-negative mining keeps ``first`` (the authors' ``dedup``,
+        their stand-in for the paper's "negatives overlapping another negative by more than 70% are
+        removed")."""
         return group_windows(*self._cells(feats, boxes))
 
-    def distinct_windows(self, feats: ImageFeatures, boxes: np.ndarray) -> np.ndarray:
-        """Indices (ascending) of the first window of each conv5 rectangle and scale
-        (:meth:`window_groups`): the authors' ``dedup`` for hard-negative mining (their stand-in for the
-        paper's "negatives overlapping another negative by more than 70% are removed")."""
-        return self.window_groups(feats, boxes)[0]
-
     def pooled_groups(self, feats: ImageFeatures, boxes: np.ndarray, out: torch.Tensor | None = None,
-                      ) -> tuple[torch.Tensor, np.ndarray]:
-        """``(pooled (G, D), group (R,))``: SPP features of each group of ``boxes`` on one conv5
-        rectangle and scale (:meth:`window_groups`), pooled once; row ``group[i]`` is box ``i``'s.
-        ``out`` (at least G rows) is written into when given."""
+                      ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """``(pooled (G, D), first, group)``: SPP features of each group of ``boxes`` on one conv5
+        rectangle and scale (:meth:`window_groups`), pooled once (row ``g`` is that of box ``first[g]``,
+        row ``group[i]`` box ``i``'s). ``out`` (at least G rows) is written into when given."""
         sidx, cells = self._cells(feats, boxes)
         first, group = group_windows(sidx, cells)
         if out is not None:
             out = out[:len(first)]
-        sel = torch.as_tensor(first)
-        return pool_windows(feats.maps, cells[sel], self.levels, map_index=torch.as_tensor(sidx[first]),
-                            out=out), group
+        pooled = pool_windows(feats.maps, cells[torch.as_tensor(first)], self.levels,
+                              map_index=torch.as_tensor(sidx[first]), out=out)
+        return pooled, first, group
 
 
 def group_windows(scale_idx: np.ndarray, cells: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -393,6 +393,7 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
         sel = rng.choice(len(w.boxes), min(cfg.svm.norm_boxes, len(w.boxes)), replace=False)
         sample.append(_layer_features(head, layer, cache.pooled(i, w.boxes[sel])))
     scale = cfg.svm.target_norm / mean_norm(sample)
+
     def views(i: str):
         """The image's features and windows, then (svm.flip) its mirror image's."""
         feats, boxes = cache.load(i, flipped=flip), windows[i].boxes
@@ -420,10 +421,13 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
         w = windows[i]
         for feats, boxes in views(i):
             prop = np.nonzero(~w.is_gt)[0]
-            if cfg.svm.dedup and len(prop):
-                prop = prop[cache.distinct_windows(feats, boxes[prop])]
             if len(prop):
-                f = _layer_features(head, layer, cache.pooled(feats, boxes[prop])) * scale
+                if cfg.svm.dedup:  # one window per conv5 rectangle and scale, pooled once
+                    x, first, _ = cache.pooled_groups(feats, boxes[prop])
+                    prop = prop[first]
+                else:
+                    x = cache.pooled(feats, boxes[prop])
+                f = _layer_features(head, layer, x) * scale
                 neg = w.class_iou[prop] < cfg.svm.neg_iou
             else:  # still called: the last image triggers the final retrain
                 f, neg = np.zeros((0, dim), np.float32), np.zeros((0, k_cls), bool)

@@ -218,21 +218,21 @@ def test_an_option_whose_old_behaviour_differs_from_its_default_names_the_change
     assert section_changes(saved, SVMConfig(dedup=False), "svm.") == []
 
 
-def test_distinct_windows_keeps_one_window_per_conv5_rectangle(zf, tmp_path):
+def test_window_groups_keep_one_window_per_conv5_rectangle(zf, tmp_path):
     rgb = np.random.default_rng(4).integers(0, 255, (150, 200, 3), dtype=np.uint8)
     maps, factors = conv5_maps(zf, rgb, [200, 300], 1000)
     cache = FeatureCache(tmp_path, zf.stride, zf.center0)
     feats = ImageFeatures(maps, factors, 150, 200)
     base = np.array([[10, 10, 110, 90], [60, 40, 190, 140], [0, 0, 200, 150], [30, 50, 70, 80]], np.float32)
     boxes = np.concatenate([base, base + 1, base[:2] - 1])  # one pixel rarely moves a conv5 cell edge
-    keep = cache.distinct_windows(feats, boxes)
+    keep = cache.window_groups(feats, boxes)[0]
     assert list(keep[:4]) == [0, 1, 2, 3] and np.all(np.diff(keep) > 0) and len(keep) < len(boxes)
     pooled = cache.pooled(feats, boxes).numpy()
     kept = pooled[keep]
     assert len(np.unique(kept, axis=0)) == len(keep)  # the kept windows all pool differently
     for r in range(len(boxes)):  # every dropped window pools exactly like a kept one
         assert (np.abs(kept - pooled[r]).max(axis=1) == 0).any()
-    assert len(cache.distinct_windows(feats, np.zeros((0, 4), np.float32))) == 0
+    assert [len(a) for a in cache.window_groups(feats, np.zeros((0, 4), np.float32))] == [0, 0]
 
 
 def test_detector_scores_each_conv5_rectangle_once_and_exactly(zf, tmp_path):
