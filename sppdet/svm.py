@@ -37,7 +37,8 @@ def train_linear_svm(x_pos: np.ndarray, x_neg: np.ndarray, C: float, pos_weight:
     x = np.concatenate([x_pos, x_neg]).astype(np.float64)
     y = np.concatenate([np.ones(len(x_pos)), -np.ones(len(x_neg))])
     svm = LinearSVC(C=C, loss="hinge", dual=True, fit_intercept=True, intercept_scaling=bias_mult,
-                    class_weight={1: pos_weight, -1: 1.0}, max_iter=max_iter, tol=1e-4)
+                    class_weight={1: pos_weight, -1: 1.0}, max_iter=max_iter, tol=1e-4,
+                    random_state=0)  # liblinear visits the examples in a random order: fixed, so retraining repeats
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         svm.fit(x, y)
