@@ -307,6 +307,13 @@ def pretrained_head(run: Run) -> FCHead | None:
     return head.eval()
 
 
+def _require_flipped_maps(directory: Path, manifest: dict, split: str, option: str) -> None:
+    """Refuse, by name, a feature cache made without the mirror images' maps that ``option`` uses."""
+    if not manifest["config"].get("flip"):
+        raise ShardError(f"{directory}: cached without the flipped images' maps, which {option} asks for; rerun "
+                         f"tools/extract_features.py --split {split} --flip --overwrite, or set {option}=false")
+
+
 def stage_finetune(run: Run, overwrite: bool = False) -> dict:
     cfg = run.cfg
     tr, va = cfg.data.train_split, cfg.data.val_split
@@ -315,9 +322,8 @@ def stage_finetune(run: Run, overwrite: bool = False) -> dict:
         run.log(f"warning: the validation split '{va}' is the test split (the authors' choice); "
                 "the checkpoint is then selected on test")
     feats_t = Stage.read_manifest(cache_t.dir)
-    if cfg.finetune.flip and not feats_t["config"].get("flip"):
-        raise ShardError(f"{cache_t.dir}: cached without the flipped images' maps, which finetune.flip asks for; "
-                         f"rerun tools/extract_features.py --split {tr} --overwrite, or set finetune.flip=false")
+    if cfg.finetune.flip:
+        _require_flipped_maps(cache_t.dir, feats_t, tr, "finetune.flip")
     conv_before = weights_fingerprint(run.backbone())
     in_dim = spp_output_dim(run.backbone().out_channels, cache_t.levels)
     inputs = {"features_" + tr: feats_t["fingerprint"],
@@ -363,9 +369,8 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
     tr = cfg.data.train_split
     cache = _feature_cache(run, tr)
     flip = cfg.svm.flip
-    if flip and not Stage.read_manifest(cache.dir)["config"].get("flip"):
-        raise ShardError(f"{cache.dir}: cached without the flipped images' maps, which svm.flip asks for; rerun "
-                         f"tools/extract_features.py --split {tr} --flip --overwrite, or set svm.flip=false")
+    if flip:
+        _require_flipped_maps(cache.dir, Stage.read_manifest(cache.dir), tr, "svm.flip")
     if feature in ("fc6", "fc7"):
         head, layer = load_head(run), feature
     elif feature in ("fc6_noft", "fc7_noft"):
