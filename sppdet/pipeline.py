@@ -53,6 +53,7 @@ class Run:
         self.dir = Path(run_dir or cfg.run_dir)
         self.log = log_fn
         self._backbone: Backbone | None = None
+        self._content: dict[tuple[str, str], str] = {}
         if save_config:  # the resolved config, for tools that take only --run (detect.py)
             import yaml
 
@@ -93,6 +94,13 @@ class Run:
     def dataset(self, split: str) -> VOCDataset:
         d = self.cfg.data
         return self._dataset(Path(d.root), split, d.synthetic_images, d.synthetic_seed, tuple(d.synthetic_splits))
+
+    def content(self, split: str, what: str) -> str:
+        """:meth:`VOCDataset.content_fingerprint` of a split's ``"images"`` or ``"annotations"`` (once per
+        process): the input a stage records so that a changed dataset with the same ids is a stale cache."""
+        if (split, what) not in self._content:
+            self._content[split, what] = self.dataset(split).content_fingerprint(what)
+        return self._content[split, what]
 
     def pretrain_dataset(self) -> VOCDataset:
         """The pre-training source: its own folder when ``pretrain.root`` is set, else the detection train split."""
@@ -144,14 +152,20 @@ class Run:
 
 
 # ------------------------------------------------------------------ stages
+# Inputs recorded since the dataset's contents were fingerprinted: manifests from before lack them.
+_CONTENT_INPUTS = ("images", "annotations")
+
+
 def _stage(directory: Path, name: str, sections: dict, extra: dict, inputs: dict, overwrite: bool,
            extra_defaults: dict | None = None) -> Stage:
     """A stage folder whose outputs depend on whole config ``sections`` (name -> dataclass) and ``extra``
     values; the sections' defaults (and ``extra_defaults``, for extra values added later) let a manifest
-    from before an added option stay valid."""
+    from before an added option stay valid, as the dataset-content inputs (``images``, ``annotations*``)
+    let one from before they were recorded."""
     return Stage(directory, name, {**{k: asdict(v) for k, v in sections.items()}, **extra}, inputs,
                  overwrite=overwrite,
-                 defaults={**{k: section_defaults(v) for k, v in sections.items()}, **(extra_defaults or {})})
+                 defaults={**{k: section_defaults(v) for k, v in sections.items()}, **(extra_defaults or {})},
+                 added_inputs=tuple(k for k in inputs if k.startswith(_CONTENT_INPUTS)))
 
 
 def stage_pretrain(run: Run, split: str | None = None, folder: str | None = None, device: str = "cpu",
@@ -190,7 +204,8 @@ def stage_proposals(run: Run, split: str, overwrite: bool = False, workers: int 
     ds = run.dataset(split)
     return compute_proposals(ds.ids, ds.image_path, run.proposals_dir(split), p.backend, p.max_boxes, p.min_size,
                              p.params, p.precomputed, p.workers if workers is None else workers, overwrite,
-                             image_size=lambda i: (ds.annotation(i).height, ds.annotation(i).width))
+                             image_size=lambda i: (ds.annotation(i).height, ds.annotation(i).width),
+                             inputs={"images": run.content(split, "images")})
 
 
 def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwrite: bool = False,
@@ -213,7 +228,7 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
     g = backbone.geometry
     precision = resolve_precision(cfg.features.precision, device, "features.precision")
     inputs = {"weights": weights_fingerprint(backbone), "proposals": prop_manifest["fingerprint"],
-              "split": fingerprint(ds.ids)}
+              "split": fingerprint(ds.ids), "images": run.content(split, "images")}
     # The precision the pass resolved to ("auto" is bf16 on one machine, fp32 on another) is part of the
     # config, so a run resumed elsewhere cannot mix the two in one cache. Manifests from before it was
     # recorded there: the value they recorded beside it, else fp32 (the only precision then).
@@ -327,7 +342,8 @@ def stage_finetune(run: Run, overwrite: bool = False) -> dict:
     conv_before = weights_fingerprint(run.backbone())
     in_dim = spp_output_dim(run.backbone().out_channels, cache_t.levels)
     inputs = {"features_" + tr: feats_t["fingerprint"],
-              "features_" + va: Stage.read_manifest(cache_v.dir)["fingerprint"]}
+              "features_" + va: Stage.read_manifest(cache_v.dir)["fingerprint"],
+              "annotations_" + tr: run.content(tr, "annotations"), "annotations_" + va: run.content(va, "annotations")}
     stage = _stage(run.finetune_path.parent, "finetune", {"finetune": cfg.finetune}, {"seed": cfg.seed}, inputs,
                    overwrite)
     if run.finetune_path.is_file():
@@ -379,7 +395,7 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
         head, layer = None, "pool5"
     else:
         raise ValueError(f"svm.feature must be pool5, fc6, fc7, fc6_noft or fc7_noft, got {feature!r}")
-    inputs = {"features": Stage.read_manifest(cache.dir)["fingerprint"]}
+    inputs = {"features": Stage.read_manifest(cache.dir)["fingerprint"], "annotations": run.content(tr, "annotations")}
     if feature in ("fc6", "fc7"):
         inputs["finetune"] = Stage.read_manifest(run.finetune_path.parent)["fingerprint"]
     path = run.svm_path(tag)
@@ -460,7 +476,7 @@ def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = 3000)
     tr = cfg.data.train_split
     cache = _feature_cache(run, tr)
     path = run.bbox_reg_path
-    inputs = {"features": Stage.read_manifest(cache.dir)["fingerprint"]}
+    inputs = {"features": Stage.read_manifest(cache.dir)["fingerprint"], "annotations": run.content(tr, "annotations")}
     stage = _stage(path.parent, "bbox_reg", {"bbox_reg": cfg.bbox_reg}, {"max_per_class": max_per_class}, inputs,
                    overwrite)
     if path.is_file():

@@ -37,6 +37,7 @@ __all__ = [
     "atomic_save_npz",
     "load_npz",
     "file_sha256",
+    "files_fingerprint",
     "Stage",
     "dir_bytes",
 ]
@@ -127,6 +128,18 @@ def file_sha256(path: str | Path, n: int = 16) -> str:
     return h.hexdigest()[:n]
 
 
+def files_fingerprint(paths: list[str | Path], what: str = "file") -> str:
+    """Fingerprint of the contents of ``paths`` in order (their names excluded: a copied or moved dataset
+    keeps its caches); a missing file is a ``FileNotFoundError`` naming it as ``what``."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            h.update(file_sha256(p, 64).encode())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{p}: {what} is missing") from None
+    return h.hexdigest()[:16]
+
+
 def dir_bytes(path: str | Path) -> int:
     p = Path(path)
     if not p.exists():
@@ -146,15 +159,19 @@ class Stage:
         defaults: the default of each option in ``config`` (same nesting). A manifest written before
             an option existed matches while that option is at its default, and the outputs keep
             their manifest's config and fingerprint, so the stages after them stay valid too.
+        added_inputs: keys of ``inputs`` that manifests written before they were recorded lack (the
+            images' and annotations' contents): such a manifest is not checked on them and keeps its own
+            inputs and fingerprint, as for ``defaults``; one that records them is checked.
     """
 
     def __init__(self, directory: str | Path, stage: str, config: dict, inputs: dict | None = None,
-                 overwrite: bool = False, defaults: dict | None = None):
+                 overwrite: bool = False, defaults: dict | None = None, added_inputs: tuple[str, ...] = ()):
         self.dir = Path(directory)
         self.stage = stage
         self.config = json.loads(json.dumps(config, default=str))
         self.defaults = json.loads(json.dumps(defaults or {}, default=str))
         self.inputs = dict(inputs or {})
+        self.added_inputs = tuple(added_inputs)
         self.manifest_path = self.dir / "manifest.json"
         self._t0 = time.time()
         if overwrite and self.dir.exists():
@@ -189,15 +206,20 @@ class Stage:
     def _check_compatible(self, old: dict) -> None:
         if old.get("stage") != self.stage:
             raise StaleCacheError(f"{self.manifest_path}: folder belongs to stage {old.get('stage')!r}, not {self.stage!r}")
-        saved = old.get("config", {})
+        saved, saved_inputs = old.get("config", {}), old.get("inputs", {})
+        inputs = {k: v for k, v in self.inputs.items() if k in saved_inputs or k not in self.added_inputs}
         changes = diff_keys(with_defaults(saved, self.defaults), self.config, "config.") + diff_keys(
-            old.get("inputs", {}), self.inputs, "inputs.")
+            saved_inputs, inputs, "inputs.")
         if changes:
+            content = sorted({k.split(":")[0][len("inputs."):] for k in changes
+                              if k.split(":")[0][len("inputs."):] in self.added_inputs})
             raise StaleCacheError(
                 f"{self.manifest_path}: outputs were made with other settings or inputs; changed: "
                 + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else "")
+                + (f" (the dataset's {', '.join(content)} differ from the files they were made from)" if content else "")
                 + ". Use --overwrite to rebuild, or another run folder.", folder=self.dir)
         self.config = saved  # the same settings; options added since stay out of the fingerprint
+        self.inputs = saved_inputs
 
     def _base_fields(self, complete: bool) -> dict:
         return {

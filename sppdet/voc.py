@@ -243,6 +243,7 @@ class VOCDataset:
         self.classes = tuple(classes) if classes is not None else VOC_CLASSES
         self.ids = read_split(self.root / "ImageSets" / "Main" / f"{split}.txt")
         self._ann: dict[str, Annotation] = {}
+        self._content: dict[str, str] = {}
         if check_images:
             for i in self.ids:
                 self.image(i)
@@ -253,9 +254,12 @@ class VOCDataset:
     def image_path(self, image_id: str) -> Path:
         return self.root / "JPEGImages" / f"{image_id}.jpg"
 
+    def annotation_path(self, image_id: str) -> Path:
+        return self.root / "Annotations" / f"{image_id}.xml"
+
     def annotation(self, image_id: str) -> Annotation:
         if image_id not in self._ann:
-            self._ann[image_id] = read_annotation(self.root / "Annotations" / f"{image_id}.xml", self.classes)
+            self._ann[image_id] = read_annotation(self.annotation_path(image_id), self.classes)
         return self._ann[image_id]
 
     def image(self, image_id: str) -> np.ndarray:
@@ -265,6 +269,22 @@ class VOCDataset:
         if img.shape[:2] != (ann.height, ann.width):
             raise VOCError(f"{path}: image is {img.shape[1]}x{img.shape[0]} but its XML says {ann.width}x{ann.height}")
         return img
+
+    def content_fingerprint(self, what: str) -> str:
+        """Fingerprint of the split's ``"images"`` or ``"annotations"`` (their files' contents, in split
+        order): what a cache made from them records, so that a regenerated or edited dataset with the same
+        ids is a stale cache, named, not silently reused. A missing file is a :class:`VOCError` naming it."""
+        from .store import files_fingerprint
+
+        if what not in ("images", "annotations"):
+            raise ValueError(f"content_fingerprint: 'images' or 'annotations', not {what!r}")
+        if what not in self._content:
+            paths = [self.image_path(i) if what == "images" else self.annotation_path(i) for i in self.ids]
+            try:
+                self._content[what] = files_fingerprint(paths, "image file" if what == "images" else "annotation file")
+            except FileNotFoundError as e:
+                raise VOCError(str(e)) from None
+        return self._content[what]
 
     def labels(self, image_id: str) -> np.ndarray:
         return self.annotation(image_id).labels(self.classes)

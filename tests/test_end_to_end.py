@@ -84,6 +84,49 @@ def test_rerun_reuses_caches_and_stale_config_is_refused(trained):
     assert r.returncode == 2 and "features.scales" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_dataset_changed_under_the_same_ids_is_a_stale_cache(trained, tmp_path):
+    """Caches record the contents of the images and annotations they were made from: a copied dataset keeps
+    them; an edited image or annotation under the same id is refused by name, not silently reused."""
+    import shutil
+
+    import cv2
+
+    tmp, _ = trained
+    shutil.copytree(tmp / "run", tmp_path / "run")
+    shutil.copytree(tmp / "data", tmp_path / "data")
+    voc = tmp_path / "data" / "VOC2007"
+    common = ["--config", "configs/tiny.yaml", "--run", tmp_path / "run", "--set", f"data.root={voc}"]
+    assert "0 new images" in tool("extract_features.py", *common, "--split", "test").stdout  # moved, same files
+    test_id = (voc / "ImageSets" / "Main" / "test.txt").read_text().split()[0]
+    img_path = voc / "JPEGImages" / f"{test_id}.jpg"
+    img = cv2.imread(str(img_path))
+    cv2.imwrite(str(img_path), 255 - img)  # same size, other pixels
+    for name in ("propose.py", "extract_features.py"):
+        r = tool(name, *common, "--split", "test", check=False)
+        assert r.returncode == 2 and "inputs.images" in r.stderr and "dataset's images differ" in r.stderr
+        assert "Traceback" not in r.stderr
+    train_id = (voc / "ImageSets" / "Main" / "train.txt").read_text().split()[0]
+    xml = voc / "Annotations" / f"{train_id}.xml"
+    xml.write_text(xml.read_text().replace("<difficult>0</difficult>", "<difficult>1</difficult>", 1))
+    for name in ("finetune_fc.py", "train_svm.py"):
+        r = tool(name, *common, check=False)
+        assert r.returncode == 2 and "inputs.annotations" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_stage_made_before_content_inputs_were_recorded_stays_valid(tmp_path):
+    from sppdet.store import Stage, StaleCacheError
+
+    old = Stage(tmp_path / "s", "features", {"scales": [688]}, {"weights": "w"}).finish(1)
+    again = Stage(tmp_path / "s", "features", {"scales": [688]}, {"weights": "w", "images": "i1"},
+                  added_inputs=("images",)).finish(1)
+    assert again["fingerprint"] == old["fingerprint"] and again["inputs"] == {"weights": "w"}
+    with pytest.raises(StaleCacheError, match="inputs.images"):  # strict where it is not an added input
+        Stage(tmp_path / "s", "features", {"scales": [688]}, {"weights": "w", "images": "i1"})
+    Stage(tmp_path / "t", "features", {"scales": [688]}, {"weights": "w", "images": "i1"}, added_inputs=("images",))
+    with pytest.raises(StaleCacheError, match="images differ"):  # once recorded, it is checked
+        Stage(tmp_path / "t", "features", {"scales": [688]}, {"weights": "w", "images": "i2"}, added_inputs=("images",))
+
+
 def test_demo_rebuilds_only_the_stale_stages_when_asked(trained, tmp_path):
     import shutil
 
