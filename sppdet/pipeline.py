@@ -287,15 +287,31 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
     return m
 
 
+def _require_current(run: Run, split: str, directory: Path) -> None:
+    """Refuse a proposal or feature folder made from other image files than the split now holds (an
+    image edited or regenerated under the same id); folders from before the images were recorded pass."""
+    recorded = Stage.read_manifest(directory).get("inputs", {}).get("images")
+    if recorded is not None and recorded != run.content(split, "images"):
+        raise StaleCacheError(f"{directory}: made from other image files than split {split!r} holds now (an image "
+                              f"changed under the same id); rebuild it with --overwrite (tools/demo.py: "
+                              f"--rebuild-stale)", folder=directory)
+
+
 def _windows(run: Run, split: str, ds: VOCDataset | None = None) -> dict:
     ds = ds or run.dataset(split)
+    _require_current(run, split, run.proposals_dir(split))
     store = ProposalStore(run.proposals_dir(split))
     k = len(run.classes)
     return {i: make_windows(ds.annotation(i), ds.labels(i), store.load(i), k) for i in ds.ids}
 
 
-def _feature_cache(run: Run, split: str) -> FeatureCache:
-    return FeatureCache.from_manifest(run.features_dir(split))
+def _feature_cache(run: Run, split: str, verify: bool = True) -> FeatureCache:
+    """The split's conv5 cache; ``verify``: refused when made from other image files than the split holds
+    (False where only its geometry is read)."""
+    cache = FeatureCache.from_manifest(run.features_dir(split))
+    if verify:
+        _require_current(run, split, cache.dir)
+    return cache
 
 
 def _new_head(run: Run, in_dim: int, init_from_pretrain: bool) -> tuple[FCHead, str]:
@@ -314,7 +330,7 @@ def _new_head(run: Run, in_dim: int, init_from_pretrain: bool) -> tuple[FCHead, 
 
 def pretrained_head(run: Run) -> FCHead | None:
     """The classifier's fc6/fc7 without fine-tuning (for the ablation's 'no fine-tuning' rows)."""
-    cache = _feature_cache(run, run.cfg.data.train_split)
+    cache = _feature_cache(run, run.cfg.data.train_split, verify=False)
     in_dim = spp_output_dim(run.backbone().out_channels, cache.levels)
     head, how = _new_head(run, in_dim, True)
     if how == "random":
@@ -544,7 +560,8 @@ def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool =
                    combine: bool = True) -> Detector:
     """The test-time detector: the SVMs of ``svm_tag``; with the default tag and ``combine``, also those
     of ``test.combine`` (their scores combined by ``test.combine_by``)."""
-    cache = _feature_cache(run, split) if (run.features_dir(split) / "manifest.json").is_file() else None
+    cache = (_feature_cache(run, split, verify=False) if (run.features_dir(split) / "manifest.json").is_file()
+             else None)
     if cache is None:
         g = run.backbone().geometry
         f = run.cfg.features
@@ -593,6 +610,8 @@ def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str =
     split = split or cfg.data.test_split
     ds = run.dataset(split)
     det = build_detector(run, split, svm_tag, combine=combine)
+    for d in (run.proposals_dir(split), det.cache.dir):  # the detector reads both for this split's images
+        _require_current(run, split, d)
     store = ProposalStore(run.proposals_dir(split))
     out = run.detections_dir(split, tag)
     out.mkdir(parents=True, exist_ok=True)

@@ -105,6 +105,15 @@ def test_a_dataset_changed_under_the_same_ids_is_a_stale_cache(trained, tmp_path
         r = tool(name, *common, "--split", "test", check=False)
         assert r.returncode == 2 and "inputs.images" in r.stderr and "dataset's images differ" in r.stderr
         assert "Traceback" not in r.stderr
+    r = tool("test_net.py", *common, check=False)  # it would rebuild what is missing: the features stage refuses
+    assert r.returncode == 2 and "dataset's images differ" in r.stderr and "Traceback" not in r.stderr
+    from sppdet.config import load_config
+    from sppdet.pipeline import Run, stage_test
+    from sppdet.store import StaleCacheError
+
+    run = Run(load_config("configs/tiny.yaml", [f"data.root={voc}"]), tmp_path / "run", save_config=False)
+    with pytest.raises(StaleCacheError, match=r"proposals/test: made from other image files than split 'test'"):
+        stage_test(run, progress=False)  # the test stage itself, which reads both caches, refuses them too
     train_id = (voc / "ImageSets" / "Main" / "train.txt").read_text().split()[0]
     xml = voc / "Annotations" / f"{train_id}.xml"
     xml.write_text(xml.read_text().replace("<difficult>0</difficult>", "<difficult>1</difficult>", 1))
