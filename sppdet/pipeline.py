@@ -176,8 +176,12 @@ def stage_pretrain(run: Run, split: str | None = None, folder: str | None = None
         ck = load_checkpoint(run.pretrain_ckpt)
         changes = (section_changes(ck.get("pretrain_cfg"), cfg.pretrain, "pretrain.")
                    + section_changes(ck.get("backbone_cfg"), cfg.backbone, "backbone."))
+        data = None if folder or "data" not in ck else _pretrain_data(run, split, existing=True)
+        if data is not None and data != ck["data"]:
+            changes.append("the pre-training split's " + " and ".join(k for k in data if data[k] != ck["data"].get(k))
+                           + " differ from those it was trained on")
         if changes:
-            raise StaleCacheError(f"{run.pretrain_ckpt}: made with another pretrain/backbone config "
+            raise StaleCacheError(f"{run.pretrain_ckpt}: made with another pretrain/backbone config or data "
                                   f"({'; '.join(changes)}); use --overwrite", folder=run.pretrain_ckpt.parent)
         run.log(f"pretrain: reusing {run.pretrain_ckpt}")
         return ck
@@ -190,13 +194,30 @@ def stage_pretrain(run: Run, split: str | None = None, folder: str | None = None
         ds = run.dataset(split) if split else run.pretrain_dataset()
         items, classes = voc_items(ds, cfg.pretrain.background_per_image, rng, cfg.pretrain.jitters)
     run.log(f"pretrain: {len(items)} crops, {len(classes)} classes, sizes {cfg.pretrain.sizes}")
+    # A VOC-format source's contents are recorded (an image folder's are not: ImageNet is too big to hash).
+    record = {} if folder else {"data": _voc_content(ds)}
     ck = train_classifier(items, classes, cfg.backbone, cfg.pretrain, run.pretrain_ckpt.parent, cfg.seed, device,
-                          log_fn=run.log)
+                          log_fn=run.log, record=record)
     atomic_write_text(run.pretrain_ckpt.parent / "manifest.json", json.dumps(
         {"stage": "pretrain", "config": {"pretrain": asdict(cfg.pretrain), "backbone": asdict(cfg.backbone)},
          "seconds": ck["seconds"], "complete": True, "history": ck["history"],
          "bytes": dir_bytes(run.pretrain_ckpt.parent)}, indent=2))
     return ck
+
+
+def _pretrain_data(run: Run, split: str | None, existing: bool = False) -> dict | None:
+    """The images' and annotations' fingerprints of the VOC split pre-training reads (``split`` of the
+    detection data, else ``pretrain.root``'s or the detection train split); ``existing``: None where that
+    split is not on disk (a reused checkpoint is not checked against data that is gone, nor makes it)."""
+    p, d = run.cfg.pretrain, run.cfg.data
+    root, name = ((Path(p.root), p.split) if p.root and not split else (Path(d.root), split or d.train_split))
+    if existing and not (root / "ImageSets" / "Main" / f"{name}.txt").is_file():
+        return None
+    return _voc_content(VOCDataset(root, name))
+
+
+def _voc_content(ds: VOCDataset) -> dict:
+    return {"images": ds.content_fingerprint("images"), "annotations": ds.content_fingerprint("annotations")}
 
 
 def stage_proposals(run: Run, split: str, overwrite: bool = False, workers: int | None = None) -> dict:

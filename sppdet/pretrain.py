@@ -184,8 +184,9 @@ def _batch(model, x: torch.Tensor, size: int, device) -> torch.Tensor:
 
 def train_classifier(items: Sequence, classes: Sequence[str], backbone_cfg: BackboneConfig, cfg: PretrainConfig,
                      out_dir: str | Path, seed: int = 0, device: str = "cpu", progress: bool = True,
-                     log_fn=print) -> dict:
-    """Train an :class:`SPPNetClassifier`; writes ``out_dir/checkpoint.pt``; returns its dict."""
+                     log_fn=print, record: dict | None = None) -> dict:
+    """Train an :class:`SPPNetClassifier`; writes ``out_dir/checkpoint.pt`` (with ``record``'s entries,
+    e.g. what data it was trained on); returns its dict."""
     from tqdm import tqdm
 
     if len(items) < 4:
@@ -269,6 +270,7 @@ def train_classifier(items: Sequence, classes: Sequence[str], backbone_cfg: Back
         "seconds": time.time() - t0,
         "num_train": len(train_items),
         "num_val": len(val_items),
+        **(record or {}),
     }
     out = Path(out_dir)
     save_checkpoint(out / "checkpoint.pt", ckpt)

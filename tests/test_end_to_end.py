@@ -97,6 +97,7 @@ def test_a_dataset_changed_under_the_same_ids_is_a_stale_cache(trained, tmp_path
     voc = tmp_path / "data" / "VOC2007"
     common = ["--config", "configs/tiny.yaml", "--run", tmp_path / "run", "--set", f"data.root={voc}"]
     assert "0 new images" in tool("extract_features.py", *common, "--split", "test").stdout  # moved, same files
+    assert "pretrain: reusing" in tool("pretrain.py", *common).stdout
     test_id = (voc / "ImageSets" / "Main" / "test.txt").read_text().split()[0]
     img_path = voc / "JPEGImages" / f"{test_id}.jpg"
     img = cv2.imread(str(img_path))
@@ -120,6 +121,8 @@ def test_a_dataset_changed_under_the_same_ids_is_a_stale_cache(trained, tmp_path
     for name in ("finetune_fc.py", "train_svm.py"):
         r = tool(name, *common, check=False)
         assert r.returncode == 2 and "inputs.annotations" in r.stderr and "Traceback" not in r.stderr
+    r = tool("pretrain.py", *common, check=False)  # the tiny config pre-trains on the train split
+    assert r.returncode == 2 and "split's annotations differ from those it was trained on" in r.stderr
 
 
 def test_stage_made_before_content_inputs_were_recorded_stays_valid(tmp_path):
