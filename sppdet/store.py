@@ -211,8 +211,7 @@ class Stage:
         changes = diff_keys(with_defaults(saved, self.defaults), self.config, "config.") + diff_keys(
             saved_inputs, inputs, "inputs.")
         if changes:
-            content = sorted({k.split(":")[0][len("inputs."):] for k in changes
-                              if k.split(":")[0][len("inputs."):] in self.added_inputs})
+            content = [k for k in self.added_inputs if any(c.startswith(f"inputs.{k}:") for c in changes)]
             raise StaleCacheError(
                 f"{self.manifest_path}: outputs were made with other settings or inputs; changed: "
                 + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else "")
