@@ -195,7 +195,7 @@ def stage_pretrain(run: Run, split: str | None = None, folder: str | None = None
         items, classes = voc_items(ds, cfg.pretrain.background_per_image, rng, cfg.pretrain.jitters)
     run.log(f"pretrain: {len(items)} crops, {len(classes)} classes, sizes {cfg.pretrain.sizes}")
     # A VOC-format source's contents are recorded (an image folder's are not: ImageNet is too big to hash).
-    record = {} if folder else {"data": _voc_content(ds)}
+    record = {} if folder else {"data": _pretrain_data(run, split)}
     ck = train_classifier(items, classes, cfg.backbone, cfg.pretrain, run.pretrain_ckpt.parent, cfg.seed, device,
                           log_fn=run.log, record=record)
     atomic_write_text(run.pretrain_ckpt.parent / "manifest.json", json.dumps(
@@ -208,16 +208,17 @@ def stage_pretrain(run: Run, split: str | None = None, folder: str | None = None
 def _pretrain_data(run: Run, split: str | None, existing: bool = False) -> dict | None:
     """The images' and annotations' fingerprints of the VOC split pre-training reads (``split`` of the
     detection data, else ``pretrain.root``'s or the detection train split); ``existing``: None where that
-    split is not on disk (a reused checkpoint is not checked against data that is gone, nor makes it)."""
+    split is not on disk (a reused checkpoint is not checked against data that is gone, nor makes it).
+    A detection split's fingerprints are :meth:`Run.content`'s, which the later stages reuse."""
     p, d = run.cfg.pretrain, run.cfg.data
     root, name = ((Path(p.root), p.split) if p.root and not split else (Path(d.root), split or d.train_split))
     if existing and not (root / "ImageSets" / "Main" / f"{name}.txt").is_file():
         return None
-    return _voc_content(VOCDataset(root, name))
-
-
-def _voc_content(ds: VOCDataset) -> dict:
-    return {"images": ds.content_fingerprint("images"), "annotations": ds.content_fingerprint("annotations")}
+    what = ("images", "annotations")
+    if root == Path(d.root):
+        return {w: run.content(name, w) for w in what}
+    ds = VOCDataset(root, name)
+    return {w: ds.content_fingerprint(w) for w in what}
 
 
 def stage_proposals(run: Run, split: str, overwrite: bool = False, workers: int | None = None) -> dict:

@@ -243,7 +243,6 @@ class VOCDataset:
         self.classes = tuple(classes) if classes is not None else VOC_CLASSES
         self.ids = read_split(self.root / "ImageSets" / "Main" / f"{split}.txt")
         self._ann: dict[str, Annotation] = {}
-        self._content: dict[str, str] = {}
         if check_images:
             for i in self.ids:
                 self.image(i)
@@ -278,13 +277,11 @@ class VOCDataset:
 
         if what not in ("images", "annotations"):
             raise ValueError(f"content_fingerprint: 'images' or 'annotations', not {what!r}")
-        if what not in self._content:
-            paths = [self.image_path(i) if what == "images" else self.annotation_path(i) for i in self.ids]
-            try:
-                self._content[what] = files_fingerprint(paths, "image file" if what == "images" else "annotation file")
-            except FileNotFoundError as e:
-                raise VOCError(str(e)) from None
-        return self._content[what]
+        paths = [self.image_path(i) if what == "images" else self.annotation_path(i) for i in self.ids]
+        try:
+            return files_fingerprint(paths, "image file" if what == "images" else "annotation file")
+        except FileNotFoundError as e:
+            raise VOCError(str(e)) from None
 
     def labels(self, image_id: str) -> np.ndarray:
         return self.annotation(image_id).labels(self.classes)
