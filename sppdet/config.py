@@ -157,6 +157,11 @@ class FinetuneConfig:
     val_every: int = 200
     val_batches: int = 20
     init_from_pretrain: bool = True
+    # 0: fc6 sees the pooled features as they are (the paper; a pre-trained fc6 was trained on them). > 0: they
+    # are scaled by one constant so that their mean L2 norm over training windows is this value, for fc6/fc7
+    # from random initialisation on a trunk whose features are large: EfficientNet-Lite0's block outputs have
+    # norms ~470 (ZF-5's ~40), at which SGD at the paper's rates kills fc6's units and nothing is learnt.
+    input_norm: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -238,6 +243,11 @@ class Config:
                 raise ConfigError(f"test.combine: {f!r} is not pool5, fc6 or fc7 (of the fine-tuned head)")
             if f == self.svm.feature:
                 raise ConfigError(f"test.combine: {f!r} is svm.feature already")
+        if self.finetune.input_norm < 0:
+            raise ConfigError(f"finetune.input_norm must be >= 0 (0: features as they are), got {self.finetune.input_norm}")
+        if self.finetune.input_norm and self.finetune.init_from_pretrain:
+            raise ConfigError("finetune.input_norm rescales fc6's input, which the pre-trained classifier's fc6 was not "
+                              "trained on; set finetune.init_from_pretrain: false with it")
         if self.test.combine and self.svm.feature not in COMBINABLE:
             raise ConfigError(f"test.combine needs svm.feature pool5, fc6 or fc7 (one fc head per detector), "
                               f"got {self.svm.feature!r}")

@@ -158,5 +158,15 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
     head.load_state_dict(best["state"])
     log_fn(f"fine-tuning: best validation error {best['val_error']:.4f} at iteration {best['iteration']} "
            f"({time.time() - t0:.1f} s)")
-    return {"best_iteration": best["iteration"], "best_val_error": best["val_error"], "history": history,
-            "seconds": time.time() - t0, "config": asdict(cfg)}
+    # The error of calling every validation window background: a head that never beats it has learnt nothing
+    # (e.g. fc6's units killed by too large inputs for the learning rate), which would otherwise only show as
+    # useless fc6/fc7 features three stages later.
+    background_error = (float(np.mean(np.concatenate([y.numpy() for _, y in val_batches]) != num_classes))
+                        if val_batches else float("nan"))
+    if best["val_error"] >= background_error - 1e-9:
+        log_fn(f"warning: fine-tuning learnt nothing: its best validation error {best['val_error']:.4f} is that of "
+               f"calling every window background ({background_error:.4f}). Lower finetune.lr, or set "
+               f"finetune.input_norm (e.g. 40) when the pooled features are large (fc6/fc7 from random init)")
+    return {"best_iteration": best["iteration"], "best_val_error": best["val_error"],
+            "background_error": background_error, "history": history, "seconds": time.time() - t0,
+            "config": asdict(cfg)}

@@ -18,11 +18,13 @@ class FCHead(nn.Module):
     """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> fc8.
 
     ``features(x, layer)`` returns the post-ReLU fc6 or fc7 activations without dropout
-    (what the SVMs see, as ``spp_poolX_to_fcX.m``).
+    (what the SVMs see, as ``spp_poolX_to_fcX.m``). ``input_scale`` multiplies the pooled features
+    before fc6 (1: as they are; fine-tuning's ``input_norm`` sets it, and checkpoints keep it).
     """
 
-    def __init__(self, in_dim: int, hidden: int, num_outputs: int, dropout: float = 0.5):
+    def __init__(self, in_dim: int, hidden: int, num_outputs: int, dropout: float = 0.5, input_scale: float = 1.0):
         super().__init__()
+        self.input_scale = float(input_scale)
         self.fc6 = nn.Linear(in_dim, hidden)
         self.fc7 = nn.Linear(hidden, hidden)
         self.fc8 = nn.Linear(hidden, num_outputs)
@@ -36,15 +38,18 @@ class FCHead(nn.Module):
     def features(self, x: torch.Tensor, layer: str = "fc7") -> torch.Tensor:
         if layer == "pool5":
             return x
-        h = torch.relu(self.fc6(x))
+        h = torch.relu(self.fc6(self._scaled(x)))
         if layer == "fc6":
             return h
         if layer != "fc7":
             raise ValueError(f"unknown layer {layer!r} (pool5, fc6, fc7)")
         return torch.relu(self.fc7(h))
 
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_scale == 1.0 else x * self.input_scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.drop(torch.relu(self.fc6(x)))
+        h = self.drop(torch.relu(self.fc6(self._scaled(x))))
         h = self.drop(torch.relu(self.fc7(h)))
         return self.fc8(h)
 

@@ -392,20 +392,40 @@ def stage_finetune(run: Run, overwrite: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     head, how = _new_head(run, in_dim, cfg.finetune.init_from_pretrain)
     run.log(f"finetune: fc6/fc7 initialised from {how}; conv layers frozen (not loaded into the trainer)")
-    res = finetune_head(head, _windows(run, tr), _windows(run, va), cache_t, cache_v, len(run.classes), cfg.finetune,
+    windows_t = _windows(run, tr)
+    if cfg.finetune.input_norm:
+        norm = _sample_norm(cache_t, windows_t, np.random.default_rng(cfg.seed), cfg.svm.norm_images,
+                            cfg.svm.norm_boxes)
+        head.input_scale = cfg.finetune.input_norm / norm
+        run.log(f"finetune: pooled features scaled by {head.input_scale:.4g} before fc6 (mean norm {norm:.1f} -> "
+                f"{cfg.finetune.input_norm:g}, finetune.input_norm)")
+    res = finetune_head(head, windows_t, _windows(run, va), cache_t, cache_v, len(run.classes), cfg.finetune,
                         cfg.seed, log_fn=run.log)
     assert weights_fingerprint(run.backbone()) == conv_before
     save_checkpoint(run.finetune_path, {"head": head.state_dict(), "in_dim": in_dim, "hidden": cfg.finetune.hidden,
-                                        "classes": run.classes, "result": res, "init": how})
+                                        "classes": run.classes, "result": res, "init": how,
+                                        "input_scale": head.input_scale})
     return stage.finish(1, best_iteration=res["best_iteration"], best_val_error=res["best_val_error"],
+                        background_error=res["background_error"], input_scale=head.input_scale,
                         conv_fingerprint_unchanged=conv_before, history=res["history"])
 
 
 def load_head(run: Run) -> FCHead:
     ck = load_checkpoint(run.finetune_path)
-    head = FCHead(ck["in_dim"], ck["hidden"], len(ck["classes"]) + 1)
+    head = FCHead(ck["in_dim"], ck["hidden"], len(ck["classes"]) + 1, input_scale=ck.get("input_scale", 1.0))
     head.load_state_dict(ck["head"])
     return head.eval()
+
+
+def _sample_norm(cache: FeatureCache, windows: dict, rng: np.random.Generator, images: int, boxes: int,
+                 layer=lambda x: x.numpy()) -> float:
+    """Mean L2 norm of ``layer``'s features of up to ``boxes`` random windows of each of the first ``images``."""
+    sample = []
+    for i in list(windows)[:images]:
+        w = windows[i]
+        sel = rng.choice(len(w.boxes), min(boxes, len(w.boxes)), replace=False)
+        sample.append(layer(cache.pooled(i, w.boxes[sel])))
+    return mean_norm(sample)
 
 
 def _layer_features(head: FCHead | None, layer: str, pooled: torch.Tensor) -> np.ndarray:
@@ -446,12 +466,8 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
     k_cls = len(run.classes)
     rng = np.random.default_rng(cfg.seed)
     # Feature scale: mean norm over a sample of windows (spp_feature_stats.m).
-    sample = []
-    for i in ids[: cfg.svm.norm_images]:
-        w = windows[i]
-        sel = rng.choice(len(w.boxes), min(cfg.svm.norm_boxes, len(w.boxes)), replace=False)
-        sample.append(_layer_features(head, layer, cache.pooled(i, w.boxes[sel])))
-    scale = cfg.svm.target_norm / mean_norm(sample)
+    scale = cfg.svm.target_norm / _sample_norm(cache, windows, rng, cfg.svm.norm_images, cfg.svm.norm_boxes,
+                                               lambda x: _layer_features(head, layer, x))
 
     def views(i: str):
         """The image's features and windows, then (svm.flip) its mirror image's."""
@@ -469,7 +485,7 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
             f = _layer_features(head, layer, cache.pooled(feats, boxes[g])) * scale
             for j, gi in enumerate(g):
                 pos[int(w.label[gi])].append(f[j:j + 1])
-    dim = sample[0].shape[1]
+    dim = _layer_features(head, layer, cache.pooled(ids[0], windows[ids[0]].boxes[:1])).shape[1]
     x_pos = [np.concatenate(p) if p else np.zeros((0, dim), np.float32) for p in pos]
     for k, name in enumerate(run.classes):
         run.log(f"svm {name}: {len(x_pos[k])} positives")

@@ -74,29 +74,37 @@ def test_box_regression_recovers_known_shift():
         np.testing.assert_allclose(reg.predict(0, feats, p), g, atol=0.5)
 
 
-def test_finetune_freezes_conv_and_lowers_loss(tmp_path):
+def _one_object_cache(directory, gain: float = 1.0):
+    """Four images with one bright object each, their conv5 maps (times ``gain``) cached in ``directory``:
+    ``(trunk, windows, cache)``."""
     from sppdet.backbones import build_backbone
-    from sppdet.features import FeatureCache, conv5_maps, weights_fingerprint
-    from sppdet.finetune import finetune_head
-    from sppdet.models import FCHead
+    from sppdet.features import FeatureCache, conv5_maps
     from sppdet.roidb import make_windows
     from sppdet.voc import Annotation
 
     torch.manual_seed(0)
     zf = build_backbone("zf5", width=0.125).eval()
-    before = {k: v.clone() for k, v in zf.state_dict().items()}
     rng = np.random.default_rng(0)
     windows = {}
     for i in range(4):
         img = rng.integers(0, 60, (160, 200, 3), dtype=np.uint8)
         img[40:120, 50:150] = (220, 200, 30)  # one bright object per image
         maps, f = conv5_maps(zf, img, [160], 1000)
-        FeatureCache.write(tmp_path / f"{i}.npz", maps, f, img.shape[:2])
+        FeatureCache.write(directory / f"{i}.npz", [m * gain for m in maps], f, img.shape[:2])
         ann = Annotation("x", 200, 160, ["a"], np.array([[50, 40, 150, 120]], np.float32), np.zeros(1, bool))
         props = np.concatenate([np.array([[50, 40, 150, 120]]) + rng.normal(0, 6, (40, 4)),
                                 rng.uniform(0, 80, (120, 2)).repeat(2, 1) + np.array([0, 0, 60, 50])]).astype(np.float32)
         windows[str(i)] = make_windows(ann, np.array([0]), props, 1)
-    cache = FeatureCache(tmp_path, zf.stride, zf.center0)
+    return zf, windows, FeatureCache(directory, zf.stride, zf.center0)
+
+
+def test_finetune_freezes_conv_and_lowers_loss(tmp_path):
+    from sppdet.features import weights_fingerprint
+    from sppdet.finetune import finetune_head
+    from sppdet.models import FCHead
+
+    zf, windows, cache = _one_object_cache(tmp_path)
+    before = {k: v.clone() for k, v in zf.state_dict().items()}
     head = FCHead(zf.out_channels * 50, 64, 2)
     cfg = FinetuneConfig(iterations=60, batch_size=32, images_per_batch=2, lr=0.01, lr_steps=[1000], val_every=20,
                          val_batches=4, flip=False)
@@ -105,6 +113,47 @@ def test_finetune_freezes_conv_and_lowers_loss(tmp_path):
     assert h[-1]["val_loss"] < h[0]["val_loss"] or h[-1]["train_loss"] < h[0]["train_loss"]
     assert all(torch.equal(before[k], v) for k, v in zf.state_dict().items())
     assert weights_fingerprint(zf) == weights_fingerprint(zf)
+
+
+def test_finetune_input_norm_lets_a_random_head_learn_on_large_features_and_a_head_that_learns_nothing_is_reported(
+        tmp_path):
+    """EfficientNet's pooled features have norms ~470: from random init, fc6 at the paper's rates learnt nothing
+    there (validation error = calling everything background). finetune.input_norm scales them down; the head
+    keeps the scale for test time; a fine-tuning that never beats 'all background' says so."""
+    from sppdet.finetune import finetune_head
+    from sppdet.models import FCHead
+    from sppdet.pipeline import _sample_norm
+
+    zf, windows, cache = _one_object_cache(tmp_path, gain=60.0)
+    norm = _sample_norm(cache, windows, np.random.default_rng(0), 4, 50)
+    assert norm > 200
+    cfg = FinetuneConfig(iterations=60, batch_size=32, images_per_batch=2, lr=0.01, lr_steps=[1000], val_every=20,
+                         val_batches=4, flip=False)
+    torch.manual_seed(0)
+    head = FCHead(zf.out_channels * 50, 64, 2, input_scale=20.0 / norm)
+    logs = []
+    res = finetune_head(head, windows, windows, cache, cache, 1, cfg, progress=False, log_fn=logs.append)
+    assert res["best_val_error"] < res["background_error"] and not any("learnt nothing" in m for m in logs)
+    x = cache.pooled("0", windows["0"].boxes[:5])
+    plain = FCHead(zf.out_channels * 50, 64, 2)
+    plain.load_state_dict(head.state_dict())
+    assert torch.allclose(head.eval().features(x), plain.eval().features(x * head.input_scale), atol=1e-5)
+    torch.manual_seed(0)
+    logs = []
+    res = finetune_head(FCHead(zf.out_channels * 50, 64, 2), windows, windows, cache, cache, 1,
+                        FinetuneConfig(**{**cfg.__dict__, "lr": 0.0}), progress=False, log_fn=logs.append)
+    assert res["best_val_error"] >= res["background_error"]
+    assert any(m.startswith("warning: fine-tuning learnt nothing") and "finetune.input_norm" in m for m in logs)
+
+
+def test_finetune_input_norm_is_refused_with_a_pretrained_fc6():
+    from sppdet.config import Config, ConfigError, FinetuneConfig as F
+
+    assert Config(finetune=F(input_norm=40.0, init_from_pretrain=False)).finetune.input_norm == 40.0
+    with pytest.raises(ConfigError, match="init_from_pretrain: false"):
+        Config(finetune=F(input_norm=40.0))
+    with pytest.raises(ConfigError, match="input_norm must be >= 0"):
+        Config(finetune=F(input_norm=-1.0, init_from_pretrain=False))
 
 
 def test_pretrain_multi_size_and_precision(toy_voc, tmp_path):
