@@ -425,7 +425,11 @@ def _sample_norm(cache: FeatureCache, windows: dict, rng: np.random.Generator, i
         w = windows[i]
         sel = rng.choice(len(w.boxes), min(boxes, len(w.boxes)), replace=False)
         sample.append(layer(cache.pooled(i, w.boxes[sel])))
-    return mean_norm(sample)
+    norm = mean_norm(sample)
+    if not norm > 0:
+        raise ValueError(f"{cache.dir}: every sampled window's features are zero (for fc6/fc7: a fine-tuned head "
+                         "whose units all died; see the fine-tuning stage's log), nothing to scale or train on")
+    return norm
 
 
 def _layer_features(head: FCHead | None, layer: str, pooled: torch.Tensor) -> np.ndarray:

@@ -127,6 +127,8 @@ def test_finetune_input_norm_lets_a_random_head_learn_on_large_features_and_a_he
     zf, windows, cache = _one_object_cache(tmp_path, gain=60.0)
     norm = _sample_norm(cache, windows, np.random.default_rng(0), 4, 50)
     assert norm > 200
+    with pytest.raises(ValueError, match="every sampled window's features are zero"):
+        _sample_norm(cache, windows, np.random.default_rng(0), 4, 50, lambda x: np.zeros((len(x), 8)))
     cfg = FinetuneConfig(iterations=60, batch_size=32, images_per_batch=2, lr=0.01, lr_steps=[1000], val_every=20,
                          val_batches=4, flip=False)
     torch.manual_seed(0)
