@@ -276,3 +276,33 @@ def test_fine_tuning_is_reproducible(trained, tmp_path):
     a = torch.load(tmp / "run" / "model" / "finetune" / "finetune.pt", weights_only=False)["head"]
     b = torch.load(run_dir / "model" / "finetune" / "finetune.pt", weights_only=False)["head"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_with_input_norm_keeps_its_scale_for_the_svms_and_test_time(trained, tmp_path):
+    """fc6/fc7 from random init on scaled pooled features (finetune.input_norm): the stage records the scale,
+    the checkpoint keeps it, and every reader of the head (SVMs, the detector) applies it."""
+    import os
+
+    import torch
+
+    from sppdet.config import load_config
+    from sppdet.pipeline import Run, build_detector, load_head, stage_finetune, stage_svms
+
+    tmp, _ = trained
+    (tmp_path / "run").mkdir()
+    for d in ("pretrain", "proposals", "features"):
+        os.symlink(tmp / "run" / d, tmp_path / "run" / d)
+    overrides = [f"data.root={tmp / 'data' / 'VOC2007'}", "finetune.input_norm=10", "finetune.init_from_pretrain=false",
+                 "test.combine=[]"]
+    run = Run(load_config("configs/tiny.yaml", overrides), tmp_path / "run", save_config=False)
+    done = stage_finetune(run)
+    head = load_head(run)
+    assert 0.1 < head.input_scale < 0.5 and done["input_scale"] == pytest.approx(head.input_scale)
+    assert done["best_val_error"] < done["background_error"]
+    stage_svms(run)
+    det = build_detector(run, "test", use_bbox_reg=False)
+    assert det.head.input_scale == pytest.approx(head.input_scale)
+    x = torch.rand(3, head.fc6.in_features)
+    plain = type(head)(head.fc6.in_features, head.fc6.out_features, head.fc8.out_features)
+    plain.load_state_dict(head.state_dict())
+    assert torch.allclose(det.head.features(x), plain.eval().features(x * head.input_scale), atol=1e-5)
