@@ -356,3 +356,27 @@ def test_svm_training_repeats_whatever_the_global_random_state():
         runs.append(train_linear_svm(x_pos, x_neg, C=0.01, pos_weight=2.0, bias_mult=10.0, max_iter=20))
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1]
+
+
+def test_feature_lru_is_bounded_by_bytes_and_evicts_the_least_recently_used():
+    from sppdet.features import ImageFeatures
+    from sppdet.finetune import FeatureLRU
+
+    loads = []
+
+    class Cache:  # 1 KB of maps per image, half of it the mirror image's
+        def load(self, image_id, flipped=False):
+            loads.append(image_id)
+            m = [torch.zeros(8, 4, 4, dtype=torch.float32)]  # 512 bytes
+            return ImageFeatures(m, [1.0], 10, 10, [torch.zeros(8, 4, 4)] if flipped else None)
+
+    lru = FeatureLRU(Cache(), max_bytes=3 * 1024)
+    for i in "abcab":
+        lru.get(i)
+    assert loads == ["a", "b", "c"] and lru.bytes == 3 * 1024
+    lru.get("d")  # evicts c, the least recently used
+    lru.get("a"), lru.get("b")
+    lru.get("c")
+    assert loads == ["a", "b", "c", "d", "c"] and lru.bytes == 3 * 1024
+    tiny = FeatureLRU(Cache(), max_bytes=1)  # always keeps the image it returns
+    assert tiny.get("x").maps[0].shape == (8, 4, 4) and tiny.bytes == 1024
