@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         ft = json.loads((run.finetune_path.parent / "manifest.json").read_text())
         lines.append("fine-tuning updated fc6, fc7 and fc8 only: the conv layers were frozen (conv weights fingerprint "
                      f"{ft.get('conv_fingerprint_unchanged', '?')} unchanged); Fast R-CNN removes this limitation.")
+        if ft.get("best_val_error") is not None:
+            err, bg = ft["best_val_error"], ft.get("background_error")
+            lines.append(f"fine-tuning: best validation error {err:.3f} at iteration {ft.get('best_iteration')}" + (
+                "" if bg is None else f" (calling every window background: {bg:.3f})"
+                + ("; IT LEARNT NOTHING: see its warning above" if err >= bg else "")))
         lines.append("features were written to disk as conv5 maps (float16) and pooled on read.")
         lines.append("peak RSS: of this process while the stage ran (proposal workers, if any, are separate processes).")
         report = "\n".join(lines)
