@@ -161,6 +161,7 @@ class FinetuneConfig:
     # are scaled by one constant so that their mean L2 norm over training windows is this value, for fc6/fc7
     # from random initialisation on a trunk whose features are large: EfficientNet-Lite0's block outputs have
     # norms ~470 (ZF-5's ~40), at which SGD at the paper's rates kills fc6's units and nothing is learnt.
+    # The mean is taken over the windows the SVMs' feature scale samples (svm.norm_images, svm.norm_boxes).
     input_norm: float = 0.0
 
 
