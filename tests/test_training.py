@@ -135,7 +135,7 @@ def test_finetune_input_norm_lets_a_random_head_learn_on_large_features_and_a_he
     head = FCHead(zf.out_channels * 50, 64, 2, input_scale=20.0 / norm)
     logs = []
     res = finetune_head(head, windows, windows, cache, cache, 1, cfg, progress=False, log_fn=logs.append)
-    assert res["best_val_error"] < res["background_error"] and not any("learnt nothing" in m for m in logs)
+    assert res["best_val_error"] < 0.5 * res["background_error"] and not any("learnt" in m for m in logs)
     x = cache.pooled("0", windows["0"].boxes[:5])
     plain = FCHead(zf.out_channels * 50, 64, 2)
     plain.load_state_dict(head.state_dict())
@@ -145,7 +145,7 @@ def test_finetune_input_norm_lets_a_random_head_learn_on_large_features_and_a_he
     res = finetune_head(FCHead(zf.out_channels * 50, 64, 2), windows, windows, cache, cache, 1,
                         FinetuneConfig(**{**cfg.__dict__, "lr": 0.0}), progress=False, log_fn=logs.append)
     assert res["best_val_error"] >= res["background_error"]
-    assert any(m.startswith("warning: fine-tuning learnt nothing") and "finetune.input_norm" in m for m in logs)
+    assert any(m.startswith("warning: fine-tuning learnt (almost) nothing") and "finetune.input_norm" in m for m in logs)
 
 
 def test_finetune_input_norm_is_refused_with_a_pretrained_fc6():
