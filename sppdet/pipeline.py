@@ -406,7 +406,8 @@ def stage_finetune(run: Run, overwrite: bool = False) -> dict:
                                         "classes": run.classes, "result": res, "init": how,
                                         "input_scale": head.input_scale})
     return stage.finish(1, best_iteration=res["best_iteration"], best_val_error=res["best_val_error"],
-                        background_error=res["background_error"], input_scale=head.input_scale,
+                        background_error=res["background_error"], prior_loss=res["prior_loss"],
+                        best_val_loss=res["best_val_loss"], input_scale=head.input_scale,
                         conv_fingerprint_unchanged=conv_before, history=res["history"])
 
 

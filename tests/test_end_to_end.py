@@ -164,6 +164,7 @@ def test_demo_rebuilds_only_the_stale_stages_when_asked(trained, tmp_path):
     assert r.stdout.count("rebuilding a stale stage") == 1 and "svm/manifest.json" in r.stdout
     assert "reusing" in r.stdout and "mAP (VOC07 11-point)" in r.stdout  # the stages before it were kept
     assert "fine-tuning: best validation error" in r.stdout and "(calling every window background: " in r.stdout
+    assert "LEARNT (ALMOST) NOTHING" not in r.stdout  # the tiny config's head learns a little, and is not flagged
     svm = json.loads((tmp_path / "run" / "model" / "svm" / "manifest.json").read_text())
     assert svm["config"]["svm"]["C"] == 0.02 and svm["complete"]
 

@@ -120,7 +120,7 @@ def test_finetune_input_norm_lets_a_random_head_learn_on_large_features_and_a_he
     """EfficientNet's pooled features have norms ~470: from random init, fc6 at the paper's rates learnt nothing
     there (validation error = calling everything background). finetune.input_norm scales them down; the head
     keeps the scale for test time; a fine-tuning that never beats 'all background' says so."""
-    from sppdet.finetune import finetune_head
+    from sppdet.finetune import finetune_head, learnt_nothing
     from sppdet.models import FCHead
     from sppdet.pipeline import _sample_norm
 
@@ -136,6 +136,7 @@ def test_finetune_input_norm_lets_a_random_head_learn_on_large_features_and_a_he
     logs = []
     res = finetune_head(head, windows, windows, cache, cache, 1, cfg, progress=False, log_fn=logs.append)
     assert res["best_val_error"] < 0.5 * res["background_error"] and not any("learnt" in m for m in logs)
+    assert res["best_val_loss"] < 0.5 * res["prior_loss"] and not learnt_nothing(res)
     x = cache.pooled("0", windows["0"].boxes[:5])
     plain = FCHead(zf.out_channels * 50, 64, 2)
     plain.load_state_dict(head.state_dict())
@@ -144,7 +145,9 @@ def test_finetune_input_norm_lets_a_random_head_learn_on_large_features_and_a_he
     logs = []
     res = finetune_head(FCHead(zf.out_channels * 50, 64, 2), windows, windows, cache, cache, 1,
                         FinetuneConfig(**{**cfg.__dict__, "lr": 0.0}), progress=False, log_fn=logs.append)
-    assert res["best_val_error"] >= res["background_error"]
+    assert res["best_val_error"] >= res["background_error"] and learnt_nothing(res)
+    # the prior loss is the entropy of the validation labels: 3/4 background, 1/4 the one class here
+    assert res["prior_loss"] == pytest.approx(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)), abs=0.05)
     assert any(m.startswith("warning: fine-tuning learnt (almost) nothing") and "finetune.input_norm" in m for m in logs)
 
 

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             err, bg = ft["best_val_error"], ft.get("background_error")
             lines.append(f"fine-tuning: best validation error {err:.3f} at iteration {ft.get('best_iteration')}" + (
                 "" if bg is None else f" (calling every window background: {bg:.3f})"
-                + ("; IT LEARNT (ALMOST) NOTHING: see its warning above" if learnt_nothing(err, bg) else "")))
+                + ("; IT LEARNT (ALMOST) NOTHING: see its warning above" if learnt_nothing(ft) else "")))
         lines.append("features were written to disk as conv5 maps (float16) and pooled on read.")
         lines.append("peak RSS: of this process while the stage ran (proposal workers, if any, are separate processes).")
         report = "\n".join(lines)
