@@ -18,7 +18,7 @@ from .models import FCHead, autocast, resolve_precision, truncated_svd_linear
 from .spp import spp_output_dim
 from .store import load_npz
 
-__all__ = ["Detections", "Detector", "WindowRows", "load_svms"]
+__all__ = ["Detections", "Detector", "WindowRows", "load_svms", "union_nms"]
 
 
 @dataclass
@@ -61,6 +61,21 @@ def _cap(dets: list[tuple], max_per_class: int, max_per_image: int) -> Detection
     if max_per_image > 0:
         order = order[:max_per_image]
     return Detections(b[order], s[order], k[order])
+
+
+def union_nms(sets: Sequence[Detections], nms_iou: float, max_per_class: int = 0) -> Detections:
+    """The paper's model combination (section 4.4) for one image: per class, NMS on the union of
+    several models' detections with their scores, so that a more confident box of one model
+    suppresses the less confident ones of another; then the per-class cap (0: none)."""
+    boxes = np.concatenate([d.boxes for d in sets]) if sets else np.zeros((0, 4), np.float32)
+    scores = np.concatenate([d.scores for d in sets]) if sets else np.zeros(0, np.float32)
+    labels = np.concatenate([d.labels for d in sets]) if sets else np.zeros(0, np.int64)
+    per_class = []
+    for k in np.unique(labels):
+        m = np.nonzero(labels == k)[0]
+        keep = m[nms(boxes[m], scores[m], nms_iou)]
+        per_class.append((boxes[keep], scores[keep], int(k)))
+    return _cap(per_class, max_per_class, 0)
 
 
 class WindowRows:

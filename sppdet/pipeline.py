@@ -29,7 +29,7 @@ from .backbones import Backbone, build_backbone
 from .bbox_reg import BoxRegressor, fit_class_regressor
 from .boxes import flip_boxes
 from .config import Config, fingerprint, section_changes, section_defaults
-from .detector import Detector, load_svms
+from .detector import Detections, Detector, load_svms
 from .features import FeatureCache, ImageFeatures, extract_image, weights_fingerprint
 from .finetune import finetune_head
 from .models import FCHead, resolve_precision
@@ -37,7 +37,8 @@ from .pretrain import load_checkpoint, save_checkpoint, train_classifier, voc_it
 from .proposals import ProposalStore, compute_proposals
 from .roidb import make_windows
 from .spp import spp_output_dim
-from .store import Stage, ShardError, StaleCacheError, atomic_save_npz, atomic_write_text, dir_bytes, require_complete
+from .store import (Stage, ShardError, StaleCacheError, atomic_save_npz, atomic_write_text, dir_bytes, load_npz,
+                    require_complete)
 from .svm import HardNegativeTrainer, mean_norm
 from .voc import VOCDataset
 
@@ -644,10 +645,7 @@ def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str =
     those of ``svm_tag``, or by default ``svm.feature``'s combined with ``test.combine``'s (``combine``)."""
     from tqdm import tqdm
 
-    from .analysis import error_report, format_report, miss_reasons
-    from .evaluation import evaluate_detections, format_table
-    from .visualize import plot_error_analysis, plot_pr_curves
-    from .voc import write_comp4
+    from .analysis import miss_reasons
 
     cfg = run.cfg
     split = split or cfg.data.test_split
@@ -672,57 +670,122 @@ def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str =
         plain_all[i] = plain
         if reg is not None:
             reg_all[i] = reg
-        a = ds.annotation(i)
-        labels, difficult = a.labels(run.classes), np.asarray(a.difficult, bool)
-        annotations[i] = (a.boxes, labels, difficult)
-        misses += list(zip(labels[~difficult].tolist(), miss_reasons(a.boxes, labels, difficult, props, scores, plain,
+        annotations[i] = boxes, labels, difficult = _annotations(run, ds, i)
+        misses += list(zip(labels[~difficult].tolist(), miss_reasons(boxes, labels, difficult, props, scores, plain,
                                                                       reg, det.test.score_threshold)))
     n = len(ds.ids)
-    gt = {k: ds.ground_truth(k) for k in range(len(run.classes))}
-
-    def per_class(dets):
-        out_d = {k: [] for k in range(len(run.classes))}
-        for i, d in dets.items():
-            for b, s, k in zip(d.boxes, d.scores, d.labels):
-                out_d[int(k)].append((i, float(s), *map(float, b)))
-        return out_d
-
-    results = {"without_bbox_reg": evaluate_detections(per_class(plain_all), gt, run.classes)}
-    final = plain_all
+    results = {"without_bbox_reg": _evaluate(run, ds, plain_all)}
     if reg_all:
-        results["with_bbox_reg"] = evaluate_detections(per_class(reg_all), gt, run.classes)
-        final = reg_all
-    key = "with_bbox_reg" if reg_all else "without_bbox_reg"
-    best = results[key]
+        results["with_bbox_reg"] = _evaluate(run, ds, reg_all)
+    metrics = {
+        "seconds_per_image": {k: v / max(n, 1) for k, v in timing.items()},
+        "seconds": time.time() - t0,
+        "svm": svm_tag or "+".join(s["feature"] for s in det.svm_sets),
+        "combine_by": det.test.combine_by if len(det.svm_sets) > 1 else None,
+    }
+    return _write_results(run, ds, split, out, results, reg_all or plain_all, annotations, misses, metrics, draw)
+
+
+def _per_class(dets: dict, num_classes: int) -> dict:
+    """``{image id: Detections}`` -> ``{class index: [(id, score, x1, y1, x2, y2), ...]}`` (what evaluation reads)."""
+    out = {k: [] for k in range(num_classes)}
+    for i, d in dets.items():
+        for b, s, k in zip(d.boxes, d.scores, d.labels):
+            out[int(k)].append((i, float(s), *map(float, b)))
+    return out
+
+
+def _evaluate(run: Run, ds: VOCDataset, dets: dict) -> dict:
+    from .evaluation import evaluate_detections
+
+    gt = {k: ds.ground_truth(k) for k in range(len(run.classes))}
+    return evaluate_detections(_per_class(dets, len(run.classes)), gt, run.classes)
+
+
+def _annotations(run: Run, ds: VOCDataset, i: str) -> tuple:
+    a = ds.annotation(i)
+    return a.boxes, a.labels(run.classes), np.asarray(a.difficult, bool)
+
+
+def _write_results(run: Run, ds: VOCDataset, split: str, out: Path, results: dict, final: dict, annotations: dict,
+                   misses: list, metrics: dict, draw: int) -> dict:
+    """A test's artefacts in ``out``: the PR curves and error analysis of the last of ``results`` (with box
+    regression where there is any), comp4 files, detections.npz and drawn examples of ``final``, metrics.json
+    (``metrics`` plus the results and the data's fingerprints); the tables and the error summary are logged."""
+    from .analysis import error_report, format_report
+    from .evaluation import format_table
+    from .visualize import plot_error_analysis, plot_pr_curves
+    from .voc import write_comp4
+
+    best = list(results.values())[-1]
     plot_pr_curves(best["curves"], {c: v["ap07"] for c, v in best["per_class"].items()}, out / "pr_curves.png",
-                   title=f"{run.cfg.name} {split}: mAP (VOC07) {best['map07']:.3f}")
+                   title=f"{run.cfg.name} {out.name}: mAP (VOC07) {best['map07']:.3f}")
     write_comp4(out, split, run.classes, [(i, int(k), float(s), b) for i, d in final.items()
                                           for b, s, k in zip(d.boxes, d.scores, d.labels)])
     arrays = {}
     for i, d in final.items():
         arrays[f"{i}/boxes"], arrays[f"{i}/scores"], arrays[f"{i}/labels"] = d.boxes, d.scores, d.labels
     atomic_save_npz(out / "detections.npz", **arrays)
-    drawn = _draw_examples(run, ds, final, out, draw, cfg.test.draw_threshold)
-    errors = error_report(per_class(final), annotations, run.classes, misses)
+    drawn = _draw_examples(run, ds, final, out, draw, run.cfg.test.draw_threshold)
+    errors = error_report(_per_class(final, len(run.classes)), annotations, run.classes, misses)
     atomic_write_text(out / "error_analysis.json", json.dumps(errors, indent=2))
-    plot_error_analysis(errors, out / "error_analysis.png", title=f"{run.cfg.name} {split}: where the AP goes")
+    plot_error_analysis(errors, out / "error_analysis.png", title=f"{run.cfg.name} {out.name}: where the AP goes")
     metrics = {
         "split": split,
-        "images": n,
+        "images": len(ds.ids),
         "classes": run.classes,
+        # What the detections were made from: a combination of runs checks that they saw the same files.
+        "inputs": {w: run.content(split, w) for w in ("images", "annotations")},
         "map07": best["map07"],
         "map": best["map"],
         "results": {k: {kk: vv for kk, vv in v.items() if kk != "curves"} for k, v in results.items()},
-        "seconds_per_image": {k: v / max(n, 1) for k, v in timing.items()},
-        "seconds": time.time() - t0,
-        "svm": svm_tag or "+".join(s["feature"] for s in det.svm_sets),
-        "combine_by": det.test.combine_by if len(det.svm_sets) > 1 else None,
+        **metrics,
         "drawn": [str(p) for p in drawn],
         "error_analysis": errors["summary"],
     }
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     for k, v in results.items():
-        run.log(f"\n{k.replace('_', ' ')} ({split}, {n} images):\n" + format_table(v))
+        run.log(f"\n{k.replace('_', ' ')} ({out.name}, {len(ds.ids)} images):\n" + format_table(v))
     run.log("\n" + format_report(errors)
             + f"\n  (per class: {out / 'error_analysis.json'}, {out / 'error_analysis.png'})")
     return metrics
+
+
+def stage_combine(run: Run, split: str, others: list[str | Path], tag: str = "_combined", draw: int = 4) -> dict:
+    """The paper's model combination (section 4.4) across runs: per image and class, NMS on the union of this
+    run's detections on ``split`` and those of each run folder in ``others`` (each tested on the same split
+    first, e.g. with another trunk); a more confident box of one model suppresses the less confident boxes of
+    another. Each run's boxes are its own final ones (box regression, where it has any, applied). Written to
+    ``detections/<split><tag>`` with the usual artefacts."""
+    from .detector import union_nms
+
+    if not others:
+        raise ValueError("a combination needs at least one other run folder")
+    ds = run.dataset(split)
+    sources = [run.detections_dir(split)] + [Path(o) / "detections" / split for o in others]
+    sets = []
+    for src in sources:
+        m_path, d_path = src / "metrics.json", src / "detections.npz"
+        if not m_path.is_file() or not d_path.is_file():
+            raise FileNotFoundError(f"{src}: no detections of split {split!r} (run tools/test_net.py --run "
+                                    f"{src.parent.parent} --split {split} first)")
+        m = json.loads(m_path.read_text())
+        if list(m.get("classes", [])) != run.classes:
+            raise ValueError(f"{m_path}: classes {m.get('classes')} differ from this run's {run.classes}")
+        for w, fp in m.get("inputs", {}).items():  # detections made before this was recorded are not checked
+            if fp != run.content(split, w):
+                raise StaleCacheError(f"{m_path}: made from other {w} than split {split!r} holds now "
+                                      f"(test that run again: tools/test_net.py --run {src.parent.parent} "
+                                      f"--split {split})")
+        d = load_npz(d_path)
+        sets.append({i: Detections(d[f"{i}/boxes"], d[f"{i}/scores"], d[f"{i}/labels"])
+                     for i in ds.ids if f"{i}/boxes" in d})
+        run.log(f"combine: {src} (mAP {m.get('map07', float('nan')):.3f})")
+    final = {i: union_nms([s[i] for s in sets if i in s], run.cfg.test.nms, run.cfg.test.max_per_class)
+             for i in ds.ids}
+    out = run.detections_dir(split, tag)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"combined": _evaluate(run, ds, final)}
+    annotations = {i: _annotations(run, ds, i) for i in ds.ids}
+    return _write_results(run, ds, split, out, results, final, annotations, [], {"combined": [str(s) for s in sources]},
+                          draw)

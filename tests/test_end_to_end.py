@@ -244,6 +244,48 @@ def test_model_combination_scores_each_window_with_both_svm_sets(trained, tmp_pa
                                (each[0] + each[1]) / 2, rtol=1e-5, atol=1e-6)
 
 
+def test_combining_runs_by_nms_on_the_union_of_their_detections(trained, tmp_path):
+    """test_net.py --combine-with: the paper's combination of two networks. With itself a run gets its own mAP
+    back; with an oracle run (every object's box, scored above everything) every object ranks first: mAP 1.
+    Detections made from other files, or missing, are refused by name."""
+    import shutil
+
+    from sppdet.voc import VOCDataset
+
+    tmp, _ = trained
+    data = tmp / "data" / "VOC2007"
+    run_dir, oracle = tmp_path / "run", tmp_path / "oracle"
+    shutil.copytree(tmp / "run", run_dir)
+    common = ["--config", "configs/tiny.yaml", "--run", run_dir, "--set", f"data.root={data}"]
+    r = tool("test_net.py", *common, "--combine-with", run_dir)
+    own = json.loads((run_dir / "detections" / "test" / "metrics.json").read_text())
+    both = json.loads((run_dir / "detections" / "test_combined" / "metrics.json").read_text())
+    assert both["map07"] == pytest.approx(own["map07"]) and "combined with" in r.stdout
+    assert both["inputs"] == own["inputs"] and (run_dir / "detections" / "test_combined" / "detections.npz").is_file()
+
+    ds = VOCDataset(data, "test", own["classes"])
+    arrays = {}
+    for i in ds.ids:
+        a = ds.annotation(i)
+        arrays[f"{i}/boxes"] = np.asarray(a.boxes, np.float32)
+        arrays[f"{i}/scores"] = np.full(len(a.boxes), 100.0, np.float32)
+        arrays[f"{i}/labels"] = a.labels(own["classes"]).astype(np.int64)
+    (oracle / "detections" / "test").mkdir(parents=True)
+    np.savez(oracle / "detections" / "test" / "detections.npz", **arrays)
+    meta = {"classes": own["classes"], "map07": 1.0, "inputs": own["inputs"]}
+    (oracle / "detections" / "test" / "metrics.json").write_text(json.dumps(meta))
+    r = tool("test_net.py", *common, "--combine-with", oracle)
+    both = json.loads((run_dir / "detections" / "test_combined" / "metrics.json").read_text())
+    assert both["map07"] == pytest.approx(1.0) and own["map07"] < 1.0
+
+    meta["inputs"]["images"] = "0" * 16  # as if tested on other image files
+    (oracle / "detections" / "test" / "metrics.json").write_text(json.dumps(meta))
+    r = tool("test_net.py", *common, "--combine-with", oracle, check=False)
+    assert r.returncode == 2 and "oracle/detections/test/metrics.json" in r.stderr and "other images" in r.stderr
+    r = tool("test_net.py", *common, "--combine-with", tmp_path / "nowhere", check=False)
+    assert r.returncode == 2 and "nowhere/detections/test: no detections" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_svm_flip_adds_the_mirror_images(trained):
     """svm.flip: the train split's mirrored images (cached for fine-tuning) give twice the positives and their
     own hard negatives; a split cached without them is refused with the fix named."""

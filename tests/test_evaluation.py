@@ -89,3 +89,26 @@ def test_miss_reasons_name_the_stage_that_lost_each_object():
     assert got == ["detected", "no proposal", "score below threshold", "suppressed", "lost by box regression"]
     # without box regression the plain detections are the final ones
     assert miss_reasons(gt, labels, difficult, props, scores, plain, None, -1.5)[4] == "detected"
+
+
+def test_union_nms_lets_the_more_confident_model_suppress_the_other():
+    """The paper's combination of two networks: NMS on the union of both models' boxes, per class."""
+    from sppdet.detector import Detections, union_nms
+
+    a = Detections(np.array([[0, 0, 10, 10], [50, 50, 60, 60]], np.float32), np.array([0.5, 0.4], np.float32),
+                   np.array([0, 0]))
+    b = Detections(np.array([[1, 1, 11, 11], [0, 0, 10, 10], [100, 0, 110, 10]], np.float32),
+                   np.array([0.9, 0.2, 0.3], np.float32), np.array([0, 1, 0]))
+    u = union_nms([a, b], nms_iou=0.3)
+    kept = sorted((int(k), float(s)) for s, k in zip(u.scores, u.labels))
+    # b's 0.9 box suppresses a's 0.5 box of the same class; b's class-1 box over it is another class: kept
+    assert kept == [(0, pytest.approx(0.3)), (0, pytest.approx(0.4)), (0, pytest.approx(0.9)), (1, pytest.approx(0.2))]
+    assert list(u.scores) == sorted(u.scores, reverse=True)
+    # a model combined with itself gives its own detections back
+    same = union_nms([a, a], nms_iou=0.3)
+    np.testing.assert_array_equal(same.boxes, a.boxes)
+    np.testing.assert_array_equal(same.scores, a.scores)
+    # the per-class cap, and an image no model detected anything in
+    assert len(union_nms([a, b], nms_iou=0.3, max_per_class=1).scores) == 2
+    empty = Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+    assert len(union_nms([empty, empty], nms_iou=0.3).scores) == 0
