@@ -100,6 +100,8 @@ def main(argv=None) -> int:
         for label, key in rows:
             p = PAPER[key]
             ref = "not in the paper's table" if p[1] is None else f"{p[0] or '-'} / {p[1]}"
+            if key == "combined_bb":  # this row combines two layers of one network
+                ref = f"- / {p[1]} for two networks (compare: test_net.py --combine-with)"
             print(f"{label:34}" + "".join(f"{res[c][key]:11.3f}" for c in cols) + f"   {ref}")
         for c in cols:
             r = res[c]
