@@ -32,14 +32,14 @@ def _arguments(ap) -> None:
 
 def _body(run, args) -> None:
     split = args.split or run.cfg.data.test_split
+    if args.combine_with and (args.tag or args.svm_tag or args.no_combine):
+        raise ValueError("--combine-with combines the run's default detections: leave out --tag, --svm-tag "
+                         "and --no-combine")
     stage_features(run, split)
     m = stage_test(run, split, args.svm_tag, args.tag, combine=not args.no_combine)
     print(f"mAP (VOC07 11-point): {m['map07']:.3f}")
     print(f"results: {run.detections_dir(split, args.tag)}")
     if args.combine_with:
-        if args.tag or args.svm_tag or args.no_combine:
-            raise ValueError("--combine-with combines the run's default detections: leave out --tag, --svm-tag "
-                             "and --no-combine")
         c = stage_combine(run, split, args.combine_with)
         print(f"combined with {', '.join(args.combine_with)}: mAP (VOC07 11-point): {c['map07']:.3f}")
         print(f"results: {run.detections_dir(split, '_combined')}")
