@@ -9,10 +9,10 @@ CONFIG ?= configs/demo.yaml
 
 venv: $(STAMP)
 
+# --no-compile: pip's byte-compiling of every installed module (torch's thousands) cost 26 s of the 70 s
+# here; Python compiles only the modules a run imports, once (+5.6 s on the first import).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	# --no-compile: pip's byte-compiling of every installed module (torch's thousands) cost 26 s of the 70 s
-	# here; Python compiles only the modules a run imports, once (+5.6 s on the first import).
 	$(BIN)/pip install -q --no-compile -c constraints.txt -e ".[imagenet,test]"
 	touch $(STAMP)
 
