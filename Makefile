@@ -9,11 +9,12 @@ CONFIG ?= configs/demo.yaml
 
 venv: $(STAMP)
 
-# --no-compile: pip's byte-compiling of every installed module (torch's thousands) cost 26 s of the 70 s
-# here; Python compiles only the modules a run imports, once (+5.6 s on the first import).
+# pip byte-compiles what it installs (26 s of the 70 s here). Not skipped with --no-compile: where
+# PYTHONDONTWRITEBYTECODE is set (these machines) nothing is compiled later either, and every process then
+# compiled torch & co. from source again (+5.6 s each: the test suite took 463 s instead of 220).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --no-compile -c constraints.txt -e ".[imagenet,test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[imagenet,test]"
 	touch $(STAMP)
 
 demo: $(STAMP)
