@@ -18,7 +18,7 @@ from .models import FCHead, autocast, resolve_precision, truncated_svd_linear
 from .spp import spp_output_dim
 from .store import load_npz
 
-__all__ = ["Detections", "Detector", "WindowRows", "load_svms", "union_nms"]
+__all__ = ["Detections", "Detector", "WindowRows", "load_detections", "load_svms", "union_nms"]
 
 
 @dataclass
@@ -32,6 +32,27 @@ class Detections:
     def to_json(self, classes: Sequence[str]) -> list[dict]:
         return [{"class": classes[int(k)], "score": float(s), "box": [float(v) for v in b]}
                 for b, s, k in zip(self.boxes, self.scores, self.labels)]
+
+
+def load_detections(path: str | Path, ids: Sequence[str], num_classes: int) -> dict[str, Detections]:
+    """A ``detections.npz`` (``<id>/boxes``, ``<id>/scores``, ``<id>/labels``, as the test stage writes it)
+    for the images ``ids`` it has; a corrupt file or a label outside ``[0, num_classes)`` is an error naming it."""
+    d = load_npz(path)
+    out = {}
+    for i in ids:
+        if f"{i}/boxes" not in d:
+            continue
+        missing = [f"{i}/{f}" for f in ("scores", "labels") if f"{i}/{f}" not in d]
+        if missing:
+            raise ValueError(f"{path}: {', '.join(missing)} missing beside {i}/boxes")
+        det = Detections(d[f"{i}/boxes"].reshape(-1, 4), d[f"{i}/scores"], d[f"{i}/labels"].astype(np.int64))
+        bad = det.labels[(det.labels < 0) | (det.labels >= num_classes)]
+        if len(bad) or not len(det.boxes) == len(det.scores) == len(det.labels):
+            problem = (f"class index {int(bad[0])} is outside the {num_classes} classes" if len(bad)
+                       else "boxes, scores and labels have unequal lengths")
+            raise ValueError(f"{path}: image {i}: {problem}")
+        out[i] = det
+    return out
 
 
 def load_svms(path: str | Path) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 from .boxes import iou_matrix
 
 __all__ = ["voc_ap", "match_detections", "classify_detections", "ap_from_kinds", "FP_KINDS", "voc_ap_for_class",
-           "ClassResult", "evaluate_detections"]
+           "ClassResult", "detections_by_class", "evaluate_detections"]
 
 # False-positive kinds of :func:`classify_detections` (after Hoiem et al.); "ignored" (a match to a
 # difficult object) is neither a true nor a false positive.
@@ -161,6 +161,16 @@ def voc_ap_for_class(detections: Sequence, ground_truth: Mapping[str, tuple], io
         when there are objects but no detections.
     """
     return _class_result(detections, ground_truth, iou_threshold, use_07_metric).ap
+
+
+def detections_by_class(detections: Mapping[str, object], num_classes: int) -> dict[int, list]:
+    """``{image id: Detections}`` -> ``{class index: [(id, score, x1, y1, x2, y2), ...]}``, what
+    :func:`evaluate_detections` reads."""
+    out = {k: [] for k in range(num_classes)}
+    for i, d in detections.items():
+        for b, s, k in zip(d.boxes, d.scores, d.labels):
+            out[int(k)].append((i, float(s), *map(float, b)))
+    return out
 
 
 def evaluate_detections(

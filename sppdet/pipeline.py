@@ -29,7 +29,7 @@ from .backbones import Backbone, build_backbone
 from .bbox_reg import BoxRegressor, fit_class_regressor
 from .boxes import flip_boxes
 from .config import Config, fingerprint, section_changes, section_defaults
-from .detector import Detections, Detector, load_svms
+from .detector import Detector, load_svms
 from .features import FeatureCache, ImageFeatures, extract_image, weights_fingerprint
 from .finetune import finetune_head
 from .models import FCHead, resolve_precision
@@ -37,8 +37,7 @@ from .pretrain import load_checkpoint, save_checkpoint, train_classifier, voc_it
 from .proposals import ProposalStore, compute_proposals
 from .roidb import make_windows
 from .spp import spp_output_dim
-from .store import (Stage, ShardError, StaleCacheError, atomic_save_npz, atomic_write_text, dir_bytes, load_npz,
-                    require_complete)
+from .store import Stage, ShardError, StaleCacheError, atomic_save_npz, atomic_write_text, dir_bytes, require_complete
 from .svm import HardNegativeTrainer, mean_norm
 from .voc import VOCDataset
 
@@ -686,20 +685,11 @@ def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str =
     return _write_results(run, ds, split, out, results, reg_all or plain_all, annotations, misses, metrics, draw)
 
 
-def _per_class(dets: dict, num_classes: int) -> dict:
-    """``{image id: Detections}`` -> ``{class index: [(id, score, x1, y1, x2, y2), ...]}`` (what evaluation reads)."""
-    out = {k: [] for k in range(num_classes)}
-    for i, d in dets.items():
-        for b, s, k in zip(d.boxes, d.scores, d.labels):
-            out[int(k)].append((i, float(s), *map(float, b)))
-    return out
-
-
 def _evaluate(run: Run, ds: VOCDataset, dets: dict) -> dict:
-    from .evaluation import evaluate_detections
+    from .evaluation import detections_by_class, evaluate_detections
 
     gt = {k: ds.ground_truth(k) for k in range(len(run.classes))}
-    return evaluate_detections(_per_class(dets, len(run.classes)), gt, run.classes)
+    return evaluate_detections(detections_by_class(dets, len(run.classes)), gt, run.classes)
 
 
 def _annotations(run: Run, ds: VOCDataset, i: str) -> tuple:
@@ -713,7 +703,7 @@ def _write_results(run: Run, ds: VOCDataset, split: str, out: Path, results: dic
     regression where there is any), comp4 files, detections.npz and drawn examples of ``final``, metrics.json
     (``metrics`` plus the results and the data's fingerprints); the tables and the error summary are logged."""
     from .analysis import error_report, format_report
-    from .evaluation import format_table
+    from .evaluation import detections_by_class, format_table
     from .visualize import plot_error_analysis, plot_pr_curves
     from .voc import write_comp4
 
@@ -727,7 +717,7 @@ def _write_results(run: Run, ds: VOCDataset, split: str, out: Path, results: dic
         arrays[f"{i}/boxes"], arrays[f"{i}/scores"], arrays[f"{i}/labels"] = d.boxes, d.scores, d.labels
     atomic_save_npz(out / "detections.npz", **arrays)
     drawn = _draw_examples(run, ds, final, out, draw, run.cfg.test.draw_threshold)
-    errors = error_report(_per_class(final, len(run.classes)), annotations, run.classes, misses)
+    errors = error_report(detections_by_class(final, len(run.classes)), annotations, run.classes, misses)
     atomic_write_text(out / "error_analysis.json", json.dumps(errors, indent=2))
     plot_error_analysis(errors, out / "error_analysis.png", title=f"{run.cfg.name} {out.name}: where the AP goes")
     metrics = {
@@ -757,7 +747,7 @@ def stage_combine(run: Run, split: str, others: list[str | Path], tag: str = "_c
     first, e.g. with another trunk); a more confident box of one model suppresses the less confident boxes of
     another. Each run's boxes are its own final ones (box regression, where it has any, applied). Written to
     ``detections/<split><tag>`` with the usual artefacts."""
-    from .detector import union_nms
+    from .detector import load_detections, union_nms
 
     if not others:
         raise ValueError("a combination needs at least one other run folder")
@@ -777,9 +767,7 @@ def stage_combine(run: Run, split: str, others: list[str | Path], tag: str = "_c
                 raise StaleCacheError(f"{m_path}: made from other {w} than split {split!r} holds now "
                                       f"(test that run again: tools/test_net.py --run {src.parent.parent} "
                                       f"--split {split})")
-        d = load_npz(d_path)
-        sets.append({i: Detections(d[f"{i}/boxes"], d[f"{i}/scores"], d[f"{i}/labels"])
-                     for i in ds.ids if f"{i}/boxes" in d})
+        sets.append(load_detections(d_path, ds.ids, len(run.classes)))
         run.log(f"combine: {src} (mAP {m.get('map07', float('nan')):.3f})")
     final = {i: union_nms([s[i] for s in sets if i in s], run.cfg.test.nms, run.cfg.test.max_per_class)
              for i in ds.ids}

@@ -112,3 +112,25 @@ def test_union_nms_lets_the_more_confident_model_suppress_the_other():
     assert len(union_nms([a, b], nms_iou=0.3, max_per_class=1).scores) == 2
     empty = Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
     assert len(union_nms([empty, empty], nms_iou=0.3).scores) == 0
+
+
+def test_load_detections_names_the_file_and_the_problem(tmp_path):
+    from sppdet.detector import load_detections
+    from sppdet.store import ShardError
+
+    p = tmp_path / "detections.npz"
+    box = np.array([[0, 0, 10, 10]], np.float32)
+    np.savez(p, **{"a/boxes": box, "a/scores": np.array([0.5], np.float32), "a/labels": np.array([1])})
+    d = load_detections(p, ["a", "b"], num_classes=2)  # an image without detections is left out
+    assert list(d) == ["a"] and d["a"].labels.tolist() == [1]
+    with pytest.raises(ValueError, match=r"detections.npz: image a: class index 1 is outside the 1 classes"):
+        load_detections(p, ["a"], num_classes=1)
+    np.savez(p, **{"a/boxes": box, "a/labels": np.array([0])})
+    with pytest.raises(ValueError, match=r"detections.npz: a/scores missing"):
+        load_detections(p, ["a"], num_classes=1)
+    np.savez(p, **{"a/boxes": box, "a/scores": np.zeros(2, np.float32), "a/labels": np.array([0])})
+    with pytest.raises(ValueError, match="unequal lengths"):
+        load_detections(p, ["a"], num_classes=1)
+    p.write_bytes(b"not a zip")
+    with pytest.raises(ShardError, match="detections.npz"):
+        load_detections(p, ["a"], num_classes=1)

@@ -27,23 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def body() -> int:
-        from sppdet.evaluation import evaluate_detections, format_table
-        from sppdet.store import atomic_write_text, load_npz
+        from sppdet.detector import load_detections
+        from sppdet.evaluation import detections_by_class, evaluate_detections, format_table
+        from sppdet.store import atomic_write_text
         from sppdet.visualize import plot_pr_curves
         from sppdet.voc import VOCDataset
 
         classes = args.classes.split(",") if args.classes else None
         ds = VOCDataset(args.voc_root, args.split, classes)
-        d = load_npz(args.detections)
-        dets = {k: [] for k in range(len(ds.classes))}
-        for i in ds.ids:
-            if f"{i}/boxes" not in d:
-                continue
-            for b, s, k in zip(d[f"{i}/boxes"], d[f"{i}/scores"], d[f"{i}/labels"]):
-                if not 0 <= int(k) < len(ds.classes):
-                    raise ValueError(f"{args.detections}: class index {int(k)} of image {i} is out of range")
-                dets[int(k)].append((i, float(s), *map(float, b)))
-        res = evaluate_detections(dets, {k: ds.ground_truth(k) for k in range(len(ds.classes))}, ds.classes)
+        k = len(ds.classes)
+        dets = detections_by_class(load_detections(args.detections, ds.ids, k), k)
+        res = evaluate_detections(dets, {c: ds.ground_truth(c) for c in range(k)}, ds.classes)
         out = Path(args.out)
         plot_pr_curves(res["curves"], {c: v["ap07"] for c, v in res["per_class"].items()}, out / "pr_curves.png")
         atomic_write_text(out / "metrics.json", json.dumps({k: v for k, v in res.items() if k != "curves"}, indent=2))
