@@ -88,9 +88,9 @@ def union_nms(sets: Sequence[Detections], nms_iou: float, max_per_class: int = 0
     """The paper's model combination (section 4.4) for one image: per class, NMS on the union of
     several models' detections with their scores, so that a more confident box of one model
     suppresses the less confident ones of another; then the per-class cap (0: none)."""
-    boxes = np.concatenate([d.boxes for d in sets]) if sets else np.zeros((0, 4), np.float32)
-    scores = np.concatenate([d.scores for d in sets]) if sets else np.zeros(0, np.float32)
-    labels = np.concatenate([d.labels for d in sets]) if sets else np.zeros(0, np.int64)
+    if not sets:
+        return _cap([], max_per_class, 0)
+    boxes, scores, labels = (np.concatenate([getattr(d, f) for d in sets]) for f in ("boxes", "scores", "labels"))
     per_class = []
     for k in np.unique(labels):
         m = np.nonzero(labels == k)[0]

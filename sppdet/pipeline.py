@@ -678,11 +678,10 @@ def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str =
         results["with_bbox_reg"] = _evaluate(run, ds, reg_all)
     metrics = {
         "seconds_per_image": {k: v / max(n, 1) for k, v in timing.items()},
-        "seconds": time.time() - t0,
         "svm": svm_tag or "+".join(s["feature"] for s in det.svm_sets),
         "combine_by": det.test.combine_by if len(det.svm_sets) > 1 else None,
     }
-    return _write_results(run, ds, split, out, results, reg_all or plain_all, annotations, misses, metrics, draw)
+    return _write_results(run, ds, split, out, results, reg_all or plain_all, annotations, misses, metrics, draw, t0)
 
 
 def _evaluate(run: Run, ds: VOCDataset, dets: dict) -> dict:
@@ -698,10 +697,11 @@ def _annotations(run: Run, ds: VOCDataset, i: str) -> tuple:
 
 
 def _write_results(run: Run, ds: VOCDataset, split: str, out: Path, results: dict, final: dict, annotations: dict,
-                   misses: list, metrics: dict, draw: int) -> dict:
+                   misses: list, metrics: dict, draw: int, started: float) -> dict:
     """A test's artefacts in ``out``: the PR curves and error analysis of the last of ``results`` (with box
     regression where there is any), comp4 files, detections.npz and drawn examples of ``final``, metrics.json
-    (``metrics`` plus the results and the data's fingerprints); the tables and the error summary are logged."""
+    (``metrics`` plus the results, the data's fingerprints and the seconds since ``started``, writing
+    included); the tables and the error summary are logged."""
     from .analysis import error_report, format_report
     from .evaluation import detections_by_class, format_table
     from .visualize import plot_error_analysis, plot_pr_curves
@@ -730,6 +730,7 @@ def _write_results(run: Run, ds: VOCDataset, split: str, out: Path, results: dic
         "map": best["map"],
         "results": {k: {kk: vv for kk, vv in v.items() if kk != "curves"} for k, v in results.items()},
         **metrics,
+        "seconds": time.time() - started,
         "drawn": [str(p) for p in drawn],
         "error_analysis": errors["summary"],
     }
@@ -749,6 +750,7 @@ def stage_combine(run: Run, split: str, others: list[str | Path], tag: str = "_c
     ``detections/<split><tag>`` with the usual artefacts."""
     from .detector import load_detections, union_nms
 
+    t0 = time.time()
     if not others:
         raise ValueError("a combination needs at least one other run folder")
     ds = run.dataset(split)
@@ -776,4 +778,4 @@ def stage_combine(run: Run, split: str, others: list[str | Path], tag: str = "_c
     results = {"combined": _evaluate(run, ds, final)}
     annotations = {i: _annotations(run, ds, i) for i in ds.ids}
     return _write_results(run, ds, split, out, results, final, annotations, [], {"combined": [str(s) for s in sources]},
-                          draw)
+                          draw, t0)
