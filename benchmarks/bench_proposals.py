@@ -4,7 +4,11 @@
     python benchmarks/bench_proposals.py [--images 15] [--skip-selectivesearch]
 Uses the real VOC sample when present (../shared/data/voc2007-sample), else generated images. Each backend runs
 in its own process on one core (the selectivesearch backend with --ss-workers processes, default 1).
-Peak MB: the largest resident size of the backend's process or any of its worker processes.
+Peak MB: the largest resident size of the backend's process or any of its worker processes. s/img excludes the
+first call, whose cost (loading compiled code) is given separately. `fast, before compiling` runs the pure-Python
+region statistics and grouping that sppdet used until they were compiled (tests/reference_selective_search.py);
+its boxes must equal `fast`'s. Then the time of each step of `fast` and OpenCV's selective search where the
+contrib package (cv2.ximgproc) is installed.
 """
 
 from __future__ import annotations
@@ -37,6 +41,27 @@ def dataset(n):
              read_annotation(root / "Annotations" / f"{i}.xml", TOY_CLASSES).boxes, i) for i in ids], "generated images"
 
 
+def _use_python_steps() -> None:
+    """Swap the compiled texture codes, region statistics and grouping for the pure-Python ones they replaced."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import reference_selective_search as ref
+
+    from sppdet import grouping
+
+    grouping.texture_codes, grouping.region_stats = ref.texture_codes, ref.regions
+    grouping.region_histograms, grouping.hierarchical_grouping = ref.region_histograms, ref.hierarchical_grouping
+
+
+def _opencv(img: np.ndarray, mode: str) -> np.ndarray:
+    import cv2
+
+    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    ss.setBaseImage(np.ascontiguousarray(img[:, :, ::-1]))
+    ss.switchToSelectiveSearchFast() if mode == "fast" else ss.switchToSelectiveSearchQuality()
+    r = ss.process().astype(np.float32).reshape(-1, 4)
+    return np.concatenate([r[:, :2], r[:, :2] + r[:, 2:]], 1)
+
+
 def run_backend(args):
     backend, items, params = args
     import warnings
@@ -44,26 +69,49 @@ def run_backend(args):
     from sppdet.boxes import iou_matrix
     from sppdet.proposals import propose
 
-    if backend == "fast":  # one-time start-up (numba loads its compiled code, ~0.1 s) outside the timing
+    if backend == "fast_before":
+        _use_python_steps()
+        backend = "fast"
+
+    def call(img):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            propose(np.zeros((8, 8, 3), np.uint8), backend=backend, **params)
-    best, nb, tt = [], [], 0.0
+            if backend.startswith("opencv"):
+                return _opencv(img, backend.split("_")[1])[:2000]
+            return propose(img, backend=backend, **params)
+
+    t0 = time.perf_counter()
+    call(items[0][0])  # the first call loads compiled code: timed apart
+    first = time.perf_counter() - t0
+    best, nb, tt, boxes = [], [], 0.0, []
     for img, gt, _ in items:
         t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            b = propose(img, backend=backend, **params)
+        b = call(img)
         tt += time.perf_counter() - t0
         nb.append(len(b))
+        boxes.append(b)
         if len(gt):
             best += list(iou_matrix(gt, b).max(1))
     best = np.array(best)
-    return {"s/img": tt / len(items), "boxes": float(np.mean(nb)), "R50": float((best >= 0.5).mean()),
+    return {"s/img": tt / len(items), "first": first, "boxes": float(np.mean(nb)), "R50": float((best >= 0.5).mean()),
             "R70": float((best >= 0.7).mean()), "MABO": float(best.mean()),
             # the largest of this process and its finished worker processes (selectivesearch runs in workers)
             "peak MB": max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF,
-                                                                          resource.RUSAGE_CHILDREN)) / 1024}
+                                                                          resource.RUSAGE_CHILDREN)) / 1024,
+            "boxes_list": boxes}
+
+
+def stage_table(items) -> None:
+    """Seconds per image of each step of the default `fast` backend (one core)."""
+    from sppdet.proposals import SS_STAGES, selective_search_timed
+
+    selective_search_timed(items[0][0])
+    t: dict = {}
+    for img, _, _ in items:
+        selective_search_timed(img, timing=t)
+    n = len(items)
+    print("fast, per step (s/img): " + ", ".join(f"{k} {t[k] / n:.3f}" for k in SS_STAGES)
+          + f"; total {sum(t.values()) / n:.3f}")
 
 
 def segmentation_table(items) -> None:
@@ -102,6 +150,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     items, what = dataset(args.images)
     rows = [("fast (sppdet, default)", "fast", {}),
+            ("  fast, before compiling", "fast_before", {}),
             ("  HSV+Lab only", "fast", {"colour_spaces": ("hsv", "lab")}),
             ("  fast mode (HSV+Lab, 2 sets)", "fast", {"colour_spaces": ("hsv", "lab"),
                                                       "similarity_sets": ("ctsf", "tsf")})]
@@ -110,14 +159,21 @@ def main(argv=None) -> int:
         rows.append(("  same, R-CNN's k 50/100", "selectivesearch", {"workers": args.ss_workers, "ks": (50, 100)}))
         rows.append(("  k 50/100, package as released", "selectivesearch",
                      {"workers": args.ss_workers, "ks": (50, 100), "repair": False}))
+    import cv2
+
+    if hasattr(cv2, "ximgproc"):
+        rows += [("OpenCV contrib, fast", "opencv_fast", {}), ("OpenCV contrib, quality", "opencv_quality", {})]
+    else:
+        print("OpenCV's selective search: not installed (pip install opencv-contrib-python), not measured")
     print(f"{len(items)} {what}")
-    print(f"{'backend':<32}{'s/img':>7}{'boxes':>7}{'R@0.5':>7}{'R@0.7':>7}{'MABO':>7}{'peak MB':>9}")
+    print(f"{'backend':<32}{'s/img':>7}{'first':>7}{'boxes':>7}{'R@0.5':>7}{'R@0.7':>7}{'MABO':>7}{'peak MB':>9}")
     results = {}
     for label, backend, params in rows:
         with ProcessPoolExecutor(1) as ex:  # fresh process each: peak memory per backend
             r = ex.submit(run_backend, (backend, items, params)).result()
         results[label] = r
-        print(f"{label:<32}{r['s/img']:7.2f}{r['boxes']:7.0f}{r['R50']:7.3f}{r['R70']:7.3f}{r['MABO']:7.3f}{r['peak MB']:9.0f}")
+        print(f"{label:<32}{r['s/img']:7.3f}{r['first']:7.2f}{r['boxes']:7.0f}{r['R50']:7.3f}{r['R70']:7.3f}"
+              f"{r['MABO']:7.3f}{r['peak MB']:9.0f}")
     ss = Path(ROOT.parent / "shared" / "data" / "voc2007-sample" / "selective_search")
     if ss.is_dir():
         from sppdet.boxes import iou_matrix
@@ -134,6 +190,10 @@ def main(argv=None) -> int:
             best = np.array(best)
             print(f"{'original MATLAB fast mode':<32}{'-':>7}{np.mean(nb):7.0f}{(best >= .5).mean():7.3f}"
                   f"{(best >= .7).mean():7.3f}{best.mean():7.3f}{'-':>9}  ({len(nb)} images only)")
+    a, b = results["fast (sppdet, default)"], results["  fast, before compiling"]
+    same = all(np.array_equal(x, y) for x, y in zip(a["boxes_list"], b["boxes_list"]))
+    print(f"fast before / after compiling: {b['s/img'] / a['s/img']:.1f}x; identical boxes in the same order: {same}")
+    stage_table(items)
     segmentation_table(items)
     if "selectivesearch 0.4, 8 runs" in results:
         a, b = results["fast (sppdet, default)"], results["selectivesearch 0.4, 8 runs"]

@@ -42,7 +42,6 @@ at most ``max_boxes``.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import json
 import logging
 import os
@@ -148,168 +147,65 @@ def _downscale(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
 
 
 # ------------------------------------------------ project-owned selective search
-def _texture_codes(img: np.ndarray) -> np.ndarray:
-    """(H, W, 24) bin codes 0..9 of Gaussian derivatives (sigma 1), 8 orientations x 3 channels."""
-    f = img.astype(np.float32)
-    out = []
-    for c in range(3):
-        g = cv2.GaussianBlur(f[:, :, c], (0, 0), 1.0)
-        gx = cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3)
-        gy = cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3)
-        for th in (0.0, np.pi / 4, np.pi / 2, 3 * np.pi / 4):
-            d = gx * np.cos(th) + gy * np.sin(th)
-            for resp in (np.maximum(d, 0), np.maximum(-d, 0)):  # orientation th and th + pi
-                m = float(resp.max())
-                out.append(np.minimum((resp * (10.0 / m)).astype(np.int32), 9) if m > 0 else np.zeros(resp.shape, np.int32))
-    return np.stack(out, axis=2)
-
-
-def _region_histograms(labels: np.ndarray, n: int, codes: np.ndarray, bins: int) -> np.ndarray:
-    """(n, channels*bins) L1-normalised histograms of integer ``codes`` (H, W, channels) per region."""
-    ch = codes.shape[2]
-    idx = (labels[:, :, None].astype(np.int64) * ch + np.arange(ch)) * bins + codes
-    h = np.bincount(idx.ravel(), minlength=n * ch * bins).reshape(n, ch * bins).astype(np.float32)
-    return h / np.maximum(h.sum(1, keepdims=True), 1e-12)
-
-
-def _adjacent_pairs(labels: np.ndarray) -> np.ndarray:
-    """(P, 2) unique pairs (a < b) of 4-connected neighbouring labels."""
-    pairs = []
-    for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1, :], labels[1:, :])):
-        m = a != b
-        if m.any():
-            pairs.append(np.stack([np.minimum(a[m], b[m]), np.maximum(a[m], b[m])], 1))
-    if not pairs:
-        return np.zeros((0, 2), np.int64)
-    p = np.concatenate(pairs).astype(np.int64)
-    n = int(labels.max()) + 1
-    key = np.unique(p[:, 0] * n + p[:, 1])
-    return np.stack([key // n, key % n], 1)
-
-
-def _region_boxes(labels: np.ndarray, n: int) -> np.ndarray:
-    """(n, 4) xyxy continuous boxes of each label (x2 = max column + 1)."""
-    from scipy import ndimage
-
-    sl = ndimage.find_objects(labels + 1, max_label=n)
-    b = np.zeros((n, 4), np.float64)
-    for i, s in enumerate(sl):
-        if s is not None:
-            b[i] = (s[1].start, s[0].start, s[1].stop, s[0].stop)
-    return b
-
-
-def _regions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """What every grouping of one segmentation shares: region sizes, boxes, adjacent pairs, image area."""
-    n = int(labels.max()) + 1
-    return (np.bincount(labels.ravel(), minlength=n).astype(np.float64), _region_boxes(labels, n),
-            _adjacent_pairs(labels), float(labels.size))
-
-
-def _hierarchical_grouping(regions: tuple, colour_hist: np.ndarray, texture_hist: np.ndarray,
-                           measures: str = "ctsf") -> np.ndarray:
-    """Greedy merging of adjacent regions (``_regions(labels)``) by the sum of the similarity
-    ``measures`` (letters of "ctsf": colour, texture, size, fill); returns the boxes of all
-    regions (initial ones first, then each merged region in merge order)."""
-    size0, box0, pairs, im_size = regions
-    n = len(size0)
-    total = 2 * n - 1
-    size = np.zeros(total)
-    size[:n] = size0
-    box = np.zeros((total, 4))
-    box[:n] = box0
-    use_c, use_t = "c" in measures, "t" in measures
-    # Histograms are carried through the merges only where a measure reads them.
-    hc = np.zeros((total, colour_hist.shape[1]) if use_c else (0, 0), np.float32)
-    ht = np.zeros((total, texture_hist.shape[1]) if use_t else (0, 0), np.float32)
-    if use_c:
-        hc[:n] = colour_hist
-    if use_t:
-        ht[:n] = texture_hist
-    nbrs: list[set] = [set() for _ in range(total)]
-    for a, b in pairs.tolist():
-        nbrs[a].add(b)
-        nbrs[b].add(a)
-
-    def sim(a, b) -> np.ndarray:
-        """Similarities of regions ``a`` and ``b`` (index arrays, or one index against an array)."""
-        s = 0.0
-        if use_c:
-            s = s + np.minimum(hc[a], hc[b]).sum(-1)
-        if use_t:
-            s = s + np.minimum(ht[a], ht[b]).sum(-1)
-        if "s" in measures:
-            s = s + (1.0 - (size[a] + size[b]) / im_size)
-        if "f" in measures:
-            bw = np.maximum(box[a, 2], box[b, 2]) - np.minimum(box[a, 0], box[b, 0])
-            bh = np.maximum(box[a, 3], box[b, 3]) - np.minimum(box[a, 1], box[b, 1])
-            s = s + (1.0 - (bw * bh - size[a] - size[b]) / im_size)
-        return s
-
-    heap: list = []
-    if len(pairs):
-        a, b = pairs[:, 0], pairs[:, 1]
-        heap = list(zip((-sim(a, b)).tolist(), a.tolist(), b.tolist()))
-        heapq.heapify(heap)
-    alive = np.zeros(total, bool)
-    alive[:n] = True
-    t = n
-    while heap:
-        _, i, j = heapq.heappop(heap)
-        if not (alive[i] and alive[j]):
-            continue
-        si, sj = size[i], size[j]
-        size[t] = si + sj
-        box[t] = (min(box[i, 0], box[j, 0]), min(box[i, 1], box[j, 1]), max(box[i, 2], box[j, 2]), max(box[i, 3], box[j, 3]))
-        if use_c:
-            hc[t] = (hc[i] * si + hc[j] * sj) / size[t]
-        if use_t:
-            ht[t] = (ht[i] * si + ht[j] * sj) / size[t]
-        alive[i] = alive[j] = False
-        alive[t] = True
-        nb = (nbrs[i] | nbrs[j]) - {i, j}
-        for k in nb:
-            nbrs[k].discard(i)
-            nbrs[k].discard(j)
-            nbrs[k].add(t)
-        nbrs[t] = nb
-        nbrs[i] = nbrs[j] = set()
-        if nb:
-            js = np.fromiter(nb, np.int64, len(nb))
-            for sv, k in zip((-sim(t, js)).tolist(), js.tolist()):
-                heapq.heappush(heap, (sv, t, k))
-        t += 1
-    return box[:t]
-
-
 def fast_selective_search(image: np.ndarray, colour_spaces: Sequence[str] = ("hsv", "lab", "rgi"),
                           ks: Sequence[int] = (50, 100), sigma: float = 0.8,
                           similarity_sets: Sequence[str] = ("ctsf", "tsf", "f", "s"), max_side: int = 500,
                           seed: int = 0) -> np.ndarray:
     """Selective search: fast mode's segmentations in three colour spaces, fast + quality mode's
-    similarity sets, vectorised.
-    Returns ranked raw boxes (xyxy, original frame)."""
+    similarity sets; segmentation, region statistics and grouping compiled (:mod:`sppdet.segmentation`,
+    :mod:`sppdet.grouping`). Returns ranked raw boxes (xyxy, original frame)."""
+    return selective_search_timed(image, colour_spaces, ks, sigma, similarity_sets, max_side, seed)
+
+
+SS_STAGES = ("conversions", "segmentation", "regions", "grouping", "ranking")
+
+
+def selective_search_timed(image: np.ndarray, colour_spaces: Sequence[str] = ("hsv", "lab", "rgi"),
+                           ks: Sequence[int] = (50, 100), sigma: float = 0.8,
+                           similarity_sets: Sequence[str] = ("ctsf", "tsf", "f", "s"), max_side: int = 500,
+                           seed: int = 0, timing: dict | None = None) -> np.ndarray:
+    """:func:`fast_selective_search`, adding the seconds of each of :data:`SS_STAGES` to ``timing`` when given:
+    conversions (downscaling, colour spaces, colour and texture codes), segmentation (Felzenszwalb-Huttenlocher),
+    regions (sizes, boxes, neighbours, histograms), grouping, ranking."""
+    from .grouping import MEASURES, hierarchical_grouping, region_histograms, region_stats, texture_codes
     from .segmentation import felzenszwalb_multi
 
     for simset in similarity_sets:
-        if not simset or set(simset) - set("ctsf"):
+        if not simset or set(simset) - set(MEASURES):
             raise ValueError(f"unknown similarity set {simset!r}: letters of 'ctsf' (colour, texture, size, fill), "
                              "e.g. 'ctsf', 'tsf' (fast mode), 'f', 's' (quality mode adds these)")
+    t = {k: 0.0 for k in SS_STAGES}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        t[stage] += now - clock
+        clock = now
+
     rgb, scale = _downscale(as_rgb(image), max_side)
     hierarchies = []
     for space in colour_spaces:
         img = convert_colour(rgb, space)
-        texture = _texture_codes(img)
-        colour_codes = (img.astype(np.int32) * 25) >> 8  # 25 bins over 0..255
+        texture = texture_codes(img)
+        colour_codes = ((img.astype(np.int32) * 25) >> 8).astype(np.uint8)  # 25 bins over 0..255
+        lap("conversions")
         for labels in felzenszwalb_multi(img, ks, sigma):  # one graph and edge sort for all k
-            regions = _regions(labels)
+            lap("segmentation")
+            regions = region_stats(labels)
             n = len(regions[0])
-            hc = _region_histograms(labels, n, colour_codes, 25)
-            ht = _region_histograms(labels, n, texture, 10)
+            hc = region_histograms(labels, n, colour_codes, 25)
+            ht = region_histograms(labels, n, texture, 10)
+            lap("regions")
             for simset in similarity_sets:
-                hierarchies.append(_hierarchical_grouping(regions, hc, ht, simset))
-    ranked = rank_hierarchies(hierarchies, np.random.default_rng(seed))
-    return (ranked / scale).astype(np.float32)
+                hierarchies.append(hierarchical_grouping(regions, hc, ht, simset))
+            lap("grouping")
+    ranked = (rank_hierarchies(hierarchies, np.random.default_rng(seed)) / scale).astype(np.float32)
+    lap("ranking")
+    if timing is not None:
+        for k, v in t.items():
+            timing[k] = timing.get(k, 0.0) + v
+    return ranked
 
 
 # ------------------------------------------------------- selectivesearch package
@@ -460,6 +356,23 @@ def propose(image: np.ndarray, backend: str = "fast", max_boxes: int = 2000, min
     return finalize_boxes(raw, w, h, min_size, max_boxes)
 
 
+def _check_param(backend: str, name: str, value, default) -> None:
+    """A backend parameter of the kind its default is: a number, a flag, a string, or a list of numbers/strings."""
+    def kind(x):
+        return "flag" if isinstance(x, bool) else "number" if isinstance(x, (int, float)) else \
+            "string" if isinstance(x, str) else "list" if isinstance(x, (list, tuple)) else None
+
+    want, got = kind(default), kind(value)
+    ok = want is None or want == got
+    if ok and want == "list" and len(default):
+        item = kind(default[0])
+        ok = len(value) > 0 and all(kind(x) == item for x in value)
+        want = f"a non-empty list of {item}s"
+    if not ok:
+        raise ValueError(f"parameter {name!r} of proposal backend {backend!r} must be {want if want.startswith('a ') else 'a ' + want} "
+                         f"(default {json.dumps(default)}), got {value!r}")
+
+
 def resolved_params(backend: str, params: dict | None) -> dict:
     """A backend's parameters with its defaults filled in (what the store records, so that a
     changed default is seen as a changed parameter, not silently reused); ``workers`` is left
@@ -475,6 +388,8 @@ def resolved_params(backend: str, params: dict | None) -> dict:
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for proposal backend {backend!r}; "
                          f"known: {', '.join(sig)}")
+    for k, v in params.items():
+        _check_param(backend, k, v, sig[k].default)
     out = {k: v.default for k, v in sig.items() if k != "workers"}
     out.update({k: v for k, v in params.items() if k != "workers"})
     return json.loads(json.dumps(out))  # tuples -> lists, as read back from a manifest
