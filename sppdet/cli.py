@@ -9,10 +9,11 @@ from typing import Callable
 
 from .config import ConfigError, load_config
 from .pipeline import Run
-from .store import ShardError, StaleCacheError
+from .store import ShardError, StaleCacheError, WriteError
 from .voc import VOCError
 
-USER_ERRORS = (ConfigError, StaleCacheError, ShardError, VOCError, FileNotFoundError, ValueError, KeyError)
+USER_ERRORS = (ConfigError, StaleCacheError, ShardError, VOCError, WriteError, FileNotFoundError, ValueError,
+               KeyError)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -29,8 +30,9 @@ def make_run(args) -> Run:
     return Run(cfg, args.run)
 
 
-def run_main(fn: Callable[[], int]) -> int:
-    """Run a tool body; user errors become one clear line and exit code 2, not a traceback."""
+def run_main(fn: Callable[[], int], on_interrupt: str = "interrupted; rerun the same command to resume") -> int:
+    """Run a tool body; user errors become one clear line and exit code 2, not a traceback; Ctrl-C prints
+    ``on_interrupt`` and exits with 130."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return fn()
@@ -39,7 +41,7 @@ def run_main(fn: Callable[[], int]) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        print(on_interrupt, file=sys.stderr)
         return 130
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "load_config",
     "fingerprint",
     "to_dict",
+    "resolve_path",
 ]
 
 
@@ -46,10 +47,17 @@ class ConfigError(ValueError):
     pass
 
 
+def positive_ints(**extra) -> dict:
+    """Field metadata: a non-empty list of integers >= 1 (scales, pyramid levels, sizes)."""
+    return {"items": int, "min": 1, "nonempty": True, **extra}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     root: str = "data/VOCdevkit/VOC2007"  # a VOC year folder (JPEGImages/, Annotations/, ImageSets/Main/)
-    classes: Optional[list] = None  # None: the 20 VOC classes
+    # voc: VOC XML (root is a year folder); coco: one COCO instances JSON per split (see sppdet/coco.py)
+    format: str = field(default="voc", metadata={"choices": ("voc", "coco")})
+    classes: Optional[list] = None  # class names in label order; None: read from the train split's annotations
     train_split: str = "trainval"
     val_split: str = "test"
     test_split: str = "test"
@@ -61,10 +69,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ProposalConfig:
-    backend: str = "fast"  # fast | selectivesearch | precomputed
-    max_boxes: int = 2000
-    min_size: float = 20.0
-    workers: int = 0  # 0: all cores
+    backend: str = field(default="fast", metadata={"choices": ("fast", "selectivesearch", "precomputed")})
+    max_boxes: int = field(default=2000, metadata={"min": 0})  # 0: no cap
+    min_size: float = field(default=20.0, metadata={"min": 0})
+    workers: int = field(default=0, metadata={"min": 0})  # 0: all cores
     precomputed: Optional[str] = None  # .mat file or folder of per-image files
     params: dict = field(default_factory=dict)  # backend-specific parameters
 
@@ -78,7 +86,7 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    sizes: list = field(default_factory=lambda: [224, 180])  # multi-size: alternate per epoch
+    sizes: list = field(default_factory=lambda: [224, 180], metadata=positive_ints())  # multi-size: alternate per epoch
     epochs: int = 10
     batch_size: int = 64
     lr: float = 0.01
@@ -124,12 +132,12 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    scales: list = field(default_factory=lambda: [688])  # shorter side; five-scale: [480, 576, 688, 864, 1200]
-    max_size: int = 2000  # cap on the longer side after resizing
-    levels: list = field(default_factory=lambda: [6, 3, 2, 1])
+    scales: list = field(default_factory=lambda: [688], metadata=positive_ints())  # shorter side (px); five-scale: [480, 576, 688, 864, 1200]
+    max_size: int = field(default=2000, metadata={"min": 0})  # cap on the longer side after resizing (px; 0: none)
+    levels: list = field(default_factory=lambda: [6, 3, 2, 1], metadata=positive_ints())
     shrink: float = 6.5  # authors' "offset": windows are shrunk inward by this many pixels
     target_size: float = 208.0  # multi-scale: pick the scale whose window is closest to this (paper 224)
-    dtype: str = "float16"
+    dtype: str = field(default="float16", metadata={"choices": ("float16", "float32")})  # of the cached maps
     # conv arithmetic of the conv5 pass (cache and detect.py alike): "fp32", "bf16" (autocast: 1.5-2x
     # faster convolutions with native bfloat16 instructions, maps within ~1% of fp32, then stored as
     # ``dtype``) or "auto" (bf16 where native).
@@ -140,9 +148,9 @@ class FeatureConfig:
 class FinetuneConfig:
     hidden: int = 4096
     dropout: float = 0.5
-    iterations: int = 2000
-    batch_size: int = 128
-    images_per_batch: int = 8
+    iterations: int = field(default=2000, metadata={"min": 1})
+    batch_size: int = field(default=128, metadata={"min": 1})
+    images_per_batch: int = field(default=8, metadata={"min": 1})
     fg_fraction: float = 0.25
     fg_threshold: float = 0.5
     bg_low: float = 0.1
@@ -167,7 +175,8 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class SVMConfig:
-    feature: str = "fc7"  # pool5 | fc6 | fc7 (of the fine-tuned head) | fc6_noft | fc7_noft (pre-trained head)
+    # pool5 | fc6 | fc7 (of the fine-tuned head) | fc6_noft | fc7_noft (pre-trained head)
+    feature: str = field(default="fc7", metadata={"choices": ("pool5", "fc6", "fc7", "fc6_noft", "fc7_noft")})
     C: float = 0.001
     pos_weight: float = 2.0
     bias_mult: float = 10.0
@@ -227,6 +236,10 @@ class Config:
     name: str = "experiment"
     seed: int = 0
     run_dir: str = "runs/experiment"
+    # The folder relative paths of this config (data.root, run_dir, pretrain.root, file weights, precomputed
+    # proposals) are resolved against, whatever the current directory: set by load_config to the project root
+    # for a config in a configs/ folder, kept as saved in a run folder's config.yaml; "" = the current directory.
+    base_dir: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -249,6 +262,13 @@ class Config:
         if self.finetune.input_norm and self.finetune.init_from_pretrain:
             raise ConfigError("finetune.input_norm rescales fc6's input, which the pre-trained classifier's fc6 was not "
                               "trained on; set finetune.init_from_pretrain: false with it")
+        if self.proposals.backend != "precomputed":  # the backend's own parameters, by name and type
+            from .proposals import resolved_params
+
+            try:
+                resolved_params(self.proposals.backend, self.proposals.params)
+            except ValueError as e:
+                raise ConfigError(f"proposals.params: {e}") from None
         if self.test.combine and self.svm.feature not in COMBINABLE:
             raise ConfigError(f"test.combine needs svm.feature pool5, fc6 or fc7 (one fc head per detector), "
                               f"got {self.svm.feature!r}")
@@ -277,7 +297,7 @@ def _build(cls, data: dict, where: str):
     names = set(fields)
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+        raise ConfigError(f"{where or 'top level'}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
     kwargs = {}
     for k, v in data.items():
         tp = hints[k]
@@ -287,11 +307,27 @@ def _build(cls, data: dict, where: str):
         else:
             if not _type_ok(v, tp):
                 raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {v!r} ({type(v).__name__})")
-            choices = fields[k].metadata.get("choices")
-            if choices is not None and v not in choices:
-                raise ConfigError(f"{key}: must be one of {', '.join(map(repr, choices))}, got {v!r}")
+            _check(v, fields[k].metadata, key)
             kwargs[k] = float(v) if tp is float else v
     return cls(**kwargs)
+
+
+def _check(v: Any, meta: dict, key: str) -> None:
+    """The value constraints a field's metadata states: ``choices``, ``min`` (of a number or of each list item),
+    ``items`` (the type of a list's items), ``nonempty``."""
+    choices = meta.get("choices")
+    if choices is not None and v not in choices:
+        raise ConfigError(f"{key}: must be one of {', '.join(map(repr, choices))}, got {v!r}")
+    items = v if isinstance(v, list) else [v]
+    if isinstance(v, list):
+        if meta.get("nonempty") and not v:
+            raise ConfigError(f"{key}: must not be empty")
+        tp = meta.get("items")
+        if tp is not None and not all(_type_ok(x, tp) for x in v):
+            raise ConfigError(f"{key}: every item must be a{'n' if tp is int else ''} {tp.__name__}, got {v!r}")
+    lo = meta.get("min")
+    if lo is not None and any(isinstance(x, (int, float)) and not isinstance(x, bool) and x < lo for x in items):
+        raise ConfigError(f"{key}: must be >= {lo}" + (" (each item)" if isinstance(v, list) else "") + f", got {v!r}")
 
 
 def _set_path(d: dict, dotted: str, value: Any) -> None:
@@ -301,6 +337,12 @@ def _set_path(d: dict, dotted: str, value: Any) -> None:
         if not isinstance(d, dict):
             raise ConfigError(f"override {dotted!r}: {p} is not a section")
     d[parts[-1]] = value
+
+
+def resolve_path(cfg: "Config", p: str | Path) -> Path:
+    """A path of the config: absolute as it is, relative against ``cfg.base_dir`` (see :class:`Config`)."""
+    p = Path(p)
+    return p if p.is_absolute() or not cfg.base_dir else Path(cfg.base_dir) / p
 
 
 def to_dict(obj) -> dict:
@@ -318,15 +360,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override {ov!r} must look like section.key=value")
-        k, v = ov.split("=", 1)
-        _set_path(data, k.strip(), yaml.safe_load(v))
+    if path is not None and "base_dir" not in data and path.resolve().parent.name == "configs":
+        data["base_dir"] = str(path.resolve().parent.parent)  # the project root: configs/../
     try:
-        return _build(Config, data, "")
+        cfg = _build(Config, data, "")
     except ConfigError as e:
         raise ConfigError(f"{path or '<config>'}: {e}") from None
+    if not overrides:
+        return cfg
+    keys = []
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"--set {ov!r} must look like section.key=value")
+        k, v = ov.split("=", 1)
+        keys.append(k.strip())
+        try:
+            _set_path(data, k.strip(), yaml.safe_load(v))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {ov}: not a valid YAML value ({e})") from None
+        except ConfigError as e:
+            raise ConfigError(f"--set {e}") from None
+    try:
+        return _build(Config, data, "")
+    except ConfigError as e:  # the file alone was valid: name the --set(s) the error is about
+        msg = str(e)
+
+        def about(key: str) -> bool:  # "section.key: ..." or "top level: unknown key(s) section"
+            return msg.startswith(key) or (msg.startswith("top level") and key.split(".")[0] in msg)
+
+        blame = [ov for ov, k in zip(overrides, keys) if about(k)] or list(overrides)
+        raise ConfigError(" ".join(f"--set {ov}" for ov in blame) + f": {msg}") from None
 
 
 def fingerprint(obj: Any) -> str:

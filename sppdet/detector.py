@@ -36,8 +36,14 @@ class Detections:
 
 def load_detections(path: str | Path, ids: Sequence[str], num_classes: int) -> dict[str, Detections]:
     """A ``detections.npz`` (``<id>/boxes``, ``<id>/scores``, ``<id>/labels``, as the test stage writes it)
-    for the images ``ids`` it has; a corrupt file or a label outside ``[0, num_classes)`` is an error naming it."""
+    for the images ``ids`` it has; a corrupt file, a label outside ``[0, num_classes)`` or detections of images
+    that are not among ``ids`` (another split's) is an error naming it."""
     d = load_npz(path)
+    known = set(ids)
+    foreign = sorted({k.rsplit("/", 1)[0] for k in d if "/" in k} - known)
+    if foreign:
+        raise ValueError(f"{path}: {len(foreign)} image(s) with detections are not in the split being scored "
+                         f"(e.g. {', '.join(foreign[:3])}): detections of another split?")
     out = {}
     for i in ids:
         if f"{i}/boxes" not in d:
@@ -57,8 +63,11 @@ def load_detections(path: str | Path, ids: Sequence[str], num_classes: int) -> d
 
 def load_svms(path: str | Path) -> dict:
     d = load_npz(path, ("W", "b", "feature_scale", "layer", "classes", "feature"))
+    # ``trained``: False for a class that had no training positives (files from before it was saved: all True).
+    trained = d["trained"].astype(bool) if "trained" in d else np.ones(len(d["W"]), bool)
     return {"W": d["W"].astype(np.float32), "b": d["b"].astype(np.float32), "feature_scale": float(d["feature_scale"]),
-            "layer": str(d["layer"]), "feature": str(d["feature"]), "classes": [str(c) for c in d["classes"]]}
+            "layer": str(d["layer"]), "feature": str(d["feature"]), "classes": [str(c) for c in d["classes"]],
+            "trained": trained}
 
 
 def _select(boxes, scores, thresh, nms_iou):
@@ -170,6 +179,10 @@ class Detector:
             scores = np.mean(each, axis=0)
         else:  # the paper's union of the models' windows: NMS keeps each window's best copy
             scores = np.max(each, axis=0)
+        trained = self.svm_sets[0].get("trained")
+        untrained = ~np.asarray(trained, bool) if trained is not None else np.zeros(scores.shape[1], bool)
+        if untrained.any():  # classes without an SVM (no training positives) are never detected
+            scores[:, untrained] = -np.inf
         scores = scores[group]
         t3 = time.perf_counter()
         return WindowRows(pooled.numpy(), group), scores, {"pool": t1 - t0, "fc": t2 - t1, "svm": t3 - t2}

@@ -28,7 +28,7 @@ import torch
 from .backbones import Backbone, build_backbone
 from .bbox_reg import BoxRegressor, fit_class_regressor
 from .boxes import flip_boxes
-from .config import Config, fingerprint, section_changes, section_defaults
+from .config import Config, fingerprint, resolve_path, section_changes, section_defaults
 from .detector import Detector, load_svms
 from .features import FeatureCache, ImageFeatures, extract_image, weights_fingerprint
 from .finetune import finetune_head
@@ -50,14 +50,24 @@ class Run:
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, log_fn: Callable[[str], None] = print,
                  save_config: bool = True):
         self.cfg = cfg
-        self.dir = Path(run_dir or cfg.run_dir)
+        self.dir = Path(run_dir) if run_dir else resolve_path(cfg, cfg.run_dir)
         self.log = log_fn
         self._backbone: Backbone | None = None
         self._content: dict[tuple[str, str], str] = {}
-        if save_config:  # the resolved config, for tools that take only --run (detect.py)
+        self._hashes: dict[tuple[str, str], dict[str, str]] = {}
+        self._classes: list[str] | None = None
+        if save_config:  # the resolved config, for tools that take only --run (detect.py, Predictor)
             import yaml
 
-            atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
+            saved = asdict(cfg)
+            if not cfg.data.classes and self._annotations_present():
+                saved["data"]["classes"] = self.classes  # read from the annotations: kept, so detection needs no data
+            atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+
+    def _annotations_present(self) -> bool:
+        d = self.cfg.data
+        root = self.path(d.root)
+        return (root / "ImageSets" / "Main" / f"{d.train_split}.txt").is_file() if d.format == "voc" else root.is_dir()
 
     # ------------------------------------------------------------------ paths
     def proposals_dir(self, split: str) -> Path:
@@ -84,23 +94,49 @@ class Run:
     def detections_dir(self, split: str, tag: str = "") -> Path:
         return self.dir / "detections" / f"{split}{tag}"
 
+    def path(self, p: str | Path) -> Path:
+        """A path of the config, relative ones against its ``base_dir`` (not the current directory)."""
+        return resolve_path(self.cfg, p)
+
     # ------------------------------------------------------------------- data
     @property
     def classes(self) -> list[str]:
-        from .voc import VOC_CLASSES
+        """``data.classes``, or when it is not set the classes the train split's annotations use (COCO: its
+        categories in id order; VOC: the names in its XML files, sorted)."""
+        d = self.cfg.data
+        if d.classes:
+            return list(d.classes)
+        if self._classes is None:
+            if d.format == "coco":
+                from .coco import coco_classes
 
-        return list(self.cfg.data.classes) if self.cfg.data.classes else list(VOC_CLASSES)
+                self._classes = coco_classes(self.path(d.root), d.train_split)
+            else:
+                from .voc import class_names_in
+
+                self._classes = class_names_in(self.path(d.root), d.train_split)
+            self.log(f"classes read from the {d.train_split!r} annotations: {', '.join(self._classes)}")
+        return list(self._classes)
 
     def dataset(self, split: str) -> VOCDataset:
         d = self.cfg.data
-        return self._dataset(Path(d.root), split, d.synthetic_images, d.synthetic_seed, tuple(d.synthetic_splits))
+        return self._dataset(self.path(d.root), split, d.synthetic_images, d.synthetic_seed, tuple(d.synthetic_splits),
+                             coco=d.format == "coco")
 
     def content(self, split: str, what: str) -> str:
         """:meth:`VOCDataset.content_fingerprint` of a split's ``"images"`` or ``"annotations"`` (once per
         process): the input a stage records so that a changed dataset with the same ids is a stale cache."""
         if (split, what) not in self._content:
-            self._content[split, what] = self.dataset(split).content_fingerprint(what)
+            ds = self.dataset(split)
+            self._hashes[split, what] = hashes = ds.file_hashes(what)
+            self._content[split, what] = ds.content_fingerprint(what, hashes)
         return self._content[split, what]
+
+    def item_hashes(self, split: str, what: str) -> dict[str, str]:
+        """``{id: first 16 hex digits of its file's sha256}`` of a split's images or annotations (read once with
+        :meth:`content`): what a per-image stage records so that a changed file rebuilds only its own shards."""
+        self.content(split, what)
+        return {i: h[:16] for i, h in self._hashes[split, what].items()}
 
     def pretrain_dataset(self) -> VOCDataset:
         """The pre-training source: its own folder when ``pretrain.root`` is set, else the detection train split."""
@@ -108,12 +144,16 @@ class Run:
         if not p.root:
             return self.dataset(self.cfg.data.train_split)
         # A pre-training set has no test use: its trainval is 95% of it.
-        return self._dataset(Path(p.root), p.split, p.synthetic_images, p.synthetic_seed, (0.9, 0.05),
+        return self._dataset(self.path(p.root), p.split, p.synthetic_images, p.synthetic_seed, (0.9, 0.05),
                              p.synthetic_distractors, p.synthetic_extra_classes)
 
     def _dataset(self, root: Path, split: str, synthetic_images: int, synthetic_seed: int,
                  splits: tuple[float, float] = (0.4, 0.2), distractors: int = 0,
-                 extra_classes: int = 0) -> VOCDataset:
+                 extra_classes: int = 0, coco: bool = False) -> VOCDataset:
+        if coco:
+            from .coco import CocoDataset
+
+            return CocoDataset(root, split, self.classes)
         if synthetic_images and (root / "synthetic.json").is_file():
             from .synthetic import synthetic_params
 
@@ -145,6 +185,8 @@ class Run:
                     raise FileNotFoundError(f"{self.pretrain_ckpt}: backbone.weights is 'pretrain' but the trunk was "
                                             "not pre-trained yet; run tools/pretrain.py first")
                 weights = str(self.pretrain_ckpt)
+            elif weights not in (None, "imagenet"):
+                weights = str(self.path(weights))
             self._backbone = build_backbone(b.name, weights, b.width).eval()
             for p in self._backbone.parameters():
                 p.requires_grad_(False)
@@ -157,7 +199,7 @@ _CONTENT_INPUTS = ("images", "annotations")
 
 
 def _stage(directory: Path, name: str, sections: dict, extra: dict, inputs: dict, overwrite: bool,
-           extra_defaults: dict | None = None) -> Stage:
+           extra_defaults: dict | None = None, item_inputs: dict | None = None, per_item: tuple = ()) -> Stage:
     """A stage folder whose outputs depend on whole config ``sections`` (name -> dataclass) and ``extra``
     values; the sections' defaults (and ``extra_defaults``, for extra values added later) let a manifest
     from before an added option stay valid, as the dataset-content inputs (``images``, ``annotations*``)
@@ -165,7 +207,8 @@ def _stage(directory: Path, name: str, sections: dict, extra: dict, inputs: dict
     return Stage(directory, name, {**{k: asdict(v) for k, v in sections.items()}, **extra}, inputs,
                  overwrite=overwrite,
                  defaults={**{k: section_defaults(v) for k, v in sections.items()}, **(extra_defaults or {})},
-                 added_inputs=tuple(k for k in inputs if k.startswith(_CONTENT_INPUTS)))
+                 added_inputs=tuple(k for k in inputs if k.startswith(_CONTENT_INPUTS)), item_inputs=item_inputs,
+                 per_item=per_item)
 
 
 def stage_pretrain(run: Run, split: str | None = None, folder: str | None = None, device: str = "cpu",
@@ -211,11 +254,11 @@ def _pretrain_data(run: Run, split: str | None, existing: bool = False) -> dict 
     split is not on disk (a reused checkpoint is not checked against data that is gone, nor makes it).
     A detection split's fingerprints are :meth:`Run.content`'s, which the later stages reuse."""
     p, d = run.cfg.pretrain, run.cfg.data
-    root, name = ((Path(p.root), p.split) if p.root and not split else (Path(d.root), split or d.train_split))
+    root, name = ((run.path(p.root), p.split) if p.root and not split else (run.path(d.root), split or d.train_split))
     if existing and not (root / "ImageSets" / "Main" / f"{name}.txt").is_file():
         return None
     what = ("images", "annotations")
-    if root == Path(d.root):
+    if root == run.path(d.root):
         return {w: run.content(name, w) for w in what}
     ds = VOCDataset(root, name)
     return {w: ds.content_fingerprint(w) for w in what}
@@ -225,9 +268,10 @@ def stage_proposals(run: Run, split: str, overwrite: bool = False, workers: int 
     p = run.cfg.proposals
     ds = run.dataset(split)
     return compute_proposals(ds.ids, ds.image_path, run.proposals_dir(split), p.backend, p.max_boxes, p.min_size,
-                             p.params, p.precomputed, p.workers if workers is None else workers, overwrite,
+                             p.params, p.precomputed and str(run.path(p.precomputed)), p.workers if workers is None else workers, overwrite,
                              image_size=lambda i: (ds.annotation(i).height, ds.annotation(i).width),
-                             inputs={"images": run.content(split, "images")})
+                             inputs={"images": run.content(split, "images")},
+                             item_inputs=run.item_hashes(split, "images"))
 
 
 def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwrite: bool = False,
@@ -257,9 +301,14 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
     mpath = run.features_dir(split) / "manifest.json"
     before = (Stage.read_manifest(mpath.parent).get("conv_precision", "fp32") if mpath.is_file() and not overwrite
               else "fp32")
+    # Per image: its file and its proposals; when only some images changed, only their maps are recomputed.
+    from .store import file_sha256
+
+    images = run.item_hashes(split, "images")
+    items = {i: images[i] + file_sha256(run.proposals_dir(split) / f"{i}.npz") for i in ds.ids}
     stage = _stage(run.features_dir(split), "features", {"features": cfg.features, "backbone": cfg.backbone},
                    {"flip": bool(flip), "conv_precision": precision}, inputs, overwrite and shard == (0, 1),
-                   extra_defaults={"conv_precision": before})
+                   extra_defaults={"conv_precision": before}, item_inputs=items, per_item=("images", "proposals"))
     i_shard, n_shard = shard
     ids = ds.ids[i_shard::n_shard]
     todo = [i for i in ids if not stage.has(i)]
@@ -494,6 +543,9 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
     x_pos = [np.concatenate(p) if p else np.zeros((0, dim), np.float32) for p in pos]
     for k, name in enumerate(run.classes):
         run.log(f"svm {name}: {len(x_pos[k])} positives")
+        if not len(x_pos[k]):
+            run.log(f"warning: class {name!r} has no object in the training split {tr!r}: no SVM can be trained for "
+                    f"it, so it is left out of scoring (never detected, AP 0); add labelled examples of it")
     trainer = HardNegativeTrainer(x_pos, dim, cfg.svm, log_fn=run.log)
     t0 = time.time()
     n, last = 0, len(ids) * (2 if flip else 1) - 1
@@ -522,8 +574,9 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
         last = s["retrains"][-1]["objective"] if s["retrains"] else float("nan")
         run.log(f"svm {name}: {s['positives']} positives, final negative cache {s['negative_cache']}, "
                 f"{len(s['retrains'])} retrains, final objective {last:.4f}")
+    trained = np.array([c.w is not None for c in caches])
     atomic_save_npz(path, W=W, b=b, feature_scale=np.float64(scale), layer=np.array(layer),
-                    classes=np.array(run.classes), feature=np.array(feature))
+                    classes=np.array(run.classes), feature=np.array(feature), trained=trained)
     return stage.finish(1, stats=stats, feature_scale=scale, mining_seconds=time.time() - t0)
 
 
@@ -654,7 +707,9 @@ def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str =
         _require_current(run, split, d)
     store = ProposalStore(run.proposals_dir(split))
     out = run.detections_dir(split, tag)
-    out.mkdir(parents=True, exist_ok=True)
+    for k, s in enumerate(det.svm_sets[0].get("trained", [True] * len(run.classes))):
+        if not s:
+            run.log(f"warning: class {run.classes[k]!r} has no SVM (no training positives): it is not scored, AP 0")
     plain_all, reg_all = {}, {}
     timing = {"pool": 0.0, "fc": 0.0, "svm": 0.0, "post": 0.0}
     t0 = time.time()
@@ -701,25 +756,43 @@ def _write_results(run: Run, ds: VOCDataset, split: str, out: Path, results: dic
     """A test's artefacts in ``out``: the PR curves and error analysis of the last of ``results`` (with box
     regression where there is any), comp4 files, detections.npz and drawn examples of ``final``, metrics.json
     (``metrics`` plus the results, the data's fingerprints and the seconds since ``started``, writing
-    included); the tables and the error summary are logged."""
-    from .analysis import error_report, format_report
-    from .evaluation import detections_by_class, format_table
+    included); the tables and the error summary are logged. Everything is written into a new folder beside
+    ``out`` that then replaces it whole: a failed write (a full disk) leaves the previous results as they were."""
+    from .analysis import format_report
+    from .evaluation import format_table
+    from .store import swap_in_folder
+
+    with swap_in_folder(out) as tmp:
+        metrics = _write_artefacts(run, ds, split, tmp, results, final, annotations, misses, metrics, draw, started,
+                                   out)
+    for k, v in results.items():
+        run.log(f"\n{k.replace('_', ' ')} ({out.name}, {len(ds.ids)} images):\n" + format_table(v))
+    run.log("\n" + format_report(metrics["_errors"])
+            + f"\n  (per class: {out / 'error_analysis.json'}, {out / 'error_analysis.png'})")
+    metrics.pop("_errors")
+    return metrics
+
+
+def _write_artefacts(run: Run, ds: VOCDataset, split: str, out: Path, results: dict, final: dict, annotations: dict,
+                     misses: list, metrics: dict, draw: int, started: float, final_dir: Path) -> dict:
+    from .analysis import error_report
+    from .evaluation import detections_by_class
     from .visualize import plot_error_analysis, plot_pr_curves
     from .voc import write_comp4
 
     best = list(results.values())[-1]
     plot_pr_curves(best["curves"], {c: v["ap07"] for c, v in best["per_class"].items()}, out / "pr_curves.png",
-                   title=f"{run.cfg.name} {out.name}: mAP (VOC07) {best['map07']:.3f}")
+                   title=f"{run.cfg.name} {final_dir.name}: mAP (VOC07) {best['map07']:.3f}")
     write_comp4(out, split, run.classes, [(i, int(k), float(s), b) for i, d in final.items()
                                           for b, s, k in zip(d.boxes, d.scores, d.labels)])
     arrays = {}
     for i, d in final.items():
         arrays[f"{i}/boxes"], arrays[f"{i}/scores"], arrays[f"{i}/labels"] = d.boxes, d.scores, d.labels
     atomic_save_npz(out / "detections.npz", **arrays)
-    drawn = _draw_examples(run, ds, final, out, draw, run.cfg.test.draw_threshold)
+    drawn = [final_dir / p.name for p in _draw_examples(run, ds, final, out, draw, run.cfg.test.draw_threshold)]
     errors = error_report(detections_by_class(final, len(run.classes)), annotations, run.classes, misses)
     atomic_write_text(out / "error_analysis.json", json.dumps(errors, indent=2))
-    plot_error_analysis(errors, out / "error_analysis.png", title=f"{run.cfg.name} {out.name}: where the AP goes")
+    plot_error_analysis(errors, out / "error_analysis.png", title=f"{run.cfg.name} {final_dir.name}: where the AP goes")
     metrics = {
         "split": split,
         "images": len(ds.ids),
@@ -735,11 +808,7 @@ def _write_results(run: Run, ds: VOCDataset, split: str, out: Path, results: dic
         "error_analysis": errors["summary"],
     }
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    for k, v in results.items():
-        run.log(f"\n{k.replace('_', ' ')} ({out.name}, {len(ds.ids)} images):\n" + format_table(v))
-    run.log("\n" + format_report(errors)
-            + f"\n  (per class: {out / 'error_analysis.json'}, {out / 'error_analysis.png'})")
-    return metrics
+    return {**metrics, "_errors": errors}
 
 
 def stage_combine(run: Run, split: str, others: list[str | Path], tag: str = "_combined", draw: int = 4) -> dict:
@@ -774,7 +843,6 @@ def stage_combine(run: Run, split: str, others: list[str | Path], tag: str = "_c
     final = {i: union_nms([s[i] for s in sets if i in s], run.cfg.test.nms, run.cfg.test.max_per_class)
              for i in ds.ids}
     out = run.detections_dir(split, tag)
-    out.mkdir(parents=True, exist_ok=True)
     results = {"combined": _evaluate(run, ds, final)}
     annotations = {i: _annotations(run, ds, i) for i in ds.ids}
     return _write_results(run, ds, split, out, results, final, annotations, [], {"combined": [str(s) for s in sources]},

@@ -434,18 +434,20 @@ def compute_proposals(ids: Sequence[str], image_path: Callable[[str], Path], out
                       backend: str = "fast", max_boxes: int = 2000, min_size: float = 20.0, params: dict | None = None,
                       precomputed: str | None = None, workers: int = 0, overwrite: bool = False,
                       progress: bool = True, image_size: Callable[[str], tuple[int, int]] | None = None,
-                      inputs: dict | None = None) -> dict:
+                      inputs: dict | None = None, item_inputs: dict[str, str] | None = None) -> dict:
     """Compute (or import) proposals for ``ids`` into a resumable store; returns the manifest.
 
     A finished image is skipped when the manifest's backend and parameters (and ``inputs``, e.g. the
     fingerprint of the images' contents) match; a change is a :class:`~sppdet.store.StaleCacheError`
     naming what changed. A manifest from before ``inputs`` were recorded is not checked on them.
+    ``item_inputs`` (``{id: fingerprint of its image}``): when only images changed, only theirs are recomputed.
     """
     params = dict(params or {})
     cfg = {"backend": backend, "max_boxes": max_boxes, "min_size": min_size,
            "params": resolved_params(backend, params), "precomputed": precomputed}
     stage = Stage(out_dir, "proposals", cfg, inputs, overwrite=overwrite,
-                  defaults={"params": resolved_params(backend, {})}, added_inputs=tuple(inputs or {}))
+                  defaults={"params": resolved_params(backend, {})}, added_inputs=tuple(inputs or {}),
+                  item_inputs=item_inputs, per_item=("images",))
     todo = [i for i in ids if not stage.has(i)]
     stats = {"seconds": 0.0, "boxes": 0, "images": 0}
     if backend == "precomputed":

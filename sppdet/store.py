@@ -13,9 +13,12 @@ A missing or unreadable shard is an error naming the file, never an empty result
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -32,7 +35,10 @@ from .config import diff_keys, fingerprint, with_defaults
 __all__ = [
     "StaleCacheError",
     "ShardError",
+    "WriteError",
     "atomic_write_bytes",
+    "remove_stale_temps",
+    "swap_in_folder",
     "atomic_write_text",
     "atomic_save_npz",
     "load_npz",
@@ -43,6 +49,7 @@ __all__ = [
 ]
 
 SCHEMA = 1
+log = logging.getLogger(__name__)
 
 
 class StaleCacheError(RuntimeError):
@@ -58,22 +65,99 @@ class ShardError(RuntimeError):
     """A shard is missing, truncated or lacks a field."""
 
 
+class WriteError(OSError):
+    """Writing a file failed (e.g. no space left on device); the message names the file, and nothing was
+    half-written: the file it was replacing, if any, is intact."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_MODE = 0o666 & ~_umask()  # what open() would give a new file: mkstemp's 0600 would hide artefacts from a group
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``: a file that exists is
+    whole. Failures (a full disk, a read-only folder) are a :class:`WriteError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+        os.fchmod(fd, _MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise WriteError(e.errno, f"{reason} while writing {path}") from e
+        raise
+
+
+@contextlib.contextmanager
+def swap_in_folder(final: str | Path):
+    """``with swap_in_folder(out) as tmp:`` write a result folder into ``tmp`` (a new folder beside ``out``); when
+    the block succeeds it replaces ``out`` whole, when it fails (a full disk) ``tmp`` is deleted and ``out`` is
+    left as it was: never a mix of new and old files."""
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp"))
+        os.chmod(tmp, 0o777 & ~_umask())
+    except OSError as e:
+        raise WriteError(e.errno, f"{e.strerror or e} while creating a folder beside {final}") from e
+    try:
+        yield tmp
+        old = final.parent / f".{final.name}.{os.getpid()}.old.tmp"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.exists():
+            shutil.rmtree(old)
     except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(directory: str | Path, min_age: float = 600.0) -> int:
+    """Delete the temp files (``.<name>.<pid>.<random>.tmp``) that a writer killed mid-write left in
+    ``directory``: those whose process is gone and that are older than ``min_age`` seconds (a shard being written
+    by another process, here or on another machine sharing the folder, is left alone). Returns how many."""
+    n, now = 0, time.time()
+    for p in Path(directory).glob(".*.tmp"):
+        parts = p.name.split(".")
+        pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
         try:
-            os.unlink(tmp)
+            if (pid is None or not _alive(pid)) and now - p.stat().st_mtime > min_age:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                n += 1
         except FileNotFoundError:
             pass
-        raise
+    return n
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -128,23 +212,37 @@ def file_sha256(path: str | Path, n: int = 16) -> str:
     return h.hexdigest()[:n]
 
 
+def file_hashes(paths: list[str | Path], what: str = "file") -> list[str]:
+    """The sha256 (64 hex digits) of each file's contents; a missing file is a ``FileNotFoundError`` naming it
+    as ``what``."""
+    out = []
+    for p in paths:
+        try:
+            out.append(file_sha256(p, 64))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{p}: {what} is missing") from None
+    return out
+
+
+def hashes_fingerprint(hashes: list[str]) -> str:
+    """Fingerprint of a list of :func:`file_hashes` in order."""
+    h = hashlib.sha256()
+    for x in hashes:
+        h.update(x.encode())
+    return h.hexdigest()[:16]
+
+
 def files_fingerprint(paths: list[str | Path], what: str = "file") -> str:
     """Fingerprint of the contents of ``paths`` in order (their names excluded: a copied or moved dataset
     keeps its caches); a missing file is a ``FileNotFoundError`` naming it as ``what``."""
-    h = hashlib.sha256()
-    for p in paths:
-        try:
-            h.update(file_sha256(p, 64).encode())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{p}: {what} is missing") from None
-    return h.hexdigest()[:16]
+    return hashes_fingerprint(file_hashes(paths, what))
 
 
 def dir_bytes(path: str | Path) -> int:
     p = Path(path)
     if not p.exists():
         return 0
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.name.endswith(".tmp"))
 
 
 class Stage:
@@ -165,19 +263,28 @@ class Stage:
     """
 
     def __init__(self, directory: str | Path, stage: str, config: dict, inputs: dict | None = None,
-                 overwrite: bool = False, defaults: dict | None = None, added_inputs: tuple[str, ...] = ()):
+                 overwrite: bool = False, defaults: dict | None = None, added_inputs: tuple[str, ...] = (),
+                 item_inputs: dict[str, str] | None = None, per_item: tuple[str, ...] = ()):
         self.dir = Path(directory)
         self.stage = stage
         self.config = json.loads(json.dumps(config, default=str))
         self.defaults = json.loads(json.dumps(defaults or {}, default=str))
         self.inputs = dict(inputs or {})
         self.added_inputs = tuple(added_inputs)
+        # Per-item inputs (one fingerprint per shard, e.g. of its image file) and the ``inputs`` keys they explain:
+        # when only those keys changed, the shards of the items whose fingerprint changed are deleted and rebuilt,
+        # the others kept (a fixed image rebuilds only itself).
+        self.item_inputs = dict(item_inputs) if item_inputs is not None else None
+        self.per_item = tuple(per_item)
+        self.rebuilt: list[str] = []
         self.manifest_path = self.dir / "manifest.json"
         self._t0 = time.time()
         if overwrite and self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.dir)
         old = self.read_manifest(self.dir) if self.manifest_path.exists() else None
+        self._old = old if old is not None and old.get("complete") else None
         # What a finished run recorded beyond the base fields (e.g. fine-tuning's conv fingerprint)
         # stays in the manifest when a rerun reuses the outputs.
         self._recorded: dict = {}
@@ -187,7 +294,8 @@ class Stage:
             self._recorded = {k: v for k, v in old.items() if k not in self._base_fields(False)}
         else:
             self.previous_seconds = 0.0
-        self.write_manifest(complete=False)
+        if self._old is None:  # a finished stage whose outputs are only reused keeps its manifest as it is
+            self.write_manifest(complete=False)
 
     @property
     def fingerprint(self) -> str:
@@ -210,6 +318,8 @@ class Stage:
         inputs = {k: v for k, v in self.inputs.items() if k in saved_inputs or k not in self.added_inputs}
         changes = diff_keys(with_defaults(saved, self.defaults), self.config, "config.") + diff_keys(
             saved_inputs, inputs, "inputs.")
+        if changes and self._rebuild_changed_items(old, changes):
+            return
         if changes:
             content = [k for k in self.added_inputs if any(c.startswith(f"inputs.{k}:") for c in changes)]
             raise StaleCacheError(
@@ -220,6 +330,30 @@ class Stage:
         self.config = saved  # the same settings; options added since stay out of the fingerprint
         self.inputs = saved_inputs
 
+    def _wrote(self) -> bool:
+        """Whether any output file was written since the stage was opened."""
+        return any(p.stat().st_mtime > self._t0 for p in self.dir.rglob("*")
+                   if p.is_file() and p != self.manifest_path and not p.name.endswith(".tmp"))
+
+    def _rebuild_changed_items(self, old: dict, changes: list[str]) -> bool:
+        """Where every change is in a per-item input and the old manifest recorded per-item fingerprints: delete
+        the shards of the items whose fingerprint differs (logged by name), take the new inputs, and return True."""
+        saved = old.get("item_inputs")
+        if self.item_inputs is None or saved is None or not self.per_item:
+            return False
+        if not all(any(c.startswith(f"inputs.{k}:") for k in self.per_item) for c in changes):
+            return False
+        changed = sorted(i for i, v in self.item_inputs.items() if saved.get(i) != v)
+        for i in changed:
+            for p in self.dir.glob(f"{i}.*"):
+                p.unlink()
+        log.warning("%s: %d item(s) changed since their shards were made (%s%s): rebuilding only those", self.dir,
+                    len(changed), ", ".join(changed[:5]), " ..." if len(changed) > 5 else "")
+        self.rebuilt = changed
+        self._old = None  # outputs change: the manifest is rewritten
+        self.config = old.get("config", {})  # the same settings (options added since stay out of the fingerprint)
+        return True
+
     def _base_fields(self, complete: bool) -> dict:
         return {
             "stage": self.stage,
@@ -229,6 +363,7 @@ class Stage:
             "fingerprint": self.fingerprint,
             "inputs": self.inputs,
             "complete": bool(complete),
+            **({"item_inputs": self.item_inputs} if self.item_inputs is not None else {}),
             "seconds": round(self.previous_seconds + time.time() - self._t0, 3),
         }
 
@@ -245,7 +380,12 @@ class Stage:
         return self.path(item, suffix).is_file()
 
     def finish(self, items: int, **extra: Any) -> dict:
-        nbytes = dir_bytes(self.dir)
+        """Mark the stage complete with its item count and bytes; a stage that was complete before and whose
+        outputs were only reused (the same items, no file written since it was opened) keeps its manifest file
+        untouched; the manifest returned then carries this call's ``extra`` values."""
+        nbytes = dir_bytes(self.dir) - self.manifest_path.stat().st_size  # the outputs' bytes, manifest excluded
+        if self._old is not None and self._old.get("items") == int(items) and not self._wrote():
+            return {**self._old, **extra}  # what this call did (e.g. new_images 0); the file is left as it was
         self.write_manifest(True, items=int(items), bytes=nbytes, **extra)
         return self.read_manifest(self.dir)
 

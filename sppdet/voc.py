@@ -94,8 +94,29 @@ def _num(node: ET.Element, tag: str, path: Path) -> float:
         raise VOCError(f"{path}: <{tag}> is not a number: {s!r}") from None
 
 
+def warn_once(key: str, message: str, *args) -> None:
+    """Log a warning once per process for ``key`` (a file is read by several stages)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(message, *args)
+
+
+_WARNED: set[str] = set()
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of an image file from its header (by content, whatever its extension)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, UnidentifiedImageError) as e:
+        raise VOCError(f"{path}: cannot read the image's size ({e})") from None
+
+
 def read_annotation(xml_path: str | Path, classes: Sequence[str] | None = None,
-                    strict_classes: bool = True) -> Annotation:
+                    strict_classes: bool = True, image_path: str | Path | None = None) -> Annotation:
     """Parse a VOC XML file.
 
     Args:
@@ -103,6 +124,8 @@ def read_annotation(xml_path: str | Path, classes: Sequence[str] | None = None,
         classes: allowed class names (default: the 20 VOC classes).
         strict_classes: an unknown name is an error (True) or the object is skipped with
             a warning (False).
+        image_path: the image the XML describes: where the XML gives a size of 0 (some labelling tools do),
+            the image's own size is used, with a warning; without it such a size is an error.
     """
     path = Path(xml_path)
     classes = tuple(classes) if classes is not None else VOC_CLASSES
@@ -116,6 +139,9 @@ def read_annotation(xml_path: str | Path, classes: Sequence[str] | None = None,
     if size is None:
         raise VOCError(f"{path}: missing <size>")
     width, height = int(_num(size, "width", path)), int(_num(size, "height", path))
+    if (width < 1 or height < 1) and image_path is not None and Path(image_path).is_file():
+        warn_once(str(path), "%s: <size> is %dx%d; using the image's own size", path, width, height)
+        width, height = image_size(image_path)
     if width < 1 or height < 1:
         raise VOCError(f"{path}: image size {width}x{height} is not positive")
     depth = _text(size, "depth", path, default="3")
@@ -205,12 +231,19 @@ def load_image(path: str | Path) -> np.ndarray:
     3-channel RGB. A missing or undecodable file is a :class:`VOCError` naming it.
     """
     path = Path(path)
+    if path.is_dir():
+        raise VOCError(f"{path}: is a folder, not an image file")
     if not path.is_file():
         raise VOCError(f"{path}: image file is missing")
     data = np.fromfile(str(path), dtype=np.uint8)
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if img is None and data[:3].tobytes() == b"\xff\xd8\xff" and len(data) > 1024:
+        # A JPEG whose last bytes are missing: OpenCV's decoder from memory gives up, from the file it reads the
+        # rows that are there ("Premature end of JPEG file"); _check_format warns.
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise VOCError(f"{path}: cannot decode image (corrupt or not an image)")
+    _check_format(path, data)
     if img.dtype != np.uint8:
         img = (img / (65535.0 if img.dtype == np.uint16 else max(float(img.max()), 1.0)) * 255).astype(np.uint8)
     if img.ndim == 2:
@@ -222,6 +255,38 @@ def load_image(path: str | Path) -> np.ndarray:
     elif img.shape[2] == 1:
         img = np.repeat(img, 3, axis=2)
     return np.ascontiguousarray(img[:, :, 2::-1])
+
+
+_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WebP"}
+_EXTENSION = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".webp": "WebP"}
+
+
+def _check_format(path: Path, data: np.ndarray) -> None:
+    """One warning per file (data kept) for what decoding by content made safe: an extension that lies about the
+    format, a JPEG whose last bytes are missing (no end marker: the rows that are there were decoded)."""
+    head = data[:4].tobytes()
+    kind = next((v for k, v in _MAGIC.items() if head.startswith(k)), None)
+    named = _EXTENSION.get(path.suffix.lower())
+    if kind and named and kind != named:
+        warn_once(str(path), "%s: holds %s data, not %s; decoded by its content", path, kind, named)
+    elif kind == "JPEG" and data[-2:].tobytes() != b"\xff\xd9" and b"\xff\xd9" not in data[-64:].tobytes():
+        warn_once(str(path), "%s: JPEG is truncated (no end marker); its decodable rows are used", path)
+
+
+def class_names_in(root: str | Path, split: str) -> list[str]:
+    """The object class names the XML files of a split use, sorted (VOC 2007's trainval gives its 20 classes in
+    their usual order)."""
+    names: set[str] = set()
+    for i in read_split(Path(root) / "ImageSets" / "Main" / f"{split}.txt"):
+        path = Path(root) / "Annotations" / f"{i}.xml"
+        try:
+            names.update((o.findtext("name") or "").strip() for o in ET.parse(path).getroot().findall("object"))
+        except (OSError, ET.ParseError) as e:
+            raise VOCError(f"{path}: cannot read the annotation ({e})") from None
+    names.discard("")
+    if not names:
+        raise VOCError(f"{root}: split {split!r} has no annotated object to read the classes from; set data.classes")
+    return sorted(names)
 
 
 class VOCDataset:
@@ -258,7 +323,8 @@ class VOCDataset:
 
     def annotation(self, image_id: str) -> Annotation:
         if image_id not in self._ann:
-            self._ann[image_id] = read_annotation(self.annotation_path(image_id), self.classes)
+            self._ann[image_id] = read_annotation(self.annotation_path(image_id), self.classes,
+                                                  image_path=self.image_path(image_id))
         return self._ann[image_id]
 
     def image(self, image_id: str) -> np.ndarray:
@@ -269,19 +335,26 @@ class VOCDataset:
             raise VOCError(f"{path}: image is {img.shape[1]}x{img.shape[0]} but its XML says {ann.width}x{ann.height}")
         return img
 
-    def content_fingerprint(self, what: str) -> str:
-        """Fingerprint of the split's ``"images"`` or ``"annotations"`` (their files' contents, in split
-        order): what a cache made from them records, so that a regenerated or edited dataset with the same
-        ids is a stale cache, named, not silently reused. A missing file is a :class:`VOCError` naming it."""
-        from .store import files_fingerprint
+    def file_hashes(self, what: str) -> dict[str, str]:
+        """``{id: sha256 of its file}`` of the split's ``"images"`` or ``"annotations"``, in split order. A missing
+        file is a :class:`VOCError` naming it."""
+        from .store import file_hashes
 
         if what not in ("images", "annotations"):
-            raise ValueError(f"content_fingerprint: 'images' or 'annotations', not {what!r}")
+            raise ValueError(f"file_hashes: 'images' or 'annotations', not {what!r}")
         paths = [self.image_path(i) if what == "images" else self.annotation_path(i) for i in self.ids]
         try:
-            return files_fingerprint(paths, "image file" if what == "images" else "annotation file")
+            return dict(zip(self.ids, file_hashes(paths, "image file" if what == "images" else "annotation file")))
         except FileNotFoundError as e:
             raise VOCError(str(e)) from None
+
+    def content_fingerprint(self, what: str, hashes: dict[str, str] | None = None) -> str:
+        """Fingerprint of the split's ``"images"`` or ``"annotations"`` (their files' contents, in split
+        order; ``hashes``: their :meth:`file_hashes`, when already computed): what a cache made from them records, so
+        that a regenerated or edited dataset with the same ids is a stale cache, named, not silently reused."""
+        from .store import hashes_fingerprint
+
+        return hashes_fingerprint(list((hashes or self.file_hashes(what)).values()))
 
     def labels(self, image_id: str) -> np.ndarray:
         return self.annotation(image_id).labels(self.classes)

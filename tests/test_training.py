@@ -270,11 +270,12 @@ def test_combined_svm_sets_are_checked_naming_the_config_file():
         with pytest.raises(ConfigError, match=msg):
             cfg(feature, combine)
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-    with pytest.raises(ConfigError, match=f"^{demo}: test.combine: 'fc8' is not pool5"):
+    # a bad value given with --set is named as such, not blamed on the YAML file
+    with pytest.raises(ConfigError, match=r"^--set test.combine=\[fc8\]: test.combine: 'fc8' is not pool5"):
         load_config(demo, ["test.combine=[fc8]"])
 
 
-def test_config_rejects_an_unknown_precision_naming_the_file():
+def test_config_rejects_an_unknown_precision_naming_the_file_or_the_set(tmp_path):
     import re
     from pathlib import Path
 
@@ -282,9 +283,14 @@ def test_config_rejects_an_unknown_precision_naming_the_file():
 
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     for key in ("pretrain.precision", "test.fc_precision", "features.precision"):
-        want = f"{demo}: {key}: must be one of 'auto', 'fp32', 'bf16', got 'fp16'"
+        want = f"--set {key}=fp16: {key}: must be one of 'auto', 'fp32', 'bf16', got 'fp16'"
         with pytest.raises(ConfigError, match=re.escape(want)):
             load_config(demo, [f"{key}=fp16"])
+        section, name = key.split(".")
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(f"{section}:\n  {name}: fp16\n")
+        with pytest.raises(ConfigError, match=re.escape(f"{bad}: {key}: must be one of")):
+            load_config(bad)
     assert load_config(demo, ["test.fc_precision=bf16"]).test.fc_precision == "bf16"
 
 

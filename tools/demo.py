@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             return out
 
         t_all = time.time()
-        data_root = Path(cfg.data.root)
-        timed("synthetic data", data_root, lambda: [run.dataset(s) for s in splits])
+        data_root = run.path(cfg.data.root)
+        timed("data (read; generated if synthetic)", data_root, lambda: [run.dataset(s) for s in splits])
         if cfg.backbone.weights == "pretrain":
             timed("pretrain (classifier, multi-size)", run.pretrain_ckpt.parent, lambda: stage_pretrain(run))
         else:

@@ -17,6 +17,18 @@ from pathlib import Path
 from sppdet.cli import run_main
 
 
+def _matching_splits(detections: Path, root: Path) -> str:
+    """`` They are the images of split(s) X.`` for the split files of ``root`` that hold every image of the
+    detections file, else ``""``."""
+    import numpy as np
+
+    with np.load(detections) as z:
+        ids = {k.rsplit("/", 1)[0] for k in z.files if "/" in k}
+    splits = sorted(p.stem for p in (root / "ImageSets" / "Main").glob("*.txt")
+                    if ids <= set(p.read_text().split()))
+    return f" They are all in split(s) {', '.join(splits)}: pass --split accordingly." if splits else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--detections", required=True)
@@ -36,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         classes = args.classes.split(",") if args.classes else None
         ds = VOCDataset(args.voc_root, args.split, classes)
         k = len(ds.classes)
-        dets = detections_by_class(load_detections(args.detections, ds.ids, k), k)
+        try:
+            loaded = load_detections(args.detections, ds.ids, k)
+        except ValueError as e:
+            raise ValueError(f"{e}{_matching_splits(Path(args.detections), Path(args.voc_root))}") from None
+        dets = detections_by_class(loaded, k)
         res = evaluate_detections(dets, {c: ds.ground_truth(c) for c in range(k)}, ds.classes)
         out = Path(args.out)
         plot_pr_curves(res["curves"], {c: v["ap07"] for c, v in res["per_class"].items()}, out / "pr_curves.png")

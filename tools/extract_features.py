@@ -17,18 +17,21 @@ from sppdet.pipeline import stage_features
 
 
 def _shard(s: str) -> tuple[int, int]:
+    import argparse
+
     try:
         i, n = (int(v) for v in s.split("/"))
     except ValueError:
-        raise SystemExit(f"--shard must look like i/n, got {s!r}")
+        raise argparse.ArgumentTypeError(f"must look like i/n (shard i of n, counted from 0), got {s!r}") from None
     if not 0 <= i < n:
-        raise SystemExit(f"--shard {s}: need 0 <= i < n")
+        raise argparse.ArgumentTypeError(f"{s}: shards count from 0: with n = {n} they are "
+                                         + " ".join(f"{k}/{n}" for k in range(min(n, 4))) + (" ..." if n > 4 else ""))
     return i, n
 
 
 def _arguments(ap) -> None:
     ap.add_argument("--split", required=True)
-    ap.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: process every n-th image starting at i")
+    ap.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: process every n-th image starting at i; shards count from 0 (0/2 and 1/2)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--flip", action="store_true", help="also cache the flipped image's conv5 (default: for the train split "
                     "when finetune.flip, as fine-tuning needs them)")
