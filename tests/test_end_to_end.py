@@ -86,7 +86,8 @@ def test_rerun_reuses_caches_and_stale_config_is_refused(trained):
 
 def test_a_dataset_changed_under_the_same_ids_is_a_stale_cache(trained, tmp_path):
     """Caches record the contents of the images and annotations they were made from: a copied dataset keeps
-    them; an edited image or annotation under the same id is refused by name, not silently reused."""
+    them; an edited image under the same id rebuilds its own shards only (the stages that read them refuse them
+    until then); an edited annotation is refused by name, not silently reused."""
     import shutil
 
     import cv2
@@ -102,19 +103,21 @@ def test_a_dataset_changed_under_the_same_ids_is_a_stale_cache(trained, tmp_path
     img_path = voc / "JPEGImages" / f"{test_id}.jpg"
     img = cv2.imread(str(img_path))
     cv2.imwrite(str(img_path), 255 - img)  # same size, other pixels
-    for name in ("propose.py", "extract_features.py"):
-        r = tool(name, *common, "--split", "test", check=False)
-        assert r.returncode == 2 and "inputs.images" in r.stderr and "dataset's images differ" in r.stderr
-        assert "Traceback" not in r.stderr
-    r = tool("test_net.py", *common, check=False)  # it would rebuild what is missing: the features stage refuses
-    assert r.returncode == 2 and "dataset's images differ" in r.stderr and "Traceback" not in r.stderr
     from sppdet.config import load_config
     from sppdet.pipeline import Run, stage_test
     from sppdet.store import StaleCacheError
 
     run = Run(load_config("configs/tiny.yaml", [f"data.root={voc}"]), tmp_path / "run", save_config=False)
     with pytest.raises(StaleCacheError, match=r"proposals/test: made from other image files than split 'test'"):
-        stage_test(run, progress=False)  # the test stage itself, which reads both caches, refuses them too
+        stage_test(run, progress=False)  # the test stage, which reads both caches, refuses them while stale
+    for name in ("propose.py", "extract_features.py"):  # the changed image's shards are rebuilt, and only they
+        r = tool(name, *common, "--split", "test")
+        assert f"1 item(s) changed since their shards were made ({test_id})" in r.stderr
+        m = json.loads((tmp_path / "run" / ("proposals" if name == "propose.py" else "features") / "test"
+                        / "manifest.json").read_text())
+        assert m["complete"] and m["new_images"] == 1
+    r = tool("test_net.py", *common)  # the models were trained on other images: they stay valid
+    assert "mAP (VOC07 11-point)" in r.stdout
     train_id = (voc / "ImageSets" / "Main" / "train.txt").read_text().split()[0]
     xml = voc / "Annotations" / f"{train_id}.xml"
     xml.write_text(xml.read_text().replace("<difficult>0</difficult>", "<difficult>1</difficult>", 1))
@@ -336,13 +339,18 @@ def test_finetune_with_input_norm_keeps_its_scale_for_the_svms_and_test_time(tra
     (tmp_path / "run").mkdir()
     for d in ("pretrain", "proposals", "features"):
         os.symlink(tmp / "run" / d, tmp_path / "run" / d)
-    overrides = [f"data.root={tmp / 'data' / 'VOC2007'}", "finetune.input_norm=10", "finetune.init_from_pretrain=false",
+    overrides = [f"data.root={tmp / 'data' / 'VOC2007'}", "finetune.input_norm=40", "finetune.init_from_pretrain=false",
                  "test.combine=[]"]
     run = Run(load_config("configs/tiny.yaml", overrides), tmp_path / "run", save_config=False)
     done = stage_finetune(run)
     head = load_head(run)
-    assert 0.1 < head.input_scale < 0.5 and done["input_scale"] == pytest.approx(head.input_scale)
-    assert done["best_val_error"] < done["background_error"]
+    # the tiny trunk's pooled features have a mean norm of ~33: scaled up to 40
+    assert 0.5 < head.input_scale < 2.5 and done["input_scale"] == pytest.approx(head.input_scale)
+    # it learns: the validation loss well below that of predicting the labels' frequencies (the error alone, at
+    # this size, can stay at that of calling every window background: 0.25 with input_norm 10 on one machine)
+    from sppdet.finetune import learnt_nothing
+
+    assert not learnt_nothing(done)
     stage_svms(run)
     det = build_detector(run, "test", use_bbox_reg=False)
     assert det.head.input_scale == pytest.approx(head.input_scale)
@@ -350,3 +358,26 @@ def test_finetune_with_input_norm_keeps_its_scale_for_the_svms_and_test_time(tra
     plain = type(head)(head.fc6.in_features, head.fc6.out_features, head.fc8.out_features)
     plain.load_state_dict(head.state_dict())
     assert torch.allclose(det.head.features(x), plain.eval().features(x * head.input_scale), atol=1e-5)
+
+
+def test_predictor_detects_with_a_run_folder_from_any_directory(trained, tmp_path, monkeypatch):
+    from sppdet import Predictor
+
+    tmp, _ = trained
+    voc = tmp / "data" / "VOC2007"
+    image_id = (voc / "ImageSets" / "Main" / "test.txt").read_text().split()[0]
+    monkeypatch.chdir(tmp_path)  # relative paths of the run's config resolve against the project, not here
+    p = Predictor(tmp / "run", score_threshold=-1.0)
+    out = p(voc / "JPEGImages" / f"{image_id}.jpg")
+    from sppdet.voc import load_image
+
+    img = load_image(voc / "JPEGImages" / f"{image_id}.jpg")
+    again = p(img)  # an RGB array gives the same detections as its file
+    assert np.array_equal(out["boxes"], again["boxes"]) and len(out["boxes"]) > 0
+    assert out["boxes"].shape[1] == 4 and (out["boxes"][:, 2] <= img.shape[1]).all()
+    assert (out["boxes"][:, 3] <= img.shape[0]).all() and set(out["classes"]) <= set(p.classes)
+    assert list(out["scores"]) == sorted(out["scores"], reverse=True) and (out["scores"] > -1.0).all()
+    assert set(out["seconds"]) == {"proposals", "conv", "pool_fc", "rest"}
+    assert not list(tmp_path.iterdir())  # nothing generated in the current directory
+    with pytest.raises(ValueError, match="RGB uint8"):
+        p(img.astype(np.float32))

@@ -8,7 +8,9 @@ For each image: proposals -> conv5 once per scale -> SPP pooling + fc head -> SV
 box regression -> clipping -> score threshold and per-image cap. Writes OUT/<stem>.json (a list of
 {"class", "score", "box": [x1, y1, x2, y2]} in original-image pixels, 0-based continuous) and OUT/<stem>.png
 with the boxes drawn, and prints the time of each stage. An unreadable image gets a one-line message; the
-others are still processed and the exit code is 1.
+others are still processed and the exit code is 1. Input files are never overwritten: an output that would
+replace an input (OUT is the images' folder) is named <stem>_det.png, and inputs that share a stem (a.jpg, a.png)
+get <stem>_<extension>.json / .png.
 """
 
 from __future__ import annotations
@@ -16,10 +18,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from sppdet.cli import run_main
+
+
+def output_names(paths: list[Path], out: Path) -> list[str]:
+    """An output stem per input: its stem, or ``<stem>_<ext>`` where inputs share a stem; ``_det`` is added to a
+    stem whose ``.json`` or ``.png`` would be one of the input files."""
+    stems = [p.stem for p in paths]
+    names = [f"{p.stem}_{p.suffix.lstrip('.').lower()}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+    inputs = {p.resolve() for p in paths}
+    out_names = []
+    for n in names:
+        while any((out / f"{n}{ext}").resolve() in inputs for ext in (".json", ".png")):
+            n += "_det"
+        out_names.append(n)
+    return out_names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,32 +50,25 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def body() -> int:
-        import warnings
-
-        import numpy as np
-
-        from sppdet.config import load_config
-        from sppdet.pipeline import Run, build_detector
-        from sppdet.proposals import propose
+        from sppdet import Predictor
+        from sppdet.detector import Detections
+        from sppdet.store import atomic_write_text
         from sppdet.visualize import draw_boxes, save_png
         from sppdet.voc import VOCError, load_image
 
-        run_dir = Path(args.run)
-        cfg = load_config(run_dir / "config.yaml", args.overrides)
-        run = Run(cfg, run_dir, save_config=False)
-        det = build_detector(run, cfg.data.test_split, use_bbox_reg=not args.no_bbox_reg)
-        backbone = run.backbone().to(args.device)
-        thr = cfg.test.draw_threshold if args.threshold is None else args.threshold
-        p = cfg.proposals
-        backend = p.backend if p.backend in ("fast", "selectivesearch") else "fast"
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out}: is a file; give a folder for the results")
+        predictor = Predictor(args.run, args.device, args.threshold, not args.no_bbox_reg, args.overrides)
+        classes = predictor.classes
         if args.split:
-            ds = run.dataset(args.split)
+            ds = predictor.run.dataset(args.split)
             items = [(i, ds.image_path(i)) for i in ds.ids]
         else:
-            items = [(Path(f).stem, Path(f)) for f in args.images]
+            paths = [Path(f) for f in args.images]
+            items = list(zip(output_names(paths, out), paths))
         if not items:
             raise ValueError("no images given (pass image files or --split)")
-        out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         failures = 0
         for stem, path in items:
@@ -70,23 +78,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 failures += 1
                 continue
-            t0 = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                boxes = propose(rgb, backend=backend, max_boxes=p.max_boxes, min_size=p.min_size, **p.params)
-            t_prop = time.perf_counter() - t0
-            plain, reg, t = det.detect_image(backbone, rgb, boxes, cfg.features, args.device, score_threshold=thr)
-            d = reg if reg is not None else plain
-            (out / f"{stem}.json").write_text(json.dumps(d.to_json(run.classes), indent=1))
-            save_png(out / f"{stem}.png", draw_boxes(rgb, d.boxes, d.labels, run.classes, d.scores))
-            print(f"{path}: {len(d.scores)} detections ({rgb.shape[1]}x{rgb.shape[0]}, {len(boxes)} proposals) | "
-                  f"proposals {t_prop:.2f} s, conv {t['conv']:.3f} s, pooling+fc {t['pool'] + t['fc']:.3f} s, "
-                  f"svm+reg+nms {t['svm'] + t['post']:.3f} s"
-                  + (f" | best: {run.classes[int(d.labels[0])]} {float(d.scores[0]):.2f}" if len(d.scores) else ""))
+            r = predictor(rgb)
+            d = Detections(r["boxes"], r["scores"], r["labels"])
+            atomic_write_text(out / f"{stem}.json", json.dumps(d.to_json(classes), indent=1))
+            save_png(out / f"{stem}.png", draw_boxes(rgb, d.boxes, d.labels, classes, d.scores))
+            t = r["seconds"]
+            print(f"{path}: {len(d.scores)} detections ({rgb.shape[1]}x{rgb.shape[0]}, {r['proposals']} proposals) | "
+                  f"proposals {t['proposals']:.2f} s, conv {t['conv']:.3f} s, pooling+fc {t['pool_fc']:.3f} s, "
+                  f"rest {t['rest']:.3f} s, total {sum(t.values()):.2f} s"
+                  + (f" | best: {r['classes'][0]} {float(d.scores[0]):.2f}" if len(d.scores) else ""))
         print(f"wrote {len(items) - failures} result(s) to {out}")
         return 1 if failures else 0
 
-    return run_main(body)
+    return run_main(body, on_interrupt=f"interrupted; the results written so far are in {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,80 @@
+"""One-image API: ``Predictor(run_dir)(image)``, the models of a trained run loaded once, many images served.
+
+    from sppdet import Predictor
+    p = Predictor("runs/demo")
+    out = p("photo.jpg")            # or an RGB uint8 array (H, W, 3)
+    out["boxes"], out["scores"], out["classes"]
+
+Per image: selective search -> conv5 once per scale -> SPP pooling + fc head -> SVM scores -> per-class NMS -> box
+regression -> clipping -> score threshold and per-image cap (``test.max_per_image``).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Predictor"]
+
+
+class Predictor:
+    """Detector of a trained run folder (its ``config.yaml`` and models).
+
+    Args:
+        run_dir: the run folder (``tools/demo.py --run``).
+        device: ``"cpu"`` or ``"cuda"`` for the conv layers.
+        score_threshold: detections scoring at most this are dropped (default: the run's ``test.draw_threshold``).
+        bbox_reg: apply the run's box regressors (where it has them).
+        overrides: ``"section.key=value"`` test-time settings over the run's config (e.g. ``test.nms=0.4``).
+    """
+
+    def __init__(self, run_dir: str | Path, device: str = "cpu", score_threshold: float | None = None,
+                 bbox_reg: bool = True, overrides: tuple[str, ...] | list[str] = ()):
+        from .config import load_config
+        from .pipeline import Run, build_detector
+
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml); train one with tools/demo.py")
+        self.cfg = load_config(run_dir / "config.yaml", list(overrides))
+        self.run = run = Run(self.cfg, run_dir, save_config=False, log_fn=lambda s: None)
+        self.detector = build_detector(run, self.cfg.data.test_split, use_bbox_reg=bbox_reg)
+        self.classes = list(self.detector.classes)
+        self.backbone = run.backbone().to(device)
+        self.device = device
+        self.score_threshold = self.cfg.test.draw_threshold if score_threshold is None else float(score_threshold)
+
+    def proposals(self, rgb: np.ndarray) -> np.ndarray:
+        """``(R, 4)`` selective-search windows of an RGB image, with the run's proposal settings."""
+        from .proposals import propose
+
+        p = self.cfg.proposals
+        backend = p.backend if p.backend in ("fast", "selectivesearch") else "fast"  # precomputed: only for datasets
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return propose(rgb, backend=backend, max_boxes=p.max_boxes, min_size=p.min_size, **p.params)
+
+    def __call__(self, image: str | Path | np.ndarray) -> dict:
+        """Detections in one image (a file path or an RGB uint8 ``(H, W, 3)`` array).
+
+        Returns ``{"boxes": (N, 4) float32 xyxy in the image's pixels (0-based continuous), "scores": (N,),
+        "labels": (N,) int64, "classes": [N names], "seconds": {"proposals", "conv", "pool_fc", "rest"}}``,
+        sorted by score."""
+        from .voc import load_image
+
+        rgb = load_image(image) if isinstance(image, (str, Path)) else np.ascontiguousarray(image)
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {rgb.dtype} {rgb.shape}")
+        t0 = time.perf_counter()
+        boxes = self.proposals(rgb)
+        t_prop = time.perf_counter() - t0
+        plain, reg, t = self.detector.detect_image(self.backbone, rgb, boxes, self.cfg.features, self.device,
+                                                   score_threshold=self.score_threshold)
+        d = reg if reg is not None else plain
+        return {"boxes": d.boxes, "scores": d.scores, "labels": d.labels,
+                "classes": [self.classes[int(k)] for k in d.labels], "proposals": len(boxes),
+                "seconds": {"proposals": t_prop, "conv": t["conv"], "pool_fc": t["pool"] + t["fc"],
+                            "rest": t["svm"] + t["post"]}}
