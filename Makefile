@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/demo.yaml
 
-.PHONY: demo test venv clean-demo bench ablation
+.PHONY: demo test test-fast venv clean-demo bench ablation
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+# The edit loop: every test but those marked slow (the real tools end to end, whole-image reference twins).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_spp_vs_rcnn.py --threads 2

@@ -38,6 +38,7 @@ def _steps_agree(rgb: np.ndarray, ks=(50, 100)) -> int:
     return n_checked
 
 
+@pytest.mark.slow
 def test_identical_to_the_python_implementation_on_generated_images(tmp_path):
     from sppdet.voc import load_image
 
@@ -47,6 +48,7 @@ def test_identical_to_the_python_implementation_on_generated_images(tmp_path):
         assert _steps_agree(rgb) == 24
 
 
+@pytest.mark.slow
 def test_identical_to_the_python_implementation_on_real_photos(voc_sample):
     from sppdet.voc import VOCDataset
 
@@ -99,6 +101,7 @@ def test_histogram_intersection_sums_in_numpys_order(width):
     assert grouping._intersection(h, 1, 3) == np.minimum(h[1], h[3]).sum()
 
 
+@pytest.mark.slow
 def test_compiled_code_loaded_from_numbas_cache_runs():
     """A fresh process loads the compiled grouping from numba's on-disk cache (a recursive helper once crashed
     there, only then)."""

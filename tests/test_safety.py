@@ -174,6 +174,7 @@ def test_a_class_without_training_positives_is_never_scored():
     assert set(plain.labels.tolist()) == {0}
 
 
+@pytest.mark.slow
 def test_a_changed_image_rebuilds_only_its_own_shards(tmp_path, caplog):
     import shutil
 
