@@ -568,7 +568,7 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
     caches = trainer.finish()
     W = np.stack([c.w if c.w is not None else np.zeros(dim, np.float32) for c in caches])
     b = np.array([c.b for c in caches], np.float32)
-    stats = {name: {"positives": int(len(c.x_pos)), "negative_cache": int(len(c.x_neg)), "retrains": c.retrains}
+    stats = {name: {"positives": int(len(c.x_pos)), "negative_cache": int(len(c.idx)), "retrains": c.retrains}
              for name, c in zip(run.classes, caches)}
     for name, s in stats.items():
         last = s["retrains"][-1]["objective"] if s["retrains"] else float("nan")
@@ -577,7 +577,8 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
     trained = np.array([c.w is not None for c in caches])
     atomic_save_npz(path, W=W, b=b, feature_scale=np.float64(scale), layer=np.array(layer),
                     classes=np.array(run.classes), feature=np.array(feature), trained=trained)
-    return stage.finish(1, stats=stats, feature_scale=scale, mining_seconds=time.time() - t0)
+    return stage.finish(1, stats=stats, feature_scale=scale, mining_seconds=time.time() - t0,
+                        negative_pool=trainer.memory())
 
 
 def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = 3000) -> dict:

@@ -389,3 +389,29 @@ def test_feature_lru_is_bounded_by_bytes_and_evicts_the_least_recently_used():
     assert loads == ["a", "b", "c", "d", "c"] and lru.bytes == 3 * 1024
     tiny = FeatureLRU(Cache(), max_bytes=1)  # always keeps the image it returns
     assert tiny.get("x").maps[0].shape == (8, 4, 4) and tiny.bytes == 1024
+
+
+def test_pooled_hard_negative_trainer_equals_the_per_class_reference():
+    """The shared negative pool (one row per window, however many classes hold it) and the one matrix product per
+    image give the per-class trainer's SVMs, caches and retrain records exactly, with fewer rows stored."""
+    import reference_svm
+
+    rng = np.random.default_rng(3)
+    d, k = 24, 4
+    centres = rng.normal(0, 3, (k, d)).astype(np.float32)
+    x_pos = [(rng.normal(0, 1, (30, d)) + centres[c]).astype(np.float32) for c in range(k)]
+    cfg = SVMConfig(C=0.1, retrain_limit=150)
+    new, old = HardNegativeTrainer(x_pos, d, cfg), reference_svm.HardNegativeTrainer(x_pos, d, cfg)
+    for i in range(25):
+        feats = rng.normal(0, 1.5, (120, d)).astype(np.float32)
+        mask = rng.random((120, k)) < 0.8  # most windows are negatives for several classes
+        for t in (new, old):
+            t.add_image(i, feats, mask, last=i == 24)
+    for a, b in zip(new.finish(), old.finish()):
+        assert np.array_equal(a.w, b.w) and a.b == b.b
+        assert np.array_equal(a.x_neg, b.x_neg) and a.retrains == b.retrains
+    mem = new.memory()
+    assert mem["pool_live_rows"] < sum(mem["class_negatives"])  # shared rows are stored once
+    assert mem["pool_live_rows"] <= mem["pool_rows"] <= 2 * mem["pool_live_rows"] <= 2 * mem["pool_peak_rows"]
+    with pytest.raises(ValueError, match="each image once"):
+        new.add_image(3, feats, mask, last=False)
