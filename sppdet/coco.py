@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .voc import Annotation, VOCError, image_size, load_image, warn_once
+from .voc import Annotation, DetectionDataset, VOCError, image_size, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,11 @@ def coco_classes(root: str | Path, split: str) -> list[str]:
     return [str(c["name"]) for c in sorted(d["categories"], key=lambda c: c["id"])]
 
 
-class CocoDataset:
+class CocoDataset(DetectionDataset):
     """A split of a COCO-format dataset with :class:`sppdet.voc.VOCDataset`'s interface (ids, annotations as
     :class:`~sppdet.voc.Annotation`, images on demand, contents' fingerprints)."""
+
+    annotation_kind = "COCO JSON"
 
     def __init__(self, root: str | Path, split: str, classes: Sequence[str] | None = None):
         self.root = Path(root)
@@ -92,9 +94,6 @@ class CocoDataset:
         if not self.ids:
             raise VOCError(f"{self.json_path}: no images")
         self._names = names
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
     def image_path(self, image_id: str) -> Path:
         name = str(self._images[image_id]["file_name"])
@@ -143,26 +142,6 @@ class CocoDataset:
         self._anns[image_id] = ann
         return ann
 
-    def image(self, image_id: str) -> np.ndarray:
-        path = self.image_path(image_id)
-        img = load_image(path)
-        ann = self.annotation(image_id)
-        if img.shape[:2] != (ann.height, ann.width):
-            raise VOCError(f"{path}: image is {img.shape[1]}x{img.shape[0]} but {self.json_path} says "
-                           f"{ann.width}x{ann.height}")
-        return img
-
-    def labels(self, image_id: str) -> np.ndarray:
-        return self.annotation(image_id).labels(self.classes)
-
-    def ground_truth(self, class_index: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        out = {}
-        for i in self.ids:
-            a = self.annotation(i)
-            m = a.labels(self.classes) == class_index
-            out[i] = (a.boxes[m], a.difficult[m])
-        return out
-
     def file_hashes(self, what: str) -> dict[str, str]:
         """``{id: sha256}`` of each image file (``"images"``) or of each image's record and annotations in the JSON
         (``"annotations"``), so that an edit of one image's boxes is seen as that image's change."""
@@ -178,8 +157,3 @@ class CocoDataset:
         return {i: hashlib.sha256(json.dumps([self._images[i], self._records[i], [self._names.get(
             a.get("category_id")) for a in self._records[i]]], sort_keys=True, default=str).encode()).hexdigest()
             for i in self.ids}
-
-    def content_fingerprint(self, what: str, hashes: dict[str, str] | None = None) -> str:
-        from .store import hashes_fingerprint
-
-        return hashes_fingerprint(list((hashes or self.file_hashes(what)).values()))

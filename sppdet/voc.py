@@ -50,6 +50,7 @@ __all__ = [
     "write_annotation",
     "read_split",
     "load_image",
+    "DetectionDataset",
     "VOCDataset",
     "write_comp4",
 ]
@@ -289,7 +290,49 @@ def class_names_in(root: str | Path, split: str) -> list[str]:
     return sorted(names)
 
 
-class VOCDataset:
+class DetectionDataset:
+    """What every dataset format shares: ``ids``, ``classes``, ``annotation(i)`` and ``image_path(i)`` /
+    ``annotation_path(i)`` come from the format; labels, ground truth, images checked against their size and the
+    contents' fingerprints are the same for all."""
+
+    ids: list[str]
+    classes: tuple[str, ...]
+    annotation_kind = "XML"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image(self, image_id: str) -> np.ndarray:
+        path = self.image_path(image_id)
+        img = load_image(path)
+        ann = self.annotation(image_id)
+        if img.shape[:2] != (ann.height, ann.width):
+            raise VOCError(f"{path}: image is {img.shape[1]}x{img.shape[0]} but its {self.annotation_kind} says "
+                           f"{ann.width}x{ann.height} ({self.annotation_path(image_id)})")
+        return img
+
+    def content_fingerprint(self, what: str, hashes: dict[str, str] | None = None) -> str:
+        """Fingerprint of the split's ``"images"`` or ``"annotations"`` (their contents, in split order; ``hashes``:
+        their ``file_hashes``, when already computed): what a cache made from them records, so that a regenerated or
+        edited dataset with the same ids is a stale cache, named, not silently reused."""
+        from .store import hashes_fingerprint
+
+        return hashes_fingerprint(list((hashes or self.file_hashes(what)).values()))
+
+    def labels(self, image_id: str) -> np.ndarray:
+        return self.annotation(image_id).labels(self.classes)
+
+    def ground_truth(self, class_index: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{image_id: (boxes (N, 4), difficult (N,))}`` for one class, every image of the split."""
+        out = {}
+        for i in self.ids:
+            a = self.annotation(i)
+            m = a.labels(self.classes) == class_index
+            out[i] = (a.boxes[m], a.difficult[m])
+        return out
+
+
+class VOCDataset(DetectionDataset):
     """A split of a VOC-format dataset: ids, annotations (cached), images on demand.
 
     Args:
@@ -312,9 +355,6 @@ class VOCDataset:
             for i in self.ids:
                 self.image(i)
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
     def image_path(self, image_id: str) -> Path:
         return self.root / "JPEGImages" / f"{image_id}.jpg"
 
@@ -326,14 +366,6 @@ class VOCDataset:
             self._ann[image_id] = read_annotation(self.annotation_path(image_id), self.classes,
                                                   image_path=self.image_path(image_id))
         return self._ann[image_id]
-
-    def image(self, image_id: str) -> np.ndarray:
-        path = self.image_path(image_id)
-        img = load_image(path)
-        ann = self.annotation(image_id)
-        if img.shape[:2] != (ann.height, ann.width):
-            raise VOCError(f"{path}: image is {img.shape[1]}x{img.shape[0]} but its XML says {ann.width}x{ann.height}")
-        return img
 
     def file_hashes(self, what: str) -> dict[str, str]:
         """``{id: sha256 of its file}`` of the split's ``"images"`` or ``"annotations"``, in split order. A missing
@@ -347,26 +379,6 @@ class VOCDataset:
             return dict(zip(self.ids, file_hashes(paths, "image file" if what == "images" else "annotation file")))
         except FileNotFoundError as e:
             raise VOCError(str(e)) from None
-
-    def content_fingerprint(self, what: str, hashes: dict[str, str] | None = None) -> str:
-        """Fingerprint of the split's ``"images"`` or ``"annotations"`` (their files' contents, in split
-        order; ``hashes``: their :meth:`file_hashes`, when already computed): what a cache made from them records, so
-        that a regenerated or edited dataset with the same ids is a stale cache, named, not silently reused."""
-        from .store import hashes_fingerprint
-
-        return hashes_fingerprint(list((hashes or self.file_hashes(what)).values()))
-
-    def labels(self, image_id: str) -> np.ndarray:
-        return self.annotation(image_id).labels(self.classes)
-
-    def ground_truth(self, class_index: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """``{image_id: (boxes (N, 4), difficult (N,))}`` for one class, every image of the split."""
-        out = {}
-        for i in self.ids:
-            a = self.annotation(i)
-            m = a.labels(self.classes) == class_index
-            out[i] = (a.boxes[m], a.difficult[m])
-        return out
 
 
 def write_comp4(out_dir: str | Path, split: str, classes: Sequence[str],
