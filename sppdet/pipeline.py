@@ -708,7 +708,7 @@ def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str =
         _require_current(run, split, d)
     store = ProposalStore(run.proposals_dir(split))
     out = run.detections_dir(split, tag)
-    for k, s in enumerate(det.svm_sets[0].get("trained", [True] * len(run.classes))):
+    for k, s in enumerate(det.svm_sets[0]["trained"]):
         if not s:
             run.log(f"warning: class {run.classes[k]!r} has no SVM (no training positives): it is not scored, AP 0")
     plain_all, reg_all = {}, {}
@@ -764,18 +764,19 @@ def _write_results(run: Run, ds: VOCDataset, split: str, out: Path, results: dic
     from .store import swap_in_folder
 
     with swap_in_folder(out) as tmp:
-        metrics = _write_artefacts(run, ds, split, tmp, results, final, annotations, misses, metrics, draw, started,
-                                   out)
+        metrics, errors = _write_artefacts(run, ds, split, tmp, results, final, annotations, misses, metrics, draw,
+                                           started, out)
     for k, v in results.items():
         run.log(f"\n{k.replace('_', ' ')} ({out.name}, {len(ds.ids)} images):\n" + format_table(v))
-    run.log("\n" + format_report(metrics["_errors"])
+    run.log("\n" + format_report(errors)
             + f"\n  (per class: {out / 'error_analysis.json'}, {out / 'error_analysis.png'})")
-    metrics.pop("_errors")
     return metrics
 
 
 def _write_artefacts(run: Run, ds: VOCDataset, split: str, out: Path, results: dict, final: dict, annotations: dict,
-                     misses: list, metrics: dict, draw: int, started: float, final_dir: Path) -> dict:
+                     misses: list, metrics: dict, draw: int, started: float, final_dir: Path) -> tuple[dict, dict]:
+    """:func:`_write_results`' files, written into ``out`` (a folder that becomes ``final_dir``); returns the metrics
+    and the error report."""
     from .analysis import error_report
     from .evaluation import detections_by_class
     from .visualize import plot_error_analysis, plot_pr_curves
@@ -809,7 +810,7 @@ def _write_artefacts(run: Run, ds: VOCDataset, split: str, out: Path, results: d
         "error_analysis": errors["summary"],
     }
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    return {**metrics, "_errors": errors}
+    return metrics, errors
 
 
 def stage_combine(run: Run, split: str, others: list[str | Path], tag: str = "_combined", draw: int = 4) -> dict:

@@ -276,7 +276,6 @@ class Stage:
         # the others kept (a fixed image rebuilds only itself).
         self.item_inputs = dict(item_inputs) if item_inputs is not None else None
         self.per_item = tuple(per_item)
-        self.rebuilt: list[str] = []
         self.manifest_path = self.dir / "manifest.json"
         self._t0 = time.time()
         if overwrite and self.dir.exists():
@@ -349,7 +348,6 @@ class Stage:
                 p.unlink()
         log.warning("%s: %d item(s) changed since their shards were made (%s%s): rebuilding only those", self.dir,
                     len(changed), ", ".join(changed[:5]), " ..." if len(changed) > 5 else "")
-        self.rebuilt = changed
         self._old = None  # outputs change: the manifest is rewritten
         self.config = old.get("config", {})  # the same settings (options added since stay out of the fingerprint)
         return True
