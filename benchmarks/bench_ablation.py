@@ -24,8 +24,8 @@ from pathlib import Path
 
 from sppdet.cli import run_main
 from sppdet.config import load_config
-from sppdet.pipeline import (Run, stage_bbox_reg, stage_features, stage_finetune, stage_pretrain, stage_proposals,
-                             stage_svm, stage_svms, stage_test)
+from sppdet.run import Run
+from sppdet.stages import plan, stage_pretrain, stage_svm, stage_svms, stage_test
 
 PAPER = {  # VOC 2007 test mAP, SPP-net ZF-5 (He et al. 2014, Table 9)
     "pool5": (43.0, 44.9), "fc6_noft": (42.5, 44.8), "fc7_noft": (None, None), "ftfc7": (54.5, 55.2),
@@ -35,14 +35,11 @@ PAPER = {  # VOC 2007 test mAP, SPP-net ZF-5 (He et al. 2014, Table 9)
 
 def ablate(run: Run, log) -> dict:
     cfg = run.cfg
-    splits = list(dict.fromkeys([cfg.data.train_split, cfg.data.val_split, cfg.data.test_split]))
     t0 = time.time()
-    stage_pretrain(run)
-    for s in splits:
-        stage_proposals(run, s)
-        stage_features(run, s)
-    stage_finetune(run)
-    stage_bbox_reg(run)
+    stage_pretrain(run)  # also for an ImageNet trunk: the fc6/fc7 of the 'no fine-tuning' rows
+    for step in plan(run):  # the pipeline's own order, up to what the SVM rows share
+        if step.spec.name in ("proposals", "features", "finetune", "bbox_reg"):
+            step.call()
     out = {}
     for feature, tag in (("pool5", "_pool5"), ("fc6_noft", "_fc6_noft"), ("fc7_noft", "_fc7_noft"), ("fc7", "")):
         stage_svm(run, feature, tag)

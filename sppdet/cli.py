@@ -8,7 +8,7 @@ import sys
 from typing import Callable
 
 from .config import ConfigError, load_config
-from .pipeline import Run
+from .run import Run
 from .store import ShardError, StaleCacheError, WriteError
 from .voc import VOCError
 
@@ -26,8 +26,10 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def make_run(args) -> Run:
+    """The run of a tool call; its config.yaml is (re)written only when the call's settings are the run's: no
+    --set, or --overwrite (the stage is rebuilt with them); see :class:`~sppdet.run.Run`."""
     cfg = load_config(args.config, args.overrides)
-    return Run(cfg, args.run)
+    return Run(cfg, args.run, save_config=True if not args.overrides or getattr(args, "overwrite", False) else None)
 
 
 def run_main(fn: Callable[[], int], on_interrupt: str = "interrupted; rerun the same command to resume") -> int:

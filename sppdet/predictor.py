@@ -34,14 +34,16 @@ class Predictor:
     def __init__(self, run_dir: str | Path, device: str = "cpu", score_threshold: float | None = None,
                  bbox_reg: bool = True, overrides: tuple[str, ...] | list[str] = ()):
         from .config import load_config
-        from .pipeline import Run, build_detector
+        from .run import Run
+        from .stages import build_detector
 
         run_dir = Path(run_dir)
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml); train one with tools/demo.py")
         self.cfg = load_config(run_dir / "config.yaml", list(overrides))
         self.run = run = Run(self.cfg, run_dir, save_config=False, log_fn=lambda s: None)
-        self.detector = build_detector(run, self.cfg.data.test_split, use_bbox_reg=bbox_reg)
+        # Each model as it was made (its own manifest says with what); only test-time settings come from the run.
+        self.detector = build_detector(run, self.cfg.data.test_split, use_bbox_reg=bbox_reg, check=False)
         self.classes = list(self.detector.classes)
         self.backbone = run.backbone().to(device)
         self.device = device

@@ -95,7 +95,9 @@ def test_resume_after_crash_mid_split_gives_identical_files(toy_voc, tmp_path, m
 
     import yaml
 
-    import sppdet.pipeline as pl
+    import sppdet.stages as pl
+    from sppdet.run import Run
+    import sppdet.stages.features as fs
     from sppdet.config import load_config
     from sppdet.synthetic import TOY_CLASSES
 
@@ -108,14 +110,15 @@ def test_resume_after_crash_mid_split_gives_identical_files(toy_voc, tmp_path, m
             "features": {"scales": [200, 260]}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(conf))
     cfg = load_config(tmp_path / "c.yaml")
-    clean = pl.Run(cfg, tmp_path / "clean", log_fn=lambda s: None)
+    clean = Run(cfg, tmp_path / "clean", log_fn=lambda s: None)
+    pl.stage_proposals(clean, "train")
     pl.stage_features(clean, "train")
     ids = clean.dataset("train").ids
     assert len(ids) >= 4
 
-    crashed = pl.Run(cfg, tmp_path / "crashed", log_fn=lambda s: None)
+    crashed = Run(cfg, tmp_path / "crashed", log_fn=lambda s: None)
     shutil.copytree(clean.proposals_dir("train"), crashed.proposals_dir("train"))
-    real, calls = pl.extract_image, []
+    real, calls = fs.extract_image, []
 
     def dies_on_third_image(*a, **k):
         calls.append(1)
@@ -123,16 +126,16 @@ def test_resume_after_crash_mid_split_gives_identical_files(toy_voc, tmp_path, m
             raise KeyboardInterrupt  # the process is stopped mid-split
         return real(*a, **k)
 
-    monkeypatch.setattr(pl, "extract_image", dies_on_third_image)
+    monkeypatch.setattr(fs, "extract_image", dies_on_third_image)
     with pytest.raises(KeyboardInterrupt):
         pl.stage_features(crashed, "train")
     done = sorted(p.name for p in crashed.features_dir("train").glob("*.npz"))
     assert len(done) == 2
     # A write killed half-way leaves only a hidden temporary file, never a truncated shard.
     (crashed.features_dir("train") / f".{ids[2]}.npz.x.tmp").write_bytes(b"partial")
-    monkeypatch.setattr(pl, "extract_image", real)
+    monkeypatch.setattr(fs, "extract_image", real)
     # Resumed on a machine where the precision resolves to bf16 ("auto"): refused, not mixed in.
-    monkeypatch.setattr(pl, "resolve_precision", lambda *a: "bf16")
+    monkeypatch.setattr(fs, "resolve_precision", lambda *a: "bf16")
     with pytest.raises(StaleCacheError, match="conv_precision: 'fp32' -> 'bf16'"):
         pl.stage_features(crashed, "train")
     monkeypatch.undo()
@@ -181,9 +184,9 @@ def test_peak_rss_sees_a_temporary_allocation_and_npz_bytes_are_deterministic(tm
 def test_stage_manifest_keeps_recorded_results_on_reuse_and_rejects_changed_config(tmp_path):
     from sppdet.store import Stage, StaleCacheError
 
-    Stage(tmp_path / "s", "finetune", {"lr": 0.1}, {"features": "abc"}).finish(1, conv_fingerprint_unchanged="f00d")
+    Stage(tmp_path / "s", "finetune", {"lr": 0.1}, {"features": "abc"}).finish(1, conv_fingerprint="f00d")
     again = Stage(tmp_path / "s", "finetune", {"lr": 0.1}, {"features": "abc"}).finish(1)  # a rerun reusing it
-    assert again["conv_fingerprint_unchanged"] == "f00d" and again["complete"]
+    assert again["conv_fingerprint"] == "f00d" and again["complete"]
     with pytest.raises(StaleCacheError, match="config.lr"):
         Stage(tmp_path / "s", "finetune", {"lr": 0.2}, {"features": "abc"})
 

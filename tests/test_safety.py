@@ -107,7 +107,7 @@ def test_relative_paths_resolve_against_the_project_root_not_the_current_directo
     assert resolve_path(cfg, cfg.data.root) == ROOT / "data" / "tiny" / "VOC2007"
     assert resolve_path(cfg, "/abs/x") == Path("/abs/x")
     # a run folder's saved config keeps the base it was made with
-    from sppdet.pipeline import Run
+    from sppdet.run import Run
 
     run = Run(cfg, tmp_path / "run")
     again = load_config(tmp_path / "run" / "config.yaml")
@@ -180,7 +180,8 @@ def test_a_changed_image_rebuilds_only_its_own_shards(tmp_path, caplog):
 
     import cv2
 
-    from sppdet.pipeline import Run, stage_features, stage_proposals
+    from sppdet.run import Run
+    from sppdet.stages import stage_features, stage_proposals
     from sppdet.synthetic import make_toy_voc
 
     voc = make_toy_voc(tmp_path / "d", 6, seed=4)

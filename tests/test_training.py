@@ -98,21 +98,21 @@ def _one_object_cache(directory, gain: float = 1.0):
     return zf, windows, FeatureCache(directory, zf.stride, zf.center0)
 
 
-def test_finetune_freezes_conv_and_lowers_loss(tmp_path):
-    from sppdet.features import weights_fingerprint
+def test_finetune_lowers_loss(tmp_path):
+    """The fc head learns on cached windows (that the conv layers stay frozen is checked on a real stage run, on
+    the weights on disk: tests/test_end_to_end.py)."""
     from sppdet.finetune import finetune_head
     from sppdet.models import FCHead
 
     zf, windows, cache = _one_object_cache(tmp_path)
-    before = {k: v.clone() for k, v in zf.state_dict().items()}
     head = FCHead(zf.out_channels * 50, 64, 2)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
     cfg = FinetuneConfig(iterations=60, batch_size=32, images_per_batch=2, lr=0.01, lr_steps=[1000], val_every=20,
                          val_batches=4, flip=False)
     res = finetune_head(head, windows, windows, cache, cache, 1, cfg, progress=False, log_fn=lambda s: None)
     h = res["history"]
     assert h[-1]["val_loss"] < h[0]["val_loss"] or h[-1]["train_loss"] < h[0]["train_loss"]
-    assert all(torch.equal(before[k], v) for k, v in zf.state_dict().items())
-    assert weights_fingerprint(zf) == weights_fingerprint(zf)
+    assert not all(torch.equal(before[k], v) for k, v in head.state_dict().items())
 
 
 def test_finetune_input_norm_lets_a_random_head_learn_on_large_features_and_a_head_that_learns_nothing_is_reported(
@@ -122,7 +122,7 @@ def test_finetune_input_norm_lets_a_random_head_learn_on_large_features_and_a_he
     keeps the scale for test time; a fine-tuning that never beats 'all background' says so."""
     from sppdet.finetune import finetune_head, learnt_nothing
     from sppdet.models import FCHead
-    from sppdet.pipeline import _sample_norm
+    from sppdet.stages.common import sample_norm as _sample_norm
 
     zf, windows, cache = _one_object_cache(tmp_path, gain=60.0)
     norm = _sample_norm(cache, windows, np.random.default_rng(0), 4, 50)
@@ -258,7 +258,7 @@ def test_combined_svm_sets_are_checked_naming_the_config_file():
     from pathlib import Path
 
     from sppdet.config import Config, ConfigError, SVMConfig, TestConfig, load_config
-    from sppdet.pipeline import combined_svms
+    from sppdet.stages import combined_svms
 
     def cfg(feature, combine):
         return Config(svm=SVMConfig(feature=feature), test=TestConfig(combine=combine))
@@ -295,21 +295,22 @@ def test_config_rejects_an_unknown_precision_naming_the_file_or_the_set(tmp_path
 
 
 def test_pretrain_set_with_distractors_has_the_extra_class_and_is_checked_for_staleness(tmp_path):
-    import sppdet.pipeline as pl
+    from sppdet.run import Run
     from sppdet.config import load_config
+    from sppdet.pretrain import voc_items
     from sppdet.store import StaleCacheError
     from sppdet.synthetic import DISTRACTOR_CLASS, TOY_CLASSES
 
     def run(distractors):
         cfg = load_config(overrides=[f"data.classes={list(TOY_CLASSES)}", f"pretrain.root={tmp_path / 'pre' / 'VOC2007'}",
                                      "pretrain.synthetic_images=4", f"pretrain.synthetic_distractors={distractors}"])
-        return pl.Run(cfg, tmp_path / "run", log_fn=lambda s: None)
+        return Run(cfg, tmp_path / "run", log_fn=lambda s: None)
 
     ds = run(2).pretrain_dataset()
     assert list(ds.classes) == list(TOY_CLASSES) + [DISTRACTOR_CLASS]
     names = [n for i in ds.ids for n in ds.annotation(i).names]
     assert DISTRACTOR_CLASS in names and set(names) - {DISTRACTOR_CLASS} <= set(TOY_CLASSES)
-    items, classes = pl.voc_items(ds, 1, np.random.default_rng(0))
+    items, classes = voc_items(ds, 1, np.random.default_rng(0))
     assert classes[-2:] == [DISTRACTOR_CLASS, "background"]
     assert {k for _, _, k in items} >= {len(TOY_CLASSES), len(TOY_CLASSES) + 1}
     with pytest.raises(StaleCacheError, match="distractors"):
@@ -317,7 +318,7 @@ def test_pretrain_set_with_distractors_has_the_extra_class_and_is_checked_for_st
 
 
 def test_pretrain_set_with_extra_classes(tmp_path):
-    import sppdet.pipeline as pl
+    from sppdet.run import Run
     from sppdet.config import load_config
     from sppdet.store import StaleCacheError
     from sppdet.synthetic import DISTRACTOR_CLASS, EXTRA_CLASSES, TOY_CLASSES
@@ -326,7 +327,7 @@ def test_pretrain_set_with_extra_classes(tmp_path):
         cfg = load_config(overrides=[f"data.classes={list(TOY_CLASSES)}", f"pretrain.root={tmp_path / 'pre' / 'VOC2007'}",
                                      "pretrain.synthetic_images=6", "pretrain.synthetic_distractors=1",
                                      f"pretrain.synthetic_extra_classes={extra}"])
-        return pl.Run(cfg, tmp_path / "run", log_fn=lambda s: None)
+        return Run(cfg, tmp_path / "run", log_fn=lambda s: None)
 
     ds = run(3).pretrain_dataset()
     assert list(ds.classes) == list(TOY_CLASSES) + list(EXTRA_CLASSES[:3]) + [DISTRACTOR_CLASS]

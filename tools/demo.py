@@ -18,8 +18,7 @@ from pathlib import Path
 
 from sppdet.cli import make_run, parser, run_main
 from sppdet.finetune import learnt_nothing
-from sppdet.pipeline import (combined_svms, stage_bbox_reg, stage_features, stage_finetune, stage_pretrain,
-                             stage_proposals, stage_svms, stage_test)
+from sppdet.stages import plan
 from sppdet.store import PeakRSS, StaleCacheError, atomic_write_text, dir_bytes
 
 
@@ -67,20 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         t_all = time.time()
         data_root = run.path(cfg.data.root)
         timed("data (read; generated if synthetic)", data_root, lambda: [run.dataset(s) for s in splits])
-        if cfg.backbone.weights == "pretrain":
-            timed("pretrain (classifier, multi-size)", run.pretrain_ckpt.parent, lambda: stage_pretrain(run))
-        else:
+        if cfg.backbone.weights != "pretrain":
             print(f"pretrain: skipped, the trunk uses backbone.weights = {cfg.backbone.weights!r}")
-        timed("proposals (selective search)", [run.proposals_dir(s) for s in splits],
-              lambda: [stage_proposals(run, s) for s in splits])
-        timed("features (conv5 once per image)", [run.features_dir(s) for s in splits],
-              lambda: [stage_features(run, s) for s in splits])
-        timed("fine-tune fc6/fc7/fc8 (conv frozen)", run.finetune_path.parent, lambda: stage_finetune(run))
-        timed("SVMs (hard-negative mining)", [run.svm_path(t).parent for _, t in combined_svms(cfg)],
-              lambda: stage_svms(run))
-        timed("box regressors", run.bbox_reg_path.parent, lambda: stage_bbox_reg(run))
-        metrics = timed("test + evaluation", run.detections_dir(cfg.data.test_split),
-                        lambda: stage_test(run, cfg.data.test_split))
+        metrics = None
+        for step in plan(run):
+            metrics = timed(step.label, list(step.folders), step.call)
         total = time.time() - t_all
         lines = ["", "cost of the multi-stage pipeline (this run; reused artefacts cost ~0):",
                  f"{'stage':<40} {'wall s':>8} {'written MB':>11} {'on disk MB':>11} {'peak RSS MB':>12}"]
@@ -89,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"{c['peak_rss_bytes'] / 2**20:12.0f}")
         lines.append(f"{'total':<40} {total:8.1f} {sum(c['bytes'] for c in costs) / 1e6:11.1f}")
         ft = json.loads((run.finetune_path.parent / "manifest.json").read_text())
-        lines.append("fine-tuning updated fc6, fc7 and fc8 only: the conv layers were frozen (conv weights fingerprint "
-                     f"{ft.get('conv_fingerprint_unchanged', '?')} unchanged); Fast R-CNN removes this limitation.")
+        lines.append("fine-tuning updated fc6, fc7 and fc8 only: the conv layers are not in its trainer (their weights' "
+                     f"fingerprint {ft.get('conv_fingerprint', '?')}, checked equal after training); Fast R-CNN "
+                     "removes this limitation.")
         if ft.get("best_val_error") is not None:
             err, bg = ft["best_val_error"], ft.get("background_error")
             lines.append(f"fine-tuning: best validation error {err:.3f} at iteration {ft.get('best_iteration')}" + (

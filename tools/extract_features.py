@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from sppdet.cli import stage_main
-from sppdet.pipeline import stage_features
+from sppdet.stages import stage_features
 
 
 def _shard(s: str) -> tuple[int, int]:

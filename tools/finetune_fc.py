@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from sppdet.cli import stage_main
-from sppdet.pipeline import stage_finetune
+from sppdet.stages import stage_finetune
 
 
 def _body(run, args) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from sppdet.cli import stage_main
-from sppdet.pipeline import stage_pretrain
+from sppdet.stages import stage_pretrain
 
 
 def _arguments(ap) -> None:

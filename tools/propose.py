@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from sppdet.cli import stage_main
-from sppdet.pipeline import stage_proposals
+from sppdet.stages import stage_proposals
 
 
 def _arguments(ap) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 from sppdet.cli import stage_main
-from sppdet.pipeline import stage_combine, stage_features, stage_test
+from sppdet.stages import stage_combine, stage_test
 
 
 def _arguments(ap) -> None:
@@ -35,7 +35,6 @@ def _body(run, args) -> None:
     if args.combine_with and (args.tag or args.svm_tag or args.no_combine):
         raise ValueError("--combine-with combines the run's default detections: leave out --tag, --svm-tag "
                          "and --no-combine")
-    stage_features(run, split)
     m = stage_test(run, split, args.svm_tag, args.tag, combine=not args.no_combine)
     print(f"mAP (VOC07 11-point): {m['map07']:.3f}")
     print(f"results: {run.detections_dir(split, args.tag)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from sppdet.cli import stage_main
-from sppdet.pipeline import stage_bbox_reg
+from sppdet.stages import stage_bbox_reg
 
 
 def _body(run, args) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from sppdet.cli import stage_main
-from sppdet.pipeline import combined_svms, stage_bbox_reg, stage_svm, stage_svms
+from sppdet.stages import combined_svms, stage_bbox_reg, stage_svm, stage_svms
 
 
 def _arguments(ap) -> None:

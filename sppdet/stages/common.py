@@ -1,0 +1,137 @@
+"""What the stages share: a stage's declaration (:class:`StageSpec`), its output folder with the settings and
+inputs it was made from (:func:`stage_folder`), and the checks that a stage's inputs are current."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..config import section_defaults
+from ..features import FeatureCache
+from ..proposals import ProposalStore
+from ..roidb import make_windows
+from ..run import Run
+from ..config import diff_keys, with_defaults
+from ..store import ShardError, Stage, StaleCacheError
+from ..svm import mean_norm
+from ..voc import VOCDataset
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the pipeline, declared.
+
+    Attributes:
+        name: the stage's name (its manifests' ``stage``).
+        tool: the script that runs it on its own (``tools/...``).
+        per_split: whether it runs once per split (``--split``).
+        reads: what it reads: upstream stage folders (``<run>/...``) and dataset files.
+        writes: its own folder in the run.
+        settings: the config sections and keys it reads; all of them are in its manifest's fingerprint, so a
+            change of any of them makes its outputs stale (refused by name, or rebuilt with --overwrite).
+        run: ``run(run, ...)``, the stage itself.
+    """
+
+    name: str
+    tool: str
+    per_split: bool
+    reads: tuple[str, ...]
+    writes: str
+    settings: tuple[str, ...]
+    run: Callable
+
+
+# Inputs recorded since the dataset's contents were fingerprinted: manifests from before lack them.
+_CONTENT_INPUTS = ("images", "annotations")
+
+
+def stage_folder(directory: Path, name: str, sections: dict, extra: dict, inputs: dict, overwrite: bool,
+                 extra_defaults: dict | None = None, item_inputs: dict | None = None, per_item: tuple = ()) -> Stage:
+    """A stage folder whose outputs depend on whole config ``sections`` (name -> dataclass) and ``extra``
+    values; the sections' defaults (and ``extra_defaults``, for extra values added later) let a manifest
+    from before an added option stay valid, as the dataset-content inputs (``images``, ``annotations*``)
+    let one from before they were recorded."""
+    return Stage(directory, name, {**{k: asdict(v) for k, v in sections.items()}, **extra}, inputs,
+                 overwrite=overwrite,
+                 defaults={**{k: section_defaults(v) for k, v in sections.items()}, **(extra_defaults or {})},
+                 added_inputs=tuple(k for k in inputs if k.startswith(_CONTENT_INPUTS)), item_inputs=item_inputs,
+                 per_item=per_item)
+
+
+def require_current(run: Run, split: str, directory: Path) -> None:
+    """Refuse a proposal or feature folder made from other image files than the split now holds (an
+    image edited or regenerated under the same id); folders from before the images were recorded pass."""
+    recorded = Stage.read_manifest(directory).get("inputs", {}).get("images")
+    if recorded is not None and recorded != run.content(split, "images"):
+        raise StaleCacheError(f"{directory}: made from other image files than split {split!r} holds now (an image "
+                              f"changed under the same id); rebuild it with --overwrite (tools/demo.py: "
+                              f"--rebuild-stale)", folder=directory)
+
+
+def split_windows(run: Run, split: str, ds: VOCDataset | None = None) -> dict:
+    ds = ds or run.dataset(split)
+    require_current(run, split, run.proposals_dir(split))
+    store = ProposalStore(run.proposals_dir(split))
+    k = len(run.classes)
+    return {i: make_windows(ds.annotation(i), ds.labels(i), store.load(i), k) for i in ds.ids}
+
+
+def feature_cache(run: Run, split: str, verify: bool = True) -> FeatureCache:
+    """The split's conv5 cache; ``verify``: refused when made with other feature or trunk settings than those
+    now in force, or from other image files than the split holds (False where only its geometry is read)."""
+    d = run.features_dir(split)
+    if verify:
+        require_settings(run, d, f"tools/extract_features.py --split {split}",
+                         {"features": run.cfg.features, "backbone": run.cfg.backbone})
+    cache = FeatureCache.from_manifest(d)
+    if verify:
+        require_current(run, split, cache.dir)
+    return cache
+
+
+def require_flipped_maps(directory: Path, manifest: dict, split: str, option: str) -> None:
+    """Refuse, by name, a feature cache made without the mirror images' maps that ``option`` uses."""
+    if not manifest["config"].get("flip"):
+        raise ShardError(f"{directory}: cached without the flipped images' maps, which {option} asks for; rerun "
+                         f"tools/extract_features.py --split {split} --flip --overwrite, or set {option}=false")
+
+
+def sample_norm(cache: FeatureCache, windows: dict, rng: np.random.Generator, images: int, boxes: int,
+                 layer=lambda x: x.numpy()) -> float:
+    """Mean L2 norm of ``layer``'s features of up to ``boxes`` random windows of each of the first ``images``."""
+    sample = []
+    for i in list(windows)[:images]:
+        w = windows[i]
+        sel = rng.choice(len(w.boxes), min(boxes, len(w.boxes)), replace=False)
+        sample.append(layer(cache.pooled(i, w.boxes[sel])))
+    norm = mean_norm(sample)
+    if not norm > 0:
+        raise ValueError(f"{cache.dir}: every sampled window's features are zero (for fc6/fc7: a fine-tuned head "
+                         "whose units all died; see the fine-tuning stage's log), nothing to scale or train on")
+    return norm
+
+
+def require_settings(run: Run, directory: Path, tool: str, sections: dict, extra: dict | None = None) -> dict:
+    """A finished stage folder's manifest, refused (:class:`StaleCacheError`, naming the keys and ``tool``) when
+    it was made with other values of the config ``sections`` (name -> dataclass) or ``extra`` than those now in
+    force: the check a later stage makes before it uses an upstream model, so that a changed setting is never
+    silently ignored."""
+    if not (Path(directory) / "manifest.json").is_file():
+        raise ShardError(f"{directory}: missing; run {tool} first")
+    m = Stage.read_manifest(directory)
+    if not m.get("complete"):
+        raise ShardError(f"{directory}: unfinished; run {tool} first")
+    now = json.loads(json.dumps({**{k: asdict(v) for k, v in sections.items()}, **(extra or {})}, default=str))
+    defaults = {k: section_defaults(v) for k, v in sections.items()}
+    saved = {k: v for k, v in m.get("config", {}).items() if k in now}
+    now = {k: v for k, v in now.items() if k in saved or k in sections}  # an extra recorded since: not checked
+    changes = diff_keys(with_defaults(saved, defaults), now)
+    if changes:
+        raise StaleCacheError(f"{directory}: made with other settings than those now in force (changed: "
+                              + "; ".join(changes[:6]) + f"); rerun {tool} --overwrite, or pass the same settings",
+                              folder=directory)
+    return m

@@ -1,0 +1,110 @@
+"""Stage 3: conv5 once per image and scale (SPP-net's point: not once per window), cached on disk.
+
+Reads: the split's images, ``<run>/proposals/<split>/`` (its manifest: made with the proposal settings now in
+force), the trunk. Writes: ``<run>/features/<split>/<id>.npz`` (conv5 maps per scale, float16; with ``flip`` the
+mirror image's too) and a manifest; shards (``--shard i/n``) each write their images, the last one completes it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..config import fingerprint
+from ..features import FeatureCache, ImageFeatures, extract_image, weights_fingerprint
+from ..models import resolve_precision
+from ..proposals import ProposalStore
+from ..run import Run
+from ..spp import spp_output_dim
+from ..store import Stage, dir_bytes, file_sha256
+from .common import StageSpec, require_settings, stage_folder
+from .proposals import proposal_settings
+
+
+def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwrite: bool = False,
+                   device: str = "cpu", flip: bool | None = None) -> dict:
+    """conv5 once per image and scale, cached as float16; prints the cost summary. ``flip``: also
+    the flipped image's maps; None: for the train split when ``finetune.flip`` (the authors include
+    flipped images in fine-tuning)."""
+    from tqdm import tqdm
+
+    cfg = run.cfg
+    if flip is None:
+        flip = split == cfg.data.train_split and cfg.finetune.flip
+    ds = run.dataset(split)
+    prop_manifest = require_settings(run, run.proposals_dir(split), f"tools/propose.py --split {split}",
+                                     {}, proposal_settings(run))
+    backbone = run.backbone().to(device)
+    g = backbone.geometry
+    precision = resolve_precision(cfg.features.precision, device, "features.precision")
+    inputs = {"weights": weights_fingerprint(backbone), "proposals": prop_manifest["fingerprint"],
+              "split": fingerprint(ds.ids), "images": run.content(split, "images")}
+    # The precision the pass resolved to ("auto" is bf16 on one machine, fp32 on another) is part of the
+    # config, so a run resumed elsewhere cannot mix the two in one cache. Manifests from before it was
+    # recorded there: the value they recorded beside it, else fp32 (the only precision then).
+    mpath = run.features_dir(split) / "manifest.json"
+    before = (Stage.read_manifest(mpath.parent).get("conv_precision", "fp32") if mpath.is_file() and not overwrite
+              else "fp32")
+    # Per image: its file and its proposals; when only some images changed, only their maps are recomputed.
+    images = run.item_hashes(split, "images")
+    items = {i: images[i] + file_sha256(run.proposals_dir(split) / f"{i}.npz") for i in ds.ids}
+    stage = stage_folder(run.features_dir(split), "features", {"features": cfg.features, "backbone": cfg.backbone},
+                   {"flip": bool(flip), "conv_precision": precision}, inputs, overwrite and shard == (0, 1),
+                   extra_defaults={"conv_precision": before}, item_inputs=items, per_item=("images", "proposals"))
+    i_shard, n_shard = shard
+    ids = ds.ids[i_shard::n_shard]
+    todo = [i for i in ids if not stage.has(i)]
+    store = ProposalStore(run.proposals_dir(split))
+    cache = FeatureCache(stage.dir, g.stride, g.center0, cfg.features.levels, cfg.features.shrink,
+                         cfg.features.target_size)
+    t_conv = t_pool = 0.0
+    nbytes = 0
+    nbox = 0
+    for i in tqdm(todo, desc=f"features {split}" + (f" shard {i_shard}/{n_shard}" if n_shard > 1 else ""), unit="img"):
+        rgb = ds.image(i)
+        maps, factors, flipped, dt = extract_image(backbone, rgb, cfg.features.scales, cfg.features.max_size, flip, device,
+                                                   precision)
+        t_conv += dt
+        boxes = store.load(i)
+        t0 = time.perf_counter()
+        cache.pooled(ImageFeatures(maps, factors, rgb.shape[0], rgb.shape[1]), boxes)  # timed, not stored
+        t_pool += time.perf_counter() - t0
+        nbox += len(boxes)
+        nbytes += cache.write(stage.path(i), maps, factors, rgb.shape[:2], flipped, cfg.features.dtype)
+    done_all = all(stage.has(i) for i in ds.ids)
+    n = len(todo)
+    summary = {
+        "new_images": n,
+        "conv_seconds_per_image": t_conv / n if n else None,
+        "pool_seconds_per_image": t_pool / n if n else None,
+        "boxes_per_image": nbox / n if n else None,
+        "geometry": {"stride": g.stride, "center0": g.center0, "receptive_field": g.receptive_field},
+        "feature_dim": spp_output_dim(backbone.out_channels, cfg.features.levels),
+        "conv_precision": precision,
+    }
+    if done_all:
+        m = stage.finish(len(ds.ids), **summary)
+    else:
+        stage.write_manifest(False, **summary)
+        m = Stage.read_manifest(stage.dir)
+    _log_costs(run, split, stage, ds.ids, summary)
+    return m
+
+
+def _log_costs(run: Run, split: str, stage: Stage, ids: list[str], summary: dict) -> None:
+    """The features stage's cost line: conv and pooling time, the cache per image, projected to VOC 2007."""
+    n = summary["new_images"]
+    total = dir_bytes(stage.dir)
+    per_img = total / max(1, sum(stage.has(i) for i in ids))
+    pooled_per_img = 2000 * summary["feature_dim"] * 4
+    run.log(f"features {split}: {n} new images"
+            + (f", conv {summary['conv_seconds_per_image']:.3f} s/img, pooling {summary['boxes_per_image']:.0f} windows "
+               f"{summary['pool_seconds_per_image'] * 1000:.1f} ms/img" if n else "")
+            + f"; cache {per_img / 1e6:.2f} MB/img ({total / 1e6:.1f} MB in all). Projected to VOC 2007 trainval+test "
+              f"(9963 images): conv5 cache {per_img * 9963 / 1e9:.1f} GB; caching pooled {summary['feature_dim']}-d "
+              f"float32 vectors of 2000 windows instead: {pooled_per_img / 1e6:.0f} MB/img, "
+              f"{pooled_per_img * 9963 / 1e9:.0f} GB")
+
+
+SPEC = StageSpec("features", "tools/extract_features.py", True,
+                 ("data: the split's images", "proposals/<split>/", "the trunk's weights"),
+                 "features/<split>/", ("features", "backbone", "finetune.flip (train split)"), stage_features)

@@ -1,0 +1,36 @@
+"""Stage 2: selective-search proposals, per image, in parallel workers.
+
+Reads: the split's images. Writes: ``<run>/proposals/<split>/<id>.npz`` ((R, 4) xyxy boxes in the image's
+pixels) and a manifest with each image's file hash (a changed image rebuilds only its own shard).
+"""
+
+from __future__ import annotations
+
+from ..proposals import compute_proposals, resolved_params
+from ..run import Run
+from .common import StageSpec
+
+
+def stage_proposals(run: Run, split: str, overwrite: bool = False, workers: int | None = None) -> dict:
+    """Proposals of every image of ``split`` (``workers``: processes; default ``proposals.workers``)."""
+    p = run.cfg.proposals
+    ds = run.dataset(split)
+    return compute_proposals(ds.ids, ds.image_path, run.proposals_dir(split), p.backend, p.max_boxes, p.min_size,
+                             p.params, p.precomputed and str(run.path(p.precomputed)), p.workers if workers is None else workers, overwrite,
+                             image_size=lambda i: (ds.annotation(i).height, ds.annotation(i).width),
+                             inputs={"images": run.content(split, "images")},
+                             item_inputs=run.item_hashes(split, "images"))
+
+
+
+def proposal_settings(run: Run) -> dict:
+    """The settings a proposal folder records (the backend's parameters resolved to its defaults): what the
+    features stage checks the folder it reads against."""
+    p = run.cfg.proposals
+    return {"backend": p.backend, "max_boxes": p.max_boxes, "min_size": p.min_size,
+            "params": resolved_params(p.backend, dict(p.params)),
+            "precomputed": p.precomputed and str(run.path(p.precomputed))}
+
+
+SPEC = StageSpec("proposals", "tools/propose.py", True, ("data: the split's images",),
+                 "proposals/<split>/", ("proposals",), stage_proposals)

@@ -1,0 +1,170 @@
+"""Stage 5: per-class linear SVMs with hard-negative mining (R-CNN's and SPP-net's second training stage: the
+fine-tuned network's own softmax is not what scores windows).
+
+Reads: ``<run>/features/<train>/``, the train split's annotations and proposals, and for fc6/fc7 features
+``<run>/model/finetune/`` (made with the finetune settings now in force). Writes: ``<run>/model/svm<tag>/svm.npz``
+(weights, biases, the feature scale, which classes were trained) and its manifest.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..boxes import flip_boxes
+from ..config import Config
+from ..features import FeatureCache
+from ..models import FCHead
+from ..run import Run
+from ..store import Stage, atomic_save_npz
+from ..svm import HardNegativeTrainer
+from .common import StageSpec, feature_cache, require_flipped_maps, sample_norm, split_windows, stage_folder
+from .finetune import load_head, pretrained_head
+
+FEATURES = ("pool5", "fc6", "fc7", "fc6_noft", "fc7_noft")
+
+
+def layer_features(head: FCHead | None, layer: str, pooled: torch.Tensor) -> np.ndarray:
+    """``pooled`` SPP vectors (pool5) or the head's ``layer`` activations of them, as NumPy."""
+    with torch.no_grad():
+        return (pooled if layer == "pool5" or head is None else head.features(pooled, layer)).numpy()
+
+
+def svm_head(run: Run, feature: str) -> tuple[FCHead | None, str]:
+    """The fc head (None for pool5) and its layer that ``feature`` (an ``svm.feature`` value) names."""
+    if feature in ("fc6", "fc7"):
+        return load_head(run), feature
+    if feature in ("fc6_noft", "fc7_noft"):
+        return pretrained_head(run), feature[:3]
+    if feature == "pool5":
+        return None, "pool5"
+    raise ValueError(f"svm.feature must be one of {', '.join(FEATURES)}, got {feature!r}")
+
+
+def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bool = False) -> dict:
+    """Per-class SVMs with hard-negative mining on the train split (one pass; with ``svm.flip`` also on its
+    mirror images, positives and negatives)."""
+    cfg = run.cfg
+    feature = feature or cfg.svm.feature
+    tr = cfg.data.train_split
+    cache = feature_cache(run, tr)
+    if cfg.svm.flip:
+        require_flipped_maps(cache.dir, Stage.read_manifest(cache.dir), tr, "svm.flip")
+    head, layer = svm_head(run, feature)
+    inputs = {"features": Stage.read_manifest(cache.dir)["fingerprint"], "annotations": run.content(tr, "annotations")}
+    if feature in ("fc6", "fc7"):
+        inputs["finetune"] = Stage.read_manifest(run.finetune_path.parent)["fingerprint"]
+    path = run.svm_path(tag)
+    stage = stage_folder(path.parent, "svm", {"svm": cfg.svm}, {"feature": feature}, inputs, overwrite)
+    if path.is_file():
+        run.log(f"svm: reusing {path}")
+        return stage.finish(1)
+    windows = split_windows(run, tr)
+    rng = np.random.default_rng(cfg.seed)
+    # Feature scale: mean norm over a sample of windows (spp_feature_stats.m).
+    scale = cfg.svm.target_norm / sample_norm(cache, windows, rng, cfg.svm.norm_images, cfg.svm.norm_boxes,
+                                              lambda x: layer_features(head, layer, x))
+    feats = _Views(run, cache, windows, head, layer, scale)
+    trainer = HardNegativeTrainer(_positives(run, feats), feats.dim, cfg.svm, log_fn=run.log)
+    t0 = time.time()
+    _mine(run, feats, trainer, feature)
+    caches = trainer.finish()
+    W = np.stack([c.w if c.w is not None else np.zeros(feats.dim, np.float32) for c in caches])
+    b = np.array([c.b for c in caches], np.float32)
+    stats = {name: {"positives": int(len(c.x_pos)), "negative_cache": int(len(c.idx)), "retrains": c.retrains}
+             for name, c in zip(run.classes, caches)}
+    for name, s in stats.items():
+        last = s["retrains"][-1]["objective"] if s["retrains"] else float("nan")
+        run.log(f"svm {name}: {s['positives']} positives, final negative cache {s['negative_cache']}, "
+                f"{len(s['retrains'])} retrains, final objective {last:.4f}")
+    trained = np.array([c.w is not None for c in caches])
+    atomic_save_npz(path, W=W, b=b, feature_scale=np.float64(scale), layer=np.array(layer),
+                    classes=np.array(run.classes), feature=np.array(feature), trained=trained)
+    return stage.finish(1, stats=stats, feature_scale=scale, mining_seconds=time.time() - t0,
+                        negative_pool=trainer.memory())
+
+
+class _Views:
+    """The train split's windows' SVM features: per image its own view, then (``svm.flip``) its mirror image's."""
+
+    def __init__(self, run: Run, cache: FeatureCache, windows: dict, head: FCHead | None, layer: str, scale: float):
+        self.cache, self.windows, self.head, self.layer, self.scale = cache, windows, head, layer, scale
+        self.flip = run.cfg.svm.flip
+        i0 = next(iter(windows))
+        self.dim = self.features(cache.pooled(i0, windows[i0].boxes[:1])).shape[1]
+
+    def features(self, pooled: torch.Tensor) -> np.ndarray:
+        return layer_features(self.head, self.layer, pooled) * self.scale
+
+    def __call__(self, i: str):
+        feats, boxes = self.cache.load(i, flipped=self.flip), self.windows[i].boxes
+        yield feats, boxes
+        if self.flip:
+            yield feats.mirrored(), flip_boxes(boxes, feats.width)
+
+
+def _positives(run: Run, views: _Views) -> list[np.ndarray]:
+    """Per class, the features of its ground-truth boxes (difficult included, as the authors' roidb)."""
+    from tqdm import tqdm
+
+    pos: list[list[np.ndarray]] = [[] for _ in run.classes]
+    for i in tqdm(views.windows, desc="svm positives", unit="img", leave=False):
+        w = views.windows[i]
+        g = np.nonzero(w.is_gt)[0]
+        for feats, boxes in (views(i) if len(g) else ()):
+            f = views.features(views.cache.pooled(feats, boxes[g]))
+            for j, gi in enumerate(g):
+                pos[int(w.label[gi])].append(f[j:j + 1])
+    x_pos = [np.concatenate(p) if p else np.zeros((0, views.dim), np.float32) for p in pos]
+    for k, name in enumerate(run.classes):
+        run.log(f"svm {name}: {len(x_pos[k])} positives")
+        if not len(x_pos[k]):
+            run.log(f"warning: class {name!r} has no object in the training split {run.cfg.data.train_split!r}: no "
+                    "SVM can be trained for it, so it is left out of scoring (never detected, AP 0); add labelled "
+                    "examples of it")
+    return x_pos
+
+
+def _mine(run: Run, views: _Views, trainer: HardNegativeTrainer, feature: str) -> None:
+    """One pass of hard-negative mining over the train split's proposals (each image scored for every class)."""
+    from tqdm import tqdm
+
+    svm = run.cfg.svm
+    k_cls = len(run.classes)
+    n, last = 0, len(views.windows) * (2 if views.flip else 1) - 1
+    for i in tqdm(views.windows, desc=f"svm hard negatives ({feature})", unit="img"):
+        w = views.windows[i]
+        for feats, boxes in views(i):
+            prop = np.nonzero(~w.is_gt)[0]
+            if len(prop):
+                if svm.dedup:  # one window per conv5 rectangle and scale, pooled once
+                    x, first, _ = views.cache.pooled_groups(feats, boxes[prop])
+                    prop = prop[first]
+                else:
+                    x = views.cache.pooled(feats, boxes[prop])
+                f = views.features(x)
+                neg = w.class_iou[prop] < svm.neg_iou
+            else:  # still called: the last image triggers the final retrain
+                f, neg = np.zeros((0, views.dim), np.float32), np.zeros((0, k_cls), bool)
+            trainer.add_image(n, f.astype(np.float32), neg, last=n == last)
+            n += 1
+
+
+def combined_svms(cfg: Config) -> list[tuple[str, str]]:
+    """``(feature, tag)`` of the SVM sets scored at test time: ``svm.feature`` (tag ``""``), then each
+    feature of ``test.combine`` (tag ``_<feature>``, the folder the ablation uses for it too; ``Config``
+    checks that they can share one detector)."""
+    return [(cfg.svm.feature, "")] + [(f, f"_{f}") for f in dict.fromkeys(cfg.test.combine)]
+
+
+def stage_svms(run: Run, overwrite: bool = False) -> list[dict]:
+    """The SVM sets that testing scores with (``combined_svms``), each a stage of its own."""
+    return [stage_svm(run, feature, tag, overwrite) for feature, tag in combined_svms(run.cfg)]
+
+
+SPEC = StageSpec("svm", "tools/train_svm.py", False,
+                 ("features/<train>/", "data: train annotations", "proposals/<train>/",
+                  "model/finetune/ (fc6/fc7 features)"),
+                 "model/svm<tag>/", ("svm", "test.combine (which feature sets)", "seed"), stage_svms)
