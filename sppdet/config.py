@@ -232,6 +232,42 @@ class TestConfig:
 
 
 @dataclass(frozen=True)
+class FastRCNNConfig:
+    """Fast R-CNN mode (tools/train_fast_rcnn.py), a separate route: the trunk above a frozen stem, fc6/fc7, a
+    softmax classifier and box regressors trained together in one stage. fc6/fc7's width and dropout and the
+    input scaling are finetune.hidden, finetune.dropout and finetune.input_norm; the image scales those of
+    features (a random one per training image when there are several; testing as the SPP-net route)."""
+    iterations: int = field(default=2000, metadata={"min": 1})
+    images_per_batch: int = field(default=2, metadata={"min": 1})  # hierarchical sampling: N images ...
+    rois_per_image: int = field(default=64, metadata={"min": 1})  # ... x R/N windows of each
+    fg_fraction: float = 0.25  # share of foreground windows (IoU >= fg_threshold) in a mini-batch
+    fg_threshold: float = 0.5
+    bg_low: float = 0.1  # background: IoU in [bg_low, bg_high)
+    bg_high: float = 0.5
+    lr: float = 1e-3
+    lr_steps: list = field(default_factory=lambda: [1500], metadata=positive_ints())  # iterations where lr x lr_gamma
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    bbox_loss_weight: float = 1.0  # weight of the smooth-L1 box loss beside the classification loss
+    pooling: str = field(default="spp", metadata={"choices": ("spp", "roi")})  # spp: features.levels; roi: one level
+    roi_size: int = field(default=7, metadata={"min": 1})  # the single level's n x n (pooling: roi)
+    train_conv: bool = True  # false: the conv layers frozen, only fc layers trained (SPP-net's limitation)
+    frozen_convs: int = field(default=1, metadata={"min": 0})  # the first N convolutions (the stem) stay frozen
+    flip: bool = True  # mirror each training image with probability 1/2
+    score_threshold: float = 0.01  # test: softmax probabilities at most this are dropped before NMS
+    log_every: int = field(default=50, metadata={"min": 1})  # iterations per loss record
+
+
+@dataclass(frozen=True)
+class RCNNConfig:
+    """R-CNN mode (tools/train_rcnn.py): each window warped through the trunk on its own; the svm and bbox_reg
+    sections' settings train its SVMs and regressors, test those of the SPP-net route test it."""
+    max_windows: int = field(default=300, metadata={"min": 0})  # proposals per image scored (ranked order; 0: all)
+    size: int = field(default=0, metadata={"min": 0})  # warped side in pixels; 0: pretrain.sizes[0] or 224 (ImageNet)
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "experiment"
     seed: int = 0
@@ -249,6 +285,8 @@ class Config:
     svm: SVMConfig = field(default_factory=SVMConfig)
     bbox_reg: BBoxRegConfig = field(default_factory=BBoxRegConfig)
     test: TestConfig = field(default_factory=TestConfig)
+    fast_rcnn: FastRCNNConfig = field(default_factory=FastRCNNConfig)
+    rcnn: RCNNConfig = field(default_factory=RCNNConfig)
 
     def __post_init__(self):
         # test.combine's SVM sets share the detector's one fc head, the fine-tuned one.

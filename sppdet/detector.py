@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,14 +72,15 @@ def load_svms(path: str | Path) -> dict:
             "trained": trained}
 
 
-def _select(boxes, scores, thresh, nms_iou):
+def select_class(boxes: np.ndarray, scores: np.ndarray, thresh: float, nms_iou: float) -> np.ndarray:
+    """Indices of the windows scoring above ``thresh`` that survive NMS at ``nms_iou``, best first."""
     keep = np.nonzero(scores > thresh)[0]
     if len(keep) == 0:
         return keep
     return keep[nms(boxes[keep], scores[keep], nms_iou)]
 
 
-def _cap(dets: list[tuple], max_per_class: int, max_per_image: int) -> Detections:
+def cap_detections(dets: list[tuple], max_per_class: int, max_per_image: int) -> Detections:
     """Concatenate per-class ``(boxes, scores, k)`` (each sorted by score, as NMS returns them),
     keeping the top ``max_per_class`` of each class, then the top ``max_per_image`` in all (0: no cap)."""
     if max_per_class > 0:
@@ -98,14 +101,14 @@ def union_nms(sets: Sequence[Detections], nms_iou: float, max_per_class: int = 0
     several models' detections with their scores, so that a more confident box of one model
     suppresses the less confident ones of another; then the per-class cap (0: none)."""
     if not sets:
-        return _cap([], max_per_class, 0)
+        return cap_detections([], max_per_class, 0)
     boxes, scores, labels = (np.concatenate([getattr(d, f) for d in sets]) for f in ("boxes", "scores", "labels"))
     per_class = []
     for k in np.unique(labels):
         m = np.nonzero(labels == k)[0]
         keep = m[nms(boxes[m], scores[m], nms_iou)]
         per_class.append((boxes[keep], scores[keep], int(k)))
-    return _cap(per_class, max_per_class, 0)
+    return cap_detections(per_class, max_per_class, 0)
 
 
 class WindowRows:
@@ -136,6 +139,8 @@ class Detector:
 
     def __init__(self, head: FCHead | None, svms: dict | Sequence[dict], regressor: BoxRegressor | None,
                  cache: FeatureCache, test: TestConfig, classes: Sequence[str]):
+        if head is not None and (test.svd_fc6 or test.svd_fc7):
+            head = copy.deepcopy(head)  # compressed below: the caller's head stays as it is
         self.head = head.eval() if head is not None else None
         self.svm_sets = [svms] if isinstance(svms, dict) else list(svms)
         if not self.svm_sets:
@@ -154,9 +159,9 @@ class Detector:
 
         Windows on the same conv5 rectangle at the same scale pool to identical features, so each such
         group is pooled and pushed through fc6/fc7 once (exact; 13-15% of 2,000 selective-search windows
-        on a VOC image at ZF-5's stride 16) and its scores are given to all its windows. The pool5 rows
-        live in a buffer that the next call overwrites (one buffer for every image: a fresh ~100 MB
-        output per image cost its page faults every time); copy them to keep them."""
+        on a VOC image at ZF-5's stride 16) and its scores are given to all its windows. Pooling writes into
+        one buffer kept for every image (a fresh ~100 MB output per image cost its page faults every time);
+        the rows returned are a copy of it (~10 ms), which the next call leaves as they are."""
         t0 = time.perf_counter()
         r, d = len(proposals), spp_output_dim(feats.maps[0].shape[0], self.cache.levels)
         if self._pooled is None or self._pooled.shape[0] < r or self._pooled.shape[1] != d:
@@ -185,7 +190,7 @@ class Detector:
             scores[:, untrained] = -np.inf
         scores = scores[group]
         t3 = time.perf_counter()
-        return WindowRows(pooled.numpy(), group), scores, {"pool": t1 - t0, "fc": t2 - t1, "svm": t3 - t2}
+        return WindowRows(pooled.numpy().copy(), group), scores, {"pool": t1 - t0, "fc": t2 - t1, "svm": t3 - t2}
 
     def postprocess(self, pooled: np.ndarray | WindowRows, scores: np.ndarray, proposals: np.ndarray, width: int,
                     height: int, score_threshold: float | None = None, max_per_image: int | None = None,
@@ -197,7 +202,7 @@ class Detector:
         cap = self.test.max_per_image if max_per_image is None else max_per_image
         plain, refined = [], []
         for k in range(scores.shape[1]):
-            keep = _select(proposals, scores[:, k], thr, self.test.nms)
+            keep = select_class(proposals, scores[:, k], thr, self.test.nms)
             if len(keep) == 0:
                 continue
             plain.append((proposals[keep], scores[keep, k], k))
@@ -207,8 +212,8 @@ class Detector:
                 rb, sk = rb[ok], scores[keep, k][ok]
                 k2 = nms(rb, sk, self.test.nms)
                 refined.append((rb[k2], sk[k2], k))
-        det_plain = _cap(plain, self.test.max_per_class, cap)
-        det_reg = _cap(refined, self.test.max_per_class, cap) if self.regressor is not None else None
+        det_plain = cap_detections(plain, self.test.max_per_class, cap)
+        det_reg = cap_detections(refined, self.test.max_per_class, cap) if self.regressor is not None else None
         return det_plain, det_reg, time.perf_counter() - t0
 
     def detect_cached(self, feats: ImageFeatures, proposals: np.ndarray, score_threshold: float | None = None,

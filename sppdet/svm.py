@@ -15,7 +15,6 @@ L2-regularised hinge loss, dual) with C = 0.001, positive weight 2, bias feature
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
