@@ -46,10 +46,10 @@ def _use_python_steps() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     import reference_selective_search as ref
 
-    from sppdet import grouping
+    from sppdet import grouping, regions
 
-    grouping.texture_codes, grouping.region_stats = ref.texture_codes, ref.regions
-    grouping.region_histograms, grouping.hierarchical_grouping = ref.region_histograms, ref.hierarchical_grouping
+    regions.texture_codes, regions.region_stats = ref.texture_codes, ref.regions
+    regions.region_histograms, grouping.hierarchical_grouping = ref.region_histograms, ref.hierarchical_grouping
 
 
 def _opencv(img: np.ndarray, mode: str) -> np.ndarray:
@@ -103,7 +103,7 @@ def run_backend(args):
 
 def stage_table(items) -> None:
     """Seconds per image of each step of the default `fast` backend (one core)."""
-    from sppdet.proposals import SS_STAGES, selective_search_timed
+    from sppdet.selective_search import SS_STAGES, selective_search_timed
 
     selective_search_timed(items[0][0])
     t: dict = {}
@@ -119,7 +119,7 @@ def segmentation_table(items) -> None:
     ``felzenszwalb`` once per k against sppdet's one graph per colour space, same partitions."""
     from skimage.segmentation import felzenszwalb
 
-    from sppdet.proposals import _downscale, convert_colour
+    from sppdet.selective_search import _downscale, convert_colour
     from sppdet.segmentation import felzenszwalb_multi, same_partition
 
     felzenszwalb_multi(np.zeros((8, 8, 3), np.uint8), (50,))  # compiled code loaded outside the timing

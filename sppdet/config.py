@@ -1,4 +1,4 @@
-"""Configuration: frozen dataclasses per stage, strict YAML loading, fingerprints.
+"""Configuration: frozen dataclasses per stage (:mod:`sppdet.config_sections`), strict YAML loading, fingerprints.
 
 ``load_config(path, overrides)`` reads a YAML file whose top-level keys are the sections
 below; an unknown key or a value of the wrong type is an error naming it (as
@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -31,6 +31,8 @@ __all__ = [
     "SVMConfig",
     "BBoxRegConfig",
     "TestConfig",
+    "FastRCNNConfig",
+    "RCNNConfig",
     "ConfigError",
     "load_config",
     "fingerprint",
@@ -39,232 +41,9 @@ __all__ = [
 ]
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
-COMBINABLE = ("pool5", "fc6", "fc7")  # SVM features that share one detector (the fine-tuned head, or none)
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def positive_ints(**extra) -> dict:
-    """Field metadata: a non-empty list of integers >= 1 (scales, pyramid levels, sizes)."""
-    return {"items": int, "min": 1, "nonempty": True, **extra}
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    root: str = "data/VOCdevkit/VOC2007"  # a VOC year folder (JPEGImages/, Annotations/, ImageSets/Main/)
-    # voc: VOC XML (root is a year folder); coco: one COCO instances JSON per split (see sppdet/coco.py)
-    format: str = field(default="voc", metadata={"choices": ("voc", "coco")})
-    classes: Optional[list] = None  # class names in label order; None: read from the train split's annotations
-    train_split: str = "trainval"
-    val_split: str = "test"
-    test_split: str = "test"
-    # Only for the synthetic dataset: generated into ``root``'s parent if missing.
-    synthetic_images: int = 0
-    synthetic_seed: int = 0
-    synthetic_splits: list = field(default_factory=lambda: [0.4, 0.2])  # train, val fractions; the rest is test
-
-
-@dataclass(frozen=True)
-class ProposalConfig:
-    backend: str = field(default="fast", metadata={"choices": ("fast", "selectivesearch", "precomputed")})
-    max_boxes: int = field(default=2000, metadata={"min": 0})  # 0: no cap
-    min_size: float = field(default=20.0, metadata={"min": 0})
-    workers: int = field(default=0, metadata={"min": 0})  # 0: all cores
-    precomputed: Optional[str] = None  # .mat file or folder of per-image files
-    params: dict = field(default_factory=dict)  # backend-specific parameters
-
-
-@dataclass(frozen=True)
-class BackboneConfig:
-    name: str = "zf5"
-    width: float = 1.0
-    weights: Optional[str] = None  # None | "imagenet" | a file | "pretrain" (the run's tools/pretrain.py checkpoint)
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    sizes: list = field(default_factory=lambda: [224, 180], metadata=positive_ints())  # multi-size: alternate per epoch
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    hidden: int = 4096
-    dropout: float = 0.5
-    levels: list = field(default_factory=lambda: [6, 3, 2, 1])
-    context: float = 0.15  # crops of VOC boxes are enlarged by this fraction per side
-    # Scale augmentation (0 = off): in training, the context per side is drawn from
-    # [context, context_max], so the object fills between 1/(1+2*context) and
-    # 1/(1+2*context_max) of the crop, as objects of many sizes fill conv5 windows at test time.
-    context_max: float = 0.0
-    background_per_image: int = 2  # extra "background" crops per image (VOC source)
-    jitters: int = 0  # extra shifted copies (IoU >= 0.6) of each ground-truth crop (VOC source)
-    val_fraction: float = 0.2
-    eval_every: int = 1  # held-out accuracy every this many epochs (and always after the last)
-    workers: int = 0
-    # Arithmetic of the training steps: "fp32", "bf16" (autocast: convolutions and matmuls in
-    # bfloat16, reductions and the loss in float32) or "auto" (bf16 where the processor has
-    # native bfloat16 instructions or on a CUDA device that supports it, else fp32).
-    # Convolutions always run channels-last (a layout change, same arithmetic).
-    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
-    # ZF-5 from scratch only: train with BatchNorm after each conv, then fold it into the conv
-    # weights and biases (the checkpoint holds a plain ZF-5; later stages never see BatchNorm).
-    batchnorm: bool = False
-    # Source of the crops: None = ground truth of data.train_split. A VOC year folder = its
-    # ``split`` (the toy world's "ImageNet": a separate set the detector is never tested on,
-    # which needs no proposals and so is cheap to make large). ``synthetic_images`` > 0
-    # generates it there (seed ``synthetic_seed``) when missing.
-    root: Optional[str] = None
-    split: str = "trainval"
-    synthetic_images: int = 0
-    synthetic_seed: int = 1000
-    # Generated sets only: annotate up to this many distractor blobs per image as one more class
-    # ("distractor"), so the trunk learns to tell object-like clutter from the classes (0 = off).
-    synthetic_distractors: int = 0
-    # Generated sets only: objects are drawn from this many more shapes (synthetic.EXTRA_CLASSES:
-    # star, hexagon, crescent, chevron), each painted like a random detection class, as classes of
-    # their own (0 = off): pre-training classes beyond the detector's, told apart by shape.
-    synthetic_extra_classes: int = 0
-
-
-@dataclass(frozen=True)
-class FeatureConfig:
-    scales: list = field(default_factory=lambda: [688], metadata=positive_ints())  # shorter side (px); five-scale: [480, 576, 688, 864, 1200]
-    max_size: int = field(default=2000, metadata={"min": 0})  # cap on the longer side after resizing (px; 0: none)
-    levels: list = field(default_factory=lambda: [6, 3, 2, 1], metadata=positive_ints())
-    shrink: float = 6.5  # authors' "offset": windows are shrunk inward by this many pixels
-    target_size: float = 208.0  # multi-scale: pick the scale whose window is closest to this (paper 224)
-    dtype: str = field(default="float16", metadata={"choices": ("float16", "float32")})  # of the cached maps
-    # conv arithmetic of the conv5 pass (cache and detect.py alike): "fp32", "bf16" (autocast: 1.5-2x
-    # faster convolutions with native bfloat16 instructions, maps within ~1% of fp32, then stored as
-    # ``dtype``) or "auto" (bf16 where native).
-    precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    hidden: int = 4096
-    dropout: float = 0.5
-    iterations: int = field(default=2000, metadata={"min": 1})
-    batch_size: int = field(default=128, metadata={"min": 1})
-    images_per_batch: int = field(default=8, metadata={"min": 1})
-    fg_fraction: float = 0.25
-    fg_threshold: float = 0.5
-    bg_low: float = 0.1
-    bg_high: float = 0.5
-    lr: float = 1e-3
-    lr_steps: list = field(default_factory=lambda: [1000, 1500])
-    lr_gamma: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    flip: bool = True
-    random_scale: bool = True  # multi-scale: each training window at a random scale
-    val_every: int = 200
-    val_batches: int = 20
-    init_from_pretrain: bool = True
-    # 0: fc6 sees the pooled features as they are (the paper; a pre-trained fc6 was trained on them). > 0: they
-    # are scaled by one constant so that their mean L2 norm over training windows is this value, for fc6/fc7
-    # from random initialisation on a trunk whose features are large: EfficientNet-Lite0's block outputs have
-    # norms ~470 (ZF-5's ~40), at which SGD at the paper's rates kills fc6's units and nothing is learnt.
-    # The mean is taken over the windows the SVMs' feature scale samples (svm.norm_images, svm.norm_boxes).
-    input_norm: float = 0.0
-
-
-@dataclass(frozen=True)
-class SVMConfig:
-    # pool5 | fc6 | fc7 (of the fine-tuned head) | fc6_noft | fc7_noft (pre-trained head)
-    feature: str = field(default="fc7", metadata={"choices": ("pool5", "fc6", "fc7", "fc6_noft", "fc7_noft")})
-    C: float = 0.001
-    pos_weight: float = 2.0
-    bias_mult: float = 10.0
-    neg_iou: float = 0.3
-    hard_threshold: float = -1.0001
-    evict_threshold: float = -1.2
-    retrain_limit: int = 2000
-    target_norm: float = 20.0
-    norm_images: int = 200
-    norm_boxes: int = 200
-    max_iter: int = 10000
-    # Hard negatives: one window per conv5 rectangle and scale (the authors' dedup; windows on the
-    # same rectangle pool to identical features). SVMs trained before the option existed had none.
-    dedup: bool = field(default=True, metadata={"when_absent": False})
-    # Also the train split's mirrored images (their conv5 maps are in the cache when finetune.flip is on):
-    # their ground-truth boxes as more positives, their windows as more negatives. The authors train the
-    # SVMs without flips; off by default.
-    flip: bool = False
-
-
-@dataclass(frozen=True)
-class BBoxRegConfig:
-    min_overlap: float = 0.5
-    lam: float = 4000.0
-    whiten: bool = True  # authors: whitened targets; False: plain standardisation
-    target_norm: float = 20.0
-
-
-@dataclass(frozen=True)
-class TestConfig:
-    nms: float = 0.3
-    score_threshold: float = -1.5  # SVM scores are margins; the authors keep > -1.5 for evaluation
-    # Caps per image: per class first (R-CNN keeps the top 100 of each class for evaluation), then
-    # across classes for tools/detect.py's output (0 = none). Evaluation applies only the per-class
-    # cap: SVM margins of different classes are not calibrated against each other, so a cross-class
-    # cap lets the most permissive class crowd out the others (demo: block took 94 of the 100).
-    max_per_class: int = 100
-    max_per_image: int = 100
-    bbox_reg: bool = True
-    svd_fc6: int = 0  # truncated-SVD rank for fc6 (0: off)
-    svd_fc7: int = 0
-    # fc6/fc7 arithmetic at test time: "fp32", "bf16" (autocast: 2.2x faster fc6+fc7 for 2000 windows
-    # with native bfloat16 instructions) or "auto" (bf16 where native). See the README for its mAP cost.
-    fc_precision: str = field(default="auto", metadata={"choices": PRECISIONS})
-    draw_threshold: float = 0.0
-    # Model combination (the paper's section 4.4): SVM sets on these features too (pool5, fc6 or fc7
-    # of the fine-tuned head; trained by the SVM stage as model/svm_<feature>) score every window
-    # beside svm.feature's. ``combine_by: max`` is the paper's rule (NMS over the union of the models'
-    # scored windows: a window's copies overlap fully, so that equals NMS on its highest score);
-    # ``mean`` averages the margins.
-    combine: list = field(default_factory=list)
-    combine_by: str = field(default="max", metadata={"choices": ("max", "mean")})
-
-
-@dataclass(frozen=True)
-class FastRCNNConfig:
-    """Fast R-CNN mode (tools/train_fast_rcnn.py), a separate route: the trunk above a frozen stem, fc6/fc7, a
-    softmax classifier and box regressors trained together in one stage. fc6/fc7's width and dropout and the
-    input scaling are finetune.hidden, finetune.dropout and finetune.input_norm; the image scales those of
-    features (a random one per training image when there are several; testing as the SPP-net route)."""
-    iterations: int = field(default=2000, metadata={"min": 1})
-    images_per_batch: int = field(default=2, metadata={"min": 1})  # hierarchical sampling: N images ...
-    rois_per_image: int = field(default=64, metadata={"min": 1})  # ... x R/N windows of each
-    fg_fraction: float = 0.25  # share of foreground windows (IoU >= fg_threshold) in a mini-batch
-    fg_threshold: float = 0.5
-    bg_low: float = 0.1  # background: IoU in [bg_low, bg_high)
-    bg_high: float = 0.5
-    lr: float = 1e-3
-    lr_steps: list = field(default_factory=lambda: [1500], metadata=positive_ints())  # iterations where lr x lr_gamma
-    lr_gamma: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    bbox_loss_weight: float = 1.0  # weight of the smooth-L1 box loss beside the classification loss
-    pooling: str = field(default="spp", metadata={"choices": ("spp", "roi")})  # spp: features.levels; roi: one level
-    roi_size: int = field(default=7, metadata={"min": 1})  # the single level's n x n (pooling: roi)
-    train_conv: bool = True  # false: the conv layers frozen, only fc layers trained (SPP-net's limitation)
-    frozen_convs: int = field(default=1, metadata={"min": 0})  # the first N convolutions (the stem) stay frozen
-    flip: bool = True  # mirror each training image with probability 1/2
-    score_threshold: float = 0.01  # test: softmax probabilities at most this are dropped before NMS
-    log_every: int = field(default=50, metadata={"min": 1})  # iterations per loss record
-
-
-@dataclass(frozen=True)
-class RCNNConfig:
-    """R-CNN mode (tools/train_rcnn.py): each window warped through the trunk on its own; the svm and bbox_reg
-    sections' settings train its SVMs and regressors, test those of the SPP-net route test it."""
-    max_windows: int = field(default=300, metadata={"min": 0})  # proposals per image scored (ranked order; 0: all)
-    size: int = field(default=0, metadata={"min": 0})  # warped side in pixels; 0: pretrain.sizes[0] or 224 (ImageNet)
+from .config_sections import (COMBINABLE, PRECISIONS, BBoxRegConfig, BackboneConfig,  # noqa: F401 (re-exported)
+                              ConfigError, DataConfig, FastRCNNConfig, FeatureConfig, FinetuneConfig, PretrainConfig,
+                              ProposalConfig, RCNNConfig, SVMConfig, TestConfig, positive_ints)
 
 
 @dataclass(frozen=True)

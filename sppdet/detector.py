@@ -224,16 +224,21 @@ class Detector:
         timing["post"] = t_post
         return plain, reg, timing
 
-    def detect_image(self, backbone, rgb: np.ndarray, proposals: np.ndarray, features: FeatureConfig,
-                     device: str = "cpu", score_threshold: float | None = None):
-        """Full test-time path on a new image: conv5 once per scale, then :meth:`detect_cached`."""
+    @staticmethod
+    def image_features(backbone, rgb: np.ndarray, features: FeatureConfig,
+                       device: str = "cpu") -> tuple[ImageFeatures, float]:
+        """conv5 of a new image once per scale, rounded to the cache's dtype (the fc head and SVMs were trained
+        on maps read from it), and the seconds it took."""
         t0 = time.perf_counter()
         maps, factors = conv5_maps(backbone, rgb, features.scales, features.max_size, device,
                                    resolve_precision(features.precision, device, "features.precision"))
-        # Rounded to the cache's dtype: the fc head and SVMs were trained on maps read from it.
         maps = [m.cpu().to(getattr(torch, features.dtype)) for m in maps]
-        t_conv = time.perf_counter() - t0
-        feats = ImageFeatures(maps, factors, rgb.shape[0], rgb.shape[1])
+        return ImageFeatures(maps, factors, rgb.shape[0], rgb.shape[1]), time.perf_counter() - t0
+
+    def detect_image(self, backbone, rgb: np.ndarray, proposals: np.ndarray, features: FeatureConfig,
+                     device: str = "cpu", score_threshold: float | None = None):
+        """Full test-time path on a new image: conv5 once per scale, then :meth:`detect_cached`."""
+        feats, t_conv = self.image_features(backbone, rgb, features, device)
         plain, reg, timing = self.detect_cached(feats, proposals, score_threshold)
         timing["conv"] = t_conv
         return plain, reg, timing

@@ -29,7 +29,8 @@ from .features import box_cells, choose_scale, prepare_image, resize_factor
 from .finetune import sample_windows
 from .models import FCHead
 from .roidb import Windows
-from .spp import pool_windows, spp_output_dim
+from .spp import spp_output_dim
+from .window_pool import pool_windows
 
 __all__ = ["FastRCNN", "BOX_STDS", "train_fast_rcnn", "set_trainable"]
 

@@ -22,7 +22,8 @@ import torch
 from .backbones import Backbone
 from .boxes import flip_boxes
 from .models import autocast
-from .spp import pool_windows, project_boxes_to_cells
+from .spp import project_boxes_to_cells
+from .window_pool import pool_windows
 from .store import ShardError, atomic_save_npz, load_npz
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def pool_boxes(maps: Sequence[torch.Tensor], factors: Sequence[float], boxes: np
                method: str = "sparse_table", out: torch.Tensor | None = None) -> torch.Tensor:
     """SPP features ``(R, C * sum(n*n))`` float32 of original-image ``boxes`` (R, 4) xyxy,
     each pooled from the map of its scale, all scales in one call (``method``, ``out``: see
-    :func:`sppdet.spp.pool_windows`)."""
+    :func:`sppdet.window_pool.pool_windows`)."""
     sidx, cells = box_cells([m.shape[-2:] for m in maps], factors, boxes, scale_idx, stride, center0, shrink)
     return pool_windows(maps, cells, levels, method=method, map_index=torch.as_tensor(sidx), out=out)
 
@@ -160,7 +161,7 @@ class FeatureCache:
 
     @classmethod
     def from_manifest(cls, directory: str | Path) -> "FeatureCache":
-        from .store import require_complete
+        from .manifest import require_complete
 
         m = require_complete(directory, "features")
         g, c = m["geometry"], m["config"]["features"]
@@ -199,7 +200,7 @@ class FeatureCache:
 
         ``scale_idx`` overrides the per-box best scale (used for random-scale training);
         ``flipped`` pools from the flipped image's maps with mirrored boxes; ``out`` is written
-        into when given (see :func:`sppdet.spp.pool_windows`).
+        into when given (see :func:`sppdet.window_pool.pool_windows`).
         """
         if isinstance(feats, str):
             feats = self.load(feats, flipped=flipped)

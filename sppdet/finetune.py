@@ -109,6 +109,41 @@ def _make_batch(ids: Sequence[str], windows: dict, lru: FeatureLRU, cfg: Finetun
     return torch.cat(xs), torch.cat(ys)
 
 
+def _validation_batches(val_windows: dict, lru: FeatureLRU, cfg: FinetuneConfig, num_classes: int,
+                        rng: np.random.Generator) -> list:
+    """A fixed set of ``cfg.val_batches`` mini-batches of the validation split (the same at every check)."""
+    val_ids = list(val_windows)
+    out = []
+    for _ in range(cfg.val_batches if val_ids else 0):
+        pick = list(rng.choice(val_ids, min(cfg.images_per_batch, len(val_ids)), replace=False))
+        x, y = _make_batch(pick, val_windows, lru, cfg, num_classes, rng, train=False)
+        if x is not None:
+            out.append((x, y))
+    return out
+
+
+def sgd(named_parameters, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """SGD with momentum, Caffe-style (biases at twice the rate, not decayed), and its step schedule (``cfg``:
+    ``lr``, ``momentum``, ``weight_decay``, ``lr_steps``, ``lr_gamma``)."""
+    named = [(n, p) for n, p in named_parameters if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0, "lr": cfg.lr * 2},
+    ]
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_steps), gamma=cfg.lr_gamma)
+
+
+def _baselines(val_batches: list, num_classes: int, history: list) -> dict:
+    """The error of calling every validation window background, the loss of predicting the labels' frequencies
+    (their entropy) and the best validation loss reached."""
+    labels = np.concatenate([y.numpy() for _, y in val_batches]) if val_batches else np.zeros(0, np.int64)
+    freq = np.bincount(labels, minlength=num_classes + 1) / max(len(labels), 1)
+    return {"background_error": float(np.mean(labels != num_classes)) if len(labels) else float("nan"),
+            "prior_loss": float(-(freq[freq > 0] * np.log(freq[freq > 0])).sum()) if len(labels) else None,
+            "best_val_loss": min((h["val_loss"] for h in history), default=None) if val_batches else None}
+
+
 def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: dict[str, Windows], cache_train: FeatureCache,
                   cache_val: FeatureCache, num_classes: int, cfg: FinetuneConfig, seed: int = 0, progress: bool = True,
                   log_fn: Callable[[str], None] = print) -> dict:
@@ -121,21 +156,8 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
     if not train_ids:
         raise ValueError("fine-tuning: no training image has windows")
     lru_t, lru_v = FeatureLRU(cache_train), FeatureLRU(cache_val)
-    val_rng = np.random.default_rng(seed + 1)
-    val_ids = list(val_windows)
-    val_batches = []
-    for _ in range(cfg.val_batches if val_ids else 0):
-        pick = list(val_rng.choice(val_ids, min(cfg.images_per_batch, len(val_ids)), replace=False))
-        x, y = _make_batch(pick, val_windows, lru_v, cfg, num_classes, val_rng, train=False)
-        if x is not None:
-            val_batches.append((x, y))
-    # Caffe-style: biases learn at 2x the rate and are not decayed.
-    groups = [
-        {"params": [p for n, p in head.named_parameters() if not n.endswith("bias")], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in head.named_parameters() if n.endswith("bias")], "weight_decay": 0.0, "lr": cfg.lr * 2},
-    ]
-    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_steps), gamma=cfg.lr_gamma)
+    val_batches = _validation_batches(val_windows, lru_v, cfg, num_classes, np.random.default_rng(seed + 1))
+    opt, sched = sgd(head.named_parameters(), cfg)
 
     def validate() -> tuple[float, float]:
         if not val_batches:
@@ -185,11 +207,7 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
     # frequencies (its loss, their entropy). A head that does not beat them has learnt nothing (e.g. fc6's units
     # killed by too large inputs for the learning rate), which would otherwise only show as useless fc6/fc7
     # features three stages later.
-    labels = np.concatenate([y.numpy() for _, y in val_batches]) if val_batches else np.zeros(0, np.int64)
-    freq = np.bincount(labels, minlength=num_classes + 1) / max(len(labels), 1)
-    base = {"background_error": float(np.mean(labels != num_classes)) if len(labels) else float("nan"),
-            "prior_loss": float(-(freq[freq > 0] * np.log(freq[freq > 0])).sum()) if len(labels) else None,
-            "best_val_loss": min((h["val_loss"] for h in history), default=None) if val_batches else None}
+    base = _baselines(val_batches, num_classes, history)
     if learnt_nothing(base):
         log_fn(f"warning: fine-tuning learnt (almost) nothing: its best validation loss {base['best_val_loss']:.4f} is "
                f"within {1 - LEARNT_NOTHING:.0%} of that of predicting the labels' frequencies "

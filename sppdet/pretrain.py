@@ -182,6 +182,54 @@ def _batch(model, x: torch.Tensor, size: int, device) -> torch.Tensor:
     return model.backbone.normalize(x).contiguous(memory_format=torch.channels_last)
 
 
+def _split_items(items: Sequence, val_fraction: float, rng: np.random.Generator) -> tuple[list, list]:
+    """``(train, held-out)`` crops: whole images held out, so that jittered copies of one object never straddle
+    the split (items held out instead where there is a single image)."""
+    paths = sorted({it[0] for it in items})
+    held = set(rng.permutation(paths)[: max(1, int(round(val_fraction * len(paths))))].tolist())
+    if len(paths) < 2:
+        held = set()
+    val_items = [it for it in items if it[0] in held]
+    train_items = [it for it in items if it[0] not in held]
+    if not val_items:
+        perm = rng.permutation(len(items))
+        n_val = max(1, int(round(val_fraction * len(items))))
+        val_items = [items[i] for i in perm[:n_val]]
+        train_items = [items[i] for i in perm[n_val:]]
+    return train_items, val_items
+
+
+def _classifier(backbone_cfg: BackboneConfig, cfg: PretrainConfig, num_classes: int, device: str) -> SPPNetClassifier:
+    """The trunk (``pretrain.batchnorm``: ZF-5 with batch norm, folded away after training) under an SPP head."""
+    weights = backbone_cfg.weights if backbone_cfg.weights not in (None, "pretrain") else None
+    if cfg.batchnorm:
+        if backbone_cfg.name != "zf5" or weights is not None:
+            raise ValueError(f"pretrain.batchnorm is for ZF-5 trained from scratch, not {backbone_cfg.name!r} "
+                             f"with weights {weights!r}")
+        backbone = ZF5(backbone_cfg.width, batchnorm=True)
+    else:
+        backbone = build_backbone(backbone_cfg.name, weights, backbone_cfg.width)
+    model = SPPNetClassifier(backbone, num_classes, cfg.levels, cfg.hidden, cfg.dropout).to(device)
+    return model.to(memory_format=torch.channels_last)
+
+
+def _train_epoch(model, batches, size: int, device: str, precision: str, opt, sched) -> list[float]:
+    """One epoch of SGD steps at input ``size``; returns the losses."""
+    model.train()
+    losses = []
+    for x, y in batches:
+        x = _batch(model, x, size, device)
+        with autocast(device, precision):
+            loss = F.cross_entropy(model(x).float(), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        batches.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    return losses
+
+
 def train_classifier(items: Sequence, classes: Sequence[str], backbone_cfg: BackboneConfig, cfg: PretrainConfig,
                      out_dir: str | Path, seed: int = 0, device: str = "cpu", progress: bool = True,
                      log_fn=print, record: dict | None = None) -> dict:
@@ -191,30 +239,9 @@ def train_classifier(items: Sequence, classes: Sequence[str], backbone_cfg: Back
 
     if len(items) < 4:
         raise ValueError(f"pre-training needs at least 4 labelled crops, got {len(items)}")
-    rng = np.random.default_rng(seed)
-    # Hold out whole images, so that jittered copies of one object never straddle the split.
-    paths = sorted({it[0] for it in items})
-    held = set(rng.permutation(paths)[: max(1, int(round(cfg.val_fraction * len(paths))))].tolist())
-    if len(paths) < 2:
-        held = set()
-    val_items = [it for it in items if it[0] in held]
-    train_items = [it for it in items if it[0] not in held]
-    if not val_items:  # a single image (or folder of one file): hold out items instead
-        perm = rng.permutation(len(items))
-        n_val = max(1, int(round(cfg.val_fraction * len(items))))
-        val_items = [items[i] for i in perm[:n_val]]
-        train_items = [items[i] for i in perm[n_val:]]
+    train_items, val_items = _split_items(items, cfg.val_fraction, np.random.default_rng(seed))
     torch.manual_seed(seed)
-    weights = backbone_cfg.weights if backbone_cfg.weights not in (None, "pretrain") else None
-    if cfg.batchnorm:
-        if backbone_cfg.name != "zf5" or weights is not None:
-            raise ValueError(f"pretrain.batchnorm is for ZF-5 trained from scratch, not {backbone_cfg.name!r} "
-                             f"with weights {weights!r}")
-        backbone = ZF5(backbone_cfg.width, batchnorm=True)
-    else:
-        backbone = build_backbone(backbone_cfg.name, weights, backbone_cfg.width)
-    model = SPPNetClassifier(backbone, len(classes), cfg.levels, cfg.hidden, cfg.dropout).to(device)
-    model.to(memory_format=torch.channels_last)
+    model = _classifier(backbone_cfg, cfg, len(classes), device)
     precision = resolve_precision(cfg.precision, device, "pretrain.precision")
     log_fn(f"pretrain: {precision} steps (pretrain.precision={cfg.precision!r}), channels-last convolutions")
     big = max(cfg.sizes)
@@ -232,20 +259,9 @@ def train_classifier(items: Sequence, classes: Sequence[str], backbone_cfg: Back
     for epoch in range(cfg.epochs):
         size = int(cfg.sizes[epoch % len(cfg.sizes)])
         train_ds.epoch = epoch
-        model.train()
-        losses = []
         bar = tqdm(train_dl, desc=f"pretrain epoch {epoch + 1}/{cfg.epochs} @{size}", unit="batch", disable=not progress,
                    leave=False)
-        for x, y in bar:
-            x = _batch(model, x, size, device)
-            with autocast(device, precision):
-                loss = F.cross_entropy(model(x).float(), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        losses = _train_epoch(model, bar, size, device, precision, opt, sched)
         rec = {"epoch": epoch + 1, "size": size, "loss": float(np.mean(losses)) if losses else float("nan")}
         msg = f"epoch {epoch + 1}/{cfg.epochs} size {size}: train loss {rec['loss']:.3f}"
         if (epoch + 1) % max(1, cfg.eval_every) == 0 or epoch + 1 == cfg.epochs:

@@ -1,15 +1,6 @@
-"""On-disk artefacts: atomic per-item shards and a stage manifest with fingerprints.
-
-Layout of a stage folder::
-
-    <dir>/manifest.json   stage, schema, package version, resolved config, its fingerprint,
-                          fingerprints of the inputs, item count, complete, seconds, bytes
-    <dir>/<item>.npz      one shard per item, written to a temp file and ``os.replace``d
-
-A shard that exists is whole. Re-opening a folder whose manifest has other fingerprints
-is a :class:`StaleCacheError` naming the keys that differ (``overwrite=True`` rebuilds).
-A missing or unreadable shard is an error naming the file, never an empty result.
-"""
+"""On-disk artefacts: atomic writes (a file that exists is whole), per-item ``.npz`` shards read back with errors
+naming the file, content hashes, and the errors the stages raise. A stage folder's manifest is
+:class:`sppdet.manifest.Stage`. A missing or unreadable shard is an error naming the file, never an empty result."""
 
 from __future__ import annotations
 
@@ -17,7 +8,6 @@ import contextlib
 import errno
 import hashlib
 import io
-import json
 import logging
 import os
 import shutil
@@ -29,8 +19,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import __version__
-from .config import diff_keys, fingerprint, with_defaults
 
 __all__ = [
     "StaleCacheError",
@@ -44,11 +32,9 @@ __all__ = [
     "load_npz",
     "file_sha256",
     "files_fingerprint",
-    "Stage",
     "dir_bytes",
 ]
 
-SCHEMA = 1
 log = logging.getLogger(__name__)
 
 
@@ -243,159 +229,6 @@ def dir_bytes(path: str | Path) -> int:
     if not p.exists():
         return 0
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.name.endswith(".tmp"))
-
-
-class Stage:
-    """A stage's output folder with its manifest.
-
-    Args:
-        directory: the folder.
-        stage: the stage's name (``"proposals"``, ``"features"``...).
-        config: the resolved config (a JSON-able dict) that determines the outputs.
-        inputs: fingerprints of the inputs (other stages, weights, data).
-        overwrite: delete existing outputs instead of checking them.
-        defaults: the default of each option in ``config`` (same nesting). A manifest written before
-            an option existed matches while that option is at its default, and the outputs keep
-            their manifest's config and fingerprint, so the stages after them stay valid too.
-        added_inputs: keys of ``inputs`` that manifests written before they were recorded lack (the
-            images' and annotations' contents): such a manifest is not checked on them and keeps its own
-            inputs and fingerprint, as for ``defaults``; one that records them is checked.
-    """
-
-    def __init__(self, directory: str | Path, stage: str, config: dict, inputs: dict | None = None,
-                 overwrite: bool = False, defaults: dict | None = None, added_inputs: tuple[str, ...] = (),
-                 item_inputs: dict[str, str] | None = None, per_item: tuple[str, ...] = ()):
-        self.dir = Path(directory)
-        self.stage = stage
-        self.config = json.loads(json.dumps(config, default=str))
-        self.defaults = json.loads(json.dumps(defaults or {}, default=str))
-        self.inputs = dict(inputs or {})
-        self.added_inputs = tuple(added_inputs)
-        # Per-item inputs (one fingerprint per shard, e.g. of its image file) and the ``inputs`` keys they explain:
-        # when only those keys changed, the shards of the items whose fingerprint changed are deleted and rebuilt,
-        # the others kept (a fixed image rebuilds only itself).
-        self.item_inputs = dict(item_inputs) if item_inputs is not None else None
-        self.per_item = tuple(per_item)
-        self.manifest_path = self.dir / "manifest.json"
-        self._t0 = time.time()
-        if overwrite and self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.dir)
-        old = self.read_manifest(self.dir) if self.manifest_path.exists() else None
-        self._old = old if old is not None and old.get("complete") else None
-        # What a finished run recorded beyond the base fields (e.g. fine-tuning's conv fingerprint)
-        # stays in the manifest when a rerun reuses the outputs.
-        self._recorded: dict = {}
-        if old is not None:
-            self._check_compatible(old)
-            self.previous_seconds = float(old.get("seconds", 0.0))
-            self._recorded = {k: v for k, v in old.items() if k not in self._base_fields(False)}
-        else:
-            self.previous_seconds = 0.0
-        if self._old is None:  # a finished stage whose outputs are only reused keeps its manifest as it is
-            self.write_manifest(complete=False)
-
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint({"config": self.config, "inputs": self.inputs})
-
-    @staticmethod
-    def read_manifest(directory: str | Path) -> dict:
-        path = Path(directory) / "manifest.json"
-        if not path.is_file():
-            raise ShardError(f"{path}: manifest is missing; run the stage that writes {Path(directory)}")
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ShardError(f"{path}: manifest is not valid JSON ({e})") from e
-
-    def _check_compatible(self, old: dict) -> None:
-        if old.get("stage") != self.stage:
-            raise StaleCacheError(f"{self.manifest_path}: folder belongs to stage {old.get('stage')!r}, not {self.stage!r}")
-        saved, saved_inputs = old.get("config", {}), old.get("inputs", {})
-        inputs = {k: v for k, v in self.inputs.items() if k in saved_inputs or k not in self.added_inputs}
-        changes = diff_keys(with_defaults(saved, self.defaults), self.config, "config.") + diff_keys(
-            saved_inputs, inputs, "inputs.")
-        if changes and self._rebuild_changed_items(old, changes):
-            return
-        if changes:
-            content = [k for k in self.added_inputs if any(c.startswith(f"inputs.{k}:") for c in changes)]
-            raise StaleCacheError(
-                f"{self.manifest_path}: outputs were made with other settings or inputs; changed: "
-                + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else "")
-                + (f" (the dataset's {', '.join(content)} differ from the files they were made from)" if content else "")
-                + ". Use --overwrite to rebuild, or another run folder.", folder=self.dir)
-        self.config = saved  # the same settings; options added since stay out of the fingerprint
-        self.inputs = saved_inputs
-
-    def _wrote(self) -> bool:
-        """Whether any output file was written since the stage was opened."""
-        return any(p.stat().st_mtime > self._t0 for p in self.dir.rglob("*")
-                   if p.is_file() and p != self.manifest_path and not p.name.endswith(".tmp"))
-
-    def _rebuild_changed_items(self, old: dict, changes: list[str]) -> bool:
-        """Where every change is in a per-item input and the old manifest recorded per-item fingerprints: delete
-        the shards of the items whose fingerprint differs (logged by name), take the new inputs, and return True."""
-        saved = old.get("item_inputs")
-        if self.item_inputs is None or saved is None or not self.per_item:
-            return False
-        if not all(any(c.startswith(f"inputs.{k}:") for k in self.per_item) for c in changes):
-            return False
-        changed = sorted(i for i, v in self.item_inputs.items() if saved.get(i) != v)
-        for i in changed:
-            for p in self.dir.glob(f"{i}.*"):
-                p.unlink()
-        log.warning("%s: %d item(s) changed since their shards were made (%s%s): rebuilding only those", self.dir,
-                    len(changed), ", ".join(changed[:5]), " ..." if len(changed) > 5 else "")
-        self._old = None  # outputs change: the manifest is rewritten
-        self.config = old.get("config", {})  # the same settings (options added since stay out of the fingerprint)
-        return True
-
-    def _base_fields(self, complete: bool) -> dict:
-        return {
-            "stage": self.stage,
-            "schema": SCHEMA,
-            "sppdet_version": __version__,
-            "config": self.config,
-            "fingerprint": self.fingerprint,
-            "inputs": self.inputs,
-            "complete": bool(complete),
-            **({"item_inputs": self.item_inputs} if self.item_inputs is not None else {}),
-            "seconds": round(self.previous_seconds + time.time() - self._t0, 3),
-        }
-
-    def write_manifest(self, complete: bool, **extra: Any) -> None:
-        m = self._base_fields(complete)
-        m.update(self._recorded)
-        m.update(extra)
-        atomic_write_text(self.manifest_path, json.dumps(m, indent=2, sort_keys=True, default=str))
-
-    def path(self, item: str, suffix: str = ".npz") -> Path:
-        return self.dir / f"{item}{suffix}"
-
-    def has(self, item: str, suffix: str = ".npz") -> bool:
-        return self.path(item, suffix).is_file()
-
-    def finish(self, items: int, **extra: Any) -> dict:
-        """Mark the stage complete with its item count and bytes; a stage that was complete before and whose
-        outputs were only reused (the same items, no file written since it was opened) keeps its manifest file
-        untouched; the manifest returned then carries this call's ``extra`` values."""
-        nbytes = dir_bytes(self.dir) - self.manifest_path.stat().st_size  # the outputs' bytes, manifest excluded
-        if self._old is not None and self._old.get("items") == int(items) and not self._wrote():
-            return {**self._old, **extra}  # what this call did (e.g. new_images 0); the file is left as it was
-        self.write_manifest(True, items=int(items), bytes=nbytes, **extra)
-        return self.read_manifest(self.dir)
-
-
-def require_complete(directory: str | Path, stage: str) -> dict:
-    """Read a finished stage's manifest, or fail naming the folder."""
-    m = Stage.read_manifest(directory)
-    if m.get("stage") != stage:
-        raise ShardError(f"{directory}: expected a {stage!r} stage folder, found {m.get('stage')!r}")
-    if not m.get("complete"):
-        raise ShardError(f"{directory}: stage {stage!r} did not finish; rerun it (it resumes)")
-    return m
 
 
 class PeakRSS:

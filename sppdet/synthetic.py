@@ -177,6 +177,28 @@ def _texture(rng: np.random.Generator, cls: int, h: int, w: int,
     return cv2.cvtColor(canvas, cv2.COLOR_HSV2RGB)[y0:y1, x0:x1].astype(np.float32)
 
 
+def _annotate(objs: list, owner: np.ndarray) -> tuple[list, list, list, list]:
+    """Labels, visible boxes, difficult (under 35% visible or under 12 px) and truncated (cut by the border)
+    flags of the drawn objects that stayed visible (``owner``: which object each pixel shows, -1 none)."""
+    h, w = owner.shape
+    labels, boxes, difficult, truncated = [], [], [], []
+    for i, o in enumerate(objs):
+        vis = owner == i
+        n_vis, n_full = int(vis.sum()), int(o.mask.sum())
+        if n_vis == 0:
+            continue
+        ys, xs = np.nonzero(vis)
+        box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+        fy, fx = np.nonzero(o.mask)
+        cut = fx.min() == 0 or fy.min() == 0 or fx.max() == w - 1 or fy.max() == h - 1
+        bw, bh = box[2] - box[0], box[3] - box[1]
+        labels.append(o.cls)
+        boxes.append(box)
+        difficult.append(n_vis / n_full < 0.35 or min(bw, bh) < 12)
+        truncated.append(bool(cut))
+    return labels, boxes, difficult, truncated
+
+
 def render_scene(rng: np.random.Generator, width: int, height: int, max_objects: int = 6, distractors: int = 0,
                  extra_classes: int = 0):
     """Draw one scene. Returns ``(rgb uint8 (H, W, 3), labels (N,), boxes (N, 4), difficult, truncated)``.
@@ -216,21 +238,7 @@ def render_scene(rng: np.random.Generator, width: int, height: int, max_objects:
     img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.4, 1.0))
     img += rng.normal(0, 4, size=img.shape).astype(np.float32)
     rgb = np.clip(img, 0, 255).astype(np.uint8)
-    labels, boxes, difficult, truncated = [], [], [], []
-    for i, o in enumerate(objs):
-        vis = owner == i
-        n_vis, n_full = int(vis.sum()), int(o.mask.sum())
-        if n_vis == 0:
-            continue
-        ys, xs = np.nonzero(vis)
-        box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
-        fy, fx = np.nonzero(o.mask)
-        cut = fx.min() == 0 or fy.min() == 0 or fx.max() == w - 1 or fy.max() == h - 1
-        bw, bh = box[2] - box[0], box[3] - box[1]
-        labels.append(o.cls)
-        boxes.append(box)
-        difficult.append(n_vis / n_full < 0.35 or min(bw, bh) < 12)
-        truncated.append(bool(cut))
+    labels, boxes, difficult, truncated = _annotate(objs, owner)
     if distractors > 0:
         for box in _visible_distractors(blobs, owner, distractors):
             labels.append(n_classes)

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import cv2
 import numpy as np
 
+from .images import VOCError, image_size, load_image, warn_once  # noqa: F401 (re-exported)
 from .store import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,6 @@ __all__ = [
     "VOCDataset",
     "write_comp4",
 ]
-
-
-class VOCError(ValueError):
-    """Bad VOC input; the message names the file and the problem."""
 
 
 @dataclass
@@ -95,25 +91,23 @@ def _num(node: ET.Element, tag: str, path: Path) -> float:
         raise VOCError(f"{path}: <{tag}> is not a number: {s!r}") from None
 
 
-def warn_once(key: str, message: str, *args) -> None:
-    """Log a warning once per process for ``key`` (a file is read by several stages)."""
-    if key not in _WARNED:
-        _WARNED.add(key)
-        log.warning(message, *args)
-
-
-_WARNED: set[str] = set()
-
-
-def image_size(path: str | Path) -> tuple[int, int]:
-    """``(width, height)`` of an image file from its header (by content, whatever its extension)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, UnidentifiedImageError) as e:
-        raise VOCError(f"{path}: cannot read the image's size ({e})") from None
+def _object_box(obj, i: int, name: str, path: Path, width: int, height: int) -> list[float]:
+    """Object ``i``'s ``<bndbox>`` as a 0-based continuous box (1-based inclusive pixel k covers [k-1, k)),
+    clipped with a warning where it sticks out of the image; an inverted or outside box is an error."""
+    bb = obj.find("bndbox")
+    if bb is None:
+        raise VOCError(f"{path}: object {i} ({name}) has no <bndbox>")
+    xmin, ymin, xmax, ymax = (_num(bb, t, path) for t in ("xmin", "ymin", "xmax", "ymax"))
+    if xmax < xmin or ymax < ymin:
+        raise VOCError(f"{path}: object {i} ({name}) has xmax < xmin or ymax < ymin: "
+                       f"({xmin:g}, {ymin:g}, {xmax:g}, {ymax:g})")
+    box = [xmin - 1.0, ymin - 1.0, xmax, ymax]
+    if box[2] <= 0 or box[3] <= 0 or box[0] >= width or box[1] >= height:
+        raise VOCError(f"{path}: object {i} ({name}) box {box} lies outside the {width}x{height} image")
+    if box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height:
+        log.warning("%s: object %d (%s) box sticks out of the %dx%d image; clipped", path, i, name, width, height)
+        box = [max(box[0], 0.0), max(box[1], 0.0), min(box[2], float(width)), min(box[3], float(height))]
+    return box
 
 
 def read_annotation(xml_path: str | Path, classes: Sequence[str] | None = None,
@@ -156,22 +150,8 @@ def read_annotation(xml_path: str | Path, classes: Sequence[str] | None = None,
                 raise VOCError(f"{path}: object {i} has unknown class {name!r} (known: {', '.join(classes)})")
             log.warning("%s: skipping object %d of unknown class %r", path, i, name)
             continue
-        bb = obj.find("bndbox")
-        if bb is None:
-            raise VOCError(f"{path}: object {i} ({name}) has no <bndbox>")
-        xmin, ymin, xmax, ymax = (_num(bb, t, path) for t in ("xmin", "ymin", "xmax", "ymax"))
-        if xmax < xmin or ymax < ymin:
-            raise VOCError(f"{path}: object {i} ({name}) has xmax < xmin or ymax < ymin: "
-                           f"({xmin:g}, {ymin:g}, {xmax:g}, {ymax:g})")
-        # 1-based inclusive -> 0-based continuous: pixel k (1-based) covers [k-1, k).
-        box = [xmin - 1.0, ymin - 1.0, xmax, ymax]
-        if box[2] <= 0 or box[3] <= 0 or box[0] >= width or box[1] >= height:
-            raise VOCError(f"{path}: object {i} ({name}) box {box} lies outside the {width}x{height} image")
-        if box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height:
-            log.warning("%s: object %d (%s) box sticks out of the %dx%d image; clipped", path, i, name, width, height)
-            box = [max(box[0], 0.0), max(box[1], 0.0), min(box[2], float(width)), min(box[3], float(height))]
         names.append(name)
-        boxes.append(box)
+        boxes.append(_object_box(obj, i, name, path, width, height))
         diff.append(_text(obj, "difficult", path, default="0") == "1")
         trunc.append(_text(obj, "truncated", path, default="0") == "1")
     return Annotation(
@@ -223,55 +203,6 @@ def read_split(path: str | Path) -> list[str]:
     if dups:
         raise VOCError(f"{path}: duplicate image id(s) {', '.join(dups[:5])}")
     return ids
-
-
-def load_image(path: str | Path) -> np.ndarray:
-    """Read any JPEG/PNG/... as RGB uint8 ``(H, W, 3)``.
-
-    Grayscale, CMYK (libjpeg converts it), 16-bit and alpha images all come back as
-    3-channel RGB. A missing or undecodable file is a :class:`VOCError` naming it.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise VOCError(f"{path}: is a folder, not an image file")
-    if not path.is_file():
-        raise VOCError(f"{path}: image file is missing")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if img is None and data[:3].tobytes() == b"\xff\xd8\xff" and len(data) > 1024:
-        # A JPEG whose last bytes are missing: OpenCV's decoder from memory gives up, from the file it reads the
-        # rows that are there ("Premature end of JPEG file"); _check_format warns.
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise VOCError(f"{path}: cannot decode image (corrupt or not an image)")
-    _check_format(path, data)
-    if img.dtype != np.uint8:
-        img = (img / (65535.0 if img.dtype == np.uint16 else max(float(img.max()), 1.0)) * 255).astype(np.uint8)
-    if img.ndim == 2:
-        return np.ascontiguousarray(np.repeat(img[:, :, None], 3, axis=2))
-    if img.shape[2] == 4:
-        # Composite on white so transparent pixels do not become arbitrary colours.
-        alpha = img[:, :, 3:4].astype(np.float32) / 255.0
-        img = (img[:, :, :3].astype(np.float32) * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
-    elif img.shape[2] == 1:
-        img = np.repeat(img, 3, axis=2)
-    return np.ascontiguousarray(img[:, :, 2::-1])
-
-
-_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WebP"}
-_EXTENSION = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".webp": "WebP"}
-
-
-def _check_format(path: Path, data: np.ndarray) -> None:
-    """One warning per file (data kept) for what decoding by content made safe: an extension that lies about the
-    format, a JPEG whose last bytes are missing (no end marker: the rows that are there were decoded)."""
-    head = data[:4].tobytes()
-    kind = next((v for k, v in _MAGIC.items() if head.startswith(k)), None)
-    named = _EXTENSION.get(path.suffix.lower())
-    if kind and named and kind != named:
-        warn_once(str(path), "%s: holds %s data, not %s; decoded by its content", path, kind, named)
-    elif kind == "JPEG" and data[-2:].tobytes() != b"\xff\xd9" and b"\xff\xd9" not in data[-64:].tobytes():
-        warn_once(str(path), "%s: JPEG is truncated (no end marker); its decodable rows are used", path)
 
 
 def class_names_in(root: str | Path, split: str) -> list[str]:

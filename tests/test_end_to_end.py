@@ -21,6 +21,22 @@ def tool(name, *args, check=True):
     return r
 
 
+def chance_map(tmp, classes) -> float:
+    """The mAP of the test split's proposals (their first 100) with random classes and scores."""
+    from sppdet.evaluation import evaluate_detections
+    from sppdet.proposals import ProposalStore
+    from sppdet.voc import VOCDataset
+
+    ds = VOCDataset(tmp / "data" / "VOC2007", "test", classes)
+    store = ProposalStore(tmp / "run" / "proposals" / "test")
+    rng = np.random.default_rng(0)
+    dets = {k: [] for k in range(len(classes))}
+    for i in ds.ids:
+        for b in store.load(i)[:100]:
+            dets[int(rng.integers(0, len(classes)))].append((i, float(rng.random()), *map(float, b)))
+    return evaluate_detections(dets, {k: ds.ground_truth(k) for k in range(len(classes))}, classes)["map07"]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
@@ -43,19 +59,10 @@ def test_pipeline_outputs_and_map(trained):
     assert len(list(det.glob("comp4_det_test_*.txt"))) == 5
     m = json.loads((det / "metrics.json").read_text())
     assert "mAP (VOC07 11-point)" in out
-    # chance: the same proposals with random scores
-    from sppdet.evaluation import evaluate_detections
-    from sppdet.proposals import ProposalStore
     from sppdet.voc import VOCDataset
 
     ds = VOCDataset(tmp / "data" / "VOC2007", "test", m["classes"])
-    store = ProposalStore(tmp / "run" / "proposals" / "test")
-    rng = np.random.default_rng(0)
-    dets = {k: [] for k in range(5)}
-    for i in ds.ids:
-        for b in store.load(i)[:100]:
-            dets[int(rng.integers(0, 5))].append((i, float(rng.random()), *map(float, b)))
-    chance = evaluate_detections(dets, {k: ds.ground_truth(k) for k in range(5)}, m["classes"])["map07"]
+    chance = chance_map(tmp, m["classes"])
     assert m["map07"] > 3 * chance, (m["map07"], chance)
     for k in ("without_bbox_reg", "with_bbox_reg"):
         assert k in m["results"]
@@ -140,7 +147,8 @@ def test_a_dataset_changed_under_the_same_ids_is_a_stale_cache(trained, tmp_path
 
 
 def test_stage_made_before_content_inputs_were_recorded_stays_valid(tmp_path):
-    from sppdet.store import Stage, StaleCacheError
+    from sppdet.store import StaleCacheError
+    from sppdet.manifest import Stage
 
     old = Stage(tmp_path / "s", "features", {"scales": [688]}, {"weights": "w"}).finish(1)
     again = Stage(tmp_path / "s", "features", {"scales": [688]}, {"weights": "w", "images": "i1"},
@@ -394,3 +402,36 @@ def test_predictor_detects_with_a_run_folder_from_any_directory(trained, tmp_pat
     assert not list(tmp_path.iterdir())  # nothing generated in the current directory
     with pytest.raises(ValueError, match="RGB uint8"):
         p(img.astype(np.float32))
+
+
+def test_fast_rcnn_mode_trains_the_trunk_writes_no_feature_cache_and_detects(trained, tmp_path):
+    """Fast R-CNN mode from the same trunk and proposals: one stage trains the conv layers above the stem too
+    (the trunk's weights change), nothing is cached but the model, and the mAP is far above chance."""
+    import os
+
+    import torch
+
+    tmp, _ = trained
+    run = tmp_path / "run"
+    run.mkdir()
+    for d in ("pretrain", "proposals"):
+        os.symlink(tmp / "run" / d, run / d)
+    r = tool("train_fast_rcnn.py", "--config", "configs/tiny.yaml", "--run", run, "--set",
+             f"data.root={tmp / 'data' / 'VOC2007'}", "--set", "fast_rcnn.iterations=300",
+             "--set", "fast_rcnn.lr_steps=[200]")
+    man = json.loads((run / "model" / "fast_rcnn" / "manifest.json").read_text())
+    assert man["complete"] and man["conv_changed"] and man["trained_conv_tensors"] > 0
+    assert not (run / "features").exists()
+    written = {p.relative_to(run).parts[0] for p in run.rglob("*") if p.is_file() and not p.is_symlink()}
+    assert written <= {"config.yaml", "model", "detections"}, written
+    # the trunk on disk is untouched; the model's own trunk differs from it above the stem
+    from sppdet.backbones import build_backbone
+
+    disk = build_backbone("zf5", str(tmp / "run" / "pretrain" / "checkpoint.pt"), 0.125).state_dict()
+    mine = torch.load(run / "model" / "fast_rcnn" / "model.pt", weights_only=False)["model"]
+    changed = [k for k, v in disk.items() if not torch.equal(v, mine["backbone." + k])]
+    stem = next(k for k, v in disk.items() if v.dim() == 4)  # the first convolution's weights
+    assert changed and stem not in changed
+    m = json.loads((run / "detections" / "test_fast_rcnn" / "metrics.json").read_text())
+    assert m["method"] == "fast_rcnn" and "mAP (VOC07 11-point)" in r.stdout
+    assert m["map07"] > 3 * chance_map(tmp, m["classes"]), m["map07"]

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from sppdet.spp import bin_edges, pool_windows
+from sppdet.spp import bin_edges
+from sppdet.window_pool import pool_windows
 
 
 def _loop_reference(fmap: torch.Tensor, cells: torch.Tensor, levels) -> torch.Tensor:

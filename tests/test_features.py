@@ -182,7 +182,8 @@ def test_peak_rss_sees_a_temporary_allocation_and_npz_bytes_are_deterministic(tm
 
 
 def test_stage_manifest_keeps_recorded_results_on_reuse_and_rejects_changed_config(tmp_path):
-    from sppdet.store import Stage, StaleCacheError
+    from sppdet.store import StaleCacheError
+    from sppdet.manifest import Stage
 
     Stage(tmp_path / "s", "finetune", {"lr": 0.1}, {"features": "abc"}).finish(1, conv_fingerprint="f00d")
     again = Stage(tmp_path / "s", "finetune", {"lr": 0.1}, {"features": "abc"}).finish(1)  # a rerun reusing it
@@ -194,7 +195,8 @@ def test_stage_manifest_keeps_recorded_results_on_reuse_and_rejects_changed_conf
 def test_stage_made_before_an_option_existed_stays_valid_at_its_default(tmp_path):
     """An upgrade that adds an option (default: the old behaviour) keeps the caches and their fingerprint;
     the option set to anything else is a change, named."""
-    from sppdet.store import Stage, StaleCacheError
+    from sppdet.store import StaleCacheError
+    from sppdet.manifest import Stage
 
     old = Stage(tmp_path / "s", "svm", {"svm": {"C": 0.01}, "feature": "fc7"}, {"features": "abc"}).finish(1)
     new_cfg = {"svm": {"C": 0.01, "new_option": 0}, "feature": "fc7"}

@@ -1,4 +1,4 @@
-"""The compiled selective-search steps (sppdet.grouping) against the pure-Python code they replaced
+"""The compiled selective-search steps (sppdet.regions, sppdet.grouping) against the pure-Python code they replaced
 (tests/reference_selective_search.py): the same arrays and the same boxes in the same order, bit for bit, on
 generated images and on real VOC photos; and the grouping against a naive greedy merge on tiny images."""
 
@@ -7,7 +7,8 @@ import pytest
 
 import reference_selective_search as ref
 from sppdet import grouping
-from sppdet.proposals import _downscale, convert_colour
+from sppdet import regions as sr
+from sppdet.selective_search import _downscale, convert_colour
 from sppdet.segmentation import felzenszwalb_multi
 from sppdet.synthetic import make_toy_voc
 
@@ -19,15 +20,15 @@ def _steps_agree(rgb: np.ndarray, ks=(50, 100)) -> int:
     n_checked = 0
     for space in ("hsv", "lab", "rgi"):
         img = convert_colour(rgb, space)
-        tex = grouping.texture_codes(img)
+        tex = sr.texture_codes(img)
         assert np.array_equal(tex, ref.texture_codes(img))
         colour = ((img.astype(np.int32) * 25) >> 8).astype(np.uint8)
         for labels in felzenszwalb_multi(img, ks, 0.8):
-            regions = grouping.region_stats(labels)
+            regions = sr.region_stats(labels)
             for mine, theirs in zip(regions, ref.regions(labels)):
                 assert np.array_equal(mine, theirs)
             n = len(regions[0])
-            hc, ht = grouping.region_histograms(labels, n, colour, 25), grouping.region_histograms(labels, n, tex, 10)
+            hc, ht = sr.region_histograms(labels, n, colour, 25), sr.region_histograms(labels, n, tex, 10)
             assert np.array_equal(hc, ref.region_histograms(labels, n, colour.astype(np.int32), 25))
             assert np.array_equal(ht, ref.region_histograms(labels, n, tex.astype(np.int32), 10))
             for s in SETS:
@@ -71,12 +72,12 @@ def _tiny(seed: int) -> np.ndarray:
 def test_grouping_gives_the_naive_greedy_merges_box_set(seed):
     img = _tiny(seed)
     labels = felzenszwalb_multi(img, (1,), 0.0, min_sizes=(1,))[0]
-    regions = grouping.region_stats(labels)
+    regions = sr.region_stats(labels)
     n = len(regions[0])
     assert n > 10
-    tex = grouping.texture_codes(img)
-    hc = grouping.region_histograms(labels, n, ((img.astype(np.int32) * 25) >> 8).astype(np.uint8), 25)
-    ht = grouping.region_histograms(labels, n, tex, 10)
+    tex = sr.texture_codes(img)
+    hc = sr.region_histograms(labels, n, ((img.astype(np.int32) * 25) >> 8).astype(np.uint8), 25)
+    ht = sr.region_histograms(labels, n, tex, 10)
     for s in SETS:
         mine = grouping.hierarchical_grouping(regions, hc, ht, s)
         naive = ref.naive_grouping(regions, hc, ht, s)
@@ -85,7 +86,7 @@ def test_grouping_gives_the_naive_greedy_merges_box_set(seed):
 
 
 def test_grouping_edge_cases():
-    one = grouping.region_stats(np.zeros((5, 7), np.int64))
+    one = sr.region_stats(np.zeros((5, 7), np.int64))
     assert one[0].tolist() == [35.0] and one[1].tolist() == [[0, 0, 7, 5]] and len(one[2]) == 0
     out = grouping.hierarchical_grouping(one, np.ones((1, 75), np.float32), np.ones((1, 240), np.float32))
     assert out.tolist() == [[0, 0, 7, 5]]

@@ -55,7 +55,7 @@ def test_backends_agree_on_format():
 def test_selectivesearch_repairs_are_scoped_and_correct():
     import selectivesearch.selectivesearch as ss
 
-    from sppdet.proposals import _repaired_selectivesearch
+    from sppdet.selective_search import _repaired_selectivesearch
 
     before = (ss._calc_colour_hist, ss._calc_texture_hist, ss._extract_neighbours)
     img, gt = rect_image()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sppdet import store
+from sppdet import manifest, store
 from sppdet.config import ConfigError, load_config, resolve_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def test_files_follow_the_umask(tmp_path):
 
 def test_stale_temp_files_are_cleaned_and_a_reuse_keeps_the_manifest(tmp_path):
     d = tmp_path / "stage"
-    s = store.Stage(d, "x", {"a": 1})
+    s = manifest.Stage(d, "x", {"a": 1})
     store.atomic_save_npz(s.path("i0"), v=np.zeros(3))
     s.finish(1)
     dead = d / ".i1.npz.999999999.abcd.tmp"  # a writer killed mid-write (its process is gone)
@@ -76,7 +76,7 @@ def test_stale_temp_files_are_cleaned_and_a_reuse_keeps_the_manifest(tmp_path):
     running = d / f".i2.npz.{os.getpid()}.abcd.tmp"  # another process still writing: left alone
     running.write_bytes(b"y")
     before = (d / "manifest.json").read_text()
-    s2 = store.Stage(d, "x", {"a": 1})
+    s2 = manifest.Stage(d, "x", {"a": 1})
     assert not dead.exists() and running.exists()
     m = s2.finish(1)
     assert (d / "manifest.json").read_text() == before and m["bytes"] == s.path("i0").stat().st_size

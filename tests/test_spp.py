@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from sppdet.spp import (SpatialPyramidPooling, bin_edges, paper_window_stride, pool_windows, project_boxes_to_cells,
-                        spp_output_dim)
+from sppdet.spp import SpatialPyramidPooling, bin_edges, paper_window_stride, project_boxes_to_cells, spp_output_dim
+from sppdet.window_pool import pool_windows
 
 
 def reference_spp(x: np.ndarray, levels, mode):
@@ -200,7 +200,7 @@ def test_projection_matches_authors_one_based_formula():
 
 def test_floor_ceil_bins_of_one_window_differ_by_at_most_one_cell():
     # what lets the sparse table use one block size per window and axis
-    from sppdet.spp import _edges
+    from sppdet.window_pool import _edges
 
     size = torch.arange(1, 301)
     for n in range(1, 14):

@@ -216,7 +216,7 @@ def test_pretrain_with_batchnorm_stores_a_plain_zf5(toy_voc, tmp_path):
 
 
 def test_caps_per_class_then_per_image():
-    from sppdet.detector import _cap
+    from sppdet.detector import cap_detections as _cap
 
     def cls(k, scores):
         s = np.asarray(scores, np.float32)

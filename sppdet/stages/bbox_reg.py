@@ -10,7 +10,7 @@ import numpy as np
 
 from ..bbox_reg import BoxRegressor, fit_class_regressor
 from ..run import Run
-from ..store import Stage
+from ..manifest import Stage
 from .common import StageSpec, feature_cache, split_windows, stage_folder
 
 

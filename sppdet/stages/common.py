@@ -16,7 +16,8 @@ from ..proposals import ProposalStore
 from ..roidb import make_windows
 from ..run import Run
 from ..config import diff_keys, with_defaults
-from ..store import ShardError, Stage, StaleCacheError
+from ..store import ShardError, StaleCacheError
+from ..manifest import Stage
 from ..svm import mean_norm
 from ..voc import VOCDataset
 

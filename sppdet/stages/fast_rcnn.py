@@ -20,7 +20,7 @@ from ..features import weights_fingerprint
 from ..pretrain import load_checkpoint, save_checkpoint
 from ..proposals import ProposalStore
 from ..run import Run
-from ..store import Stage
+from ..manifest import Stage
 from .common import StageSpec, require_current, require_settings, split_windows, stage_folder
 from .proposals import proposal_settings
 from .test import annotations_of, evaluate, write_results
@@ -77,7 +77,8 @@ def _input_scale(run: Run, model: FastRCNN, ds, windows: dict) -> float:
         for i in list(windows)[:run.cfg.svm.norm_images]:
             w = windows[i]
             sel = rng.choice(len(w.boxes), min(run.cfg.svm.norm_boxes, len(w.boxes)), replace=False)
-            fmap, f = model.conv_map(ds.image(i), run.cfg.features.scales[0], run.cfg.features.max_size)
+            fmap, f = model.conv_map(ds.image(i), (run.cfg.fast_rcnn.scales or run.cfg.features.scales)[0],
+                                     run.cfg.features.max_size)
             norms.append(model.pool([fmap], [f], w.boxes[sel], np.zeros(len(sel), np.int64)).norm(dim=1).numpy())
     return float(target / np.concatenate(norms).mean())
 
@@ -106,7 +107,8 @@ def stage_fast_rcnn(run: Run, tag: str = "", overwrite: bool = False) -> dict:
     run.log(f"fast_rcnn: {len(trainable)} trunk parameter tensors trained (frozen stem: the first "
             f"{cfg.fast_rcnn.frozen_convs} convolution(s)), pooling levels {model.levels}, fc6/fc7 from {how}")
     gt = {i: ds.annotation(i).boxes for i in windows}
-    res = train_fast_rcnn(model, ds.image, windows, gt, cfg.fast_rcnn, cfg.features.scales, cfg.features.max_size,
+    res = train_fast_rcnn(model, ds.image, windows, gt, cfg.fast_rcnn, cfg.fast_rcnn.scales or cfg.features.scales,
+                          cfg.features.max_size,
                           cfg.seed, log_fn=run.log)
     save_checkpoint(path, {"model": model.state_dict(), "classes": run.classes, "levels": model.levels,
                            "input_scale": model.head.input_scale, "trainable": trainable})
@@ -149,7 +151,7 @@ def stage_fast_rcnn_test(run: Run, split: str | None = None, tag: str = "", draw
     t0 = time.time()
     for i in tqdm(ds.ids, desc=f"fast r-cnn test {split}", unit="img", disable=not progress):
         props = store.load(i)
-        plain, reg, scores, secs = model.detect(ds.image(i), props, f.scales, f.max_size, f.target_size, t.nms,
+        plain, reg, scores, secs = model.detect(ds.image(i), props, fr.scales or f.scales, f.max_size, f.target_size, t.nms,
                                                 fr.score_threshold, t.max_per_class)
         for k in timing:
             timing[k] += secs[k]

@@ -15,7 +15,8 @@ from ..models import resolve_precision
 from ..proposals import ProposalStore
 from ..run import Run
 from ..spp import spp_output_dim
-from ..store import Stage, dir_bytes, file_sha256
+from ..store import dir_bytes, file_sha256
+from ..manifest import Stage
 from .common import StageSpec, require_settings, stage_folder
 from .proposals import proposal_settings
 
@@ -25,8 +26,6 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
     """conv5 once per image and scale, cached as float16; prints the cost summary. ``flip``: also
     the flipped image's maps; None: for the train split when ``finetune.flip`` (the authors include
     flipped images in fine-tuning)."""
-    from tqdm import tqdm
-
     cfg = run.cfg
     if flip is None:
         flip = split == cfg.data.train_split and cfg.finetune.flip
@@ -48,28 +47,14 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
     images = run.item_hashes(split, "images")
     items = {i: images[i] + file_sha256(run.proposals_dir(split) / f"{i}.npz") for i in ds.ids}
     stage = stage_folder(run.features_dir(split), "features", {"features": cfg.features, "backbone": cfg.backbone},
-                   {"flip": bool(flip), "conv_precision": precision}, inputs, overwrite and shard == (0, 1),
-                   extra_defaults={"conv_precision": before}, item_inputs=items, per_item=("images", "proposals"))
+                         {"flip": bool(flip), "conv_precision": precision}, inputs, overwrite and shard == (0, 1),
+                         extra_defaults={"conv_precision": before}, item_inputs=items,
+                         per_item=("images", "proposals"))
     i_shard, n_shard = shard
     ids = ds.ids[i_shard::n_shard]
     todo = [i for i in ids if not stage.has(i)]
-    store = ProposalStore(run.proposals_dir(split))
-    cache = FeatureCache(stage.dir, g.stride, g.center0, cfg.features.levels, cfg.features.shrink,
-                         cfg.features.target_size)
-    t_conv = t_pool = 0.0
-    nbytes = 0
-    nbox = 0
-    for i in tqdm(todo, desc=f"features {split}" + (f" shard {i_shard}/{n_shard}" if n_shard > 1 else ""), unit="img"):
-        rgb = ds.image(i)
-        maps, factors, flipped, dt = extract_image(backbone, rgb, cfg.features.scales, cfg.features.max_size, flip, device,
-                                                   precision)
-        t_conv += dt
-        boxes = store.load(i)
-        t0 = time.perf_counter()
-        cache.pooled(ImageFeatures(maps, factors, rgb.shape[0], rgb.shape[1]), boxes)  # timed, not stored
-        t_pool += time.perf_counter() - t0
-        nbox += len(boxes)
-        nbytes += cache.write(stage.path(i), maps, factors, rgb.shape[:2], flipped, cfg.features.dtype)
+    t_conv, t_pool, nbox = _extract(run, split, stage, todo, backbone, bool(flip), device, precision,
+                                    f" shard {i_shard}/{n_shard}" if n_shard > 1 else "")
     done_all = all(stage.has(i) for i in ds.ids)
     n = len(todo)
     summary = {
@@ -88,6 +73,31 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
         m = Stage.read_manifest(stage.dir)
     _log_costs(run, split, stage, ds.ids, summary)
     return m
+
+
+def _extract(run: Run, split: str, stage: Stage, todo: list[str], backbone, flip: bool, device: str, precision: str,
+             label: str) -> tuple[float, float, int]:
+    """conv5 of each image of ``todo`` written to its shard; returns the seconds of conv and of pooling its windows
+    (timed, not stored: what the later stages pay per read) and the windows counted."""
+    from tqdm import tqdm
+
+    f, g = run.cfg.features, backbone.geometry
+    ds = run.dataset(split)
+    store = ProposalStore(run.proposals_dir(split))
+    cache = FeatureCache(stage.dir, g.stride, g.center0, f.levels, f.shrink, f.target_size)
+    t_conv = t_pool = 0.0
+    nbox = 0
+    for i in tqdm(todo, desc=f"features {split}{label}", unit="img"):
+        rgb = ds.image(i)
+        maps, factors, flipped, dt = extract_image(backbone, rgb, f.scales, f.max_size, flip, device, precision)
+        t_conv += dt
+        boxes = store.load(i)
+        t0 = time.perf_counter()
+        cache.pooled(ImageFeatures(maps, factors, rgb.shape[0], rgb.shape[1]), boxes)
+        t_pool += time.perf_counter() - t0
+        nbox += len(boxes)
+        cache.write(stage.path(i), maps, factors, rgb.shape[:2], flipped, f.dtype)
+    return t_conv, t_pool, nbox
 
 
 def _log_costs(run: Run, split: str, stage: Stage, ids: list[str], summary: dict) -> None:

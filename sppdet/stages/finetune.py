@@ -17,7 +17,8 @@ from ..models import FCHead
 from ..pretrain import load_checkpoint, save_checkpoint
 from ..run import Run
 from ..spp import spp_output_dim
-from ..store import ShardError, Stage
+from ..store import ShardError
+from ..manifest import Stage
 from .common import StageSpec, feature_cache, require_settings, require_flipped_maps, sample_norm, split_windows, stage_folder
 
 

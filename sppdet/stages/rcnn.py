@@ -20,7 +20,8 @@ from ..features import weights_fingerprint
 from ..proposals import ProposalStore
 from ..rcnn import rcnn_features
 from ..run import Run
-from ..store import Stage, atomic_save_npz, load_npz
+from ..store import atomic_save_npz, load_npz
+from ..manifest import Stage
 from ..svm import HardNegativeTrainer, mean_norm
 from .common import StageSpec, require_current, require_settings, split_windows, stage_folder
 from .proposals import proposal_settings

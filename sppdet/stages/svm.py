@@ -18,7 +18,8 @@ from ..config import Config
 from ..features import FeatureCache
 from ..models import FCHead
 from ..run import Run
-from ..store import Stage, atomic_save_npz
+from ..store import atomic_save_npz
+from ..manifest import Stage
 from ..svm import HardNegativeTrainer
 from .common import StageSpec, feature_cache, require_flipped_maps, sample_norm, split_windows, stage_folder
 from .finetune import load_head, pretrained_head

