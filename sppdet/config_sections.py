@@ -31,7 +31,7 @@ class DataConfig:
     format: str = field(default="voc", metadata={"choices": ("voc", "coco")})
     classes: Optional[list] = None  # class names in label order; None: read from the train split's annotations
     train_split: str = "trainval"
-    val_split: str = "test"
+    val_split: str = "val"  # chooses the fine-tuning checkpoint: never the test split unless set so
     test_split: str = "test"
     # Only for the synthetic dataset: generated into ``root``'s parent if missing.
     synthetic_images: int = 0
@@ -162,7 +162,7 @@ class SVMConfig:
     max_iter: int = 10000
     # Hard negatives: one window per conv5 rectangle and scale (the authors' dedup; windows on the
     # same rectangle pool to identical features). SVMs trained before the option existed had none.
-    dedup: bool = field(default=True, metadata={"when_absent": False})
+    dedup: bool = True
     # Also the train split's mirrored images (their conv5 maps are in the cache when finetune.flip is on):
     # their ground-truth boxes as more positives, their windows as more negatives. The authors train the
     # SVMs without flips; off by default.
@@ -187,7 +187,7 @@ class TestConfig:
     # cap lets the most permissive class crowd out the others (demo: block took 94 of the 100).
     max_per_class: int = 100
     max_per_image: int = 100
-    bbox_reg: bool = True
+    bbox_reg: bool = True  # apply the box regressors (test_net.py's "with" results, detect.py's and Predictor's boxes)
     svd_fc6: int = 0  # truncated-SVD rank for fc6 (0: off)
     svd_fc7: int = 0
     # fc6/fc7 arithmetic at test time: "fp32", "bf16" (autocast: 2.2x faster fc6+fc7 for 2000 windows

@@ -26,7 +26,7 @@ from torch import nn
 from .boxes import clip_boxes, decode, encode, flip_boxes
 from .detector import Detections, cap_detections, select_class
 from .features import box_cells, choose_scale, prepare_image, resize_factor
-from .finetune import sample_windows
+from .finetune import sample_windows, sgd
 from .models import FCHead
 from .roidb import Windows
 from .spp import spp_output_dim
@@ -175,13 +175,7 @@ def train_fast_rcnn(model: FastRCNN, images: Callable[[str], np.ndarray], window
     ids = [i for i, w in windows.items() if len(w.boxes)]
     if not ids:
         raise ValueError("Fast R-CNN training: no training image has windows")
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [  # Caffe-style, as the paper: biases at twice the rate, not decayed
-        {"params": [p for n, p in params if not n.endswith("bias")], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in params if n.endswith("bias")], "weight_decay": 0.0, "lr": cfg.lr * 2},
-    ]
-    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_steps), gamma=cfg.lr_gamma)
+    opt, sched = sgd(model.named_parameters(), cfg)  # Caffe-style, as the paper
     model.train()
     history, running, t0 = [], [], time.time()
     bar = tqdm(range(1, cfg.iterations + 1), desc="fast r-cnn", unit="it", disable=not progress)

@@ -23,7 +23,7 @@ from .store import ShardError, StaleCacheError, atomic_write_text, dir_bytes, re
 
 __all__ = ["SCHEMA", "Stage", "require_complete"]
 
-SCHEMA = 1
+SCHEMA = 2  # 2: every manifest records its inputs' contents; no per-field shims for older ones
 log = logging.getLogger(__name__)
 
 
@@ -36,23 +36,21 @@ class Stage:
         config: the resolved config (a JSON-able dict) that determines the outputs.
         inputs: fingerprints of the inputs (other stages, weights, data).
         overwrite: delete existing outputs instead of checking them.
-        defaults: the default of each option in ``config`` (same nesting). A manifest written before
-            an option existed matches while that option is at its default, and the outputs keep
-            their manifest's config and fingerprint, so the stages after them stay valid too.
-        added_inputs: keys of ``inputs`` that manifests written before they were recorded lack (the
-            images' and annotations' contents): such a manifest is not checked on them and keeps its own
-            inputs and fingerprint, as for ``defaults``; one that records them is checked.
+        defaults: the default of each option in ``config`` (same nesting). One rule for every option a
+            later version adds: a manifest written before it existed matches while it is at its default (whose
+            behaviour is the old one), and the outputs keep their manifest's config and fingerprint, so the stages
+            after them stay valid too. Anything else a later version changes in what a manifest means bumps
+            :data:`SCHEMA`: folders from before are then refused by name (:meth:`read_manifest`).
     """
 
     def __init__(self, directory: str | Path, stage: str, config: dict, inputs: dict | None = None,
-                 overwrite: bool = False, defaults: dict | None = None, added_inputs: tuple[str, ...] = (),
+                 overwrite: bool = False, defaults: dict | None = None,
                  item_inputs: dict[str, str] | None = None, per_item: tuple[str, ...] = ()):
         self.dir = Path(directory)
         self.stage = stage
         self.config = json.loads(json.dumps(config, default=str))
         self.defaults = json.loads(json.dumps(defaults or {}, default=str))
         self.inputs = dict(inputs or {})
-        self.added_inputs = tuple(added_inputs)
         # Per-item inputs (one fingerprint per shard, e.g. of its image file) and the ``inputs`` keys they explain:
         # when only those keys changed, the shards of the items whose fingerprint changed are deleted and rebuilt,
         # the others kept (a fixed image rebuilds only itself).
@@ -84,25 +82,33 @@ class Stage:
 
     @staticmethod
     def read_manifest(directory: str | Path) -> dict:
+        """A stage folder's manifest; one written by a version of sppdet with another manifest schema is a
+        :class:`StaleCacheError` naming the folder and how to rebuild it."""
         path = Path(directory) / "manifest.json"
         if not path.is_file():
             raise ShardError(f"{path}: manifest is missing; run the stage that writes {Path(directory)}")
         try:
-            return json.loads(path.read_text())
+            m = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ShardError(f"{path}: manifest is not valid JSON ({e})") from e
+        if m.get("schema", 1) != SCHEMA:
+            raise StaleCacheError(
+                f"{Path(directory)}: made by another version of sppdet (manifest schema {m.get('schema', 1)}, this "
+                f"version reads {SCHEMA}); rebuild its {m.get('stage', '?')!r} stage with its tool and --overwrite, "
+                "or all such stages of the run folder with tools/demo.py --rebuild-stale", folder=Path(directory))
+        return m
 
     def _check_compatible(self, old: dict) -> None:
         if old.get("stage") != self.stage:
             raise StaleCacheError(f"{self.manifest_path}: folder belongs to stage {old.get('stage')!r}, not {self.stage!r}")
         saved, saved_inputs = old.get("config", {}), old.get("inputs", {})
-        inputs = {k: v for k, v in self.inputs.items() if k in saved_inputs or k not in self.added_inputs}
         changes = diff_keys(with_defaults(saved, self.defaults), self.config, "config.") + diff_keys(
-            saved_inputs, inputs, "inputs.")
+            saved_inputs, self.inputs, "inputs.")
         if changes and self._rebuild_changed_items(old, changes):
             return
         if changes:
-            content = [k for k in self.added_inputs if any(c.startswith(f"inputs.{k}:") for c in changes)]
+            content = sorted({c.split(":")[0].split(".")[1] for c in changes
+                              if c.startswith(("inputs.images", "inputs.annotations"))})
             raise StaleCacheError(
                 f"{self.manifest_path}: outputs were made with other settings or inputs; changed: "
                 + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else "")

@@ -27,12 +27,12 @@ class Predictor:
         run_dir: the run folder (``tools/demo.py --run``).
         device: ``"cpu"`` or ``"cuda"`` for the conv layers.
         score_threshold: detections scoring at most this are dropped (default: the run's ``test.draw_threshold``).
-        bbox_reg: apply the run's box regressors (where it has them).
+        bbox_reg: apply the run's box regressors (where it has them); None: as its ``test.bbox_reg`` says.
         overrides: ``"section.key=value"`` test-time settings over the run's config (e.g. ``test.nms=0.4``).
     """
 
     def __init__(self, run_dir: str | Path, device: str = "cpu", score_threshold: float | None = None,
-                 bbox_reg: bool = True, overrides: tuple[str, ...] | list[str] = ()):
+                 bbox_reg: bool | None = None, overrides: tuple[str, ...] | list[str] = ()):
         from .config import load_config
         from .run import Run
         from .stages import build_detector

@@ -205,7 +205,7 @@ def compute_proposals(ids: Sequence[str], image_path: Callable[[str], Path], out
     cfg = {"backend": backend, "max_boxes": max_boxes, "min_size": min_size,
            "params": resolved_params(backend, params), "precomputed": precomputed}
     stage = Stage(out_dir, "proposals", cfg, inputs, overwrite=overwrite,
-                  defaults={"params": resolved_params(backend, {})}, added_inputs=tuple(inputs or {}),
+                  defaults={"params": resolved_params(backend, {})},
                   item_inputs=item_inputs, per_item=("images",))
     todo = [i for i in ids if not stage.has(i)]
     stats = {"seconds": 0.0, "boxes": 0, "images": 0}

@@ -180,8 +180,3 @@ class Run:
             for p in self._backbone.parameters():
                 p.requires_grad_(False)
         return self._backbone
-
-
-# ------------------------------------------------------------------ stages
-# Inputs recorded since the dataset's contents were fingerprinted: manifests from before lack them.
-_CONTENT_INPUTS = ("images", "annotations")

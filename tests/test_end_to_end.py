@@ -146,19 +146,23 @@ def test_a_dataset_changed_under_the_same_ids_is_a_stale_cache(trained, tmp_path
     assert r.returncode == 2 and "split's annotations differ from those it was trained on" in r.stderr
 
 
-def test_stage_made_before_content_inputs_were_recorded_stays_valid(tmp_path):
-    from sppdet.store import StaleCacheError
-    from sppdet.manifest import Stage
+def test_a_stage_folder_from_another_manifest_schema_is_refused_by_name(tmp_path):
+    import json as js
 
-    old = Stage(tmp_path / "s", "features", {"scales": [688]}, {"weights": "w"}).finish(1)
-    again = Stage(tmp_path / "s", "features", {"scales": [688]}, {"weights": "w", "images": "i1"},
-                  added_inputs=("images",)).finish(1)
-    assert again["fingerprint"] == old["fingerprint"] and again["inputs"] == {"weights": "w"}
-    with pytest.raises(StaleCacheError, match="inputs.images"):  # strict where it is not an added input
-        Stage(tmp_path / "s", "features", {"scales": [688]}, {"weights": "w", "images": "i1"})
-    Stage(tmp_path / "t", "features", {"scales": [688]}, {"weights": "w", "images": "i1"}, added_inputs=("images",))
-    with pytest.raises(StaleCacheError, match="images differ"):  # once recorded, it is checked
-        Stage(tmp_path / "t", "features", {"scales": [688]}, {"weights": "w", "images": "i2"}, added_inputs=("images",))
+    from sppdet.manifest import SCHEMA, Stage
+    from sppdet.store import StaleCacheError
+
+    Stage(tmp_path / "s", "features", {"scales": [688]}, {"weights": "w", "images": "i1"}).finish(1)
+    m = js.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert m["schema"] == SCHEMA
+    (tmp_path / "s" / "manifest.json").write_text(js.dumps({**m, "schema": 1}))
+    for reopen in (lambda: Stage(tmp_path / "s", "features", {"scales": [688]}, {"weights": "w", "images": "i1"}),
+                   lambda: Stage.read_manifest(tmp_path / "s")):
+        with pytest.raises(StaleCacheError, match=r"/s: made by another version of sppdet \(manifest schema 1") as e:
+            reopen()
+        assert "'features' stage" in str(e.value) and e.value.folder == tmp_path / "s"
+    again = Stage(tmp_path / "s", "features", {"scales": [688]}, {"weights": "w", "images": "i1"}, overwrite=True)
+    assert again.finish(1)["schema"] == SCHEMA
 
 
 def test_demo_rebuilds_only_the_stale_stages_when_asked(trained, tmp_path):
@@ -435,3 +439,30 @@ def test_fast_rcnn_mode_trains_the_trunk_writes_no_feature_cache_and_detects(tra
     m = json.loads((run / "detections" / "test_fast_rcnn" / "metrics.json").read_text())
     assert m["method"] == "fast_rcnn" and "mAP (VOC07 11-point)" in r.stdout
     assert m["map07"] > 3 * chance_map(tmp, m["classes"]), m["map07"]
+
+
+def test_readme_own_data_steps_run_as_written_on_the_tiny_config(trained, tmp_path):
+    """The README's "Train on your own data" commands, run as written with the tiny config and data put in for
+    configs/custom.yaml and the user's folder and photos."""
+    import re
+    import shlex
+
+    tmp, _ = trained
+    voc = tmp / "data" / "VOC2007"
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Train on your own data", 1)[1].split("\n## ", 1)[0]
+    commands = [ln for block in re.findall(r"```\n(.*?)```", section, re.S) for ln in block.splitlines()
+                if ln.startswith("python tools/")]
+    assert len(commands) >= 2, commands
+    photos = sorted((voc / "JPEGImages").glob("*.jpg"))[:2]
+    for cmd in commands:
+        argv = shlex.split(cmd)[1:]
+        subst = {"configs/custom.yaml": "configs/tiny.yaml", "runs/mine": str(tmp_path / "mine"),
+                 "out/": str(tmp_path / "out"), "/path/to/VOC2007": str(voc)}
+        argv = [subst.get(a, a) for a in argv]
+        argv = [f"data.root={voc}" if a == "data.root=/path/to/VOC2007" else a for a in argv]
+        argv = [str(photos[0]) if a == "photo1.jpg" else str(photos[1]) if a == "photo2.png" else a for a in argv]
+        tool(Path(argv[0]).name, *argv[1:])  # exit code 0, or the test fails with the tool's output
+    outs = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert {f"{p.stem}.json" for p in photos} <= set(outs) and {f"{p.stem}.png" for p in photos} <= set(outs)
+    assert json.loads((tmp_path / "mine" / "detections" / "test" / "metrics.json").read_text())["map07"] > 0

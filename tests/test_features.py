@@ -1,5 +1,3 @@
-import dataclasses
-import json
 import time
 
 import numpy as np
@@ -145,15 +143,39 @@ def test_resume_after_crash_mid_split_gives_identical_files(toy_voc, tmp_path, m
         a = (clean.features_dir("train") / f"{i}.npz").read_bytes()
         b = (crashed.features_dir("train") / f"{i}.npz").read_bytes()
         assert a == b, f"{i}.npz differs after resume"
-    # A manifest from before the precision was part of the config: what it recorded beside it counts.
-    path = clean.features_dir("train") / "manifest.json"
-    legacy = json.loads(path.read_text())
-    del legacy["config"]["conv_precision"]
-    path.write_text(json.dumps(legacy))
     assert pl.stage_features(clean, "train")["new_images"] == 0
-    path.write_text(json.dumps({**legacy, "conv_precision": "bf16"}))
-    with pytest.raises(StaleCacheError, match="conv_precision: 'bf16' -> 'fp32'"):
-        pl.stage_features(clean, "train")
+
+
+def test_shards_keep_their_own_progress_and_only_the_last_completes_the_stage(toy_voc, tmp_path):
+    import json
+
+    import yaml
+
+    import sppdet.stages as pl
+    from sppdet.config import load_config
+    from sppdet.manifest import Stage
+    from sppdet.run import Run
+    from sppdet.synthetic import TOY_CLASSES
+
+    torch.manual_seed(0)
+    weights = tmp_path / "zf5.pt"
+    torch.save(build_backbone("zf5", width=0.125).state_dict(), weights)
+    conf = {"data": {"root": str(toy_voc), "classes": list(TOY_CLASSES), "train_split": "train"},
+            "proposals": {"backend": "fast", "max_boxes": 50, "params": {"ks": [100], "max_side": 120}},
+            "backbone": {"name": "zf5", "width": 0.125, "weights": str(weights)}, "features": {"scales": [160]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(conf))
+    run = Run(load_config(tmp_path / "c.yaml"), tmp_path / "run", log_fn=lambda s: None)
+    pl.stage_proposals(run, "train")
+    first = pl.stage_features(run, "train", shard=(1, 2))
+    assert not Stage.read_manifest(run.features_dir("train"))["complete"] and first["new_images"] > 0
+    last = pl.stage_features(run, "train", shard=(0, 2))
+    m = Stage.read_manifest(run.features_dir("train"))
+    assert m["complete"] and last["complete"] and set(m["shards"]) == {"progress-0-of-2", "progress-1-of-2"}
+    assert sum(v["new_images"] for v in m["shards"].values()) == len(run.dataset("train").ids)
+    # a shard run again after the stage completed: nothing to do, and the complete manifest stays complete
+    again = pl.stage_features(run, "train", shard=(1, 2))
+    assert again["new_images"] == 0 and Stage.read_manifest(run.features_dir("train"))["complete"]
+    assert json.loads((run.features_dir("train") / "progress-1-of-2.json").read_text())["new_images"] == 0
 
 
 def test_peak_rss_sees_a_temporary_allocation_and_npz_bytes_are_deterministic(tmp_path):
@@ -211,16 +233,6 @@ def test_stage_made_before_an_option_existed_stays_valid_at_its_default(tmp_path
     with pytest.raises(StaleCacheError, match=r"config\.svm\.C"):  # a saved value is never replaced by a default
         Stage(tmp_path / "s", "svm", {"svm": {"C": 0.001, "new_option": 0}, "feature": "fc7"}, {"features": "abc"},
               defaults=defaults)
-
-
-def test_an_option_whose_old_behaviour_differs_from_its_default_names_the_change():
-    """``svm.dedup`` defaults to the authors' True; SVMs saved before it existed had none."""
-    from sppdet.config import SVMConfig, section_changes, section_defaults
-
-    assert SVMConfig().dedup is True and section_defaults(SVMConfig)["dedup"] is False
-    saved = {k: v for k, v in dataclasses.asdict(SVMConfig()).items() if k != "dedup"}
-    assert section_changes(saved, SVMConfig(), "svm.") == ["svm.dedup: False -> True"]
-    assert section_changes(saved, SVMConfig(dedup=False), "svm.") == []
 
 
 def test_window_groups_keep_one_window_per_conv5_rectangle(zf, tmp_path):

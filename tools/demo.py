@@ -52,13 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         splits = list(dict.fromkeys([cfg.data.train_split, cfg.data.val_split, cfg.data.test_split]))
         costs = []
 
-        def timed(name: str, folder: Path | list[Path], fn):
+        def timed(name: str, folder: Path | list[Path], fn, limitation: str = ""):
             folders = folder if isinstance(folder, list) else [folder]
             before = sum(dir_bytes(f) for f in folders)
             t0 = time.time()
             with PeakRSS() as mem:
                 out = fn()
-            costs.append({"stage": name, "seconds": time.time() - t0,
+            costs.append({"stage": name, "limitation": limitation, "seconds": time.time() - t0,
                           "bytes": sum(dir_bytes(f) for f in folders) - before,
                           "total_bytes": sum(dir_bytes(f) for f in folders), "peak_rss_bytes": mem.peak})
             return out
@@ -70,13 +70,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pretrain: skipped, the trunk uses backbone.weights = {cfg.backbone.weights!r}")
         metrics = None
         for step in plan(run):
-            metrics = timed(step.label, list(step.folders), step.call)
+            metrics = timed(step.label, list(step.folders), step.call, step.spec.limitation)
         total = time.time() - t_all
         lines = ["", "cost of the multi-stage pipeline (this run; reused artefacts cost ~0):",
-                 f"{'stage':<40} {'wall s':>8} {'written MB':>11} {'on disk MB':>11} {'peak RSS MB':>12}"]
+                 f"{'stage':<40} {'wall s':>8} {'written MB':>11} {'on disk MB':>11} {'peak RSS MB':>12}  SPP-net limitation"]
         for c in costs:
             lines.append(f"{c['stage']:<40} {c['seconds']:8.1f} {c['bytes'] / 1e6:11.1f} {c['total_bytes'] / 1e6:11.1f} "
-                         f"{c['peak_rss_bytes'] / 2**20:12.0f}")
+                         f"{c['peak_rss_bytes'] / 2**20:12.0f}  {c.get('limitation', '')}")
         lines.append(f"{'total':<40} {total:8.1f} {sum(c['bytes'] for c in costs) / 1e6:11.1f}")
         ft = json.loads((run.finetune_path.parent / "manifest.json").read_text())
         lines.append("fine-tuning updated fc6, fc7 and fc8 only: the conv layers are not in its trainer (their weights' "
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 "" if bg is None else f" (calling every window background: {bg:.3f})"
                 + ("; IT LEARNT (ALMOST) NOTHING: see its warning above" if learnt_nothing(ft) else "")))
         lines.append("features were written to disk as conv5 maps (float16) and pooled on read.")
+        lines.append("what each limitation costs in mAP and time, against R-CNN and a Fast R-CNN mode on the same trunk: "
+                     "python benchmarks/bench_family.py --config CONFIG")
         lines.append("peak RSS: of this process while the stage ran (proposal workers, if any, are separate processes).")
         report = "\n".join(lines)
         print(report)

@@ -85,4 +85,5 @@ def _samples(run: Run, ds, windows: dict, cache) -> tuple[list, list, list, list
 
 SPEC = StageSpec("bbox_reg", "tools/train_bbox_reg.py", False,
                  ("features/<train>/", "data: train annotations", "proposals/<train>/"),
-                 "model/bbox_reg/", ("bbox_reg", "seed"), stage_bbox_reg)
+                 "model/bbox_reg/", ("bbox_reg", "seed"), stage_bbox_reg,
+                 "multi-stage training: regressors fit apart")

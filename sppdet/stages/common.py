@@ -35,6 +35,8 @@ class StageSpec:
         settings: the config sections and keys it reads; all of them are in its manifest's fingerprint, so a
             change of any of them makes its outputs stale (refused by name, or rebuilt with --overwrite).
         run: ``run(run, ...)``, the stage itself.
+        limitation: which of SPP-net's limitations (as Fast R-CNN named them) the stage embodies, if any;
+            ``benchmarks/bench_family.py`` measures what each costs.
     """
 
     name: str
@@ -44,23 +46,17 @@ class StageSpec:
     writes: str
     settings: tuple[str, ...]
     run: Callable
-
-
-# Inputs recorded since the dataset's contents were fingerprinted: manifests from before lack them.
-_CONTENT_INPUTS = ("images", "annotations")
+    limitation: str = ""
 
 
 def stage_folder(directory: Path, name: str, sections: dict, extra: dict, inputs: dict, overwrite: bool,
-                 extra_defaults: dict | None = None, item_inputs: dict | None = None, per_item: tuple = ()) -> Stage:
+                 item_inputs: dict | None = None, per_item: tuple = ()) -> Stage:
     """A stage folder whose outputs depend on whole config ``sections`` (name -> dataclass) and ``extra``
-    values; the sections' defaults (and ``extra_defaults``, for extra values added later) let a manifest
-    from before an added option stay valid, as the dataset-content inputs (``images``, ``annotations*``)
-    let one from before they were recorded."""
+    values; the sections' defaults let a manifest from before an option was added stay valid while the option
+    is at its default (:class:`~sppdet.manifest.Stage`)."""
     return Stage(directory, name, {**{k: asdict(v) for k, v in sections.items()}, **extra}, inputs,
-                 overwrite=overwrite,
-                 defaults={**{k: section_defaults(v) for k, v in sections.items()}, **(extra_defaults or {})},
-                 added_inputs=tuple(k for k in inputs if k.startswith(_CONTENT_INPUTS)), item_inputs=item_inputs,
-                 per_item=per_item)
+                 overwrite=overwrite, defaults={k: section_defaults(v) for k, v in sections.items()},
+                 item_inputs=item_inputs, per_item=per_item)
 
 
 def require_current(run: Run, split: str, directory: Path) -> None:

@@ -7,6 +7,7 @@ mirror image's too) and a manifest; shards (``--shard i/n``) each write their im
 
 from __future__ import annotations
 
+import json
 import time
 
 from ..config import fingerprint
@@ -15,7 +16,7 @@ from ..models import resolve_precision
 from ..proposals import ProposalStore
 from ..run import Run
 from ..spp import spp_output_dim
-from ..store import dir_bytes, file_sha256
+from ..store import atomic_write_text, dir_bytes, file_sha256
 from ..manifest import Stage
 from .common import StageSpec, require_settings, stage_folder
 from .proposals import proposal_settings
@@ -38,18 +39,13 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
     inputs = {"weights": weights_fingerprint(backbone), "proposals": prop_manifest["fingerprint"],
               "split": fingerprint(ds.ids), "images": run.content(split, "images")}
     # The precision the pass resolved to ("auto" is bf16 on one machine, fp32 on another) is part of the
-    # config, so a run resumed elsewhere cannot mix the two in one cache. Manifests from before it was
-    # recorded there: the value they recorded beside it, else fp32 (the only precision then).
-    mpath = run.features_dir(split) / "manifest.json"
-    before = (Stage.read_manifest(mpath.parent).get("conv_precision", "fp32") if mpath.is_file() and not overwrite
-              else "fp32")
+    # config, so a run resumed elsewhere cannot mix the two in one cache.
     # Per image: its file and its proposals; when only some images changed, only their maps are recomputed.
     images = run.item_hashes(split, "images")
     items = {i: images[i] + file_sha256(run.proposals_dir(split) / f"{i}.npz") for i in ds.ids}
     stage = stage_folder(run.features_dir(split), "features", {"features": cfg.features, "backbone": cfg.backbone},
                          {"flip": bool(flip), "conv_precision": precision}, inputs, overwrite and shard == (0, 1),
-                         extra_defaults={"conv_precision": before}, item_inputs=items,
-                         per_item=("images", "proposals"))
+                         item_inputs=items, per_item=("images", "proposals"))
     i_shard, n_shard = shard
     ids = ds.ids[i_shard::n_shard]
     todo = [i for i in ids if not stage.has(i)]
@@ -66,13 +62,21 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
         "feature_dim": spp_output_dim(backbone.out_channels, cfg.features.levels),
         "conv_precision": precision,
     }
-    if done_all:
-        m = stage.finish(len(ds.ids), **summary)
-    else:
-        stage.write_manifest(False, **summary)
-        m = Stage.read_manifest(stage.dir)
+    m = _record(stage, shard, summary, len(ds.ids) if done_all else None)
     _log_costs(run, split, stage, ds.ids, summary)
     return m
+
+
+def _record(stage: Stage, shard: tuple[int, int], summary: dict, items: int | None) -> dict:
+    """A shard's summary goes to its own progress file (concurrent shards never write over each other's); the
+    shard that finds every image done (``items``) marks the stage complete, with every shard's summary. A shard
+    that is not the last never writes the manifest, so it cannot undo a complete one written meanwhile."""
+    if shard != (0, 1):
+        atomic_write_text(stage.dir / f"progress-{shard[0]}-of-{shard[1]}.json", json.dumps(summary))
+    if items is None:
+        return {**Stage.read_manifest(stage.dir), **summary}
+    shards = {p.stem: json.loads(p.read_text()) for p in sorted(stage.dir.glob("progress-*-of-*.json"))}
+    return stage.finish(items, **summary, **({"shards": shards} if shards else {}))
 
 
 def _extract(run: Run, split: str, stage: Stage, todo: list[str], backbone, flip: bool, device: str, precision: str,
@@ -117,4 +121,5 @@ def _log_costs(run: Run, split: str, stage: Stage, ids: list[str], summary: dict
 
 SPEC = StageSpec("features", "tools/extract_features.py", True,
                  ("data: the split's images", "proposals/<split>/", "the trunk's weights"),
-                 "features/<split>/", ("features", "backbone", "finetune.flip (train split)"), stage_features)
+                 "features/<split>/", ("features", "backbone", "finetune.flip (train split)"), stage_features,
+                 "features written to disk (conv5 cache)")

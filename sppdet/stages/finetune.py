@@ -65,8 +65,7 @@ def stage_finetune(run: Run, overwrite: bool = False) -> dict:
               "annotations_" + tr: run.content(tr, "annotations"), "annotations_" + va: run.content(va, "annotations")}
     # The window sample that sets finetune.input_norm's scale is svm.norm_images x svm.norm_boxes: read here too.
     extra = finetune_settings(run)
-    stage = stage_folder(run.finetune_path.parent, "finetune", {"finetune": cfg.finetune}, extra, inputs, overwrite,
-                         extra_defaults={"norm_sample": extra["norm_sample"]} if not cfg.finetune.input_norm else None)
+    stage = stage_folder(run.finetune_path.parent, "finetune", {"finetune": cfg.finetune}, extra, inputs, overwrite)
     if run.finetune_path.is_file():
         run.log(f"finetune: reusing {run.finetune_path}")
         return stage.finish(1)
@@ -115,4 +114,5 @@ def load_head(run: Run, check: bool = True) -> FCHead:
 
 SPEC = StageSpec("finetune", "tools/finetune_fc.py", False,
                  ("features/<train>/", "features/<val>/", "data: annotations", "pretrain/checkpoint.pt (fc6/fc7)"),
-                 "model/finetune/", ("finetune", "seed", "svm.norm_images", "svm.norm_boxes"), stage_finetune)
+                 "model/finetune/", ("finetune", "seed", "svm.norm_images", "svm.norm_boxes"), stage_finetune,
+                 "conv layers frozen: only fc layers fine-tuned")

@@ -13,6 +13,7 @@ from dataclasses import asdict
 import numpy as np
 
 from ..config import section_changes
+from ..manifest import SCHEMA
 from ..pretrain import load_checkpoint, train_classifier, voc_items
 from ..run import Run
 from ..store import StaleCacheError, atomic_write_text, dir_bytes
@@ -51,7 +52,7 @@ def stage_pretrain(run: Run, split: str | None = None, folder: str | None = None
     ck = train_classifier(items, classes, cfg.backbone, cfg.pretrain, run.pretrain_ckpt.parent, cfg.seed, device,
                           log_fn=run.log, record=record)
     atomic_write_text(run.pretrain_ckpt.parent / "manifest.json", json.dumps(
-        {"stage": "pretrain", "config": {"pretrain": asdict(cfg.pretrain), "backbone": asdict(cfg.backbone)},
+        {"stage": "pretrain", "schema": SCHEMA, "config": {"pretrain": asdict(cfg.pretrain), "backbone": asdict(cfg.backbone)},
          "seconds": ck["seconds"], "complete": True, "history": ck["history"],
          "bytes": dir_bytes(run.pretrain_ckpt.parent)}, indent=2))
     return ck

@@ -168,4 +168,5 @@ def stage_svms(run: Run, overwrite: bool = False) -> list[dict]:
 SPEC = StageSpec("svm", "tools/train_svm.py", False,
                  ("features/<train>/", "data: train annotations", "proposals/<train>/",
                   "model/finetune/ (fc6/fc7 features)"),
-                 "model/svm<tag>/", ("svm", "test.combine (which feature sets)", "seed"), stage_svms)
+                 "model/svm<tag>/", ("svm", "test.combine (which feature sets)", "seed"), stage_svms,
+                 "multi-stage training: SVMs after fine-tuning")

@@ -27,12 +27,12 @@ from .proposals import proposal_settings
 from .svm import combined_svms
 
 
-def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool = True,
+def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool | None = None,
                    combine: bool = True, check: bool = True) -> Detector:
     """The test-time detector: the SVMs of ``svm_tag``; with the default tag and ``combine``, also those
     of ``test.combine`` (their scores combined by ``test.combine_by``). ``check``: each model is refused when
     made with other settings than those now in force (False: each is used as it was made, for detection with a
-    finished run's models)."""
+    finished run's models). ``use_bbox_reg``: None follows ``test.bbox_reg``."""
     cache = (feature_cache(run, split, verify=False) if (run.features_dir(split) / "manifest.json").is_file()
              else None)
     if cache is None:
@@ -55,6 +55,8 @@ def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool =
     elif any(s["layer"] in ("fc6", "fc7") for s in svms):
         head = load_head(run, check)
     reg = None
+    if use_bbox_reg is None:
+        use_bbox_reg = run.cfg.test.bbox_reg
     if use_bbox_reg and run.bbox_reg_path.is_file():
         if check:
             require_settings(run, run.bbox_reg_path.parent, "tools/train_bbox_reg.py", {"bbox_reg": run.cfg.bbox_reg})
