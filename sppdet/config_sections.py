@@ -227,7 +227,8 @@ class FastRCNNConfig:
     train_conv: bool = True  # false: the conv layers frozen, only fc layers trained (SPP-net's limitation)
     frozen_convs: int = field(default=1, metadata={"min": 0})  # the first N convolutions (the stem) stay frozen
     flip: bool = True  # mirror each training image with probability 1/2
-    scales: list = field(default_factory=list, metadata=positive_ints(nonempty=False))  # shorter sides; []: features.scales
+    # shorter image sides (px) to train and test at; []: features.scales
+    scales: list = field(default_factory=list, metadata=positive_ints(nonempty=False))
     score_threshold: float = 0.01  # test: softmax probabilities at most this are dropped before NMS
     log_every: int = field(default=50, metadata={"min": 1})  # iterations per loss record
 

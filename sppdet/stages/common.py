@@ -132,3 +132,15 @@ def require_settings(run: Run, directory: Path, tool: str, sections: dict, extra
                               + "; ".join(changes[:6]) + f"); rerun {tool} --overwrite, or pass the same settings",
                               folder=directory)
     return m
+
+
+def image_route_inputs(run: Run, split: str) -> dict:
+    """The inputs of a route that reads a split's images and proposals itself (no conv5 cache: the R-CNN and Fast
+    R-CNN modes): the proposals (made with the settings now in force), the trunk's weights, the split's files."""
+    from ..features import weights_fingerprint
+    from .proposals import proposal_settings
+
+    require_settings(run, run.proposals_dir(split), f"tools/propose.py --split {split}", {}, proposal_settings(run))
+    return {"proposals": Stage.read_manifest(run.proposals_dir(split))["fingerprint"],
+            "weights": weights_fingerprint(run.backbone()), "images": run.content(split, "images"),
+            "annotations": run.content(split, "annotations")}

@@ -20,8 +20,8 @@ from ..features import weights_fingerprint
 from ..pretrain import load_checkpoint, save_checkpoint
 from ..proposals import ProposalStore
 from ..run import Run
-from ..manifest import Stage
-from .common import StageSpec, require_current, require_settings, split_windows, stage_folder
+from .common import (StageSpec, image_route_inputs, require_current, require_settings, split_windows,
+                     stage_folder)
 from .proposals import proposal_settings
 from .test import annotations_of, evaluate, write_results
 
@@ -87,10 +87,7 @@ def stage_fast_rcnn(run: Run, tag: str = "", overwrite: bool = False) -> dict:
     """Train the Fast R-CNN network on the train split (fixed schedule: ``fast_rcnn.iterations``)."""
     cfg = run.cfg
     tr = cfg.data.train_split
-    require_settings(run, run.proposals_dir(tr), f"tools/propose.py --split {tr}", {}, proposal_settings(run))
-    inputs = {"proposals": Stage.read_manifest(run.proposals_dir(tr))["fingerprint"],
-              "weights": weights_fingerprint(run.backbone()), "images": run.content(tr, "images"),
-              "annotations": run.content(tr, "annotations")}
+    inputs = image_route_inputs(run, tr)
     path = _model_dir(run, tag) / "model.pt"
     stage = stage_folder(path.parent, "fast_rcnn", {"fast_rcnn": cfg.fast_rcnn, "backbone": cfg.backbone},
                          _settings(run), inputs, overwrite)

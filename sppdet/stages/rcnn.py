@@ -16,14 +16,13 @@ import numpy as np
 from ..bbox_reg import BoxRegressor, fit_class_regressor
 from ..boxes import clip_boxes, nms
 from ..detector import cap_detections, select_class
-from ..features import weights_fingerprint
 from ..proposals import ProposalStore
 from ..rcnn import rcnn_features
 from ..run import Run
 from ..store import atomic_save_npz, load_npz
-from ..manifest import Stage
 from ..svm import HardNegativeTrainer, mean_norm
-from .common import StageSpec, require_current, require_settings, split_windows, stage_folder
+from .common import (StageSpec, image_route_inputs, require_current, require_settings, split_windows,
+                     stage_folder)
 from .proposals import proposal_settings
 from .test import annotations_of, evaluate, write_results
 
@@ -111,10 +110,7 @@ def stage_rcnn(run: Run, overwrite: bool = False) -> dict:
     """Train R-CNN mode's SVMs and box regressors on the train split's warped windows."""
     cfg = run.cfg
     tr = cfg.data.train_split
-    require_settings(run, run.proposals_dir(tr), f"tools/propose.py --split {tr}", {}, proposal_settings(run))
-    inputs = {"proposals": Stage.read_manifest(run.proposals_dir(tr))["fingerprint"],
-              "weights": weights_fingerprint(run.backbone()), "images": run.content(tr, "images"),
-              "annotations": run.content(tr, "annotations")}
+    inputs = image_route_inputs(run, tr)
     path = run.dir / "model" / "rcnn" / "rcnn.npz"
     stage = stage_folder(path.parent, "rcnn", {"rcnn": cfg.rcnn, "svm": cfg.svm, "bbox_reg": cfg.bbox_reg},
                          {"levels": list(cfg.features.levels), "size": _warp_size(run)}, inputs, overwrite)
