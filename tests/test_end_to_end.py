@@ -466,3 +466,20 @@ def test_readme_own_data_steps_run_as_written_on_the_tiny_config(trained, tmp_pa
     outs = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert {f"{p.stem}.json" for p in photos} <= set(outs) and {f"{p.stem}.png" for p in photos} <= set(outs)
     assert json.loads((tmp_path / "mine" / "detections" / "test" / "metrics.json").read_text())["map07"] > 0
+
+
+def test_a_changed_setting_is_refused_by_every_later_stage_that_would_use_the_old_output(trained):
+    """The issue's cases: each later tool names the key and the tool that rebuilds, exit code 2, nothing reused."""
+    tmp, _ = trained
+    common = ["--config", "configs/tiny.yaml", "--run", tmp / "run", "--set", f"data.root={tmp / 'data' / 'VOC2007'}"]
+    cases = [("test_net.py", "svm.C=0.1", "svm.C", "tools/train_svm.py"),
+             ("finetune_fc.py", "features.scales=[300]", "features.scales", "tools/extract_features.py"),
+             ("train_svm.py", "finetune.hidden=64", "finetune.hidden", "tools/finetune_fc.py"),
+             ("extract_features.py", "proposals.max_boxes=300", "proposals.max_boxes", "tools/propose.py"),
+             ("test_net.py", "bbox_reg.lam=10", "bbox_reg.lam", "tools/train_bbox_reg.py")]
+    before = (tmp / "run" / "config.yaml").read_text()
+    for name, setting, key, rebuild in cases:
+        extra = ("--split", "train") if name == "extract_features.py" else ()
+        r = tool(name, *common, "--set", setting, *extra, check=False)
+        assert r.returncode == 2 and key in r.stderr and rebuild in r.stderr, (name, r.stderr[-500:])
+    assert (tmp / "run" / "config.yaml").read_text() == before  # calls with --set leave the run's settings alone

@@ -112,11 +112,12 @@ def sample_norm(cache: FeatureCache, windows: dict, rng: np.random.Generator, im
     return norm
 
 
-def require_settings(run: Run, directory: Path, tool: str, sections: dict, extra: dict | None = None) -> dict:
+def require_settings(run: Run, directory: Path, tool: str, sections: dict, extra: dict | None = None,
+                     prefix: str = "") -> dict:
     """A finished stage folder's manifest, refused (:class:`StaleCacheError`, naming the keys and ``tool``) when
     it was made with other values of the config ``sections`` (name -> dataclass) or ``extra`` than those now in
     force: the check a later stage makes before it uses an upstream model, so that a changed setting is never
-    silently ignored."""
+    silently ignored. ``prefix`` goes before the keys named (e.g. ``"proposals."`` for a flat manifest config)."""
     if not (Path(directory) / "manifest.json").is_file():
         raise ShardError(f"{directory}: missing; run {tool} first")
     m = Stage.read_manifest(directory)
@@ -126,7 +127,7 @@ def require_settings(run: Run, directory: Path, tool: str, sections: dict, extra
     defaults = {k: section_defaults(v) for k, v in sections.items()}
     saved = {k: v for k, v in m.get("config", {}).items() if k in now}
     now = {k: v for k, v in now.items() if k in saved or k in sections}  # an extra recorded since: not checked
-    changes = diff_keys(with_defaults(saved, defaults), now)
+    changes = diff_keys(with_defaults(saved, defaults), now, prefix)
     if changes:
         raise StaleCacheError(f"{directory}: made with other settings than those now in force (changed: "
                               + "; ".join(changes[:6]) + f"); rerun {tool} --overwrite, or pass the same settings",
@@ -138,9 +139,8 @@ def image_route_inputs(run: Run, split: str) -> dict:
     """The inputs of a route that reads a split's images and proposals itself (no conv5 cache: the R-CNN and Fast
     R-CNN modes): the proposals (made with the settings now in force), the trunk's weights, the split's files."""
     from ..features import weights_fingerprint
-    from .proposals import proposal_settings
+    from .proposals import require_proposals
 
-    require_settings(run, run.proposals_dir(split), f"tools/propose.py --split {split}", {}, proposal_settings(run))
-    return {"proposals": Stage.read_manifest(run.proposals_dir(split))["fingerprint"],
+    return {"proposals": require_proposals(run, split)["fingerprint"],
             "weights": weights_fingerprint(run.backbone()), "images": run.content(split, "images"),
             "annotations": run.content(split, "annotations")}

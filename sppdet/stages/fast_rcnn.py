@@ -22,7 +22,7 @@ from ..proposals import ProposalStore
 from ..run import Run
 from .common import (StageSpec, image_route_inputs, require_current, require_settings, split_windows,
                      stage_folder)
-from .proposals import proposal_settings
+from .proposals import require_proposals
 from .test import annotations_of, evaluate, write_results
 
 SETTINGS = ("fast_rcnn", "finetune.hidden", "finetune.dropout", "finetune.input_norm", "features.scales",
@@ -138,7 +138,7 @@ def stage_fast_rcnn_test(run: Run, split: str | None = None, tag: str = "", draw
     cfg = run.cfg
     split = split or cfg.data.test_split
     ds = run.dataset(split)
-    require_settings(run, run.proposals_dir(split), f"tools/propose.py --split {split}", {}, proposal_settings(run))
+    require_proposals(run, split)
     require_current(run, split, run.proposals_dir(split))
     model = load_model(run, tag)
     store = ProposalStore(run.proposals_dir(split))

@@ -18,8 +18,8 @@ from ..run import Run
 from ..spp import spp_output_dim
 from ..store import atomic_write_text, dir_bytes, file_sha256
 from ..manifest import Stage
-from .common import StageSpec, require_settings, stage_folder
-from .proposals import proposal_settings
+from .common import StageSpec, stage_folder
+from .proposals import require_proposals
 
 
 def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwrite: bool = False,
@@ -31,8 +31,7 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
     if flip is None:
         flip = split == cfg.data.train_split and cfg.finetune.flip
     ds = run.dataset(split)
-    prop_manifest = require_settings(run, run.proposals_dir(split), f"tools/propose.py --split {split}",
-                                     {}, proposal_settings(run))
+    prop_manifest = require_proposals(run, split)
     backbone = run.backbone().to(device)
     g = backbone.geometry
     precision = resolve_precision(cfg.features.precision, device, "features.precision")

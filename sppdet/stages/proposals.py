@@ -32,5 +32,14 @@ def proposal_settings(run: Run) -> dict:
             "precomputed": p.precomputed and str(run.path(p.precomputed))}
 
 
+
+def require_proposals(run: Run, split: str) -> dict:
+    """The split's finished proposal folder's manifest, refused by name when made with other proposal settings."""
+    from .common import require_settings
+
+    return require_settings(run, run.proposals_dir(split), f"tools/propose.py --split {split}", {},
+                            proposal_settings(run), prefix="proposals.")
+
+
 SPEC = StageSpec("proposals", "tools/propose.py", True, ("data: the split's images",),
                  "proposals/<split>/", ("proposals",), stage_proposals)

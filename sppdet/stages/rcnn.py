@@ -23,7 +23,7 @@ from ..store import atomic_save_npz, load_npz
 from ..svm import HardNegativeTrainer, mean_norm
 from .common import (StageSpec, image_route_inputs, require_current, require_settings, split_windows,
                      stage_folder)
-from .proposals import proposal_settings
+from .proposals import require_proposals
 from .test import annotations_of, evaluate, write_results
 
 
@@ -142,7 +142,7 @@ def stage_rcnn_test(run: Run, split: str | None = None, draw: int = 4, progress:
     cfg = run.cfg
     split = split or cfg.data.test_split
     ds = run.dataset(split)
-    require_settings(run, run.proposals_dir(split), f"tools/propose.py --split {split}", {}, proposal_settings(run))
+    require_proposals(run, split)
     require_current(run, split, run.proposals_dir(split))
     d = run.dir / "model" / "rcnn"
     require_settings(run, d, "tools/train_rcnn.py", {"rcnn": cfg.rcnn, "svm": cfg.svm, "bbox_reg": cfg.bbox_reg},

@@ -23,7 +23,7 @@ from ..store import ShardError, atomic_save_npz, atomic_write_text
 from ..voc import VOCDataset
 from .common import StageSpec, feature_cache, require_current, require_settings
 from .finetune import load_head, pretrained_head
-from .proposals import proposal_settings
+from .proposals import require_proposals
 from .svm import combined_svms
 
 
@@ -85,7 +85,7 @@ def stage_test(run: Run, split: str | None = None, svm_tag: str = "", tag: str =
     ``from_images``: conv5 computed per image on the fly instead of read from the cache (the same features:
     rounded to the cache's dtype; what the cache saves is this time)."""
     split = split or run.cfg.data.test_split
-    require_settings(run, run.proposals_dir(split), f"tools/propose.py --split {split}", {}, proposal_settings(run))
+    require_proposals(run, split)
     require_current(run, split, run.proposals_dir(split))
     if not from_images:
         feature_cache(run, split)  # made with the feature settings now in force, from the split's images
