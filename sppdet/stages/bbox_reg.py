@@ -29,11 +29,23 @@ def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = 3000)
     ds = run.dataset(tr)
     windows = split_windows(run, tr, ds)  # ds's annotations are parsed once and reused below
     feats, props, gts, norms = _samples(run, ds, windows, cache)
-    k_cls = len(run.classes)
     rng = np.random.default_rng(cfg.seed)
     if not norms:
         raise ValueError(f"bbox regression: no window of split {tr!r} overlaps an object by > {cfg.bbox_reg.min_overlap}")
     scale = cfg.bbox_reg.target_norm / float(np.concatenate(norms).mean())
+    reg, stats = fit_regressors(run, feats, props, gts, scale, max_per_class, rng, run.log)
+    reg.save(path, run.classes)
+    return stage.finish(1, stats=stats, feature_scale=scale)
+
+
+def fit_regressors(run: Run, feats: list, props: list, gts: list, scale: float, max_per_class: int = 0,
+                   rng: np.random.Generator | None = None, log=None) -> tuple[BoxRegressor, dict]:
+    """Per class ``k``, a ridge regressor (``bbox_reg.lam``, ``bbox_reg.whiten``) from ``feats[k]`` (features,
+    multiplied by ``scale``), ``props[k]`` (windows) and ``gts[k]`` (their objects' boxes), on at most
+    ``max_per_class`` random samples (0: all); a class with fewer than 2 samples stays the identity. Returns the
+    regressors and per-class stats; ``log`` gets a line per class. Serves the SPP-net route and R-CNN mode."""
+    cfg, k_cls = run.cfg.bbox_reg, len(run.classes)
+    log = log or (lambda s: None)
     dim = next(len(f[0]) for f in feats if f)
     W = np.zeros((k_cls, dim, 4), np.float32)
     b = np.zeros((k_cls, 4), np.float32)
@@ -43,19 +55,18 @@ def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = 3000)
     stats = {}
     for k, name in enumerate(run.classes):
         if len(feats[k]) < 2:
-            run.log(f"bbox_reg {name}: too few samples ({len(feats[k])}); left as identity")
+            log(f"bbox_reg {name}: too few samples ({len(feats[k])}); left as identity")
             continue
         idx = np.arange(len(feats[k]))
-        if len(idx) > max_per_class:
+        if max_per_class and len(idx) > max_per_class:
             idx = np.sort(rng.choice(idx, max_per_class, replace=False))
         X = np.stack([feats[k][j] for j in idx]) * scale
         r = fit_class_regressor(X, np.stack([props[k][j] for j in idx]), np.stack([gts[k][j] for j in idx]),
-                                cfg.bbox_reg.lam, cfg.bbox_reg.whiten)
+                                cfg.lam, cfg.whiten)
         W[k], b[k], mu[k], T_inv[k], trained[k] = r["W"], r["b"], r["mu"], r["T_inv"], True
         stats[name] = {"samples": r["samples"], "train_mse_whitened": r["train_mse"]}
-        run.log(f"bbox_reg {name}: {r['samples']} samples, training MSE (whitened targets) {r['train_mse']:.3f}")
-    BoxRegressor(W, b, mu, T_inv, scale, trained).save(path, run.classes)
-    return stage.finish(1, stats=stats, feature_scale=scale)
+        log(f"bbox_reg {name}: {r['samples']} samples, training MSE (whitened targets) {r['train_mse']:.3f}")
+    return BoxRegressor(W, b, mu, T_inv, scale, trained), stats
 
 
 def _samples(run: Run, ds, windows: dict, cache) -> tuple[list, list, list, list]:

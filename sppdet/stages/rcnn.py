@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from ..bbox_reg import BoxRegressor, fit_class_regressor
+from ..bbox_reg import BoxRegressor
 from ..boxes import clip_boxes, nms
 from ..detector import cap_detections, select_class
 from ..proposals import ProposalStore
@@ -23,6 +23,7 @@ from ..store import atomic_save_npz, load_npz
 from ..svm import HardNegativeTrainer, mean_norm
 from .common import (StageSpec, image_route_inputs, require_current, require_settings, split_windows,
                      stage_folder)
+from .bbox_reg import fit_regressors
 from .proposals import require_proposals
 from .test import annotations_of, evaluate, write_results
 
@@ -96,14 +97,7 @@ def _regressors(run: Run, ds, windows: dict, feats: dict) -> BoxRegressor:
                 ps[k].append(w.boxes[s])
                 gs[k].append(gt[w.gt_index[s]])
     scale = cfg.target_norm / mean_norm([np.stack(x) for x in xs if x])
-    dim = next(iter(feats.values()))[1].shape[1]
-    W, b = np.zeros((k_cls, dim, 4), np.float32), np.zeros((k_cls, 4), np.float32)
-    mu, T_inv, trained = np.zeros((k_cls, 4)), np.tile(np.eye(4), (k_cls, 1, 1)), np.zeros(k_cls, bool)
-    for k in range(k_cls):
-        if len(xs[k]) >= 2:
-            r = fit_class_regressor(np.stack(xs[k]) * scale, np.stack(ps[k]), np.stack(gs[k]), cfg.lam, cfg.whiten)
-            W[k], b[k], mu[k], T_inv[k], trained[k] = r["W"], r["b"], r["mu"], r["T_inv"], True
-    return BoxRegressor(W, b, mu, T_inv, scale, trained)
+    return fit_regressors(run, xs, ps, gs, scale)[0]
 
 
 def stage_rcnn(run: Run, overwrite: bool = False) -> dict:
