@@ -6,9 +6,9 @@ the class. One pass over the images: the first image contributes all its negativ
 ones only those scoring above ``hard_threshold`` (-1.0001) that are not cached yet; the
 SVM is retrained after the first image, whenever more than ``retrain_limit`` (2000) new
 negatives have been added, and at the last image; after each retrain negatives scoring
-below ``evict_threshold`` (-1.2) are evicted. liblinear (scikit-learn ``LinearSVC``,
+below ``evict_threshold`` (-1.2) are evicted, and a cache over ``max_negatives`` keeps its hardest. liblinear (scikit-learn ``LinearSVC``,
 L2-regularised hinge loss, dual) with C = 0.001, positive weight 2, bias feature 10
-(``-w1 2 -c 0.001 -s 3 -B 10``). Memory: the classes' negative caches share one pool of feature rows
+(``-w1 2 -c 0.001 -s 3 -B 10``, liblinear's default tolerance ``-e 0.1``). Memory: the classes' negative caches share one pool of feature rows
 (:class:`NegativePool`), plus liblinear's float64 copy of one class's examples while it retrains.
 """
 
@@ -29,21 +29,22 @@ __all__ = ["train_linear_svm", "fit_linear_svm", "svm_objective", "HardNegativeT
 
 
 def train_linear_svm(x_pos: np.ndarray, x_neg: np.ndarray, C: float, pos_weight: float, bias_mult: float,
-                     max_iter: int = 10000) -> tuple[np.ndarray, float]:
-    """liblinear ``-s 3`` (L2-reg. hinge, dual) with the bias as a feature of value ``bias_mult``."""
+                     max_iter: int = 10000, tol: float = 0.1) -> tuple[np.ndarray, float]:
+    """liblinear ``-s 3`` (L2-reg. hinge, dual) with the bias as a feature of value ``bias_mult``; ``tol`` is
+    liblinear's ``-e`` (0.1, its default for ``-s 3``)."""
     x = np.concatenate([x_pos, x_neg]).astype(np.float64)
     y = np.concatenate([np.ones(len(x_pos)), -np.ones(len(x_neg))])
-    return fit_linear_svm(x, y, C, pos_weight, bias_mult, max_iter)
+    return fit_linear_svm(x, y, C, pos_weight, bias_mult, max_iter, tol)
 
 
 def fit_linear_svm(x: np.ndarray, y: np.ndarray, C: float, pos_weight: float, bias_mult: float,
-                   max_iter: int = 10000) -> tuple[np.ndarray, float]:
+                   max_iter: int = 10000, tol: float = 0.1) -> tuple[np.ndarray, float]:
     """:func:`train_linear_svm` on a prepared float64 ``x`` (N, D) and labels ``y`` (+1 / -1)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.svm import LinearSVC
 
     svm = LinearSVC(C=C, loss="hinge", dual=True, fit_intercept=True, intercept_scaling=bias_mult,
-                    class_weight={1: pos_weight, -1: 1.0}, max_iter=max_iter, tol=1e-4,
+                    class_weight={1: pos_weight, -1: 1.0}, max_iter=max_iter, tol=tol,
                     random_state=0)  # liblinear visits the examples in a random order: fixed, so retraining repeats
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -160,12 +161,15 @@ class HardNegativeTrainer:
         if len(c.x_pos) == 0 or len(c.idx) == 0:
             return
         x, y = self._design(c)
-        c.w, c.b = fit_linear_svm(x, y, cfg.C, cfg.pos_weight, cfg.bias_mult, cfg.max_iter)
+        c.w, c.b = fit_linear_svm(x, y, cfg.C, cfg.pos_weight, cfg.bias_mult, cfg.max_iter, cfg.tol)
         del x
         # the negatives' scores in float32, as they are scored when mined, a chunk of pool rows at a time
         z = np.concatenate([self.pool.x[c.idx[s:s + 4096]] @ c.w + c.b for s in range(0, len(c.idx), 4096)])
         obj = svm_objective_from_scores(c.w, c.b, c.x_pos @ c.w + c.b, z, cfg.C, cfg.pos_weight, cfg.bias_mult)
         easy = z < cfg.evict_threshold
+        if cfg.max_negatives and (~easy).sum() > cfg.max_negatives:  # the cap: only the hardest stay
+            hard = np.nonzero(~easy)[0]
+            easy[hard[np.argsort(-z[hard], kind="stable")[cfg.max_negatives:]]] = True
         np.subtract.at(self.pool.refs, c.idx[easy], 1)
         c.idx = c.idx[~easy]
         c.num_added = 0
@@ -204,7 +208,8 @@ class HardNegativeTrainer:
             if len(cands[k]):
                 c.idx = np.concatenate([c.idx, where[cands[k]]])
                 c.num_added += len(cands[k])
-            if self.first[k] or c.num_added > cfg.retrain_limit or last:
+            over = cfg.max_negatives and len(c.idx) > cfg.max_negatives
+            if self.first[k] or c.num_added > cfg.retrain_limit or last or over:
                 self._retrain(k)
             self.first[k] = False
         self.pool.compact(self.caches)

@@ -42,7 +42,7 @@ class HardNegativeTrainer:
         c, cfg = self.caches[k], self.cfg
         if len(c.x_pos) == 0 or len(c.x_neg) == 0:
             return
-        c.w, c.b = train_linear_svm(c.x_pos, c.x_neg, cfg.C, cfg.pos_weight, cfg.bias_mult, cfg.max_iter)
+        c.w, c.b = train_linear_svm(c.x_pos, c.x_neg, cfg.C, cfg.pos_weight, cfg.bias_mult, cfg.max_iter, cfg.tol)
         obj = svm_objective(c.w, c.b, c.x_pos, c.x_neg, cfg.C, cfg.pos_weight, cfg.bias_mult)
         z = c.x_neg @ c.w + c.b
         easy = z < cfg.evict_threshold

@@ -416,3 +416,28 @@ def test_pooled_hard_negative_trainer_equals_the_per_class_reference():
     assert mem["pool_live_rows"] <= mem["pool_rows"] <= 2 * mem["pool_live_rows"] <= 2 * mem["pool_peak_rows"]
     with pytest.raises(ValueError, match="each image once"):
         new.add_image(3, feats, mask, last=False)
+
+
+def test_negative_cap_bounds_every_cache_and_keeps_the_hardest():
+    """``svm.max_negatives``: however many images, no class holds more than the cap plus one image's windows,
+    the pool stays bounded by it, and what a capped retrain keeps are the negatives its SVM scores highest."""
+    rng = np.random.default_rng(4)
+    d, k, cap, per = 16, 3, 60, 40
+    x_pos = [(rng.normal(0, 1, (20, d)) + 2.0).astype(np.float32) for _ in range(k)]
+    # everything hard: evict_threshold far below any score, so only the cap removes negatives
+    cfg = SVMConfig(C=0.1, retrain_limit=10 ** 6, evict_threshold=-1e9, hard_threshold=-1e9, max_negatives=cap)
+    t = HardNegativeTrainer(x_pos, d, cfg)
+    sizes = []
+    for i in range(30):
+        t.add_image(i, rng.normal(0, 1, (per, d)).astype(np.float32), np.ones((per, k), bool), last=i == 29)
+        sizes.append(max(len(c.idx) for c in t.caches))
+    assert max(sizes) <= cap + per and t.memory()["pool_live_rows"] <= k * (cap + per)
+    for c in t.finish():
+        assert len(c.idx) <= cap
+        last = c.retrains[-1]
+        assert last["kept"] == len(c.idx) and last["evicted"] == last["negatives"] - len(c.idx) > 0
+    uncapped = HardNegativeTrainer(x_pos, d, SVMConfig(C=0.1, retrain_limit=10 ** 6, evict_threshold=-1e9,
+                                                       hard_threshold=-1e9, max_negatives=0))
+    for i in range(30):
+        uncapped.add_image(i, rng.normal(0, 1, (per, d)).astype(np.float32), np.ones((per, k), bool), last=i == 29)
+    assert all(len(c.idx) == 30 * per for c in uncapped.finish())
