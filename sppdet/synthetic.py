@@ -35,13 +35,33 @@ DISTRACTOR_CLASS = "distractor"
 # random detection class: the toy world's "ImageNet" has classes beyond the detector's, as
 # ImageNet has beyond VOC's, and these ones are told from the detection classes by shape alone.
 EXTRA_CLASSES = ("star", "hexagon", "crescent", "chevron")
+# The colour and texture of each of TOY_CLASSES, in order: the styles of a many-class set (``styled``), whose
+# classes are (shape, style) pairs, as VOC's 20 classes are for cost benchmarks (benchmarks/bench_scale.py).
+STYLES = ("shaded", "striped", "dotted", "plain", "checkered")
 
-__all__ = ["DISTRACTOR_CLASS", "EXTRA_CLASSES", "TOY_CLASSES", "class_names", "make_toy_voc", "render_scene"]
+__all__ = ["DISTRACTOR_CLASS", "EXTRA_CLASSES", "STYLES", "TOY_CLASSES", "class_names", "make_toy_voc", "render_scene",
+           "styled_classes"]
 
 
-def class_names(extra_classes: int = 0, distractors: int = 0) -> tuple[str, ...]:
+def styled_classes(n: int) -> tuple[tuple[int, int], ...]:
+    """The ``(shape, style)`` of each class of an ``n``-class styled set: first every shape (TOY_CLASSES then
+    EXTRA_CLASSES) in its own style, then every shape in the next style, and so on (at most 9 x 5 = 45)."""
+    shapes = len(TOY_CLASSES) + len(EXTRA_CLASSES)
+    combos = [(s, (s + j) % len(STYLES)) for j in range(len(STYLES)) for s in range(shapes)]
+    if not 1 <= n <= len(combos):
+        raise ValueError(f"styled must be 1..{len(combos)} classes, got {n}")
+    return tuple(combos[:n])
+
+
+def class_names(extra_classes: int = 0, distractors: int = 0, styled: int = 0) -> tuple[str, ...]:
     """Class names of a generated set, in label order: the detection classes, the first
-    ``extra_classes`` of ``EXTRA_CLASSES``, then ``DISTRACTOR_CLASS`` when distractors are annotated."""
+    ``extra_classes`` of ``EXTRA_CLASSES``, then ``DISTRACTOR_CLASS`` when distractors are annotated;
+    with ``styled`` > 0, that many ``<shape>_<style>`` classes (:func:`styled_classes`) instead."""
+    if styled:
+        if extra_classes or distractors:
+            raise ValueError("styled sets have no extra classes or distractors")
+        shapes = TOY_CLASSES + EXTRA_CLASSES
+        return tuple(f"{shapes[s]}_{STYLES[t]}" for s, t in styled_classes(styled))
     if not 0 <= extra_classes <= len(EXTRA_CLASSES):
         raise ValueError(f"extra_classes must be 0..{len(EXTRA_CLASSES)} ({', '.join(EXTRA_CLASSES)}), "
                          f"got {extra_classes}")
@@ -200,7 +220,7 @@ def _annotate(objs: list, owner: np.ndarray) -> tuple[list, list, list, list]:
 
 
 def render_scene(rng: np.random.Generator, width: int, height: int, max_objects: int = 6, distractors: int = 0,
-                 extra_classes: int = 0):
+                 extra_classes: int = 0, styled: int = 0):
     """Draw one scene. Returns ``(rgb uint8 (H, W, 3), labels (N,), boxes (N, 4), difficult, truncated)``.
 
     ``distractors`` > 0 also lists up to that many visible distractor blobs, with label
@@ -210,8 +230,11 @@ def render_scene(rng: np.random.Generator, width: int, height: int, max_objects:
     ``extra_classes`` > 0 draws objects from that many ``EXTRA_CLASSES`` as well (labels after
     the detection classes), each painted as a random detection class; 0 gives the scenes of
     the detection sets.
+
+    ``styled`` > 0 draws objects of that many (shape, style) classes (:func:`styled_classes`).
     """
-    n_classes = len(class_names(extra_classes))
+    n_classes = len(class_names(extra_classes, styled=styled))
+    combos = styled_classes(styled) if styled else None
     h, w = height, width
     img, blobs = _background(rng, h, w)
     owner = np.full((h, w), -1, np.int32)
@@ -225,10 +248,13 @@ def render_scene(rng: np.random.Generator, width: int, height: int, max_objects:
         margin = 0.35 if rng.random() < 0.2 else -0.5
         cx = rng.uniform(-margin * bw, w + margin * bw) if margin > 0 else rng.uniform(bw / 2, max(bw / 2 + 1, w - bw / 2))
         cy = rng.uniform(-margin * bh, h + margin * bh) if margin > 0 else rng.uniform(bh / 2, max(bh / 2 + 1, h - bh / 2))
-        mask = _shape_mask(rng, cls, h, w, float(cx), float(cy), bw, bh)
+        mask = _shape_mask(rng, combos[cls][0] if combos else cls, h, w, float(cx), float(cy), bw, bh)
         if not mask.any():
             continue
-        style = cls if cls < len(TOY_CLASSES) else int(rng.integers(0, len(TOY_CLASSES)))
+        if combos:
+            style = combos[cls][1]
+        else:
+            style = cls if cls < len(TOY_CLASSES) else int(rng.integers(0, len(TOY_CLASSES)))
         rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
         y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
         inside = mask[y0:y1, x0:x1]
@@ -252,12 +278,13 @@ def render_scene(rng: np.random.Generator, width: int, height: int, max_objects:
 def make_toy_voc(out: str | Path, num_images: int = 100, seed: int = 0, min_side: int = 300,
                  max_side: int = 500, splits: tuple[float, float] = (0.4, 0.2), year: str = "VOC2007",
                  jpeg_quality: int = 92, progress: bool = False, distractors: int = 0,
-                 extra_classes: int = 0) -> Path:
+                 extra_classes: int = 0, styled: int = 0) -> Path:
     """Write ``<out>/<year>/{JPEGImages,Annotations,ImageSets/Main}`` and return the year folder.
 
     ``distractors`` > 0 annotates up to that many distractor blobs per image as the extra class
     ``DISTRACTOR_CLASS`` (listed last in ``classes.txt``); the images are the same as without.
     ``extra_classes`` > 0 (pre-training sets) adds that many ``EXTRA_CLASSES`` to the objects drawn.
+    ``styled`` > 0 makes a set of that many (shape, style) classes instead (:func:`styled_classes`).
 
     Split fractions: ``splits = (train, val)``; the rest is ``test``; ``trainval`` is
     train + val. Ids are ``000001``... Existing files with the same ids are replaced.
@@ -266,7 +293,7 @@ def make_toy_voc(out: str | Path, num_images: int = 100, seed: int = 0, min_side
         raise ValueError(f"num_images must be >= 3 (one per split), got {num_images}")
     root = Path(out) / year
     rng = np.random.default_rng(seed)
-    names = class_names(extra_classes, distractors)
+    names = class_names(extra_classes, distractors, styled)
     ids = [f"{i + 1:06d}" for i in range(num_images)]
     it = ids
     if progress:
@@ -276,7 +303,7 @@ def make_toy_voc(out: str | Path, num_images: int = 100, seed: int = 0, min_side
     for image_id in it:
         w, h = int(rng.integers(min_side, max_side + 1)), int(rng.integers(min_side, max_side + 1))
         rgb, labels, boxes, difficult, truncated = render_scene(rng, w, h, distractors=distractors,
-                                                                extra_classes=extra_classes)
+                                                                extra_classes=extra_classes, styled=styled)
         ok, enc = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
         if not ok:  # pragma: no cover
             raise RuntimeError(f"JPEG encoding failed for {image_id}")
@@ -297,16 +324,18 @@ def make_toy_voc(out: str | Path, num_images: int = 100, seed: int = 0, min_side
         atomic_write_text(root / "ImageSets" / "Main" / f"{name}.txt", "\n".join(lst) + "\n")
     atomic_write_text(root / "classes.txt", "\n".join(names) + "\n")
     atomic_write_text(root / "synthetic.json",
-                      json.dumps(synthetic_params(num_images, seed, splits, distractors, extra_classes)))
+                      json.dumps(synthetic_params(num_images, seed, splits, distractors, extra_classes, styled)))
     return root
 
 
 def synthetic_params(num_images: int, seed: int, splits: tuple[float, float] = (0.4, 0.2),
-                     distractors: int = 0, extra_classes: int = 0) -> dict:
+                     distractors: int = 0, extra_classes: int = 0, styled: int = 0) -> dict:
     """What identifies a generated dataset (written to ``<year>/synthetic.json``)."""
     out = {"num_images": int(num_images), "seed": int(seed), "splits": [float(v) for v in splits]}
     if distractors:  # absent when 0, so that datasets made before the option still match
         out["distractors"] = int(distractors)
     if extra_classes:
         out["extra_classes"] = int(extra_classes)
+    if styled:
+        out["styled"] = int(styled)
     return out

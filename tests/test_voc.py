@@ -208,3 +208,23 @@ def test_generator_extra_classes(tmp_path):
         assert 40 <= xs.max() - xs.min() + 1 <= 115 and 40 <= ys.max() - ys.min() + 1 <= 115, name
         fill[name] = m.sum() / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
     assert fill["hexagon"] > 0.7 and fill["star"] < 0.6 and fill["crescent"] < 0.6 and fill["chevron"] < 0.6, fill
+
+
+def test_styled_synthetic_set_has_twenty_classes_of_every_shape(tmp_path):
+    """The 20-class variant behind benchmarks/bench_scale.py: (shape, style) classes, every shape in at least two
+    styles, the labels written as those names; the 5-class sets' draws are untouched (same images as before)."""
+    from sppdet.synthetic import EXTRA_CLASSES, STYLES, class_names, make_toy_voc, render_scene, styled_classes
+
+    names = class_names(styled=20)
+    assert len(set(names)) == 20 and names[0] == f"disc_{STYLES[0]}"
+    shapes = [s for s, _ in styled_classes(20)]
+    assert all(shapes.count(s) >= 2 for s in range(len(TOY_CLASSES) + len(EXTRA_CLASSES)))
+    with pytest.raises(ValueError):
+        styled_classes(46)
+    root = make_toy_voc(tmp_path, 6, seed=2, styled=20)
+    ds = VOCDataset(root, "trainval", list(names))
+    seen = {n for i in ds.ids for n in ds.annotation(i).names}
+    assert seen and seen <= set(names)
+    a = render_scene(np.random.default_rng(5), 200, 160)
+    b = render_scene(np.random.default_rng(5), 200, 160, styled=0)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
