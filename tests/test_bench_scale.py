@@ -1,0 +1,45 @@
+"""benchmarks/bench_scale.py's projection: per-image rates are the marginal ones between the two largest sizes (a
+tool's fixed start-up left out), fine-tuning is projected per step, and every stage gets a row."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "benchmarks" / "bench_scale.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rows(n, start=10.0, per=2.0):
+    tv, va, te = n // 2 + n // 4, n // 4, n // 4
+    split = lambda rate: {"trainval": {"images": tv, "seconds": start + rate * tv},  # noqa: E731
+                          "val": {"images": va, "seconds": start + rate * va},
+                          "test": {"images": te, "seconds": start + rate * te}}
+    rows = [{"stage": s, "n_images": n, "classes": 20, "seconds": 3 * start + per * n, "peak_rss_mb": 100.0,
+             "images": split(per), "disk_mb": 0.5 * n} for s in ("proposals", "features")]
+    rows += [{"stage": "finetune", "n_images": n, "classes": 20, "seconds": 50.0, "peak_rss_mb": 100.0,
+              "images": {"trainval": tv}, "iterations": 100, "disk_mb": 1.0}]
+    rows += [{"stage": s, "n_images": n, "classes": 20, "seconds": start + per * tv, "peak_rss_mb": 100.0 + n,
+              "images": {"trainval": tv}, "disk_mb": 0.0} for s in ("svm", "bbox_reg")]
+    rows += [{"stage": "test", "n_images": n, "classes": 20, "seconds": start + per * te, "peak_rss_mb": 100.0,
+              "images": {"trainval": tv}, "test_images": te, "disk_mb": 0.0}]
+    return rows
+
+
+def test_projection_uses_marginal_rates_and_steps(bench):
+    rows = _rows(40) + _rows(200)
+    p = bench.projection(rows, str(ROOT / "configs" / "voc07_efficientnet_lite0.yaml"), [], finetune_seconds=40.0)
+    # 2 s per image whatever the start-up: trainval 5011 + val 2510 + test 4952 images
+    assert p["proposals"]["hours"] == pytest.approx(2.0 * (5011 + 2510 + 4952) / 3600, abs=0.01)
+    assert p["svm"]["hours"] == pytest.approx(2.0 * 5011 / 3600, abs=0.01)
+    assert p["test"]["hours"] == pytest.approx(2.0 * 4952 / 3600, abs=0.01)
+    assert p["finetune"]["hours"] == pytest.approx(0.4 * 40000 / 3600, abs=0.01)  # 40 s / 100 steps, 40000 steps
+    assert p["svm"]["peak_rss_ratio_largest_to_smallest_n"] == pytest.approx(300 / 140, abs=0.01)
+    assert set(bench.STAGES) <= set(p) and p["total_hours"] > 0
