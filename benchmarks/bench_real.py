@@ -38,11 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _size_mb(path: Path) -> float:
-    if path.is_file():
-        return path.stat().st_size / 2 ** 20
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2 ** 20 if path.exists() else 0.0
+from sppdet.store import dir_bytes  # noqa: E402
 
 
 def _manifests(run: Path) -> dict[str, float]:
@@ -77,7 +73,7 @@ def run_sppdet(name: str, root: Path, args) -> dict:
     test = (sum(secs.get(k, 0.0) for k in test_folders) + metrics["seconds"]) / n_test
     return {"set": name, "detector": f"sppdet ({Path(args.config).name})", "ap": float(m.group(1)) if m else None,
             "train_seconds": round(train, 1), "test_seconds_per_image": round(test, 3),
-            "disk_mb": round(_size_mb(run), 1), "call_wall_seconds": round(wall, 1)}
+            "disk_mb": round(dir_bytes(run) / 2 ** 20, 1), "call_wall_seconds": round(wall, 1)}
 
 
 def _faster_rcnn(num_classes: int, min_size: int):
@@ -92,7 +88,7 @@ def _faster_rcnn(num_classes: int, min_size: int):
     trunk = build_backbone("efficientnet_lite0", "imagenet")
     set_trainable(trunk, True, 1)  # the stem frozen, as sppdet's Fast R-CNN mode
 
-    class Body(torch.nn.Module):  # the trunk without its own input check and normalisation (FasterRCNN's transform)
+    class Body(torch.nn.Module):  # the trunk, fed by FasterRCNN's transform (which normalises), with frozen BN stats
         def __init__(self):
             super().__init__()
             self.trunk, self.out_channels = trunk, trunk.out_channels
@@ -103,13 +99,7 @@ def _faster_rcnn(num_classes: int, min_size: int):
             return self
 
         def forward(self, x):
-            import torch.nn.functional as F
-
-            t = self.trunk
-            x = F.relu6(t._bn0(t._conv_stem(x)))
-            for b in t._blocks:
-                x = b(x)
-            return x
+            return self.trunk(x)
 
     anchors = AnchorGenerator(sizes=((32, 64, 128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),))
     return FasterRCNN(Body(), num_classes=num_classes + 1, rpn_anchor_generator=anchors,
@@ -187,7 +177,7 @@ def run_faster_rcnn(name: str, root: Path, seconds: float, args) -> dict:
     torch.save(model.state_dict(), ckpt)
     return {"set": name, "detector": f"Faster R-CNN (torchvision, Lite0, {args.min_size} px)",
             "ap": round(res["map07"], 3), "train_seconds": round(train, 1), "steps": step,
-            "test_seconds_per_image": round(per_image, 3), "disk_mb": round(_size_mb(ckpt), 1)}
+            "test_seconds_per_image": round(per_image, 3), "disk_mb": round(ckpt.stat().st_size / 2 ** 20, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,8 +15,8 @@ cost is per step and is projected to the recipe's count. Each size starts from a
 resumes one instead).
 
 Writes ``--out``: a list of rows ``{"stage", "n_images", "classes", "seconds", "peak_rss_mb"}`` (one per stage and
-size; also ``images`` per split, ``disk_mb`` written), and beside it ``<out>.projection.json`` and ``<out>.png``
-(time and memory against N). Prints both tables.
+size; also ``images`` per split, ``disk_mb`` its folders hold), and beside it ``<out>.projection.json`` and
+``<out>.png`` (time and memory against N). Prints both tables.
 """
 
 from __future__ import annotations
@@ -33,10 +33,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sppdet.store import dir_bytes  # noqa: E402
+
 # VOC 2007's image counts, per split of the recipe (val is part of trainval, and has its own folders)
 VOC07 = {"trainval": 5011, "val": 2510, "test": 4952}
 PAPER_SCALES = (480, 576, 688, 864, 1200)
 STAGES = ("proposals", "features", "finetune", "svm", "bbox_reg", "test")
+FOLDERS = {"proposals": "proposals", "features": "features", "finetune": "model/finetune",
+           "bbox_reg": "model/bbox_reg", "test": "detections"}
 
 
 def _tool(name: str, args: list[str], log: Path) -> tuple[float, float]:
@@ -55,8 +59,10 @@ def _tool(name: str, args: list[str], log: Path) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024.0
 
 
-def _size_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2 ** 20 if path.exists() else 0.0
+def _disk_mb(run: Path, stage: str) -> float:
+    """What a stage's folders hold once it has run (the SVM stage's: every ``model/svm*``)."""
+    folders = list((run / "model").glob("svm*")) if stage == "svm" else [run / FOLDERS[stage]]
+    return sum(dir_bytes(f) for f in folders) / 2 ** 20
 
 
 def _dataset(root: Path, n: int, classes: int) -> tuple[Path, list[str]]:
@@ -91,11 +97,8 @@ def measure(n: int, args) -> list[dict]:
              "features": [("extract_features.py", ["--split", s], s) for s in splits],
              "finetune": [("finetune_fc.py", [], None)], "svm": [("train_svm.py", [], None)],
              "bbox_reg": [("train_bbox_reg.py", [], None)], "test": [("test_net.py", [], None)]}
-    folders = {"proposals": "proposals", "features": "features", "finetune": "model/finetune", "svm": "model",
-               "bbox_reg": "model/bbox_reg", "test": "detections"}
     rows = []
     for stage in STAGES:
-        before = _size_mb(run / folders[stage])
         seconds, peak, per_split = 0.0, 0.0, {}
         for tool, extra, split in calls[stage]:
             s, m = _tool(tool, common + extra, log)
@@ -105,9 +108,7 @@ def measure(n: int, args) -> list[dict]:
         row = {"stage": stage, "n_images": n, "classes": args.classes, "seconds": round(seconds, 2),
                "peak_rss_mb": round(peak, 1),
                "images": per_split or {cfg.data.train_split: count[cfg.data.train_split]},
-               "disk_mb": round(_size_mb(run / folders[stage]) - (before if stage != "svm" else 0), 1)}
-        if stage == "svm":  # model/ holds finetune and bbox_reg too: the SVM folders alone
-            row["disk_mb"] = round(sum(_size_mb(p) for p in (run / "model").glob("svm*")), 1)
+               "disk_mb": round(_disk_mb(run, stage), 1)}
         if stage == "finetune":
             row["iterations"] = it
         print(f"N={n} {stage:10s} {seconds:8.1f} s  peak {peak:8.0f} MB", flush=True)

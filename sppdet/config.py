@@ -231,11 +231,14 @@ def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def section_defaults(section: Any) -> dict:
-    """Each field's default of a config section (a dataclass or its class) as JSON would store it;
-    fields without a default are left out."""
+    """What each field of a config section (a dataclass or its class) was, as JSON would store it, in a manifest
+    written before the field existed: its ``before`` metadata where adding the option changed what the code did
+    (e.g. ``svm.tol``: solved to 1e-4 before), else its default; fields without a default are left out."""
     out = {}
     for f in dataclasses.fields(section):
-        if f.default is not dataclasses.MISSING:
+        if "before" in f.metadata:
+            out[f.name] = f.metadata["before"]
+        elif f.default is not dataclasses.MISSING:
             out[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
             out[f.name] = f.default_factory()

@@ -162,12 +162,13 @@ class SVMConfig:
     max_iter: int = 10000
     # liblinear's stopping tolerance: 0.1 is its own default for -s 3, which R-CNN's and the authors' calls
     # leave in force; scikit-learn's 1e-4 is 1000x tighter and made the retrains ~90% of the SVM stage's time.
-    tol: float = 0.1
+    # ("before": SVMs made before the option existed were solved to 1e-4, so they are stale, not at the default.)
+    tol: float = field(default=0.1, metadata={"before": 1e-4})
     # Per class, the most negatives its cache keeps: after a retrain the hardest this many (highest scores) stay,
     # and a cache over it is retrained at once, so it never holds more than this plus one image's windows.
     # Bounds the SVM stage's memory however many images: the shared pool holds at most classes x (this + one
     # image's windows) rows of features (VOC 2007, 20 classes, 4096-d fc7: 3.9 GB; 0: no cap).
-    max_negatives: int = field(default=10000, metadata={"min": 0})
+    max_negatives: int = field(default=10000, metadata={"min": 0, "before": 0})
     # Hard negatives: one window per conv5 rectangle and scale (the authors' dedup; windows on the
     # same rectangle pool to identical features). SVMs trained before the option existed had none.
     dedup: bool = True

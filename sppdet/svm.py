@@ -6,10 +6,11 @@ the class. One pass over the images: the first image contributes all its negativ
 ones only those scoring above ``hard_threshold`` (-1.0001) that are not cached yet; the
 SVM is retrained after the first image, whenever more than ``retrain_limit`` (2000) new
 negatives have been added, and at the last image; after each retrain negatives scoring
-below ``evict_threshold`` (-1.2) are evicted, and a cache over ``max_negatives`` keeps its hardest. liblinear (scikit-learn ``LinearSVC``,
-L2-regularised hinge loss, dual) with C = 0.001, positive weight 2, bias feature 10
-(``-w1 2 -c 0.001 -s 3 -B 10``, liblinear's default tolerance ``-e 0.1``). Memory: the classes' negative caches share one pool of feature rows
-(:class:`NegativePool`), plus liblinear's float64 copy of one class's examples while it retrains.
+below ``evict_threshold`` (-1.2) are evicted, and a cache over ``max_negatives`` keeps its hardest.
+liblinear (scikit-learn ``LinearSVC``, L2-regularised hinge loss, dual) with C = 0.001, positive weight 2,
+bias feature 10 and liblinear's default tolerance (``-w1 2 -c 0.001 -s 3 -B 10``, ``-e 0.1``). Memory: the
+classes' negative caches share one pool of feature rows (:class:`NegativePool`), plus liblinear's float64 copy
+of one class's examples while it retrains.
 """
 
 from __future__ import annotations

@@ -352,6 +352,13 @@ def test_saved_config_sections_compare_with_defaults_for_added_options():
     assert section_changes(saved, cfg2, "pretrain.") == ["pretrain.synthetic_extra_classes: 0 -> 2"]
     assert section_changes({**saved, "epochs": 5}, cfg, "pretrain.") == ["pretrain.epochs: 5 -> 3"]
     assert PretrainConfig().synthetic_extra_classes == 0
+    # an option that changed what the code did when it was added names its former value: not "at its default"
+    from sppdet.config import SVMConfig
+
+    svm = asdict(SVMConfig())
+    del svm["tol"], svm["max_negatives"]
+    assert section_changes(svm, SVMConfig(), "svm.") == ["svm.max_negatives: 0 -> 10000", "svm.tol: 0.0001 -> 0.1"]
+    assert section_changes(svm, SVMConfig(tol=1e-4, max_negatives=0)) == []
 
 
 def test_svm_training_repeats_whatever_the_global_random_state():

@@ -58,9 +58,7 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
     if feature in ("fc6", "fc7"):
         inputs["finetune"] = Stage.read_manifest(run.finetune_path.parent)["fingerprint"]
     path = run.svm_path(tag)
-    # the solver's tolerance as an extra too: SVMs from before svm.tol (solved to 1e-4) are stale, not "at its default"
-    stage = stage_folder(path.parent, "svm", {"svm": cfg.svm}, {"feature": feature, "solver_tol": cfg.svm.tol}, inputs,
-                         overwrite)
+    stage = stage_folder(path.parent, "svm", {"svm": cfg.svm}, {"feature": feature}, inputs, overwrite)
     if path.is_file():
         run.log(f"svm: reusing {path}")
         return stage.finish(1)
