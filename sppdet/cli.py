@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Callable
 
 from .config import ConfigError, load_config
@@ -18,17 +19,31 @@ USER_ERRORS = (ConfigError, StaleCacheError, ShardError, VOCError, WriteError, F
 
 def parser(description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: %(default)s)")
+    ap.add_argument("--config", default=None,
+                    help=f"YAML config (default: the --run folder's config.yaml if it has one, else {DEFAULT_CONFIG})")
     ap.add_argument("--run", default=None, help="run folder (default: the config's run_dir)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a config value (repeatable), e.g. --set features.scales=[480,688]")
     return ap
 
 
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+def config_path(args) -> str:
+    """``--config`` when given; else the settings of the run folder named by ``--run`` (a later stage, a test on
+    another split or a resumed run keeps the run's own settings); else :data:`DEFAULT_CONFIG`."""
+    if args.config:
+        return args.config
+    if args.run and (Path(args.run) / "config.yaml").is_file():
+        return str(Path(args.run) / "config.yaml")
+    return DEFAULT_CONFIG
+
+
 def make_run(args) -> Run:
     """The run of a tool call; its config.yaml is (re)written only when the call's settings are the run's: no
     --set, or --overwrite (the stage is rebuilt with them); see :class:`~sppdet.run.Run`."""
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(config_path(args), args.overrides)
     return Run(cfg, args.run, save_config=True if not args.overrides or getattr(args, "overwrite", False) else None)
 
 

@@ -211,3 +211,21 @@ def test_a_changed_image_rebuilds_only_its_own_shards(tmp_path, caplog):
     for d in ("proposals", "features"):
         now = {i: (run.dir / d / "all" / f"{i}.npz").stat().st_mtime_ns for i in ids}
         assert [i for i in ids if now[i] != mtimes[d][i]] == [ids[1]], d
+
+
+def test_a_tool_given_only_a_run_folder_keeps_that_runs_settings(tmp_path):
+    """``tools/test_net.py --run R --split val`` (no --config) once loaded configs/demo.yaml and rewrote R's
+    config.yaml with it: the run's own settings are the default, and they are kept."""
+    from sppdet.cli import DEFAULT_CONFIG, config_path, make_run, parser
+
+    run_dir = tmp_path / "run"
+    ap = parser("t")
+    ap.add_argument("--overwrite", action="store_true")
+    first = make_run(ap.parse_args(["--config", "configs/tiny.yaml", "--run", str(run_dir)]))
+    saved = (run_dir / "config.yaml").read_text()
+    args = ap.parse_args(["--run", str(run_dir)])
+    assert config_path(args) == str(run_dir / "config.yaml")
+    again = make_run(args)
+    assert again.cfg == first.cfg and (run_dir / "config.yaml").read_text() == saved
+    assert config_path(ap.parse_args(["--run", str(tmp_path / "new")])) == DEFAULT_CONFIG
+    assert config_path(ap.parse_args([])) == DEFAULT_CONFIG
