@@ -74,6 +74,31 @@ def test_box_regression_recovers_known_shift():
         np.testing.assert_allclose(reg.predict(0, feats, p), g, atol=0.5)
 
 
+def test_box_regression_samples_are_a_bounded_uniform_reservoir():
+    """The box-regression stage holds at most max_per_class windows per class, drawn uniformly from all of a
+    class's windows (its memory no longer grows with the number of images); under the cap it keeps all, in order."""
+    from sppdet.stages.bbox_reg import Reservoir
+
+    everything = Reservoir(0, np.random.default_rng(0))
+    for x in range(50):
+        everything.offer(x)
+    assert everything.items == list(range(50)) and everything.seen == 50
+    few = Reservoir(10, np.random.default_rng(0))
+    for x in range(7):
+        few.offer(x)
+    assert few.items == list(range(7))
+    rng = np.random.default_rng(1)
+    kept = np.zeros(20)
+    trials = 4000
+    for _ in range(trials):
+        r = Reservoir(5, rng)
+        for x in range(20):
+            r.offer(x)
+        assert len(r.items) == 5 and len(set(r.items)) == 5 and r.seen == 20
+        kept[r.items] += 1
+    np.testing.assert_allclose(kept / trials, 5 / 20, atol=0.03)  # every item equally likely, early or late
+
+
 def _one_object_cache(directory, gain: float = 1.0):
     """Four images with one bright object each, their conv5 maps (times ``gain``) cached in ``directory``:
     ``(trunk, windows, cache)``."""

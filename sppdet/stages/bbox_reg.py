@@ -21,19 +21,22 @@ def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = 3000)
     cache = feature_cache(run, tr)
     path = run.bbox_reg_path
     inputs = {"features": Stage.read_manifest(cache.dir)["fingerprint"], "annotations": run.content(tr, "annotations")}
-    stage = stage_folder(path.parent, "bbox_reg", {"bbox_reg": cfg.bbox_reg}, {"max_per_class": max_per_class}, inputs,
-                   overwrite)
+    stage = stage_folder(path.parent, "bbox_reg", {"bbox_reg": cfg.bbox_reg},
+                         {"max_per_class": max_per_class, "sampling": "reservoir"}, inputs, overwrite)
     if path.is_file():
         run.log(f"bbox_reg: reusing {path}")
         return stage.finish(1)
     ds = run.dataset(tr)
     windows = split_windows(run, tr, ds)  # ds's annotations are parsed once and reused below
-    feats, props, gts, norms = _samples(run, ds, windows, cache)
-    rng = np.random.default_rng(cfg.seed)
-    if not norms:
+    samples, mean_norm = _samples(run, ds, windows, cache, max_per_class, np.random.default_rng(cfg.seed))
+    if not mean_norm:
         raise ValueError(f"bbox regression: no window of split {tr!r} overlaps an object by > {cfg.bbox_reg.min_overlap}")
-    scale = cfg.bbox_reg.target_norm / float(np.concatenate(norms).mean())
-    reg, stats = fit_regressors(run, feats, props, gts, scale, max_per_class, rng, run.log)
+    feats, props, gts = ([[item[m] for item in r.items] for r in samples] for m in range(3))
+    scale = cfg.bbox_reg.target_norm / mean_norm
+    reg, stats = fit_regressors(run, feats, props, gts, scale, log=run.log)
+    for r, name in zip(samples, run.classes):
+        if name in stats:
+            stats[name]["windows"] = r.seen
     reg.save(path, run.classes)
     return stage.finish(1, stats=stats, feature_scale=scale)
 
@@ -69,29 +72,47 @@ def fit_regressors(run: Run, feats: list, props: list, gts: list, scale: float, 
     return BoxRegressor(W, b, mu, T_inv, scale, trained), stats
 
 
-def _samples(run: Run, ds, windows: dict, cache) -> tuple[list, list, list, list]:
-    """Per class, the pooled features, proposal boxes and matched ground-truth boxes of the train split's windows
-    overlapping an object by more than ``bbox_reg.min_overlap``; and the features' norms."""
+class Reservoir:
+    """A uniform random sample of at most ``cap`` of the items offered one at a time (Vitter's algorithm R), so
+    that memory stays ``cap`` items however many are offered; ``cap`` 0 keeps every item. While no more than
+    ``cap`` have been offered it holds all of them, in order."""
+
+    def __init__(self, cap: int, rng: np.random.Generator):
+        self.cap, self.rng, self.items, self.seen = int(cap), rng, [], 0
+
+    def offer(self, item) -> None:
+        self.seen += 1
+        if not self.cap or len(self.items) < self.cap:
+            self.items.append(item)
+            return
+        j = int(self.rng.integers(self.seen))
+        if j < self.cap:
+            self.items[j] = item
+
+
+def _samples(run: Run, ds, windows: dict, cache, max_per_class: int,
+             rng: np.random.Generator) -> tuple[list, float]:
+    """Per class, a :class:`Reservoir` of at most ``max_per_class`` (feature, proposal box, matched ground-truth
+    box) of the train split's windows overlapping an object by more than ``bbox_reg.min_overlap``, drawn uniformly
+    from all of them; and the mean norm of all those windows' features (0.0 when there is none). Memory is
+    bounded by classes x ``max_per_class`` features, whatever the number of images."""
     from tqdm import tqdm
 
     cfg = run.cfg
-    k_cls = len(run.classes)
-    feats, props, gts = [[] for _ in range(k_cls)], [[] for _ in range(k_cls)], [[] for _ in range(k_cls)]
-    norms = []
+    samples = [Reservoir(max_per_class, rng) for _ in run.classes]
+    norm_sum, n_norms = 0.0, 0
     for i in tqdm(windows, desc="bbox regression samples", unit="img"):
         w = windows[i]
         sel = np.nonzero(w.max_iou > cfg.bbox_reg.min_overlap)[0]
         if len(sel) == 0:
             continue
         f = cache.pooled(i, w.boxes[sel]).numpy()
-        norms.append(np.linalg.norm(f, axis=1))
+        norms = np.linalg.norm(f, axis=1)
+        norm_sum, n_norms = norm_sum + float(norms.astype(np.float64).sum()), n_norms + len(norms)
         gt_boxes = ds.annotation(i).boxes
         for j, s in enumerate(sel):
-            k = int(w.label[s])
-            feats[k].append(f[j])
-            props[k].append(w.boxes[s])
-            gts[k].append(gt_boxes[w.gt_index[s]])
-    return feats, props, gts, norms
+            samples[int(w.label[s])].offer((f[j].copy(), w.boxes[s], gt_boxes[w.gt_index[s]]))
+    return samples, (norm_sum / n_norms if n_norms else 0.0)
 
 
 SPEC = StageSpec("bbox_reg", "tools/train_bbox_reg.py", False,
