@@ -55,7 +55,14 @@ def _merge(a, b, w, n, k, min_size):
             size[ra] += size[rb]
             thresh[ra] = we + k / size[ra]
     if min_size > 1:
+        # An edge both of whose pixels lie in components of at least min_size now never joins anything in this
+        # pass (components only grow): a flag per pixel skips it without the two finds (most edges; exact).
+        small = np.empty(n, np.bool_)
+        for p in range(n):
+            small[p] = size[_find(parent, p)] < min_size
         for e in range(a.shape[0]):
+            if not (small[a[e]] or small[b[e]]):
+                continue
             ra = _find(parent, a[e])
             rb = _find(parent, b[e])
             if ra != rb and (size[ra] < min_size or size[rb] < min_size):
