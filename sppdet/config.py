@@ -55,6 +55,10 @@ class Config:
     # proposals) are resolved against, whatever the current directory: set by load_config to the project root
     # for a config in a configs/ folder, kept as saved in a run folder's config.yaml; "" = the current directory.
     base_dir: str = ""
+    # What tools/demo.py trains and Predictor / tools/detect.py serve. spp: the SPP-net stages (conv5 cache, fc layers
+    # fine-tuned with conv frozen, SVMs, box regressors); fast_rcnn: Fast R-CNN mode (section fast_rcnn: the conv
+    # layers above the stem and the head trained in one stage, softmax scores and its own box regression, no cache).
+    route: str = field(default="spp", metadata={"choices": ("spp", "fast_rcnn")})
     data: DataConfig = field(default_factory=DataConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)

@@ -239,6 +239,7 @@ class FastRCNNConfig:
     # shorter image sides (px) to train and test at; []: features.scales
     scales: list = field(default_factory=list, metadata=positive_ints(nonempty=False))
     score_threshold: float = 0.01  # test: softmax probabilities at most this are dropped before NMS
+    draw_threshold: float = 0.5  # drawn detections and Predictor / tools/detect.py keep probabilities above this
     log_every: int = field(default=50, metadata={"min": 1})  # iterations per loss record
 
 

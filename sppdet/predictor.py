@@ -6,7 +6,8 @@
     out["boxes"], out["scores"], out["classes"]
 
 Per image: selective search -> conv5 once per scale -> SPP pooling + fc head -> SVM scores -> per-class NMS -> box
-regression -> clipping -> score threshold and per-image cap (``test.max_per_image``).
+regression -> clipping -> score threshold and per-image cap (``test.max_per_image``). A ``route: fast_rcnn`` run:
+the same with its one network's softmax scores and box regression.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class Predictor:
     Args:
         run_dir: the run folder (``tools/demo.py --run``).
         device: ``"cpu"`` or ``"cuda"`` for the conv layers.
-        score_threshold: detections scoring at most this are dropped (default: the run's ``test.draw_threshold``).
+        score_threshold: detections scoring at most this are dropped (default: the run's ``test.draw_threshold``, or
+            for a ``route: fast_rcnn`` run, whose scores are probabilities, its ``fast_rcnn.draw_threshold``).
         bbox_reg: apply the run's box regressors (where it has them); None: as its ``test.bbox_reg`` says.
         overrides: ``"section.key=value"`` test-time settings over the run's config (e.g. ``test.nms=0.4``).
     """
@@ -42,12 +44,23 @@ class Predictor:
             raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml); train one with tools/demo.py")
         self.cfg = load_config(run_dir / "config.yaml", list(overrides))
         self.run = run = Run(self.cfg, run_dir, save_config=False, log_fn=lambda s: None)
-        # Each model as it was made (its own manifest says with what); only test-time settings come from the run.
-        self.detector = build_detector(run, self.cfg.data.test_split, use_bbox_reg=bbox_reg, check=False)
-        self.classes = list(self.detector.classes)
-        self.backbone = run.backbone().to(device)
         self.device = device
-        self.score_threshold = self.cfg.test.draw_threshold if score_threshold is None else float(score_threshold)
+        self.fast_rcnn = None
+        if self.cfg.route == "fast_rcnn":  # one network: trunk, softmax scores and its own box regression
+            from .stages.fast_rcnn import load_model
+
+            if device != "cpu":
+                raise ValueError("route fast_rcnn: Predictor runs its network on the CPU (device='cpu')")
+            self.fast_rcnn = load_model(run, check=False)
+            self.use_bbox_reg = self.cfg.test.bbox_reg if bbox_reg is None else bool(bbox_reg)
+            self.classes = list(run.classes)
+        else:
+            # Each model as it was made (its own manifest says with what); only test-time settings from the run.
+            self.detector = build_detector(run, self.cfg.data.test_split, use_bbox_reg=bbox_reg, check=False)
+            self.classes = list(self.detector.classes)
+            self.backbone = run.backbone().to(device)
+        default = self.cfg.fast_rcnn.draw_threshold if self.fast_rcnn is not None else self.cfg.test.draw_threshold
+        self.score_threshold = default if score_threshold is None else float(score_threshold)
 
     def proposals(self, rgb: np.ndarray) -> np.ndarray:
         """``(R, 4)`` selective-search windows of an RGB image, with the run's proposal settings."""
@@ -73,10 +86,19 @@ class Predictor:
         t0 = time.perf_counter()
         boxes = self.proposals(rgb)
         t_prop = time.perf_counter() - t0
-        plain, reg, t = self.detector.detect_image(self.backbone, rgb, boxes, self.cfg.features, self.device,
-                                                   score_threshold=self.score_threshold)
-        d = reg if reg is not None else plain
+        if self.fast_rcnn is not None:
+            import torch
+
+            c, f = self.cfg, self.cfg.features
+            with torch.no_grad():
+                plain, reg, _, t = self.fast_rcnn.detect(rgb, boxes, c.fast_rcnn.scales or f.scales, f.max_size,
+                                                         f.target_size, c.test.nms, self.score_threshold,
+                                                         c.test.max_per_class, c.test.max_per_image)
+            d, rest = (reg if self.use_bbox_reg else plain), t["post"]
+        else:
+            plain, reg, t = self.detector.detect_image(self.backbone, rgb, boxes, self.cfg.features, self.device,
+                                                       score_threshold=self.score_threshold)
+            d, rest = (reg if reg is not None else plain), t["svm"] + t["post"]
         return {"boxes": d.boxes, "scores": d.scores, "labels": d.labels,
                 "classes": [self.classes[int(k)] for k in d.labels], "proposals": len(boxes),
-                "seconds": {"proposals": t_prop, "conv": t["conv"], "pool_fc": t["pool"] + t["fc"],
-                            "rest": t["svm"] + t["post"]}}
+                "seconds": {"proposals": t_prop, "conv": t["conv"], "pool_fc": t["pool"] + t["fc"], "rest": rest}}

@@ -409,25 +409,32 @@ def test_predictor_detects_with_a_run_folder_from_any_directory(trained, tmp_pat
 
 
 def test_fast_rcnn_mode_trains_the_trunk_writes_no_feature_cache_and_detects(trained, tmp_path):
-    """Fast R-CNN mode from the same trunk and proposals: one stage trains the conv layers above the stem too
-    (the trunk's weights change), nothing is cached but the model, and the mAP is far above chance."""
+    """Fast R-CNN mode from the same trunk and proposals, as a whole run (``route: fast_rcnn``: tools/demo.py trains
+    it, Predictor serves it): one stage trains the conv layers above the stem too (the trunk's weights change),
+    nothing is cached but the model, and the mAP is far above chance."""
     import os
 
     import torch
+
+    from sppdet import Predictor
 
     tmp, _ = trained
     run = tmp_path / "run"
     run.mkdir()
     for d in ("pretrain", "proposals"):
         os.symlink(tmp / "run" / d, run / d)
-    r = tool("train_fast_rcnn.py", "--config", "configs/tiny.yaml", "--run", run, "--set",
-             f"data.root={tmp / 'data' / 'VOC2007'}", "--set", "fast_rcnn.iterations=300",
+    r = tool("demo.py", "--config", "configs/tiny.yaml", "--run", run, "--set",
+             f"data.root={tmp / 'data' / 'VOC2007'}", "--set", "route=fast_rcnn", "--set", "fast_rcnn.iterations=300",
              "--set", "fast_rcnn.lr_steps=[200]")
+    report = r.stdout.split("cost of")[1]
+    assert "Fast R-CNN (conv above the stem + head)" in report and "hard-negative" not in report
+    again = tool("train_fast_rcnn.py", "--run", run, "--no-test")  # the run's own settings: the same model, reused
+    assert "reusing" in again.stdout + again.stderr
     man = json.loads((run / "model" / "fast_rcnn" / "manifest.json").read_text())
     assert man["complete"] and man["conv_changed"] and man["trained_conv_tensors"] > 0
     assert not (run / "features").exists()
     written = {p.relative_to(run).parts[0] for p in run.rglob("*") if p.is_file() and not p.is_symlink()}
-    assert written <= {"config.yaml", "model", "detections"}, written
+    assert written <= {"config.yaml", "cost_report.json", "cost_report.txt", "model", "detections"}, written
     # the trunk on disk is untouched; the model's own trunk differs from it above the stem
     from sppdet.backbones import build_backbone
 
@@ -437,8 +444,15 @@ def test_fast_rcnn_mode_trains_the_trunk_writes_no_feature_cache_and_detects(tra
     stem = next(k for k, v in disk.items() if v.dim() == 4)  # the first convolution's weights
     assert changed and stem not in changed
     m = json.loads((run / "detections" / "test_fast_rcnn" / "metrics.json").read_text())
-    assert m["method"] == "fast_rcnn" and "mAP (VOC07 11-point)" in r.stdout
+    assert m["method"] == "fast_rcnn" and f"mAP (VOC07 11-point): {m['map07']:.3f}" in r.stdout
     assert m["map07"] > 3 * chance_map(tmp, m["classes"]), m["map07"]
+    voc = tmp / "data" / "VOC2007"
+    image_id = (voc / "ImageSets" / "Main" / "test.txt").read_text().split()[0]
+    p = Predictor(run, score_threshold=0.05)
+    out = p(voc / "JPEGImages" / f"{image_id}.jpg")
+    assert len(out["boxes"]) > 0 and ((out["scores"] > 0.05) & (out["scores"] <= 1)).all()
+    assert set(out["seconds"]) == {"proposals", "conv", "pool_fc", "rest"} and set(out["classes"]) <= set(p.classes)
+    assert Predictor(run).score_threshold == 0.5  # probabilities: fast_rcnn.draw_threshold, not the SVMs' margin
 
 
 def test_readme_own_data_steps_run_as_written_on_the_tiny_config(trained, tmp_path):

@@ -3,6 +3,7 @@
 
     generate data -> pre-train ZF-5 (multi-size 224/180) -> proposals -> conv5 cache -> fc fine-tuning
     (conv frozen) -> SVMs with hard-negative mining -> box regressors -> test (VOC mAP) -> cost report
+    (with `route: fast_rcnn` in the config: proposals -> Fast R-CNN mode in one stage -> test -> cost report)
 
     python tools/demo.py [--config configs/demo.yaml] [--rebuild-stale]
 Reruns reuse every artefact and finish in seconds (`make demo` passes --rebuild-stale).
@@ -19,6 +20,7 @@ from pathlib import Path
 from sppdet.cli import make_run, parser, run_main
 from sppdet.finetune import learnt_nothing
 from sppdet.stages import plan
+from sppdet.stages.fast_rcnn import model_dir as fast_rcnn_model_dir
 from sppdet.store import PeakRSS, StaleCacheError, atomic_write_text, dir_bytes
 
 
@@ -78,16 +80,22 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"{c['stage']:<40} {c['seconds']:8.1f} {c['bytes'] / 1e6:11.1f} {c['total_bytes'] / 1e6:11.1f} "
                          f"{c['peak_rss_bytes'] / 2**20:12.0f}  {c.get('limitation', '')}")
         lines.append(f"{'total':<40} {total:8.1f} {sum(c['bytes'] for c in costs) / 1e6:11.1f}")
-        ft = json.loads((run.finetune_path.parent / "manifest.json").read_text())
-        lines.append("fine-tuning updated fc6, fc7 and fc8 only: the conv layers are not in its trainer (their weights' "
-                     f"fingerprint {ft.get('conv_fingerprint', '?')}, checked equal after training); Fast R-CNN "
-                     "removes this limitation.")
-        if ft.get("best_val_error") is not None:
-            err, bg = ft["best_val_error"], ft.get("background_error")
-            lines.append(f"fine-tuning: best validation error {err:.3f} at iteration {ft.get('best_iteration')}" + (
-                "" if bg is None else f" (calling every window background: {bg:.3f})"
-                + ("; IT LEARNT (ALMOST) NOTHING: see its warning above" if learnt_nothing(ft) else "")))
-        lines.append("features were written to disk as conv5 maps (float16) and pooled on read.")
+        if cfg.route == "fast_rcnn":
+            fr = json.loads((fast_rcnn_model_dir(run) / "manifest.json").read_text())
+            lines.append(f"Fast R-CNN mode: {fr.get('trained_conv_tensors', '?')} conv parameter tensors above the "
+                         f"stem trained with the head in one stage (conv weights changed: {fr.get('conv_changed')}); "
+                         "no conv5 cache, no SVMs, no separate box regressors.")
+        else:
+            ft = json.loads((run.finetune_path.parent / "manifest.json").read_text())
+            lines.append("fine-tuning updated fc6, fc7 and fc8 only: the conv layers are not in its trainer (their "
+                         f"weights' fingerprint {ft.get('conv_fingerprint', '?')}, checked equal after training); "
+                         "Fast R-CNN removes this limitation.")
+            if ft.get("best_val_error") is not None:
+                err, bg = ft["best_val_error"], ft.get("background_error")
+                lines.append(f"fine-tuning: best validation error {err:.3f} at iteration {ft.get('best_iteration')}" + (
+                    "" if bg is None else f" (calling every window background: {bg:.3f})"
+                    + ("; IT LEARNT (ALMOST) NOTHING: see its warning above" if learnt_nothing(ft) else "")))
+            lines.append("features were written to disk as conv5 maps (float16) and pooled on read.")
         lines.append("what each limitation costs in mAP and time, against R-CNN and a Fast R-CNN mode on the same trunk: "
                      "python benchmarks/bench_family.py --config CONFIG")
         lines.append("peak RSS: of this process while the stage ran (proposal workers, if any, are separate processes).")

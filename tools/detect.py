@@ -5,7 +5,8 @@
     python tools/detect.py --run runs/demo --out out/ --split test      # a split of the run's dataset
 
 For each image: proposals -> conv5 once per scale -> SPP pooling + fc head -> SVM scores -> per-class NMS ->
-box regression -> clipping -> score threshold and per-image cap. Writes OUT/<stem>.json (a list of
+box regression -> clipping -> score threshold and per-image cap (a `route: fast_rcnn` run: its network's softmax
+scores and box regression). Writes OUT/<stem>.json (a list of
 {"class", "score", "box": [x1, y1, x2, y2]} in original-image pixels, 0-based continuous) and OUT/<stem>.png
 with the boxes drawn, and prints the time of each stage. An unreadable image gets a one-line message; the
 others are still processed and the exit code is 1. Input files are never overwritten: an output that would
@@ -43,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", required=True, help="a trained run folder (holds config.yaml)")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--split", help="instead of files: every image of this split of the run's dataset")
-    ap.add_argument("--threshold", type=float, default=None, help="SVM score threshold (default: test.draw_threshold)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="score threshold (default: the run's test.draw_threshold, for SVM margins; for a route: "
+                         "fast_rcnn run, whose scores are probabilities, its fast_rcnn.draw_threshold)")
     ap.add_argument("--no-bbox-reg", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")

@@ -16,6 +16,9 @@ bbox_reg    features of train                       model/bbox_reg/bbox_reg.npz
 test        proposals, features, models             detections/<split><tag>/
 combine     detections of several runs              detections/<split>_combined/
 ==========  ======================================  =========================================
+
+With ``route: fast_rcnn`` a run is instead proposals -> :mod:`~sppdet.stages.fast_rcnn` (one stage training the conv
+layers above the stem and the head together) -> its test: no conv5 cache, fine-tuning, SVMs or separate regressors.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from pathlib import Path
 from typing import Callable
 
 from ..run import Run
-from . import bbox_reg, combine, features, finetune, pretrain, proposals, svm, test
+from . import bbox_reg, combine, fast_rcnn, features, finetune, pretrain, proposals, svm, test
 from .bbox_reg import stage_bbox_reg
 from .combine import stage_combine
 from .common import StageSpec
+from .fast_rcnn import stage_fast_rcnn, stage_fast_rcnn_test
 from .features import stage_features
 from .finetune import load_head, pretrained_head, stage_finetune
 from .pretrain import stage_pretrain
@@ -57,7 +61,8 @@ class Step:
 def plan(run: Run) -> list[Step]:
     """The calls that take a run folder from data to test detections, in :data:`STAGES` order: pre-training
     (only for ``backbone.weights: pretrain``), proposals and features of each split the run uses, fine-tuning,
-    the SVM sets, box regression, test on ``data.test_split``."""
+    the SVM sets, box regression, test on ``data.test_split``; with ``route: fast_rcnn``, proposals, the Fast R-CNN
+    stage and its test."""
     cfg = run.cfg
     splits = list(dict.fromkeys([cfg.data.train_split, cfg.data.val_split, cfg.data.test_split]))
     spec = {s.name: s for s in STAGES}
@@ -67,6 +72,13 @@ def plan(run: Run) -> list[Step]:
                           lambda: stage_pretrain(run)))
     steps.append(Step("proposals (selective search)", spec["proposals"], tuple(run.proposals_dir(s) for s in splits),
                       lambda: [stage_proposals(run, s) for s in splits]))
+    if cfg.route == "fast_rcnn":
+        te = cfg.data.test_split
+        steps.append(Step("Fast R-CNN (conv above the stem + head)", fast_rcnn.SPEC,
+                          (fast_rcnn.model_dir(run),), lambda: stage_fast_rcnn(run)))
+        steps.append(Step("test + evaluation", spec["test"], (run.detections_dir(te, "_fast_rcnn"),),
+                          lambda: stage_fast_rcnn_test(run, te)))
+        return steps
     steps.append(Step("features (conv5 once per image)", spec["features"], tuple(run.features_dir(s) for s in splits),
                       lambda: [stage_features(run, s) for s in splits]))
     steps.append(Step("fine-tune fc6/fc7/fc8 (conv frozen)", spec["finetune"], (run.finetune_path.parent,),

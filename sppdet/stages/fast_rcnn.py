@@ -29,7 +29,7 @@ SETTINGS = ("fast_rcnn", "finetune.hidden", "finetune.dropout", "finetune.input_
             "features.max_size", "features.levels", "features.shrink", "features.target_size", "backbone", "seed")
 
 
-def _model_dir(run: Run, tag: str):
+def model_dir(run: Run, tag: str = ""):
     return run.dir / "model" / f"fast_rcnn{tag}"
 
 
@@ -88,7 +88,7 @@ def stage_fast_rcnn(run: Run, tag: str = "", overwrite: bool = False) -> dict:
     cfg = run.cfg
     tr = cfg.data.train_split
     inputs = image_route_inputs(run, tr)
-    path = _model_dir(run, tag) / "model.pt"
+    path = model_dir(run, tag) / "model.pt"
     stage = stage_folder(path.parent, "fast_rcnn", {"fast_rcnn": cfg.fast_rcnn, "backbone": cfg.backbone},
                          _settings(run), inputs, overwrite)
     if path.is_file():
@@ -116,7 +116,7 @@ def stage_fast_rcnn(run: Run, tag: str = "", overwrite: bool = False) -> dict:
 
 def load_model(run: Run, tag: str = "", check: bool = True) -> FastRCNN:
     """The trained network of ``model/fast_rcnn<tag>``; ``check``: refused when made with other settings."""
-    d = _model_dir(run, tag)
+    d = model_dir(run, tag)
     if check:
         require_settings(run, d, "tools/train_fast_rcnn.py", {"fast_rcnn": run.cfg.fast_rcnn,
                                                               "backbone": run.cfg.backbone}, _settings(run))
@@ -159,9 +159,9 @@ def stage_fast_rcnn_test(run: Run, split: str | None = None, tag: str = "", draw
     n = max(len(ds.ids), 1)
     results = {"without_bbox_reg": evaluate(run, ds, plain_all), "with_bbox_reg": evaluate(run, ds, reg_all)}
     metrics = {"seconds_per_image": {k: v / n for k, v in timing.items()}, "method": "fast_rcnn",
-               "model": str(_model_dir(run, tag))}
+               "model": str(model_dir(run, tag))}
     return write_results(run, ds, split, run.detections_dir(split, f"_fast_rcnn{tag}"), results, reg_all,
-                         annotations, misses, metrics, draw, t0)
+                         annotations, misses, metrics, draw, t0, fr.draw_threshold)
 
 
 SPEC = StageSpec("fast_rcnn", "tools/train_fast_rcnn.py", False,

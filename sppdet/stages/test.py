@@ -156,11 +156,12 @@ def annotations_of(run: Run, ds: VOCDataset, i: str) -> tuple:
 
 
 def write_results(run: Run, ds: VOCDataset, split: str, out: Path, results: dict, final: dict, annotations: dict,
-                   misses: list, metrics: dict, draw: int, started: float) -> dict:
+                   misses: list, metrics: dict, draw: int, started: float, draw_threshold: float | None = None) -> dict:
     """A test's artefacts in ``out``: the PR curves and error analysis of the last of ``results`` (with box
     regression where there is any), comp4 files, detections.npz and drawn examples of ``final``, metrics.json
     (``metrics`` plus the results, the data's fingerprints and the seconds since ``started``, writing
-    included); the tables and the error summary are logged. Everything is written into a new folder beside
+    included); the tables and the error summary are logged. Drawn: scores above ``draw_threshold`` (default
+    ``test.draw_threshold``). Everything is written into a new folder beside
     ``out`` that then replaces it whole: a failed write (a full disk) leaves the previous results as they were."""
     from ..analysis import format_report
     from ..evaluation import format_table
@@ -168,7 +169,7 @@ def write_results(run: Run, ds: VOCDataset, split: str, out: Path, results: dict
 
     with swap_in_folder(out) as tmp:
         metrics, errors = _write_artefacts(run, ds, split, tmp, results, final, annotations, misses, metrics, draw,
-                                           started, out)
+                                           started, out, draw_threshold)
     for k, v in results.items():
         run.log(f"\n{k.replace('_', ' ')} ({out.name}, {len(ds.ids)} images):\n" + format_table(v))
     run.log("\n" + format_report(errors)
@@ -177,7 +178,8 @@ def write_results(run: Run, ds: VOCDataset, split: str, out: Path, results: dict
 
 
 def _write_artefacts(run: Run, ds: VOCDataset, split: str, out: Path, results: dict, final: dict, annotations: dict,
-                     misses: list, metrics: dict, draw: int, started: float, final_dir: Path) -> tuple[dict, dict]:
+                     misses: list, metrics: dict, draw: int, started: float, final_dir: Path,
+                     draw_threshold: float | None = None) -> tuple[dict, dict]:
     """:func:`_write_results`' files, written into ``out`` (a folder that becomes ``final_dir``); returns the metrics
     and the error report."""
     from ..analysis import error_report
@@ -194,7 +196,8 @@ def _write_artefacts(run: Run, ds: VOCDataset, split: str, out: Path, results: d
     for i, d in final.items():
         arrays[f"{i}/boxes"], arrays[f"{i}/scores"], arrays[f"{i}/labels"] = d.boxes, d.scores, d.labels
     atomic_save_npz(out / "detections.npz", **arrays)
-    drawn = [final_dir / p.name for p in _draw_examples(run, ds, final, out, draw, run.cfg.test.draw_threshold)]
+    threshold = run.cfg.test.draw_threshold if draw_threshold is None else draw_threshold
+    drawn = [final_dir / p.name for p in _draw_examples(run, ds, final, out, draw, threshold)]
     errors = error_report(detections_by_class(final, len(run.classes)), annotations, run.classes, misses)
     atomic_write_text(out / "error_analysis.json", json.dumps(errors, indent=2))
     plot_error_analysis(errors, out / "error_analysis.png", title=f"{run.cfg.name} {final_dir.name}: where the AP goes")
