@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""sppdet against the detector a user would otherwise train: torchvision's Faster R-CNN on the same ImageNet
-EfficientNet-Lite0 trunk, per real set, at about the same training wall time; both scored with the same VOC07
-11-point AP on the same test split.
+"""sppdet against the detector a user would otherwise train: torchvision's Faster R-CNN on the same ImageNet trunk
+(the config's backbone.name: EfficientNet-Lite2 for configs/custom.yaml), per real set, at about the same training
+wall time; both scored with the same VOC07 11-point AP on the same test split.
 
     python benchmarks/bench_real.py [--sets raccoon,pennfudan,fruit] [--data ../shared/data/real]
         [--config configs/custom.yaml] [--work runs/real] [--out runs/real/bench_real.json] [--set KEY=VALUE ...]
@@ -10,7 +10,7 @@ EfficientNet-Lite0 trunk, per real set, at about the same training wall time; bo
 (a) sppdet: ``tools/demo.py --config C --run <work>/<set> --set data.root=<set>/VOC2007`` (the README's two
 commands); its training wall time is the sum of its stages' recorded seconds (proposals and conv5 of every split,
 fine-tuning, SVMs, box regressors), so a run folder that already holds them is not trained again.
-(b) Faster R-CNN (``torchvision.models.detection.FasterRCNN``): the trunk up to its stride-16 stage (112 channels,
+(b) Faster R-CNN (``torchvision.models.detection.FasterRCNN``): the trunk up to its stride-16 stage (Lite0: 112 channels,
 sppdet's "conv5") as the single feature map, one anchor level of sizes 32-512 and ratios 0.5/1/2, RoIAlign 7x7 and
 torchvision's default two-fc box head; the stem frozen and batch-norm statistics kept (as in sppdet's Fast R-CNN
 mode); SGD (lr 0.0025: torchvision's
@@ -76,7 +76,7 @@ def run_sppdet(name: str, root: Path, args) -> dict:
             "disk_mb": round(dir_bytes(run) / 2 ** 20, 1), "call_wall_seconds": round(wall, 1)}
 
 
-def _faster_rcnn(num_classes: int, min_size: int):
+def _faster_rcnn(num_classes: int, min_size: int, trunk_name: str = "efficientnet_lite0"):
     import torch
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -85,7 +85,7 @@ def _faster_rcnn(num_classes: int, min_size: int):
     from sppdet.backbones import build_backbone
     from sppdet.fast_rcnn import set_trainable
 
-    trunk = build_backbone("efficientnet_lite0", "imagenet")
+    trunk = build_backbone(trunk_name, "imagenet")  # sppdet's config's ImageNet trunk
     set_trainable(trunk, True, 1)  # the stem frozen, as sppdet's Fast R-CNN mode
 
     class Body(torch.nn.Module):  # the trunk, fed by FasterRCNN's transform (which normalises), with frozen BN stats
@@ -121,7 +121,7 @@ def run_faster_rcnn(name: str, root: Path, seconds: float, args) -> dict:
     run = Run(cfg, Path(args.work) / f"{name}_frcnn", save_config=None)
     classes = run.classes
     tr, te = run.dataset(cfg.data.train_split), run.dataset(cfg.data.test_split)
-    model = _faster_rcnn(len(classes), args.min_size)
+    model = _faster_rcnn(len(classes), args.min_size, cfg.backbone.name)
     params = [p for p in model.parameters() if p.requires_grad]
     base_lr = 0.02 * 2 / 16  # torchvision's detection reference: 0.02 for 16 images per step, scaled to 2
     opt = torch.optim.SGD(params, lr=base_lr, momentum=0.9, weight_decay=1e-4)
@@ -175,7 +175,7 @@ def run_faster_rcnn(name: str, root: Path, seconds: float, args) -> dict:
     ckpt = Path(args.work) / f"{name}_frcnn" / "model.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), ckpt)
-    return {"set": name, "detector": f"Faster R-CNN (torchvision, Lite0, {args.min_size} px)",
+    return {"set": name, "detector": f"Faster R-CNN (torchvision, {cfg.backbone.name}, {args.min_size} px)",
             "ap": round(res["map07"], 3), "train_seconds": round(train, 1), "steps": step,
             "test_seconds_per_image": round(per_image, 3), "disk_mb": round(ckpt.stat().st_size / 2 ** 20, 1)}
 
