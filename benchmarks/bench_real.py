@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sppdet.store import dir_bytes  # noqa: E402
+from sppdet.store import atomic_write_text, dir_bytes  # noqa: E402
 
 
 def _manifests(run: Path) -> dict[str, float]:
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
+    atomic_write_text(out, json.dumps(rows, indent=1))
     print(f"\n{'set':10s} {'detector':42s} {'AP07':>6s} {'train s':>8s} {'test s/img':>10s} {'disk MB':>8s}")
     for r in rows:
         ap_ = "  n/a" if r["ap"] is None else f"{r['ap']:6.3f}"

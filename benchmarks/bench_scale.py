@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sppdet.store import dir_bytes  # noqa: E402
+from sppdet.store import atomic_write_text, dir_bytes  # noqa: E402
 
 # VOC 2007's image counts, per split of the recipe (val is part of trainval, and has its own folders)
 VOC07 = {"trainval": 5011, "val": 2510, "test": 4952}
@@ -201,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += measure(n, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
+    atomic_write_text(out, json.dumps(rows, indent=1))
     ft = max((r for r in rows if r["stage"] == "finetune"), key=lambda r: r["n_images"])
     proj = projection(rows, args.config, args.overrides, ft.get("train_seconds") or ft["seconds"])
-    Path(f"{out}.projection.json").write_text(json.dumps(proj, indent=1))
+    atomic_write_text(Path(f"{out}.projection.json"), json.dumps(proj, indent=1))
     _plot(rows, Path(f"{out}.png"))
     print(f"\n{'stage':10s} {'N':>5s} {'seconds':>9s} {'peak MB':>9s} {'disk MB':>9s}")
     for r in rows:

@@ -29,7 +29,7 @@ def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = 3000)
     ds = run.dataset(tr)
     windows = split_windows(run, tr, ds)  # ds's annotations are parsed once and reused below
     samples, mean_norm = _samples(run, ds, windows, cache, max_per_class, np.random.default_rng(cfg.seed))
-    if not mean_norm:
+    if mean_norm is None:
         raise ValueError(f"bbox regression: no window of split {tr!r} overlaps an object by > {cfg.bbox_reg.min_overlap}")
     feats, props, gts = ([[item[m] for item in r.items] for r in samples] for m in range(3))
     scale = cfg.bbox_reg.target_norm / mean_norm
@@ -41,11 +41,11 @@ def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = 3000)
     return stage.finish(1, stats=stats, feature_scale=scale)
 
 
-def fit_regressors(run: Run, feats: list, props: list, gts: list, scale: float, max_per_class: int = 0,
-                   rng: np.random.Generator | None = None, log=None) -> tuple[BoxRegressor, dict]:
+def fit_regressors(run: Run, feats: list, props: list, gts: list, scale: float,
+                   log=None) -> tuple[BoxRegressor, dict]:
     """Per class ``k``, a ridge regressor (``bbox_reg.lam``, ``bbox_reg.whiten``) from ``feats[k]`` (features,
-    multiplied by ``scale``), ``props[k]`` (windows) and ``gts[k]`` (their objects' boxes), on at most
-    ``max_per_class`` random samples (0: all); a class with fewer than 2 samples stays the identity. Returns the
+    multiplied by ``scale``), ``props[k]`` (windows) and ``gts[k]`` (their objects' boxes), all of them (the SPP-net
+    stage bounds them beforehand: :class:`Reservoir`); a class with fewer than 2 samples stays the identity. Returns the
     regressors and per-class stats; ``log`` gets a line per class. Serves the SPP-net route and R-CNN mode."""
     cfg, k_cls = run.cfg.bbox_reg, len(run.classes)
     log = log or (lambda s: None)
@@ -60,12 +60,7 @@ def fit_regressors(run: Run, feats: list, props: list, gts: list, scale: float, 
         if len(feats[k]) < 2:
             log(f"bbox_reg {name}: too few samples ({len(feats[k])}); left as identity")
             continue
-        idx = np.arange(len(feats[k]))
-        if max_per_class and len(idx) > max_per_class:
-            idx = np.sort(rng.choice(idx, max_per_class, replace=False))
-        X = np.stack([feats[k][j] for j in idx]) * scale
-        r = fit_class_regressor(X, np.stack([props[k][j] for j in idx]), np.stack([gts[k][j] for j in idx]),
-                                cfg.lam, cfg.whiten)
+        r = fit_class_regressor(np.stack(feats[k]) * scale, np.stack(props[k]), np.stack(gts[k]), cfg.lam, cfg.whiten)
         W[k], b[k], mu[k], T_inv[k], trained[k] = r["W"], r["b"], r["mu"], r["T_inv"], True
         stats[name] = {"samples": r["samples"], "train_mse_whitened": r["train_mse"]}
         log(f"bbox_reg {name}: {r['samples']} samples, training MSE (whitened targets) {r['train_mse']:.3f}")
@@ -91,10 +86,10 @@ class Reservoir:
 
 
 def _samples(run: Run, ds, windows: dict, cache, max_per_class: int,
-             rng: np.random.Generator) -> tuple[list, float]:
+             rng: np.random.Generator) -> tuple[list, float | None]:
     """Per class, a :class:`Reservoir` of at most ``max_per_class`` (feature, proposal box, matched ground-truth
     box) of the train split's windows overlapping an object by more than ``bbox_reg.min_overlap``, drawn uniformly
-    from all of them; and the mean norm of all those windows' features (0.0 when there is none). Memory is
+    from all of them; and the mean norm of all those windows' features (None when there is none). Memory is
     bounded by classes x ``max_per_class`` features, whatever the number of images."""
     from tqdm import tqdm
 
@@ -112,7 +107,7 @@ def _samples(run: Run, ds, windows: dict, cache, max_per_class: int,
         gt_boxes = ds.annotation(i).boxes
         for j, s in enumerate(sel):
             samples[int(w.label[s])].offer((f[j].copy(), w.boxes[s], gt_boxes[w.gt_index[s]]))
-    return samples, (norm_sum / n_norms if n_norms else 0.0)
+    return samples, (norm_sum / n_norms if n_norms else None)
 
 
 SPEC = StageSpec("bbox_reg", "tools/train_bbox_reg.py", False,
