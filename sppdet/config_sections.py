@@ -176,6 +176,14 @@ class SVMConfig:
     # their ground-truth boxes as more positives, their windows as more negatives. The authors train the
     # SVMs without flips; off by default.
     flip: bool = False
+    # Windows scored per training image in the mining pass (0: every window, as the papers); over it, this many
+    # drawn at random (seeded per image). The fc6/fc7 forward of each scored window is most of this stage's
+    # time: 500 halves it at VOC's 20 classes, at a small cost in AP (docs/experiments.md).
+    mine_windows: int = field(default=0, metadata={"min": 0})
+    # Also negatives for a class: windows holding at least this fraction of each of two or more of its objects
+    # and overlapping none of them by IoU 0.5 (one box around two people walking side by side: between the
+    # papers' negatives, IoU < neg_iou, and their positives, so never trained against). 0: off, as the papers.
+    group_negatives: float = field(default=0.0, metadata={"min": 0.0})
 
 
 @dataclass(frozen=True)

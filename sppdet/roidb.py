@@ -9,7 +9,7 @@ import numpy as np
 from .boxes import iou_matrix
 from .voc import Annotation
 
-__all__ = ["Windows", "make_windows"]
+__all__ = ["Windows", "make_windows", "group_windows_mask"]
 
 
 @dataclass
@@ -49,3 +49,23 @@ def make_windows(ann: Annotation, labels: np.ndarray, proposals: np.ndarray, num
     gi = np.where(mx > 0, gi, -1)
     return Windows(boxes, np.arange(r) < len(gt), mx.astype(np.float32), gi.astype(np.int64),
                    np.where(mx > 0, lab, -1).astype(np.int64), class_iou)
+
+
+def group_windows_mask(w: Windows, rows: np.ndarray, num_classes: int, coverage: float, max_iou: float = 0.5
+                       ) -> np.ndarray:
+    """(len(rows), K): which of the windows ``rows`` hold at least ``coverage`` of the area of each of two or more
+    objects of a class while overlapping none of them by IoU ``max_iou`` or more: one box around two people side by
+    side, which the papers' negatives (IoU < 0.3) never include and their positives never reward."""
+    out = np.zeros((len(rows), num_classes), bool)
+    g = np.nonzero(w.is_gt)[0]
+    if len(g) < 2 or not len(rows):
+        return out
+    b, gt = w.boxes[rows], w.boxes[g]
+    iw = np.minimum(b[:, None, 2], gt[None, :, 2]) - np.maximum(b[:, None, 0], gt[None, :, 0])
+    ih = np.minimum(b[:, None, 3], gt[None, :, 3]) - np.maximum(b[:, None, 1], gt[None, :, 1])
+    area = (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])
+    held = np.clip(iw, 0, None) * np.clip(ih, 0, None) >= coverage * area[None]  # (R, G)
+    for k in np.unique(w.label[g]):
+        n = held[:, w.label[g] == k].sum(1)
+        out[:, k] = (n >= 2) & (w.class_iou[rows, k] < max_iou)
+    return out

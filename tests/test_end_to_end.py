@@ -327,6 +327,14 @@ def test_svm_flip_adds_the_mirror_images(trained):
         assert flip["stats"][name]["positives"] == 2 * s["positives"] > 0
     r = tool("test_net.py", *common, "--svm-tag", "_flip", "--tag", "_flip")
     assert "mAP (VOC07 11-point)" in r.stdout
+    # a bounded number of windows scored per image, and boxes around two objects of a class as negatives
+    tool("train_svm.py", *common[:-2], "--set", "svm.mine_windows=8", "--set", "svm.group_negatives=0.5",
+         "--tag", "_mine8")
+    few = json.loads((tmp / "run" / "model" / "svm_mine8" / "manifest.json").read_text())
+    assert few["config"]["svm"]["mine_windows"] == 8 and few["config"]["svm"]["group_negatives"] == 0.5
+    n_train = len((tmp / "data" / "VOC2007" / "ImageSets" / "Main" / "train.txt").read_text().split())
+    assert few["mined"]["windows_scored"] == 8 * n_train < plain["mined"]["windows_scored"]
+    assert max(few["negative_pool"]["class_negatives"]) <= 8 * n_train < max(plain["negative_pool"]["class_negatives"])
     r = tool("train_svm.py", *common, "--set", "data.train_split=test", "--tag", "_flip_test", check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "cached without the flipped images' maps" in r.stderr and "--flip" in r.stderr

@@ -99,6 +99,40 @@ def test_box_regression_samples_are_a_bounded_uniform_reservoir():
     np.testing.assert_allclose(kept / trials, 5 / 20, atol=0.03)  # every item equally likely, early or late
 
 
+def test_mining_sample_is_a_seeded_uniform_draw_without_repeats():
+    """svm.mine_windows: a sorted, repeat-free subset of the image's windows, the same for the same seed, every
+    window equally likely."""
+    from sppdet.stages.svm import mining_sample
+
+    a = mining_sample(1000, 100, np.random.default_rng(7))
+    assert len(a) == 100 == len(np.unique(a)) and np.all(np.diff(a) > 0) and a.max() < 1000
+    np.testing.assert_array_equal(a, mining_sample(1000, 100, np.random.default_rng(7)))
+    assert not np.array_equal(a, mining_sample(1000, 100, np.random.default_rng(8)))
+    hits = np.zeros(200)
+    for s in range(500):
+        hits[mining_sample(200, 60, np.random.default_rng(s))] += 1
+    np.testing.assert_allclose(hits / 500, 60 / 200, atol=0.08)
+
+
+def test_group_negatives_are_boxes_around_two_objects_of_a_class():
+    """svm.group_negatives: a window around two side-by-side people is a negative for person (not for the other
+    class); a window on one of them, or around one person and a dog, is not."""
+    from sppdet.roidb import group_windows_mask, make_windows
+    from sppdet.voc import Annotation
+
+    gt = np.array([[0, 0, 40, 100], [44, 0, 84, 100], [200, 0, 260, 60]], np.float32)  # person, person, dog
+    ann = Annotation("a.jpg", 300, 120, ["person", "person", "dog"], gt, np.zeros(3, bool), np.zeros(3, bool))
+    props = np.array([[0, 0, 84, 100],     # both people: IoU 0.48 with each
+                      [0, 0, 42, 100],     # one person
+                      [40, 0, 260, 100],   # one person and the dog
+                      [100, 0, 140, 40]], np.float32)  # background
+    w = make_windows(ann, np.array([0, 0, 1]), props, 2)
+    rows = np.nonzero(~w.is_gt)[0]
+    m = group_windows_mask(w, rows, 2, 0.7)
+    assert m.tolist() == [[True, False], [False, False], [False, False], [False, False]]
+    assert not group_windows_mask(w, rows, 2, 0.7, max_iou=0.4).any()  # 0.48 >= 0.4: not a negative then
+
+
 def _one_object_cache(directory, gain: float = 1.0):
     """Four images with one bright object each, their conv5 maps (times ``gain``) cached in ``directory``:
     ``(trunk, windows, cache)``."""
