@@ -10,7 +10,7 @@ import numpy as np
 
 from .store import atomic_write_bytes
 
-__all__ = ["draw_boxes", "save_png", "plot_pr_curves", "class_colour"]
+__all__ = ["draw_boxes", "save_png", "image_grid", "plot_pr_curves", "class_colour"]
 
 
 def class_colour(k: int) -> tuple[int, int, int]:
@@ -41,6 +41,23 @@ def save_png(path: str | Path, rgb: np.ndarray) -> None:
     if not ok:  # pragma: no cover
         raise RuntimeError(f"{path}: PNG encoding failed")
     atomic_write_bytes(path, enc.tobytes())
+
+
+def image_grid(images: Sequence[np.ndarray], cols: int, tile: tuple[int, int] = (320, 240), gap: int = 4
+               ) -> np.ndarray:
+    """RGB ``images`` in rows of ``cols``, each scaled to fit a ``(width, height)`` tile, centred on white."""
+    if not images:
+        raise ValueError("image_grid: no images")
+    tw, th = tile
+    rows = -(-len(images) // cols)
+    out = np.full((rows * th + (rows - 1) * gap, cols * tw + (cols - 1) * gap, 3), 255, np.uint8)
+    for n, im in enumerate(images):
+        f = min(tw / im.shape[1], th / im.shape[0])
+        w, h = max(1, round(im.shape[1] * f)), max(1, round(im.shape[0] * f))
+        small = cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+        y, x = (n // cols) * (th + gap) + (th - h) // 2, (n % cols) * (tw + gap) + (tw - w) // 2
+        out[y:y + h, x:x + w] = small
+    return out
 
 
 def plot_pr_curves(curves: dict, aps: dict, path: str | Path, title: str = "precision-recall") -> None:

@@ -134,3 +134,38 @@ def test_load_detections_names_the_file_and_the_problem(tmp_path):
     p.write_bytes(b"not a zip")
     with pytest.raises(ShardError, match="detections.npz"):
         load_detections(p, ["a"], num_classes=1)
+
+
+def test_draw_grid_puts_drawn_images_side_by_side(tmp_path, capsys):
+    """tools/draw_grid.py: images of any size, each fitted into its tile, in rows of --cols; a bad --tile and a
+    missing image are one-line errors."""
+    import importlib.util
+    from pathlib import Path
+
+    import cv2
+
+    from sppdet.images import load_image
+
+    spec = importlib.util.spec_from_file_location("draw_grid", Path(__file__).parents[1] / "tools" / "draw_grid.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    paths = []
+    for n, (h, w) in enumerate([(60, 200), (300, 100), (50, 50)]):
+        im = np.zeros((h, w, 3), np.uint8)
+        im[..., n] = 255  # red, green, blue
+        paths.append(tmp_path / f"{n}.png")
+        cv2.imwrite(str(paths[-1]), im[:, :, ::-1])
+    out = tmp_path / "grid.jpg"
+    assert tool.main([*map(str, paths), "--out", str(out), "--cols", "2", "--tile", "100x80"]) == 0
+    g = load_image(out)
+    assert g.shape == (2 * 80 + 4, 2 * 100 + 4, 3)
+    assert g[40, 50, 0] > 200 and g[40, 50, 1] < 60       # the red image, fitted in the first tile
+    assert g[40, 154, 1] > 200 and g[40, 154, 0] < 60     # the green one in the second
+    assert g[84 + 40, 50, 2] > 200 and g[84 + 40, 4].min() > 200  # the blue square, 80 px wide, centred on white
+    capsys.readouterr()
+    assert tool.main([str(paths[0]), "--out", str(out), "--tile", "100"]) == 2
+    assert tool.main([str(tmp_path / "nowhere.png"), "--out", str(out)]) == 2
+    assert "nowhere.png" in capsys.readouterr().err
+    assert tool.main([str(paths[0]), "--out", str(tmp_path / "grid.gif")]) == 2
+    assert tool.main([str(paths[0]), "--out", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Put drawn detections (the PNGs that tools/test_net.py and tools/detect.py write) side by side in one picture.
+
+    python tools/draw_grid.py --out docs/real_detections.jpg --cols 4 \
+        runs/real/raccoon/detections/test/raccoon-1*.png runs/real/fruit/detections/test/*.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sppdet.cli import run_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("images", nargs="+", type=Path)
+    ap.add_argument("--out", required=True, type=Path, help="the picture to write (.jpg or .png)")
+    ap.add_argument("--cols", type=int, default=4)
+    ap.add_argument("--tile", default="320x240", help="WIDTHxHEIGHT each image is scaled to fit")
+    args = ap.parse_args(argv)
+
+    def body() -> int:
+        import cv2
+
+        from sppdet.store import atomic_write_bytes
+        from sppdet.visualize import image_grid
+        from sppdet.images import load_image
+
+        try:
+            tile = tuple(int(v) for v in args.tile.lower().split("x"))
+            assert len(tile) == 2 and min(tile) > 0 and args.cols > 0
+        except (ValueError, AssertionError):
+            raise ValueError(f"--tile must be WIDTHxHEIGHT in pixels and --cols positive, got {args.tile!r} / "
+                             f"{args.cols}") from None
+        ext = args.out.suffix.lower()
+        if ext not in (".jpg", ".jpeg", ".png"):
+            raise ValueError(f"{args.out}: write a .jpg or a .png")
+        grid = image_grid([load_image(p) for p in args.images], args.cols, tile)
+        ok, enc = cv2.imencode(ext, grid[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 85] if ext != ".png" else [])
+        if not ok:  # pragma: no cover
+            raise ValueError(f"{args.out}: encoding failed")
+        atomic_write_bytes(args.out, enc.tobytes())
+        print(f"{len(args.images)} images -> {args.out} ({grid.shape[1]}x{grid.shape[0]})")
+        return 0
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
