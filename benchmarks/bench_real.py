@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -38,13 +39,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sppdet.store import atomic_write_text, dir_bytes  # noqa: E402
+from sppdet.store import atomic_write_text  # noqa: E402
+
+
+def _files(run: Path):
+    """Every file of a run folder, through linked folders too (a run may link another's caches)."""
+    for folder, _, names in os.walk(run, followlinks=True):
+        yield from (Path(folder) / n for n in names)
 
 
 def _manifests(run: Path) -> dict[str, float]:
     """Seconds recorded by each finished stage folder of a run (``<stage folder>: seconds``)."""
     out = {}
-    for m in run.rglob("manifest.json"):
+    for m in (f for f in _files(run) if f.name == "manifest.json"):
         d = json.loads(m.read_text())
         out[str(m.parent.relative_to(run))] = float(d.get("seconds", 0.0))
     return out
@@ -73,7 +80,8 @@ def run_sppdet(name: str, root: Path, args) -> dict:
     test = (sum(secs.get(k, 0.0) for k in test_folders) + metrics["seconds"]) / n_test
     return {"set": name, "detector": f"sppdet ({Path(args.config).name})", "ap": float(m.group(1)) if m else None,
             "train_seconds": round(train, 1), "test_seconds_per_image": round(test, 3),
-            "disk_mb": round(dir_bytes(run) / 2 ** 20, 1), "call_wall_seconds": round(wall, 1)}
+            "disk_mb": round(sum(f.stat().st_size for f in _files(run) if not f.name.endswith(".tmp")) / 2 ** 20, 1),
+            "call_wall_seconds": round(wall, 1)}
 
 
 def _faster_rcnn(num_classes: int, min_size: int, trunk_name: str = "efficientnet_lite0"):
