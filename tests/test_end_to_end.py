@@ -410,7 +410,12 @@ def test_predictor_detects_with_a_run_folder_from_any_directory(trained, tmp_pat
     assert out["boxes"].shape[1] == 4 and (out["boxes"][:, 2] <= img.shape[1]).all()
     assert (out["boxes"][:, 3] <= img.shape[0]).all() and set(out["classes"]) <= set(p.classes)
     assert list(out["scores"]) == sorted(out["scores"], reverse=True) and (out["scores"] > -1.0).all()
-    assert set(out["seconds"]) == {"proposals", "conv", "pool_fc", "rest"}
+    assert set(out["seconds"]) == {"proposals", "conv", "pool_fc", "rest"} and out["wall_seconds"] > 0
+    # proposals computed in a thread beside the conv layers: the same detections as one step after the other
+    plain, reg, _ = p.detector.detect_image(p.backbone, img, p.proposals(img), p.cfg.features,
+                                            score_threshold=p.score_threshold)
+    seq = reg if reg is not None else plain
+    assert np.array_equal(seq.boxes, out["boxes"]) and np.array_equal(seq.scores, out["scores"])
     assert not list(tmp_path.iterdir())  # nothing generated in the current directory
     with pytest.raises(ValueError, match="RGB uint8"):
         p(img.astype(np.float32))

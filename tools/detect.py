@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             t = r["seconds"]
             print(f"{path}: {len(d.scores)} detections ({rgb.shape[1]}x{rgb.shape[0]}, {r['proposals']} proposals) | "
                   f"proposals {t['proposals']:.2f} s, conv {t['conv']:.3f} s, pooling+fc {t['pool_fc']:.3f} s, "
-                  f"rest {t['rest']:.3f} s, total {sum(t.values()):.2f} s"
+                  f"rest {t['rest']:.3f} s, total {r['wall_seconds']:.2f} s"
                   + (f" | best: {r['classes'][0]} {float(d.scores[0]):.2f}" if len(d.scores) else ""))
         print(f"wrote {len(items) - failures} result(s) to {out}")
         return 1 if failures else 0
