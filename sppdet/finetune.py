@@ -130,7 +130,9 @@ def sgd(named_parameters, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_sc
         {"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": cfg.weight_decay},
         {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0, "lr": cfg.lr * 2},
     ]
-    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    # fused: one kernel per step, no per-step copy of each weight matrix for the decay term (4096-wide fc6/fc7:
+    # the unfused step was a third of a 0.5 s iteration); the same updates up to float rounding.
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=True)
     return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_steps), gamma=cfg.lr_gamma)
 
 
