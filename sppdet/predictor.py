@@ -46,6 +46,7 @@ class Predictor:
         self.run = run = Run(self.cfg, run_dir, save_config=False, log_fn=lambda s: None)
         self.device = device
         self.fast_rcnn = None
+        self._pool = None  # the proposal thread, started by the first image
         if self.cfg.route == "fast_rcnn":  # one network: trunk, softmax scores and its own box regression
             from .stages.fast_rcnn import load_model
 
@@ -111,7 +112,7 @@ class Predictor:
         return self.proposals(rgb), time.perf_counter() - t0
 
     def _proposal_thread(self):
-        if getattr(self, "_pool", None) is None:
+        if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="proposals")

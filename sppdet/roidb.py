@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .boxes import iou_matrix
+from .boxes import area, intersection_matrix, iou_matrix
 from .voc import Annotation
 
 __all__ = ["Windows", "make_windows", "group_windows_mask"]
@@ -60,11 +60,7 @@ def group_windows_mask(w: Windows, rows: np.ndarray, num_classes: int, coverage:
     g = np.nonzero(w.is_gt)[0]
     if len(g) < 2 or not len(rows):
         return out
-    b, gt = w.boxes[rows], w.boxes[g]
-    iw = np.minimum(b[:, None, 2], gt[None, :, 2]) - np.maximum(b[:, None, 0], gt[None, :, 0])
-    ih = np.minimum(b[:, None, 3], gt[None, :, 3]) - np.maximum(b[:, None, 1], gt[None, :, 1])
-    area = (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])
-    held = np.clip(iw, 0, None) * np.clip(ih, 0, None) >= coverage * area[None]  # (R, G)
+    held = intersection_matrix(w.boxes[rows], w.boxes[g]) >= coverage * area(w.boxes[g])[None]  # (R, G)
     for k in np.unique(w.label[g]):
         n = held[:, w.label[g] == k].sum(1)
         out[:, k] = (n >= 2) & (w.class_iou[rows, k] < max_iou)

@@ -29,12 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         from sppdet.visualize import image_grid
         from sppdet.images import load_image
 
-        try:
-            tile = tuple(int(v) for v in args.tile.lower().split("x"))
-            assert len(tile) == 2 and min(tile) > 0 and args.cols > 0
-        except (ValueError, AssertionError):
+        parts = args.tile.lower().split("x")
+        tile = tuple(int(v) for v in parts) if len(parts) == 2 and all(v.isdigit() for v in parts) else ()
+        if not tile or min(tile) <= 0 or args.cols <= 0:
             raise ValueError(f"--tile must be WIDTHxHEIGHT in pixels and --cols positive, got {args.tile!r} / "
-                             f"{args.cols}") from None
+                             f"{args.cols}")
         ext = args.out.suffix.lower()
         if ext not in (".jpg", ".jpeg", ".png"):
             raise ValueError(f"{args.out}: write a .jpg or a .png")
