@@ -16,7 +16,7 @@ from .bbox_reg import BoxRegressor
 from .boxes import clip_boxes, nms
 from .config import FeatureConfig, TestConfig
 from .features import FeatureCache, ImageFeatures, conv5_maps
-from .models import FCHead, autocast, resolve_precision, truncated_svd_linear
+from .models import FCHead, fc_features, resolve_precision, truncated_svd_linear
 from .spp import spp_output_dim
 from .store import load_npz
 
@@ -174,8 +174,7 @@ class Detector:
             if layer == "pool5":
                 xs[layer] = pooled.numpy()
             else:
-                with autocast("cpu", self.fc_precision):
-                    xs[layer] = self.head.features(pooled, layer).float().numpy()
+                xs[layer] = fc_features(self.head, pooled, layer, self.fc_precision).numpy()
         t2 = time.perf_counter()
         each = [(xs[layer] * s["feature_scale"]) @ s["W"].T + s["b"] for layer, s in zip(layers, self.svm_sets)]
         if len(each) == 1:

@@ -55,6 +55,30 @@ def test_truncated_svd_is_close():
     assert truncated_svd_linear(lin, 8)[0].weight.shape == (8, 64)
 
 
+def test_fc_features_in_bf16_run_fixed_size_chunks_and_match_fp32():
+    """bf16 fc6/fc7 go through the head in chunks of one shape (oneDNN keeps a primitive per input shape: one call
+    per image's window count grew a process without bound), padded and trimmed back; close to fp32's."""
+    from sppdet.models import FC_CHUNK, FCHead, fc_features
+
+    torch.manual_seed(0)
+    head = FCHead(48, 64, 3).eval()
+    seen = []
+    hook = head.fc6.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    for n in (0, 1, FC_CHUNK - 1, FC_CHUNK, 2 * FC_CHUNK + 7):
+        x = torch.randn(n, 48)
+        seen.clear()
+        ref = fc_features(head, x, "fc7", "fp32")
+        assert seen == ([(n, 48)] if n else [(0, 48)])  # fp32: one call, as it is
+        seen.clear()
+        out = fc_features(head, x, "fc7", "bf16")
+        assert out.shape == ref.shape == (n, 64) and out.dtype == torch.float32
+        if n:
+            assert set(seen) == {(FC_CHUNK, 48)} and len(seen) == -(-n // FC_CHUNK)
+            assert float((out - ref).norm() / ref.norm()) < 0.02
+            assert not torch.equal(out, ref)
+    hook.remove()
+
+
 def test_weights_from_local_file(tmp_path):
     zf = build_backbone("zf5", width=0.125)
     torch.save(zf.state_dict(), tmp_path / "w.pt")
