@@ -184,6 +184,10 @@ class SVMConfig:
     # and overlapping none of them by IoU 0.5 (one box around two people walking side by side: between the
     # papers' negatives, IoU < neg_iou, and their positives, so never trained against). 0: off, as the papers.
     group_negatives: float = field(default=0.0, metadata={"min": 0.0})
+    # fc6/fc7 arithmetic while mining and for the positives: as test.fc_precision ("auto": bfloat16 where the CPU
+    # has it natively, as the test stage scores them there; fp32 elsewhere), so that the SVMs are trained on
+    # the features they score. The fc forward is most of this stage's time.
+    fc_precision: str = field(default="auto", metadata={"choices": PRECISIONS})
 
 
 @dataclass(frozen=True)

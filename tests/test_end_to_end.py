@@ -340,6 +340,34 @@ def test_svm_flip_adds_the_mirror_images(trained):
     assert "cached without the flipped images' maps" in r.stderr and "--flip" in r.stderr
 
 
+def test_svm_fc_precision_is_recorded_resolved_and_old_folders_count_as_fp32(trained):
+    """svm.fc_precision: fc7 computed in bfloat16 for mining gives SVMs close to fp32's, not equal; the manifest
+    records the resolved precision, and a folder from before the option (no record) is one made in fp32."""
+    import numpy as np
+
+    tmp, _ = trained
+    common = ["--config", "configs/tiny.yaml", "--run", tmp / "run", "--set", f"data.root={tmp / 'data' / 'VOC2007'}"]
+    model = tmp / "run" / "model"
+    for p in ("fp32", "bf16"):
+        tool("train_svm.py", *common, "--set", f"svm.fc_precision={p}", "--tag", f"_{p}")
+        m = json.loads((model / f"svm_{p}" / "manifest.json").read_text())
+        assert m["complete"] and m["config"]["fc_precision"] == m["fc_precision"] == p
+    w32, w16 = (np.load(model / f"svm_{p}" / "svm.npz")["W"] for p in ("fp32", "bf16"))
+    assert not np.array_equal(w32, w16)
+    # the same classifiers up to the hard negatives a slightly different score picks (each class's cosine 0.96-0.99)
+    cos = (w32 * w16).sum(1) / np.linalg.norm(w32, axis=1) / np.linalg.norm(w16, axis=1)
+    assert cos.min() > 0.9
+    # a manifest written before the option existed: reused in fp32, stale in bf16 (naming the key)
+    path = model / "svm_fp32" / "manifest.json"
+    m = json.loads(path.read_text())
+    del m["config"]["fc_precision"]
+    path.write_text(json.dumps(m))
+    r = tool("train_svm.py", *common, "--set", "svm.fc_precision=fp32", "--tag", "_fp32")
+    assert "reusing" in r.stdout + r.stderr
+    r = tool("train_svm.py", *common, "--set", "svm.fc_precision=bf16", "--tag", "_fp32", check=False)
+    assert r.returncode == 2 and "fc_precision" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_fine_tuning_is_reproducible(trained, tmp_path):
     """Fine-tuning again with the same config, in another process (torch seeds each differently), gives the
     same head: its random fc8 is seeded from the config's seed."""

@@ -50,12 +50,14 @@ class StageSpec:
 
 
 def stage_folder(directory: Path, name: str, sections: dict, extra: dict, inputs: dict, overwrite: bool,
-                 item_inputs: dict | None = None, per_item: tuple = ()) -> Stage:
+                 item_inputs: dict | None = None, per_item: tuple = (), extra_defaults: dict | None = None) -> Stage:
     """A stage folder whose outputs depend on whole config ``sections`` (name -> dataclass) and ``extra``
-    values; the sections' defaults let a manifest from before an option was added stay valid while the option
-    is at its default (:class:`~sppdet.manifest.Stage`)."""
+    values; the sections' defaults (and ``extra_defaults``: what an ``extra`` value added later was before it
+    was recorded) let a manifest from before an option was added stay valid while the option is at its
+    default (:class:`~sppdet.manifest.Stage`)."""
     return Stage(directory, name, {**{k: asdict(v) for k, v in sections.items()}, **extra}, inputs,
-                 overwrite=overwrite, defaults={k: section_defaults(v) for k, v in sections.items()},
+                 overwrite=overwrite,
+                 defaults={**{k: section_defaults(v) for k, v in sections.items()}, **(extra_defaults or {})},
                  item_inputs=item_inputs, per_item=per_item)
 
 

@@ -9,14 +9,16 @@ Reads: ``<run>/features/<train>/``, the train split's annotations and proposals,
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from ..boxes import flip_boxes
 from ..config import Config
+from ..config_sections import SVMConfig
 from ..features import FeatureCache
-from ..models import FCHead
+from ..models import FCHead, fc_features, resolve_precision
 from ..roidb import group_windows_mask
 from ..run import Run
 from ..store import atomic_save_npz
@@ -28,10 +30,20 @@ from .finetune import load_head, pretrained_head
 FEATURES = ("pool5", "fc6", "fc7", "fc6_noft", "fc7_noft")
 
 
-def layer_features(head: FCHead | None, layer: str, pooled: torch.Tensor) -> np.ndarray:
-    """``pooled`` SPP vectors (pool5) or the head's ``layer`` activations of them, as NumPy."""
-    with torch.no_grad():
-        return (pooled if layer == "pool5" or head is None else head.features(pooled, layer)).numpy()
+def layer_features(head: FCHead | None, layer: str, pooled: torch.Tensor, precision: str = "fp32") -> np.ndarray:
+    """``pooled`` SPP vectors (pool5) or the head's ``layer`` activations of them (fc6/fc7 in ``precision``,
+    resolved: ``"fp32"`` or ``"bf16"``), as float32 NumPy."""
+    if layer == "pool5" or head is None:
+        return pooled.numpy()
+    return fc_features(head, pooled, layer, precision).numpy()
+
+
+def svm_fc_precision(cfg: Config, feature: str) -> str:
+    """The precision the SVM stage computes ``feature`` in: ``svm.fc_precision`` resolved on this machine for
+    fc6/fc7 (as the test stage resolves ``test.fc_precision``), ``"fp32"`` for pool5 (no fc layer)."""
+    if feature == "pool5":
+        return "fp32"
+    return resolve_precision(cfg.svm.fc_precision, "cpu", "svm.fc_precision")
 
 
 def svm_head(run: Run, feature: str) -> tuple[FCHead | None, str]:
@@ -43,6 +55,14 @@ def svm_head(run: Run, feature: str) -> tuple[FCHead | None, str]:
     if feature == "pool5":
         return None, "pool5"
     raise ValueError(f"svm.feature must be one of {', '.join(FEATURES)}, got {feature!r}")
+
+
+def svm_settings(cfg: Config, feature: str) -> tuple[dict, dict]:
+    """What an SVM set depends on, as the stage records it and later stages check it: the ``svm`` section and
+    the feature, with the precision resolved (``"auto"`` is bf16 on one machine, fp32 on another; pool5 has no
+    fc layer) recorded instead of the ``svm.fc_precision`` key."""
+    return ({"svm": replace(cfg.svm, fc_precision=SVMConfig.fc_precision)},
+            {"feature": feature, "fc_precision": svm_fc_precision(cfg, feature)})
 
 
 def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bool = False) -> dict:
@@ -59,7 +79,10 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
     if feature in ("fc6", "fc7"):
         inputs["finetune"] = Stage.read_manifest(run.finetune_path.parent)["fingerprint"]
     path = run.svm_path(tag)
-    stage = stage_folder(path.parent, "svm", {"svm": cfg.svm}, {"feature": feature}, inputs, overwrite)
+    precision = svm_fc_precision(cfg, feature)
+    # SVMs made before svm.fc_precision existed computed fc6/fc7 in fp32
+    stage = stage_folder(path.parent, "svm", *svm_settings(cfg, feature), inputs, overwrite,
+                         extra_defaults={"fc_precision": "fp32"})
     if path.is_file():
         run.log(f"svm: reusing {path}")
         return stage.finish(1)
@@ -67,8 +90,8 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
     rng = np.random.default_rng(cfg.seed)
     # Feature scale: mean norm over a sample of windows (spp_feature_stats.m).
     scale = cfg.svm.target_norm / sample_norm(cache, windows, rng, cfg.svm.norm_images, cfg.svm.norm_boxes,
-                                              lambda x: layer_features(head, layer, x))
-    feats = _Views(run, cache, windows, head, layer, scale)
+                                              lambda x: layer_features(head, layer, x, precision))
+    feats = _Views(run, cache, windows, head, layer, scale, precision)
     trainer = HardNegativeTrainer(_positives(run, feats), feats.dim, cfg.svm, log_fn=run.log)
     t0 = time.time()
     mined = _mine(run, feats, trainer, feature)
@@ -84,21 +107,23 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
     trained = np.array([c.w is not None for c in caches])
     atomic_save_npz(path, W=W, b=b, feature_scale=np.float64(scale), layer=np.array(layer),
                     classes=np.array(run.classes), feature=np.array(feature), trained=trained)
-    return stage.finish(1, stats=stats, feature_scale=scale, mining_seconds=time.time() - t0, mined=mined,
+    return stage.finish(1, stats=stats, feature_scale=scale, fc_precision=precision, mining_seconds=time.time() - t0, mined=mined,
                         negative_pool=trainer.memory())
 
 
 class _Views:
     """The train split's windows' SVM features: per image its own view, then (``svm.flip``) its mirror image's."""
 
-    def __init__(self, run: Run, cache: FeatureCache, windows: dict, head: FCHead | None, layer: str, scale: float):
+    def __init__(self, run: Run, cache: FeatureCache, windows: dict, head: FCHead | None, layer: str, scale: float,
+                 precision: str = "fp32"):
         self.cache, self.windows, self.head, self.layer, self.scale = cache, windows, head, layer, scale
+        self.precision = precision
         self.flip = run.cfg.svm.flip
         i0 = next(iter(windows))
         self.dim = self.features(cache.pooled(i0, windows[i0].boxes[:1])).shape[1]
 
     def features(self, pooled: torch.Tensor) -> np.ndarray:
-        return layer_features(self.head, self.layer, pooled) * self.scale
+        return layer_features(self.head, self.layer, pooled, self.precision) * self.scale
 
     def __call__(self, i: str):
         feats, boxes = self.cache.load(i, flipped=self.flip), self.windows[i].boxes

@@ -24,7 +24,7 @@ from ..voc import VOCDataset
 from .common import StageSpec, feature_cache, require_current, require_settings
 from .finetune import load_head, pretrained_head
 from .proposals import require_proposals
-from .svm import combined_svms
+from .svm import combined_svms, svm_settings
 
 
 def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool | None = None,
@@ -47,8 +47,8 @@ def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool |
     svms = [load_svms(run.svm_path(t)) for _, t in sets]
     if check:
         for s, (_, t) in zip(svms, sets):
-            require_settings(run, run.svm_path(t).parent, "tools/train_svm.py", {"svm": run.cfg.svm},
-                             {"feature": s["feature"]})
+            require_settings(run, run.svm_path(t).parent, "tools/train_svm.py",
+                             *svm_settings(run.cfg, str(s["feature"])))
     head = None
     if svms[0]["feature"] in ("fc6_noft", "fc7_noft"):
         head = pretrained_head(run)
