@@ -118,7 +118,7 @@ def measure(n: int, args) -> list[dict]:
     next(r for r in rows if r["stage"] == "finetune")["train_seconds"] = ft.get("seconds")
     metrics = sorted((run / "detections").glob("*/metrics.json"))
     if metrics:
-        rows[-1]["mAP"] = json.loads(metrics[0].read_text()).get("mAP")
+        rows[-1]["mAP"] = json.loads(metrics[0].read_text()).get("map07")
     return rows
 
 
