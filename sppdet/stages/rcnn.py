@@ -25,6 +25,7 @@ from .common import (StageSpec, image_route_inputs, require_current, require_set
                      stage_folder)
 from .bbox_reg import fit_regressors
 from .proposals import require_proposals
+from .svm import svm_section
 from .test import annotations_of, evaluate, write_results
 
 
@@ -106,7 +107,8 @@ def stage_rcnn(run: Run, overwrite: bool = False) -> dict:
     tr = cfg.data.train_split
     inputs = image_route_inputs(run, tr)
     path = run.dir / "model" / "rcnn" / "rcnn.npz"
-    stage = stage_folder(path.parent, "rcnn", {"rcnn": cfg.rcnn, "svm": cfg.svm, "bbox_reg": cfg.bbox_reg},
+    stage = stage_folder(path.parent, "rcnn",
+                         {"rcnn": cfg.rcnn, "svm": svm_section(cfg), "bbox_reg": cfg.bbox_reg},
                          {"levels": list(cfg.features.levels), "size": _warp_size(run)}, inputs, overwrite)
     if path.is_file():
         run.log(f"rcnn: reusing {path}")
@@ -139,7 +141,8 @@ def stage_rcnn_test(run: Run, split: str | None = None, draw: int = 4, progress:
     require_proposals(run, split)
     require_current(run, split, run.proposals_dir(split))
     d = run.dir / "model" / "rcnn"
-    require_settings(run, d, "tools/train_rcnn.py", {"rcnn": cfg.rcnn, "svm": cfg.svm, "bbox_reg": cfg.bbox_reg},
+    require_settings(run, d, "tools/train_rcnn.py",
+                     {"rcnn": cfg.rcnn, "svm": svm_section(cfg), "bbox_reg": cfg.bbox_reg},
                      {"levels": list(cfg.features.levels), "size": _warp_size(run)})
     m = load_npz(d / "rcnn.npz")
     reg = BoxRegressor(m["reg_W"], m["reg_b"], m["reg_mu"], m["reg_T_inv"], float(m["reg_scale"]), m["reg_trained"])

@@ -57,12 +57,18 @@ def svm_head(run: Run, feature: str) -> tuple[FCHead | None, str]:
     raise ValueError(f"svm.feature must be one of {', '.join(FEATURES)}, got {feature!r}")
 
 
+def svm_section(cfg: Config) -> SVMConfig:
+    """The ``svm`` section as stages record it: ``svm.fc_precision`` at its default, since what outputs depend on
+    is the precision resolved, recorded apart where fc layers are used (:func:`svm_settings`), and R-CNN mode
+    uses none."""
+    return replace(cfg.svm, fc_precision=SVMConfig.fc_precision)
+
+
 def svm_settings(cfg: Config, feature: str) -> tuple[dict, dict]:
     """What an SVM set depends on, as the stage records it and later stages check it: the ``svm`` section and
     the feature, with the precision resolved (``"auto"`` is bf16 on one machine, fp32 on another; pool5 has no
     fc layer) recorded instead of the ``svm.fc_precision`` key."""
-    return ({"svm": replace(cfg.svm, fc_precision=SVMConfig.fc_precision)},
-            {"feature": feature, "fc_precision": svm_fc_precision(cfg, feature)})
+    return {"svm": svm_section(cfg)}, {"feature": feature, "fc_precision": svm_fc_precision(cfg, feature)}
 
 
 def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bool = False) -> dict:
@@ -79,9 +85,10 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
     if feature in ("fc6", "fc7"):
         inputs["finetune"] = Stage.read_manifest(run.finetune_path.parent)["fingerprint"]
     path = run.svm_path(tag)
-    precision = svm_fc_precision(cfg, feature)
+    sections, extra = svm_settings(cfg, feature)
+    precision = extra["fc_precision"]
     # SVMs made before svm.fc_precision existed computed fc6/fc7 in fp32
-    stage = stage_folder(path.parent, "svm", *svm_settings(cfg, feature), inputs, overwrite,
+    stage = stage_folder(path.parent, "svm", sections, extra, inputs, overwrite,
                          extra_defaults={"fc_precision": "fp32"})
     if path.is_file():
         run.log(f"svm: reusing {path}")
@@ -107,8 +114,8 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
     trained = np.array([c.w is not None for c in caches])
     atomic_save_npz(path, W=W, b=b, feature_scale=np.float64(scale), layer=np.array(layer),
                     classes=np.array(run.classes), feature=np.array(feature), trained=trained)
-    return stage.finish(1, stats=stats, feature_scale=scale, fc_precision=precision, mining_seconds=time.time() - t0, mined=mined,
-                        negative_pool=trainer.memory())
+    return stage.finish(1, stats=stats, feature_scale=scale, fc_precision=precision, mining_seconds=time.time() - t0,
+                        mined=mined, negative_pool=trainer.memory())
 
 
 class _Views:
