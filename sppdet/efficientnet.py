@@ -117,20 +117,26 @@ IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 class EfficientNetLite0(Backbone):
-    """EfficientNet-Lite trunk up to its stride-16 stage (Lite0: 112 channels, Lite2: 120): "conv5" for SPP."""
+    """EfficientNet-Lite trunk up to its stride-16 stage (Lite0: 112 channels, Lite2: 120): "conv5" for SPP.
+
+    With ``stride=32`` it runs on through the stride-32 stages (Lite0: 320 channels, Lite2: 352), every
+    MBConv block of the classifier but its 1x1 head conv."""
 
     name = "efficientnet_lite0"
     pixel_mean = IMAGENET_MEAN
     pixel_std = IMAGENET_STD
 
-    def __init__(self, net: EfficientNetLite0Net | None = None, name: str = "efficientnet_lite0"):
+    def __init__(self, net: EfficientNetLite0Net | None = None, name: str = "efficientnet_lite0", stride: int = 16):
         super().__init__()
+        if stride not in (16, 32):
+            raise ValueError(f"{name}: backbone.stride must be 16 or 32, not {stride!r}")
         stages = LITE_STAGES[name]
         net = net if net is not None else EfficientNetLite0Net(stages=stages)
         self.name = name
         self._conv_stem, self._bn0 = net._conv_stem, net._bn0
-        self._blocks = nn.ModuleList(list(net._blocks)[:sum(st[0] for st in stages[:5])])  # to the stride-16 stage
-        self.out_channels = stages[4][5]
+        last = 5 if stride == 16 else len(stages)  # the stride-16 stage is the fifth
+        self._blocks = nn.ModuleList(list(net._blocks)[:sum(st[0] for st in stages[:last])])
+        self.out_channels = stages[last - 1][5]
 
     def spatial_layers(self) -> list[SpatialOp]:
         return _ops_from_modules(self.modules())

@@ -143,3 +143,30 @@ def test_zf5_batchnorm_folds_into_a_plain_zf5():
         want, got = bn.eval()(x), plain(x)
     assert want.abs().max() > 1.0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_efficientnet_stride32_runs_every_block_of_the_classifier():
+    """``backbone.stride: 32``: the trunk is the classifier's stem and every MBConv block (not its head conv);
+    its geometry says stride 32; other strides, or a stride for a trunk that has one only, are refused."""
+    from sppdet.backbones import build_efficientnet_lite0_classifier
+    from sppdet.efficientnet import LITE_STAGES
+
+    torch.manual_seed(0)
+    net = build_efficientnet_lite0_classifier(None)
+    trunk16, trunk32 = build_backbone("efficientnet_lite0"), build_backbone("efficientnet_lite0", stride=32)
+    trunk32.load_state_dict({k: v for k, v in net.state_dict().items() if k in trunk32.state_dict()}, strict=True)
+    assert (trunk16.out_channels, trunk16.stride) == (112, 16)
+    assert (trunk32.out_channels, trunk32.stride) == (320, 32) and len(trunk32._blocks) == len(net._blocks)
+    assert trunk32.center0 > trunk16.center0 and trunk32.receptive_field > trunk16.receptive_field
+    x = torch.randn(1, 3, 200, 264)
+    with torch.no_grad():
+        ref = torch.nn.functional.relu6(net._bn0(net._conv_stem(x)))
+        for b in net._blocks:
+            ref = b(ref)
+        out = trunk32.eval()(x)
+    assert out.shape == (1, 320, 7, 9) and torch.equal(out, ref)
+    assert sum(s[0] for s in LITE_STAGES["efficientnet_lite0"]) == len(net._blocks)
+    with pytest.raises(ValueError, match="must be 16 or 32"):
+        build_backbone("efficientnet_lite0", stride=8)
+    with pytest.raises(ValueError, match="zf5: backbone.stride 32"):
+        build_backbone("zf5", stride=32)
