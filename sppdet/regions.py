@@ -24,27 +24,34 @@ _SIN = np.array([np.sin(th) for th in _ORIENTATIONS])
 def _quantise_derivatives(gx, gy, cos, sin, out, channel):
     """Codes 0..9 of the oriented derivative responses of one channel into ``out[:, :, channel*8:(channel+1)*8]``:
     for orientation o, ``d = gx cos + gy sin`` (float64), responses ``max(d, 0)`` (code ``2o``) and ``max(-d, 0)``
-    (``2o + 1``), each scaled by 10 over its image maximum and truncated, at most 9."""
+    (``2o + 1``), each scaled by 10 over its image maximum and truncated, at most 9. Two passes over the image
+    for all orientations (their maxima, then the codes), each pixel's eight codes written side by side."""
     h, w = gx.shape
-    for o in range(cos.shape[0]):
-        c, s = cos[o], sin[o]
-        mp = 0.0
-        mn = 0.0
-        for y in range(h):
-            for x in range(w):
-                d = np.float64(gx[y, x]) * c + np.float64(gy[y, x]) * s
-                if d > mp:
-                    mp = d
-                if -d > mn:
-                    mn = -d
-        fp = 10.0 / mp if mp > 0 else 0.0
-        fn = 10.0 / mn if mn > 0 else 0.0
-        kp, kn = channel * 8 + 2 * o, channel * 8 + 2 * o + 1
-        for y in range(h):
-            for x in range(w):
-                d = np.float64(gx[y, x]) * c + np.float64(gy[y, x]) * s
-                out[y, x, kp] = min(np.int32(max(d, 0.0) * fp), 9) if mp > 0 else 0
-                out[y, x, kn] = min(np.int32(max(-d, 0.0) * fn), 9) if mn > 0 else 0  # codes fit uint8
+    no = cos.shape[0]
+    mp = np.zeros(no)
+    mn = np.zeros(no)
+    for y in range(h):
+        for x in range(w):
+            fx, fy = np.float64(gx[y, x]), np.float64(gy[y, x])
+            for o in range(no):
+                d = fx * cos[o] + fy * sin[o]
+                if d > mp[o]:
+                    mp[o] = d
+                if -d > mn[o]:
+                    mn[o] = -d
+    fp = np.zeros(no)
+    fn = np.zeros(no)
+    for o in range(no):
+        fp[o] = 10.0 / mp[o] if mp[o] > 0 else 0.0
+        fn[o] = 10.0 / mn[o] if mn[o] > 0 else 0.0
+    base = channel * 2 * no
+    for y in range(h):
+        for x in range(w):
+            fx, fy = np.float64(gx[y, x]), np.float64(gy[y, x])
+            for o in range(no):
+                d = fx * cos[o] + fy * sin[o]
+                out[y, x, base + 2 * o] = min(np.int32(max(d, 0.0) * fp[o]), 9) if mp[o] > 0 else 0
+                out[y, x, base + 2 * o + 1] = min(np.int32(max(-d, 0.0) * fn[o]), 9) if mn[o] > 0 else 0
 
 
 def texture_codes(img: np.ndarray) -> np.ndarray:
