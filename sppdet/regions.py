@@ -50,8 +50,9 @@ def _quantise_derivatives(gx, gy, cos, sin, out, channel):
             fx, fy = np.float64(gx[y, x]), np.float64(gy[y, x])
             for o in range(no):
                 d = fx * cos[o] + fy * sin[o]
-                out[y, x, base + 2 * o] = min(np.int32(max(d, 0.0) * fp[o]), 9) if mp[o] > 0 else 0
-                out[y, x, base + 2 * o + 1] = min(np.int32(max(-d, 0.0) * fn[o]), 9) if mn[o] > 0 else 0
+                # a response that is never positive has factor 0, so its codes are all 0
+                out[y, x, base + 2 * o] = min(np.int32(max(d, 0.0) * fp[o]), 9)
+                out[y, x, base + 2 * o + 1] = min(np.int32(max(-d, 0.0) * fn[o]), 9)
 
 
 def texture_codes(img: np.ndarray) -> np.ndarray:
