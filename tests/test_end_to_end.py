@@ -366,6 +366,10 @@ def test_svm_fc_precision_is_recorded_resolved_and_old_folders_count_as_fp32(tra
     assert "reusing" in r.stdout + r.stderr
     r = tool("train_svm.py", *common, "--set", "svm.fc_precision=bf16", "--tag", "_fp32", check=False)
     assert r.returncode == 2 and "fc_precision" in r.stderr and "Traceback" not in r.stderr
+    # the test stage checks such a folder as the SVM stage does: usable in fp32, stale in bf16
+    tool("test_net.py", *common, "--set", "svm.fc_precision=fp32", "--svm-tag", "_fp32", "--tag", "_fp32")
+    r = tool("test_net.py", *common, "--set", "svm.fc_precision=bf16", "--svm-tag", "_fp32", "--tag", "_fp32", check=False)
+    assert r.returncode == 2 and "fc_precision" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_fine_tuning_is_reproducible(trained, tmp_path):

@@ -115,11 +115,13 @@ def sample_norm(cache: FeatureCache, windows: dict, rng: np.random.Generator, im
 
 
 def require_settings(run: Run, directory: Path, tool: str, sections: dict, extra: dict | None = None,
-                     prefix: str = "") -> dict:
+                     prefix: str = "", extra_defaults: dict | None = None) -> dict:
     """A finished stage folder's manifest, refused (:class:`StaleCacheError`, naming the keys and ``tool``) when
     it was made with other values of the config ``sections`` (name -> dataclass) or ``extra`` than those now in
     force: the check a later stage makes before it uses an upstream model, so that a changed setting is never
-    silently ignored. ``prefix`` goes before the keys named (e.g. ``"proposals."`` for a flat manifest config)."""
+    silently ignored. ``prefix`` goes before the keys named (e.g. ``"proposals."`` for a flat manifest config);
+    ``extra_defaults``, as for :func:`stage_folder`: what an ``extra`` value recorded later was before, so that a
+    folder from before it is checked against that value, as the stage itself checks it."""
     if not (Path(directory) / "manifest.json").is_file():
         raise ShardError(f"{directory}: missing; run {tool} first")
     m = Stage.read_manifest(directory)
@@ -127,7 +129,8 @@ def require_settings(run: Run, directory: Path, tool: str, sections: dict, extra
         raise ShardError(f"{directory}: unfinished; run {tool} first")
     now = json.loads(json.dumps({**{k: asdict(v) for k, v in sections.items()}, **(extra or {})}, default=str))
     defaults = {k: section_defaults(v) for k, v in sections.items()}
-    saved = {k: v for k, v in m.get("config", {}).items() if k in now}
+    saved = {**{k: v for k, v in (extra_defaults or {}).items() if k in now},
+             **{k: v for k, v in m.get("config", {}).items() if k in now}}
     now = {k: v for k, v in now.items() if k in saved or k in sections}  # an extra recorded since: not checked
     changes = diff_keys(with_defaults(saved, defaults), now, prefix)
     if changes:

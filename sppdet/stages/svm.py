@@ -64,6 +64,10 @@ def svm_section(cfg: Config) -> SVMConfig:
     return replace(cfg.svm, fc_precision=SVMConfig.fc_precision)
 
 
+# SVMs made before svm.fc_precision existed computed fc6/fc7 in fp32.
+SETTINGS_BEFORE = {"fc_precision": "fp32"}
+
+
 def svm_settings(cfg: Config, feature: str) -> tuple[dict, dict]:
     """What an SVM set depends on, as the stage records it and later stages check it: the ``svm`` section and
     the feature, with the precision resolved (``"auto"`` is bf16 on one machine, fp32 on another; pool5 has no
@@ -87,9 +91,7 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
     path = run.svm_path(tag)
     sections, extra = svm_settings(cfg, feature)
     precision = extra["fc_precision"]
-    # SVMs made before svm.fc_precision existed computed fc6/fc7 in fp32
-    stage = stage_folder(path.parent, "svm", sections, extra, inputs, overwrite,
-                         extra_defaults={"fc_precision": "fp32"})
+    stage = stage_folder(path.parent, "svm", sections, extra, inputs, overwrite, extra_defaults=SETTINGS_BEFORE)
     if path.is_file():
         run.log(f"svm: reusing {path}")
         return stage.finish(1)

@@ -24,7 +24,7 @@ from ..voc import VOCDataset
 from .common import StageSpec, feature_cache, require_current, require_settings
 from .finetune import load_head, pretrained_head
 from .proposals import require_proposals
-from .svm import combined_svms, svm_settings
+from .svm import SETTINGS_BEFORE, combined_svms, svm_settings
 
 
 def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool | None = None,
@@ -48,7 +48,7 @@ def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool |
     if check:
         for s, (_, t) in zip(svms, sets):
             require_settings(run, run.svm_path(t).parent, "tools/train_svm.py",
-                             *svm_settings(run.cfg, str(s["feature"])))
+                             *svm_settings(run.cfg, str(s["feature"])), extra_defaults=SETTINGS_BEFORE)
     head = None
     if svms[0]["feature"] in ("fc6_noft", "fc7_noft"):
         head = pretrained_head(run)
