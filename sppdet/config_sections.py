@@ -54,7 +54,8 @@ class BackboneConfig:
     name: str = "zf5"
     width: float = 1.0
     weights: Optional[str] = None  # None | "imagenet" | a file | "pretrain" (the run's tools/pretrain.py checkpoint)
-    stride: int = 16  # EfficientNet-Lite: 16 (its stride-16 stage as conv5) or 32 (every stage)
+    # EfficientNet-Lite: 16 (its stride-16 stage as conv5) or 32 (every MBConv stage)
+    stride: int = field(default=16, metadata={"choices": (16, 32)})
 
 
 @dataclass(frozen=True)
