@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, with_device
 from .run import Run
 from .store import ShardError, StaleCacheError, WriteError
 from .voc import VOCError
@@ -24,7 +24,14 @@ def parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--run", default=None, help="run folder (default: the config's run_dir)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a config value (repeatable), e.g. --set features.scales=[480,688]")
+    add_device_argument(ap)
     return ap
+
+
+def add_device_argument(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--device", default=None, metavar="DEVICE",
+                    help="where this call runs the networks: cpu, cuda, cuda:N or auto (CUDA when available); "
+                         "default: the config's device (cpu unless set). Not saved in the run's config.yaml")
 
 
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -44,7 +51,11 @@ def make_run(args) -> Run:
     """The run of a tool call; its config.yaml is (re)written only when the call's settings are the run's: no
     --set, or --overwrite (the stage is rebuilt with them); see :class:`~sppdet.run.Run`."""
     cfg = load_config(config_path(args), args.overrides)
-    return Run(cfg, args.run, save_config=True if not args.overrides or getattr(args, "overwrite", False) else None)
+    device = getattr(args, "device", None)
+    call_cfg = with_device(cfg, device) if device else cfg  # checked before anything is written
+    run = Run(cfg, args.run, save_config=True if not args.overrides or getattr(args, "overwrite", False) else None)
+    run.cfg = call_cfg  # this call's device only: config.yaml keeps the run's own
+    return run
 
 
 def run_main(fn: Callable[[], int], on_interrupt: str = "interrupted; rerun the same command to resume") -> int:

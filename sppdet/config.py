@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import yaml
 
 __all__ = [
     "Config",
+    "with_device",
     "DataConfig",
     "ProposalConfig",
     "BackboneConfig",
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 
-from .config_sections import (COMBINABLE, PRECISIONS, BBoxRegConfig, BackboneConfig,  # noqa: F401 (re-exported)
+from .config_sections import (COMBINABLE, DEVICE_PATTERN, PRECISIONS, BBoxRegConfig, BackboneConfig,  # noqa: F401 (re-exported)
                               ConfigError, DataConfig, FastRCNNConfig, FeatureConfig, FinetuneConfig, PretrainConfig,
                               ProposalConfig, RCNNConfig, SVMConfig, TestConfig, positive_ints)
 
@@ -59,6 +61,11 @@ class Config:
     # fine-tuned with conv frozen, SVMs, box regressors); fast_rcnn: Fast R-CNN mode (section fast_rcnn: the conv
     # layers above the stem and the head trained in one stage, softmax scores and its own box regression, no cache).
     route: str = field(default="spp", metadata={"choices": ("spp", "fast_rcnn")})
+    # Where the networks run: the conv pass (pre-training, the conv5 cache), fine-tuning, and the fc layers of the SVM
+    # and test stages. cpu, cuda, cuda:N, or auto (CUDA when torch finds it, else the CPU). Proposals, pooling from
+    # the cache, the SVM solver and box regression run on the CPU. Not in any stage's fingerprint: a stage made on
+    # one device is reused on another (the precisions that `auto` resolves to per device are recorded and checked).
+    device: str = "cpu"
     data: DataConfig = field(default_factory=DataConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -72,6 +79,8 @@ class Config:
     rcnn: RCNNConfig = field(default_factory=RCNNConfig)
 
     def __post_init__(self):
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
+            raise ConfigError(f"device: must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         # test.combine's SVM sets share the detector's one fc head, the fine-tuned one.
         for f in self.test.combine:
             if f not in COMBINABLE:
@@ -93,6 +102,14 @@ class Config:
         if self.test.combine and self.svm.feature not in COMBINABLE:
             raise ConfigError(f"test.combine needs svm.feature pool5, fc6 or fc7 (one fc head per detector), "
                               f"got {self.svm.feature!r}")
+
+
+def with_device(cfg: Config, device: str) -> Config:
+    """``cfg`` with another ``device`` (one call's ``--device``, checked as the key is, the error naming the flag)."""
+    try:
+        return dataclasses.replace(cfg, device=device)
+    except ConfigError as e:
+        raise ConfigError(f"--device {device}: {str(e).removeprefix('device: ')}") from None
 
 
 def _type_ok(value: Any, tp: Any) -> bool:

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 __all__ = ["DataConfig", "ProposalConfig", "BackboneConfig", "PretrainConfig", "FeatureConfig", "FinetuneConfig",
-           "SVMConfig", "BBoxRegConfig", "TestConfig", "FastRCNNConfig", "RCNNConfig", "ConfigError", "PRECISIONS",
+           "SVMConfig", "BBoxRegConfig", "TestConfig", "FastRCNNConfig", "RCNNConfig", "ConfigError", "PRECISIONS", "DEVICE_PATTERN",
            "COMBINABLE", "positive_ints"]
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+DEVICE_PATTERN = r"cpu|auto|cuda(:[0-9]+)?"  # Config.device
 COMBINABLE = ("pool5", "fc6", "fc7")  # SVM features that share one detector (the fine-tuned head, or none)
 
 

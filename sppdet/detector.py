@@ -135,13 +135,14 @@ class Detector:
         regressor: per-class box regressors or None.
         cache: a :class:`FeatureCache` (gives geometry, levels and scale choice).
         test: thresholds (``TestConfig``).
+        device: where fc6/fc7 run (the head is moved there; pooling and the SVMs stay on the CPU).
     """
 
     def __init__(self, head: FCHead | None, svms: dict | Sequence[dict], regressor: BoxRegressor | None,
-                 cache: FeatureCache, test: TestConfig, classes: Sequence[str]):
+                 cache: FeatureCache, test: TestConfig, classes: Sequence[str], device: str = "cpu"):
         if head is not None and (test.svd_fc6 or test.svd_fc7):
             head = copy.deepcopy(head)  # compressed below: the caller's head stays as it is
-        self.head = head.eval() if head is not None else None
+        self.head = head.to(device).eval() if head is not None else None  # fc6/fc7 run on ``device``
         self.svm_sets = [svms] if isinstance(svms, dict) else list(svms)
         if not self.svm_sets:
             raise ValueError("Detector needs at least one SVM set")
@@ -151,7 +152,8 @@ class Detector:
             head.fc6 = truncated_svd_linear(head.fc6, test.svd_fc6)
         if head is not None and test.svd_fc7:
             head.fc7 = truncated_svd_linear(head.fc7, test.svd_fc7)
-        self.fc_precision = resolve_precision(test.fc_precision, "cpu", "test.fc_precision")
+        self.device = device
+        self.fc_precision = resolve_precision(test.fc_precision, device, "test.fc_precision")
 
     @torch.no_grad()
     def score(self, feats: ImageFeatures, proposals: np.ndarray) -> tuple["WindowRows", np.ndarray, dict]:
@@ -174,7 +176,7 @@ class Detector:
             if layer == "pool5":
                 xs[layer] = pooled.numpy()
             else:
-                xs[layer] = fc_features(self.head, pooled, layer, self.fc_precision).numpy()
+                xs[layer] = fc_features(self.head, pooled.to(self.device), layer, self.fc_precision).cpu().numpy()
         t2 = time.perf_counter()
         each = [(xs[layer] * s["feature_scale"]) @ s["W"].T + s["b"] for layer, s in zip(layers, self.svm_sets)]
         if len(each) == 1:

@@ -148,8 +148,9 @@ def _baselines(val_batches: list, num_classes: int, history: list) -> dict:
 
 def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: dict[str, Windows], cache_train: FeatureCache,
                   cache_val: FeatureCache, num_classes: int, cfg: FinetuneConfig, seed: int = 0, progress: bool = True,
-                  log_fn: Callable[[str], None] = print) -> dict:
-    """Train ``head`` (fc6, fc7, fc8 with K+1 outputs) in place; return the best state and history."""
+                  log_fn: Callable[[str], None] = print, device: str = "cpu") -> dict:
+    """Train ``head`` (fc6, fc7, fc8 with K+1 outputs) in place on ``device`` (the windows are pooled on the CPU
+    and sent there), leaving it on the CPU with the best checkpoint's weights; return the history."""
     from tqdm import tqdm
 
     rng = np.random.default_rng(seed)
@@ -158,7 +159,9 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
     if not train_ids:
         raise ValueError("fine-tuning: no training image has windows")
     lru_t, lru_v = FeatureLRU(cache_train), FeatureLRU(cache_val)
-    val_batches = _validation_batches(val_windows, lru_v, cfg, num_classes, np.random.default_rng(seed + 1))
+    val_batches = [(x.to(device), y.to(device)) for x, y in
+                   _validation_batches(val_windows, lru_v, cfg, num_classes, np.random.default_rng(seed + 1))]
+    head.to(device)
     opt, sched = sgd(head.named_parameters(), cfg)
 
     def validate() -> tuple[float, float]:
@@ -186,7 +189,7 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
         x, y = _make_batch(pick, train_windows, lru_t, cfg, num_classes, rng, train=True)
         if x is None:
             continue
-        loss = F.cross_entropy(head(x), y)
+        loss = F.cross_entropy(head(x.to(device)), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -203,6 +206,7 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
                 best = {"val_error": verr, "iteration": it, "state": {k: v.clone() for k, v in head.state_dict().items()}}
     bar.close()
     head.load_state_dict(best["state"])
+    head.cpu()
     log_fn(f"fine-tuning: best validation error {best['val_error']:.4f} at iteration {best['iteration']} "
            f"({time.time() - t0:.1f} s)")
     # Baselines that use no window at all: calling every window background (its error) and predicting the labels'

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from .backbones import Backbone
-from .config import PRECISIONS
+from .config import DEVICE_PATTERN, PRECISIONS
 from .spp import SpatialPyramidPooling, spp_output_dim
 
 __all__ = ["FCHead", "SPPNetClassifier", "FixedSizeClassifier", "truncated_svd_linear", "resolve_precision", "autocast",
-           "fc_features"]
+           "fc_features", "resolve_device", "module_device"]
 
 
 class FCHead(nn.Module):
@@ -111,6 +112,28 @@ def truncated_svd_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
     second.weight.data = u[:, :rank].float().contiguous()
     second.bias.data = layer.bias.data.clone()
     return nn.Sequential(first, second)
+
+
+def resolve_device(device: str, name: str = "device") -> str:
+    """The torch device for a config's ``device``: ``"cpu"``, ``"cuda"`` / ``"cuda:N"``, or ``"auto"`` (the first
+    CUDA device when torch finds one, else the CPU). A CUDA device this machine lacks is refused naming ``name``."""
+    if not isinstance(device, str) or not re.fullmatch(DEVICE_PATTERN, device):
+        raise ValueError(f"{name} must be cpu, cuda, cuda:N or auto, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= found:
+            raise ValueError(f"{name} is {device!r} but torch finds {found} CUDA device(s) on this machine; "
+                             f"set {name}: cpu (or auto)")
+    return device
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module``'s parameters are (the CPU for one without parameters)."""
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def resolve_precision(precision: str, device: str | torch.device = "cpu", name: str = "precision") -> str:

@@ -26,14 +26,15 @@ class Predictor:
 
     Args:
         run_dir: the run folder (``tools/demo.py --run``).
-        device: ``"cpu"`` or ``"cuda"`` for the conv layers.
+        device: where the conv and fc layers run: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``; None: the run's
+            ``device`` setting.
         score_threshold: detections scoring at most this are dropped (default: the run's ``test.draw_threshold``, or
             for a ``route: fast_rcnn`` run, whose scores are probabilities, its ``fast_rcnn.draw_threshold``).
         bbox_reg: apply the run's box regressors (where it has them); None: as its ``test.bbox_reg`` says.
         overrides: ``"section.key=value"`` test-time settings over the run's config (e.g. ``test.nms=0.4``).
     """
 
-    def __init__(self, run_dir: str | Path, device: str = "cpu", score_threshold: float | None = None,
+    def __init__(self, run_dir: str | Path, device: str | None = None, score_threshold: float | None = None,
                  bbox_reg: bool | None = None, overrides: tuple[str, ...] | list[str] = ()):
         from .config import load_config
         from .run import Run
@@ -44,20 +45,26 @@ class Predictor:
             raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml); train one with tools/demo.py")
         self.cfg = load_config(run_dir / "config.yaml", list(overrides))
         self.run = run = Run(self.cfg, run_dir, save_config=False, log_fn=lambda s: None)
-        self.device = device
+        if device is not None:
+            from .config import with_device
+
+            run.cfg = self.cfg = with_device(self.cfg, device)
         self.fast_rcnn = None
         self._pool = None  # the proposal thread, started by the first image
         if self.cfg.route == "fast_rcnn":  # one network: trunk, softmax scores and its own box regression
             from .stages.fast_rcnn import load_model
 
-            if device != "cpu":
+            if device not in (None, "cpu"):
                 raise ValueError("route fast_rcnn: Predictor runs its network on the CPU (device='cpu')")
+            self.device = "cpu"
             self.fast_rcnn = load_model(run, check=False)
             self.use_bbox_reg = self.cfg.test.bbox_reg if bbox_reg is None else bool(bbox_reg)
             self.classes = list(run.classes)
         else:
             # Each model as it was made (its own manifest says with what); only test-time settings from the run.
-            self.detector = build_detector(run, self.cfg.data.test_split, use_bbox_reg=bbox_reg, check=False)
+            self.device = device = run.device
+            self.detector = build_detector(run, self.cfg.data.test_split, use_bbox_reg=bbox_reg, check=False,
+                                           device=device)
             self.classes = list(self.detector.classes)
             self.backbone = run.backbone().to(device)
         default = self.cfg.fast_rcnn.draw_threshold if self.fast_rcnn is not None else self.cfg.test.draw_threshold

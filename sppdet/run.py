@@ -164,6 +164,18 @@ class Run:
             classes = classes + list(class_names(extra_classes, distractors)[len(TOY_CLASSES):])  # the added ones
         return VOCDataset(root, split, classes)
 
+    @property
+    def device(self) -> str:
+        """The config's ``device`` resolved on this machine (``auto``: CUDA when torch finds it); a CUDA device
+        this machine lacks is refused naming the key."""
+        from .config import ConfigError
+        from .models import resolve_device
+
+        try:
+            return resolve_device(self.cfg.device)
+        except ValueError as e:
+            raise ConfigError(f"{self.dir / 'config.yaml'}: {e} (--set device=cpu)") from None
+
     # --------------------------------------------------------------- backbone
     def backbone(self) -> Backbone:
         if self._backbone is None:

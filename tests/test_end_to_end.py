@@ -372,6 +372,34 @@ def test_svm_fc_precision_is_recorded_resolved_and_old_folders_count_as_fp32(tra
     assert r.returncode == 2 and "fc_precision" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_the_stage_tools_run_on_this_calls_device(trained, tmp_path):
+    """--device: fine-tuning, the SVMs and the test stage rebuilt on this machine's device (CUDA where torch finds
+    one) give a head saved on the CPU and the test mAP of the CPU run (equal on the CPU, near it on a GPU); a device
+    the machine lacks is refused in one line, before the stage's folder is touched."""
+    import shutil
+
+    import torch
+
+    tmp, _ = trained
+    run_dir = tmp_path / "run"
+    shutil.copytree(tmp / "run", run_dir)
+    common = ["--config", "configs/tiny.yaml", "--run", run_dir, "--set", f"data.root={tmp / 'data' / 'VOC2007'}"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in ("finetune_fc.py", "train_svm.py"):
+        tool(name, *common, "--overwrite", "--device", device)
+    tool("test_net.py", *common, "--device", device)
+    head = torch.load(run_dir / "model" / "finetune" / "finetune.pt", weights_only=False)["head"]
+    assert all(v.device.type == "cpu" for v in head.values())
+    before, after = (json.loads((r / "detections" / "test" / "metrics.json").read_text())["map07"]
+                     for r in (tmp / "run", run_dir))
+    assert after == before if device == "cpu" else abs(after - before) < 0.1
+    if device == "cpu":
+        manifest = (run_dir / "model" / "finetune" / "manifest.json").read_bytes()
+        r = tool("finetune_fc.py", *common, "--overwrite", "--device", "cuda", check=False)
+        assert r.returncode == 2 and "device is 'cuda' but torch finds 0 CUDA device" in r.stderr
+        assert "Traceback" not in r.stderr and (run_dir / "model" / "finetune" / "manifest.json").read_bytes() == manifest
+
+
 def test_fine_tuning_is_reproducible(trained, tmp_path):
     """Fine-tuning again with the same config, in another process (torch seeds each differently), gives the
     same head: its random fc8 is seeded from the config's seed."""

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         for step in plan(run):
             metrics = timed(step.label, list(step.folders), step.call, step.spec.limitation)
         total = time.time() - t_all
-        lines = ["", "cost of the multi-stage pipeline (this run; reused artefacts cost ~0):",
+        lines = ["", f"cost of the multi-stage pipeline (this run; reused artefacts cost ~0; networks on {run.device}):",
                  f"{'stage':<40} {'wall s':>8} {'written MB':>11} {'on disk MB':>11} {'peak RSS MB':>12}  SPP-net limitation"]
         for c in costs:
             lines.append(f"{c['stage']:<40} {c['seconds']:8.1f} {c['bytes'] / 1e6:11.1f} {c['total_bytes'] / 1e6:11.1f} "
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append("peak RSS: of this process while the stage ran (proposal workers, if any, are separate processes).")
         report = "\n".join(lines)
         print(report)
-        atomic_write_text(run.dir / "cost_report.json", json.dumps({"stages": costs, "total_seconds": total}, indent=2))
+        atomic_write_text(run.dir / "cost_report.json", json.dumps({"stages": costs, "total_seconds": total,
+                                                                    "device": run.device}, indent=2))
         atomic_write_text(run.dir / "cost_report.txt", report + "\n")
         print(f"\nmAP (VOC07 11-point): {metrics['map07']:.3f}")
         print(f"drawn detections: {', '.join(metrics['drawn'])}")

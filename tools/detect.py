@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from sppdet.cli import run_main
+from sppdet.cli import add_device_argument, run_main
 
 
 def output_names(paths: list[Path], out: Path) -> list[str]:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="score threshold (default: the run's test.draw_threshold, for SVM margins; for a route: "
                          "fast_rcnn run, whose scores are probabilities, its fast_rcnn.draw_threshold)")
     ap.add_argument("--no-bbox-reg", action="store_true")
-    ap.add_argument("--device", default="cpu")
+    add_device_argument(ap)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = ap.parse_args(argv)
 

@@ -32,16 +32,12 @@ def _shard(s: str) -> tuple[int, int]:
 def _arguments(ap) -> None:
     ap.add_argument("--split", required=True)
     ap.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: process every n-th image starting at i; shards count from 0 (0/2 and 1/2)")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--flip", action="store_true", help="also cache the flipped image's conv5 (default: for the train split "
                     "when finetune.flip, as fine-tuning needs them)")
 
 
 def _body(run, args) -> None:
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    m = stage_features(run, args.split, args.shard, args.overwrite, device, True if args.flip else None)
+    m = stage_features(run, args.split, args.shard, args.overwrite, flip=True if args.flip else None)
     print(f"features {args.split}: {'complete' if m['complete'] else 'partial (other shards pending)'} in "
           f"{run.features_dir(args.split)}")
 

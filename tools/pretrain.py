@@ -17,11 +17,10 @@ from sppdet.stages import stage_pretrain
 def _arguments(ap) -> None:
     ap.add_argument("--folder", help="image folder with one sub-folder per class (instead of VOC crops)")
     ap.add_argument("--split", help="a split of data.root whose ground-truth crops are used (default: pretrain.root/pretrain.split if set, else data.train_split)")
-    ap.add_argument("--device", default="cpu")
 
 
 def _body(run, args) -> None:
-    ck = stage_pretrain(run, args.split, args.folder, args.device, args.overwrite)
+    ck = stage_pretrain(run, args.split, args.folder, overwrite=args.overwrite)
     h = ck["history"][-1] if ck.get("history") else {}
     print(f"checkpoint: {run.pretrain_ckpt} (held-out accuracy {h.get('val_acc', float('nan')):.3f})")
 

@@ -94,6 +94,8 @@ def stage_fast_rcnn(run: Run, tag: str = "", overwrite: bool = False) -> dict:
     if path.is_file():
         run.log(f"fast_rcnn: reusing {path}")
         return stage.finish(1)
+    if run.device != "cpu":
+        run.log(f"warning: route fast_rcnn trains on the CPU; device {cfg.device!r} is not used by this stage")
     torch.manual_seed(cfg.seed)
     model = build_model(run)
     trainable = [n for n, p in model.backbone.named_parameters() if p.requires_grad]

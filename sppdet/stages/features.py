@@ -23,11 +23,12 @@ from .proposals import require_proposals
 
 
 def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwrite: bool = False,
-                   device: str = "cpu", flip: bool | None = None) -> dict:
-    """conv5 once per image and scale, cached as float16; prints the cost summary. ``flip``: also
-    the flipped image's maps; None: for the train split when ``finetune.flip`` (the authors include
-    flipped images in fine-tuning)."""
+                   device: str | None = None, flip: bool | None = None) -> dict:
+    """conv5 once per image and scale, cached as float16; prints the cost summary. ``device``: None for the
+    config's ``device``. ``flip``: also the flipped image's maps; None: for the train split when
+    ``finetune.flip`` (the authors include flipped images in fine-tuning)."""
     cfg = run.cfg
+    device = device or run.device
     if flip is None:
         flip = split == cfg.data.train_split and cfg.finetune.flip
     ds = run.dataset(split)

@@ -50,6 +50,7 @@ def stage_finetune(run: Run, overwrite: bool = False) -> dict:
     """fc6/fc7/fc8 fine-tuned on windows pooled from the train split's conv5 cache (the conv layers are not in
     the trainer: SPP-net's limitation), the checkpoint chosen on the val split."""
     cfg = run.cfg
+    device = run.device  # a device this machine lacks is refused before anything else
     tr, va = cfg.data.train_split, cfg.data.val_split
     cache_t, cache_v = feature_cache(run, tr), feature_cache(run, va)
     if va == cfg.data.test_split:
@@ -82,7 +83,7 @@ def stage_finetune(run: Run, overwrite: bool = False) -> dict:
         run.log(f"finetune: pooled features scaled by {head.input_scale:.4g} before fc6 (mean norm {norm:.1f} -> "
                 f"{cfg.finetune.input_norm:g}, finetune.input_norm)")
     res = finetune_head(head, windows_t, split_windows(run, va), cache_t, cache_v, len(run.classes), cfg.finetune,
-                        cfg.seed, log_fn=run.log)
+                        cfg.seed, log_fn=run.log, device=device)
     conv_after = weights_fingerprint(run.backbone())
     if conv_after != conv_before:  # the trainer is given the head only; this would be a bug, never a result
         raise RuntimeError(f"fine-tuning changed the conv layers ({conv_before} -> {conv_after})")

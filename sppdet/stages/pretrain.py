@@ -21,9 +21,10 @@ from ..voc import VOCDataset
 from .common import StageSpec
 
 
-def stage_pretrain(run: Run, split: str | None = None, folder: str | None = None, device: str = "cpu",
+def stage_pretrain(run: Run, split: str | None = None, folder: str | None = None, device: str | None = None,
                    overwrite: bool = False) -> dict:
-    """Classifier pre-training on VOC ground-truth crops (default: the train split) or a folder."""
+    """Classifier pre-training on VOC ground-truth crops (default: the train split) or a folder, on ``device``
+    (None: the config's ``device``)."""
     cfg = run.cfg
     if run.pretrain_ckpt.is_file() and not overwrite:
         ck = load_checkpoint(run.pretrain_ckpt)
@@ -38,6 +39,7 @@ def stage_pretrain(run: Run, split: str | None = None, folder: str | None = None
                                   f"({'; '.join(changes)}); use --overwrite", folder=run.pretrain_ckpt.parent)
         run.log(f"pretrain: reusing {run.pretrain_ckpt}")
         return ck
+    device = device or run.device
     rng = np.random.default_rng(cfg.seed)
     if folder:
         from ..pretrain import folder_items

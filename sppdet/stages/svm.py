@@ -18,7 +18,7 @@ from ..boxes import flip_boxes
 from ..config import Config
 from ..config_sections import SVMConfig
 from ..features import FeatureCache
-from ..models import FCHead, fc_features, resolve_precision
+from ..models import FCHead, fc_features, module_device, resolve_device, resolve_precision
 from ..roidb import group_windows_mask
 from ..run import Run
 from ..store import atomic_save_npz
@@ -32,18 +32,18 @@ FEATURES = ("pool5", "fc6", "fc7", "fc6_noft", "fc7_noft")
 
 def layer_features(head: FCHead | None, layer: str, pooled: torch.Tensor, precision: str = "fp32") -> np.ndarray:
     """``pooled`` SPP vectors (pool5) or the head's ``layer`` activations of them (fc6/fc7 in ``precision``,
-    resolved: ``"fp32"`` or ``"bf16"``), as float32 NumPy."""
+    resolved: ``"fp32"`` or ``"bf16"``, on the head's device), as float32 NumPy."""
     if layer == "pool5" or head is None:
         return pooled.numpy()
-    return fc_features(head, pooled, layer, precision).numpy()
+    return fc_features(head, pooled.to(module_device(head)), layer, precision).cpu().numpy()
 
 
 def svm_fc_precision(cfg: Config, feature: str) -> str:
-    """The precision the SVM stage computes ``feature`` in: ``svm.fc_precision`` resolved on this machine for
-    fc6/fc7 (as the test stage resolves ``test.fc_precision``), ``"fp32"`` for pool5 (no fc layer)."""
+    """The precision the SVM stage computes ``feature`` in: ``svm.fc_precision`` resolved for fc6/fc7 on this
+    machine's ``device`` (as the test stage resolves ``test.fc_precision``), ``"fp32"`` for pool5 (no fc layer)."""
     if feature == "pool5":
         return "fp32"
-    return resolve_precision(cfg.svm.fc_precision, "cpu", "svm.fc_precision")
+    return resolve_precision(cfg.svm.fc_precision, resolve_device(cfg.device), "svm.fc_precision")
 
 
 def svm_head(run: Run, feature: str) -> tuple[FCHead | None, str]:
@@ -79,12 +79,15 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
     """Per-class SVMs with hard-negative mining on the train split (one pass; with ``svm.flip`` also on its
     mirror images, positives and negatives)."""
     cfg = run.cfg
+    device = run.device  # a device this machine lacks is refused before anything else
     feature = feature or cfg.svm.feature
     tr = cfg.data.train_split
     cache = feature_cache(run, tr)
     if cfg.svm.flip:
         require_flipped_maps(cache.dir, Stage.read_manifest(cache.dir), tr, "svm.flip")
     head, layer = svm_head(run, feature)
+    if head is not None:
+        head.to(device)  # fc6/fc7 of the mining pass on the config's device
     inputs = {"features": Stage.read_manifest(cache.dir)["fingerprint"], "annotations": run.content(tr, "annotations")}
     if feature in ("fc6", "fc7"):
         inputs["finetune"] = Stage.read_manifest(run.finetune_path.parent)["fingerprint"]

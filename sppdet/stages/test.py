@@ -28,11 +28,12 @@ from .svm import SETTINGS_BEFORE, combined_svms, svm_settings
 
 
 def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool | None = None,
-                   combine: bool = True, check: bool = True) -> Detector:
+                   combine: bool = True, check: bool = True, device: str | None = None) -> Detector:
     """The test-time detector: the SVMs of ``svm_tag``; with the default tag and ``combine``, also those
     of ``test.combine`` (their scores combined by ``test.combine_by``). ``check``: each model is refused when
     made with other settings than those now in force (False: each is used as it was made, for detection with a
-    finished run's models). ``use_bbox_reg``: None follows ``test.bbox_reg``."""
+    finished run's models). ``use_bbox_reg``: None follows ``test.bbox_reg``. ``device``: where its fc layers run
+    (None: the config's ``device``)."""
     cache = (feature_cache(run, split, verify=False) if (run.features_dir(split) / "manifest.json").is_file()
              else None)
     if cache is None:
@@ -61,7 +62,7 @@ def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool |
         if check:
             require_settings(run, run.bbox_reg_path.parent, "tools/train_bbox_reg.py", {"bbox_reg": run.cfg.bbox_reg})
         reg = BoxRegressor.load(run.bbox_reg_path)
-    return Detector(head, svms, reg, cache, run.cfg.test, run.classes)
+    return Detector(head, svms, reg, cache, run.cfg.test, run.classes, device or run.device)
 
 
 def _draw_examples(run: Run, ds: VOCDataset, dets: dict, out_dir: Path, n: int, threshold: float) -> list[Path]:
@@ -112,10 +113,10 @@ def stage_test_with(run: Run, det: Detector, split: str | None = None, tag: str 
     timing = {"conv": 0.0, "pool": 0.0, "fc": 0.0, "svm": 0.0, "post": 0.0}
     t0 = time.time()
     annotations, misses = {}, []
-    backbone = run.backbone() if from_images else None
+    backbone = run.backbone().to(det.device) if from_images else None
     for i in tqdm(ds.ids, desc=f"test {split}", unit="img", disable=not progress):
         props = store.load(i)
-        feats, t_conv = det.image_features(backbone, ds.image(i), run.cfg.features) if from_images else (
+        feats, t_conv = det.image_features(backbone, ds.image(i), run.cfg.features, det.device) if from_images else (
             det.cache.load(i), 0.0)
         pooled, scores, t = det.score(feats, props)
         # Per-class cap only (R-CNN); the scores are kept for the miss analysis.
