@@ -69,3 +69,61 @@ def test_flat_image_is_one_segment_and_bad_arguments_raise():
         felzenszwalb_multi(np.zeros((5, 5, 3), np.uint8), [0])
     with pytest.raises(ValueError, match="shape"):
         felzenszwalb_multi(np.zeros((0, 5, 3), np.uint8), [50])
+
+
+def _edges_reference(img: np.ndarray, sigma: float = 0.8):
+    """Every 8-connected edge of the smoothed image with NumPy: (a, b, weight, a * 4 + direction)."""
+    from scipy import ndimage
+
+    x = img.astype(np.float64) / 255.0
+    x = ndimage.gaussian_filter(x, sigma=[sigma, sigma, 0]) if sigma > 0 else x
+    h, w = x.shape[:2]
+    idx = np.arange(h * w).reshape(h, w)
+    out = []
+    for d, (dy, dx) in enumerate(((0, 1), (1, 0), (1, 1), (-1, 1))):
+        ys = slice(max(0, -dy), h - max(0, dy))
+        a = idx[ys, : w - dx]
+        b = idx[max(0, dy): h + min(0, dy), dx:]
+        diff = x.reshape(h * w, -1)[b.ravel()] - x.reshape(h * w, -1)[a.ravel()]
+        wt = np.sqrt(np.sum(diff * diff, axis=1)) if diff.shape[1] > 1 else np.sqrt(diff[:, 0] * diff[:, 0])
+        out.append((a.ravel(), b.ravel(), wt, a.ravel() * 4 + d))
+    return [np.concatenate(c) for c in zip(*out)]
+
+
+@pytest.mark.parametrize("kind", ["noise", "few levels", "flat patches", "near ties"])
+def test_the_graph_is_in_weight_order_equal_weights_by_pixel_then_direction(kind):
+    """The packed-key sort gives exactly NumPy's stable order of (weight, code): many equal weights (few grey
+    levels, flat patches) and weights equal in their leading bits only (near ties) included."""
+    rng = np.random.default_rng(3)
+    if kind == "noise":
+        img = rng.integers(0, 256, (37, 53, 3)).astype(np.uint8)
+    elif kind == "few levels":
+        img = (rng.integers(0, 3, (40, 50, 3)) * 100).astype(np.uint8)
+    elif kind == "flat patches":
+        img = _scene(4, 60, 70)
+        img[10:40, 5:50] = 90
+    else:
+        img = np.repeat(np.repeat(rng.integers(0, 256, (9, 11, 3)), 5, 0), 5, 1).astype(np.uint8)
+    for sigma in (0.8, 0.0):
+        a, b, w = pixel_graph(img, sigma)
+        ra, rb, rw, code = _edges_reference(img, sigma)
+        order = np.lexsort((code, rw))
+        assert np.array_equal(w, rw[order]) and np.array_equal(a, ra[order]) and np.array_equal(b, rb[order])
+
+
+def test_equal_leading_bits_are_ordered_by_the_full_weight():
+    from sppdet.segmentation import _sorted_weights
+
+    rng = np.random.default_rng(0)
+    shift = 20
+    base = rng.random(5)
+    w = np.concatenate([base + rng.integers(0, 2 ** 18, 5) * 2.0 ** -60 for _ in range(40)])  # ties in 44 bits
+    w[::7] = w[3]  # and exact ties
+    codes = rng.permutation(2 ** shift)[: len(w)].astype(np.uint64)
+    keys = (w.view(np.uint64) & ~np.uint64(2 ** shift - 1)) | codes
+    by_code = np.zeros(2 ** shift)
+    by_code[codes.astype(np.int64)] = w
+    keys.sort()
+    ws = _sorted_weights(keys, by_code, shift)
+    order = np.lexsort((codes, w))
+    assert np.array_equal(ws, w[order]) and np.array_equal(keys & np.uint64(2 ** shift - 1), codes[order])
