@@ -170,7 +170,8 @@ class TorchvisionTrunk(Backbone):
 BACKBONES = ("zf5", "efficientnet_lite0", "efficientnet_lite2", "vgg16", "alexnet")
 
 
-def build_backbone(name: str, weights: str | None = None, width: float = 1.0, stride: int = 16) -> Backbone:
+def build_backbone(name: str, weights: str | None = None, width: float = 1.0, stride: int = 16,
+                   hypercolumn: bool = False) -> Backbone:
     """Build a trunk by name.
 
     Args:
@@ -180,9 +181,12 @@ def build_backbone(name: str, weights: str | None = None, width: float = 1.0, st
             ``tools/pretrain.py`` checkpoint.
         width: ZF-5 channel multiplier (1.0 = the paper's network).
         stride: EfficientNet-Lite only: 16 (its stride-16 stage, the default) or 32 (all its stages).
+        hypercolumn: EfficientNet-Lite at stride 16 only: the stride-32 stages' map stacked on the stride-16 one.
     """
     if stride != 16 and name not in LITE_STAGES:
         raise ValueError(f"{name}: backbone.stride {stride} is for the EfficientNet-Lite trunks; {name} has stride 16")
+    if hypercolumn and name not in LITE_STAGES:
+        raise ValueError(f"{name}: backbone.hypercolumn is for the EfficientNet-Lite trunks")
     if name == "zf5":
         bb: Backbone = ZF5(width=width)
         if weights == "imagenet":
@@ -195,12 +199,13 @@ def build_backbone(name: str, weights: str | None = None, width: float = 1.0, st
             if any(k.startswith("_fc.") for k in state):  # a full-classifier state_dict
                 full = EfficientNetLite0Net(stages=LITE_STAGES[name])
                 full.load_state_dict(state, strict=True)
-                bb = EfficientNetLite0(full, name, stride)
+                bb = EfficientNetLite0(full, name, stride, hypercolumn)
             else:
-                bb = EfficientNetLite0(name=name, stride=stride)
+                bb = EfficientNetLite0(name=name, stride=stride, hypercolumn=hypercolumn)
                 bb.load_state_dict(state, strict=True)
         else:
-            bb = EfficientNetLite0(build_efficientnet_lite0_classifier(weights, name) if weights else None, name, stride)
+            bb = EfficientNetLite0(build_efficientnet_lite0_classifier(weights, name) if weights else None, name, stride,
+                               hypercolumn)
     elif name in ("vgg16", "alexnet"):
         if weights == "imagenet":
             raise ValueError(f"{name}: pass a local weights file; nothing is downloaded at run time")

@@ -87,6 +87,11 @@ class Config:
                 raise ConfigError(f"test.combine: {f!r} is not pool5, fc6 or fc7 (of the fine-tuned head)")
             if f == self.svm.feature:
                 raise ConfigError(f"test.combine: {f!r} is svm.feature already")
+        if self.backbone.hypercolumn and not self.backbone.name.startswith("efficientnet_lite"):
+            raise ConfigError(f"backbone.hypercolumn is for the EfficientNet-Lite trunks, not {self.backbone.name}")
+        if self.backbone.hypercolumn and self.backbone.stride != 16:
+            raise ConfigError(f"backbone.hypercolumn stacks the stride-32 map on the stride-16 grid; it needs "
+                              f"backbone.stride 16, not {self.backbone.stride}")
         if self.finetune.input_norm < 0:
             raise ConfigError(f"finetune.input_norm must be >= 0 (0: features as they are), got {self.finetune.input_norm}")
         if self.finetune.input_norm and self.finetune.init_from_pretrain:

@@ -57,6 +57,9 @@ class BackboneConfig:
     weights: Optional[str] = None  # None | "imagenet" | a file | "pretrain" (the run's tools/pretrain.py checkpoint)
     # EfficientNet-Lite: 16 (its stride-16 stage as conv5) or 32 (every MBConv stage)
     stride: int = field(default=16, metadata={"choices": (16, 32)})
+    # EfficientNet-Lite at stride 16: also every stride-32 stage, its map interpolated onto the stride-16 grid
+    # (cell centres aligned) and stacked on the channels (Lite2: 120 + 352 = 472), pooled as one conv5
+    hypercolumn: bool = False
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .geometry import Backbone, SpatialOp, _ops_from_modules, load_weights_file
+from .geometry import Backbone, SpatialOp, _ops_from_modules, compute_geometry, load_weights_file
 
 __all__ = ["EfficientNetLite0", "EfficientNetLite0Net", "LITE_STAGES", "IMAGENET_MEAN", "IMAGENET_STD",
            "build_efficientnet_lite0_classifier", "imagenet_lite0_weights_path"]
@@ -126,27 +126,58 @@ class EfficientNetLite0(Backbone):
     pixel_mean = IMAGENET_MEAN
     pixel_std = IMAGENET_STD
 
-    def __init__(self, net: EfficientNetLite0Net | None = None, name: str = "efficientnet_lite0", stride: int = 16):
+    def __init__(self, net: EfficientNetLite0Net | None = None, name: str = "efficientnet_lite0", stride: int = 16,
+                 hypercolumn: bool = False):
         super().__init__()
         if stride not in (16, 32):
             raise ValueError(f"{name}: backbone.stride must be 16 or 32, not {stride!r}")
+        if hypercolumn and stride != 16:
+            raise ValueError(f"{name}: backbone.hypercolumn stacks the stride-32 map on the stride-16 one; "
+                             f"it needs backbone.stride 16, not {stride}")
         stages = LITE_STAGES[name]
         net = net if net is not None else EfficientNetLite0Net(stages=stages)
         self.name = name
         self._conv_stem, self._bn0 = net._conv_stem, net._bn0
-        last = 5 if stride == 16 else len(stages)  # the stride-16 stage is the fifth
+        self._n16 = sum(st[0] for st in stages[:5])  # blocks up to the stride-16 stage (the fifth)
+        last = len(stages) if stride == 32 or hypercolumn else 5
         self._blocks = nn.ModuleList(list(net._blocks)[:sum(st[0] for st in stages[:last])])
-        self.out_channels = stages[last - 1][5]
+        self.hypercolumn = hypercolumn
+        self.out_channels = stages[last - 1][5] + (stages[4][5] if hypercolumn else 0)
+        if hypercolumn:  # where each stride-16 cell's centre falls on the stride-32 map, in its cells
+            g16, g32 = compute_geometry(self._ops(self._n16)), compute_geometry(self._ops(len(self._blocks)))
+            self._to32 = (g16.stride / g32.stride, (g16.center0 - g32.center0) / g32.stride)
+
+    def _ops(self, n_blocks: int) -> list[SpatialOp]:
+        modules = [self._conv_stem, self._bn0, *self._blocks[:n_blocks]]
+        return _ops_from_modules(m for top in modules for m in top.modules())
 
     def spatial_layers(self) -> list[SpatialOp]:
-        return _ops_from_modules(self.modules())
+        # a hypercolumn's cells are the stride-16 map's
+        return self._ops(self._n16 if self.hypercolumn else len(self._blocks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        for b in self._blocks:
+        for b in self._blocks[:self._n16] if self.hypercolumn else self._blocks:
             x = b(x)
-        return x
+        if not self.hypercolumn:
+            return x
+        deep = x
+        for b in self._blocks[self._n16:]:
+            deep = b(deep)
+        return torch.cat([x, _resample(deep, x.shape[-2:], *self._to32).to(x.dtype)], 1)
+
+
+def _resample(x: torch.Tensor, size, step: float, offset: float) -> torch.Tensor:
+    """``x`` (N, C, h, w) linearly interpolated at positions ``step * j + offset`` (in its cells, clamped to the map)
+    for ``j`` over ``size`` (H, W): each cell of a finer grid gets the coarse map's value at its own centre."""
+    for axis, n in zip((2, 3), size):
+        u = (torch.arange(n, dtype=torch.float64) * step + offset).clamp(0, x.shape[axis] - 1)
+        i0 = u.floor().long()
+        i1 = (i0 + 1).clamp(max=x.shape[axis] - 1)
+        f = (u - i0).to(x.dtype).view([-1 if d == axis else 1 for d in range(4)]).to(x.device)
+        x = x.index_select(axis, i0.to(x.device)) * (1 - f) + x.index_select(axis, i1.to(x.device)) * f
+    return x
 
 
 def imagenet_lite0_weights_path(name: str = "efficientnet_lite0") -> Path:

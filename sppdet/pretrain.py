@@ -208,7 +208,8 @@ def _classifier(backbone_cfg: BackboneConfig, cfg: PretrainConfig, num_classes: 
                              f"with weights {weights!r}")
         backbone = ZF5(backbone_cfg.width, batchnorm=True)
     else:
-        backbone = build_backbone(backbone_cfg.name, weights, backbone_cfg.width, backbone_cfg.stride)
+        backbone = build_backbone(backbone_cfg.name, weights, backbone_cfg.width, backbone_cfg.stride,
+                              backbone_cfg.hypercolumn)
     model = SPPNetClassifier(backbone, num_classes, cfg.levels, cfg.hidden, cfg.dropout).to(device)
     return model.to(memory_format=torch.channels_last)
 

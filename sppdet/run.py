@@ -188,7 +188,7 @@ class Run:
                 weights = str(self.pretrain_ckpt)
             elif weights not in (None, "imagenet"):
                 weights = str(self.path(weights))
-            self._backbone = build_backbone(b.name, weights, b.width, b.stride).eval()
+            self._backbone = build_backbone(b.name, weights, b.width, b.stride, b.hypercolumn).eval()
             for p in self._backbone.parameters():
                 p.requires_grad_(False)
         return self._backbone

@@ -170,3 +170,34 @@ def test_efficientnet_stride32_runs_every_block_of_the_classifier():
         build_backbone("efficientnet_lite0", stride=8)
     with pytest.raises(ValueError, match="zf5: backbone.stride 32"):
         build_backbone("zf5", stride=32)
+
+
+def test_efficientnet_hypercolumn_stacks_the_stride32_map_on_the_stride16_grid():
+    """``backbone.hypercolumn``: the stride-16 map as it is, then the stride-32 stages' map interpolated at each
+    stride-16 cell's centre (cells whose centres coincide get the stride-32 cell itself, the others the mean of
+    the two around them); geometry and cells are the stride-16 map's; refused at stride 32 and for other trunks."""
+    from sppdet.backbones import build_efficientnet_lite0_classifier
+
+    torch.manual_seed(0)
+    net = build_efficientnet_lite0_classifier(None)
+    state = net.state_dict()
+    trunk16, trunk32, hyper = (build_backbone("efficientnet_lite0", stride=s, hypercolumn=h)
+                               for s, h in ((16, False), (32, False), (16, True)))
+    for t in (trunk16, trunk32, hyper):
+        t.load_state_dict({k: v for k, v in state.items() if k in t.state_dict()}, strict=True)
+    assert hyper.out_channels == 112 + 320 and hyper.geometry == trunk16.geometry
+    x = torch.randn(1, 3, 200, 264)
+    with torch.no_grad():
+        a, b, h = (t.eval()(x) for t in (trunk16, trunk32, hyper))
+    assert h.shape[-2:] == a.shape[-2:] == hyper.feature_size(200, 264) and torch.equal(h[:, :112], a)
+    deep = h[:, 112:]
+    # cell centres: 16 j + c16 and 32 u + c32 with c32 = c16 + 16, so odd j sits on u = (j - 1) / 2
+    assert trunk32.center0 - trunk16.center0 == 16
+    assert torch.allclose(deep[:, :, 1::2, 1::2], b[:, :, : deep[:, :, 1::2].shape[2], : deep[:, :, :, 1::2].shape[3]])
+    mid = (b[:, :, :, 0:1] + b[:, :, :, 1:2]) / 2  # j = 2 lies half-way between u = 0 and u = 1
+    assert torch.allclose(deep[:, :, 1:2, 2:3], mid[:, :, 0:1], atol=1e-6)
+    assert torch.allclose(deep[:, :, 0:1, 0:1], b[:, :, 0:1, 0:1])  # j = 0 lies before u = 0: clamped
+    with pytest.raises(ValueError, match="needs backbone.stride 16"):
+        build_backbone("efficientnet_lite0", stride=32, hypercolumn=True)
+    with pytest.raises(ValueError, match="zf5: backbone.hypercolumn"):
+        build_backbone("zf5", hypercolumn=True)
