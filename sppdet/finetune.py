@@ -139,7 +139,7 @@ def sgd(named_parameters, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_sc
 def _baselines(val_batches: list, num_classes: int, history: list) -> dict:
     """The error of calling every validation window background, the loss of predicting the labels' frequencies
     (their entropy) and the best validation loss reached."""
-    labels = np.concatenate([y.numpy() for _, y in val_batches]) if val_batches else np.zeros(0, np.int64)
+    labels = np.concatenate([y.cpu().numpy() for _, y in val_batches]) if val_batches else np.zeros(0, np.int64)
     freq = np.bincount(labels, minlength=num_classes + 1) / max(len(labels), 1)
     return {"background_error": float(np.mean(labels != num_classes)) if len(labels) else float("nan"),
             "prior_loss": float(-(freq[freq > 0] * np.log(freq[freq > 0])).sum()) if len(labels) else None,

@@ -54,7 +54,7 @@ class Predictor:
         if self.cfg.route == "fast_rcnn":  # one network: trunk, softmax scores and its own box regression
             from .stages.fast_rcnn import load_model
 
-            if device not in (None, "cpu"):
+            if device is not None and run.device != "cpu":
                 raise ValueError("route fast_rcnn: Predictor runs its network on the CPU (device='cpu')")
             self.device = "cpu"
             self.fast_rcnn = load_model(run, check=False)
