@@ -99,24 +99,24 @@ DIRECTIONS = ((0, 1), (1, 0), (1, 1), (-1, 1))  # (dy, dx): right, down, down-ri
 
 
 @numba.njit(cache=True, nogil=True)
-def _graph(img, shift):
+def _graph(img, shift, directions):
     """8-connected edges of a (H, W, C) float image, weight = Euclidean distance: their keys (unsorted) and
-    the weights indexed by code."""
+    the weights indexed by code (``directions``: :data:`DIRECTIONS` as an array)."""
     h, w, c = img.shape
     flat = img.reshape(h * w, c)
     m = h * (w - 1) + (h - 1) * w + 2 * (h - 1) * (w - 1)
     keys = np.empty(m, np.uint64)
     by_code = np.empty(4 * h * w, np.float64)
     low = np.uint64((1 << shift) - 1)
-    offsets = (1, w, w + 1, 1 - w)
     e = 0
     for y in range(h):
         for x in range(w):
             p = y * w + x
             for d in range(4):
-                if x + 1 >= w and d != 1 or y + 1 >= h and (d == 1 or d == 2) or y == 0 and d == 3:
+                yy, xx = y + directions[d, 0], x + directions[d, 1]
+                if yy < 0 or yy >= h or xx < 0 or xx >= w:
                     continue  # no neighbour that way
-                q = p + offsets[d]
+                q = yy * w + xx
                 s = 0.0
                 for ch in range(c):
                     diff = flat[q, ch] - flat[p, ch]
@@ -166,9 +166,10 @@ def _sorted_graph(image: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarr
         img = ndimage.gaussian_filter(img, sigma=[sigma, sigma, 0])
     h, w = img.shape[:2]
     shift = max(1, (4 * h * w - 1).bit_length())  # bits of the largest code
-    keys, by_code = _graph(np.ascontiguousarray(img), shift)
+    directions = np.array(DIRECTIONS, np.int64)
+    keys, by_code = _graph(np.ascontiguousarray(img), shift, directions)
     keys.sort()
-    return keys, _sorted_weights(keys, by_code, shift), np.array([dy * w + dx for dy, dx in DIRECTIONS]), shift
+    return keys, _sorted_weights(keys, by_code, shift), directions @ np.array([w, 1]), shift
 
 
 def pixel_graph(image: np.ndarray, sigma: float = 0.8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
