@@ -158,13 +158,13 @@ class EfficientNetLite0(Backbone):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        for b in self._blocks[:self._n16] if self.hypercolumn else self._blocks:
+        for b in self._blocks[:self._n16]:
             x = b(x)
-        if not self.hypercolumn:
-            return x
         deep = x
-        for b in self._blocks[self._n16:]:
+        for b in self._blocks[self._n16:]:  # the stride-32 stages (stride 32 or hypercolumn)
             deep = b(deep)
+        if not self.hypercolumn:
+            return deep
         return torch.cat([x, _resample(deep, x.shape[-2:], *self._to32).to(x.dtype)], 1)
 
 
