@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from sppdet.config import SVMConfig
-from sppdet.svm import svm_objective, train_linear_svm
+from sppdet.svm import row_scores, svm_objective_from_scores, train_linear_svm
 
 
 @dataclass
@@ -42,9 +42,10 @@ class HardNegativeTrainer:
         c, cfg = self.caches[k], self.cfg
         if len(c.x_pos) == 0 or len(c.x_neg) == 0:
             return
-        c.w, c.b = train_linear_svm(c.x_pos, c.x_neg, cfg.C, cfg.pos_weight, cfg.bias_mult, cfg.max_iter, cfg.tol)
-        obj = svm_objective(c.w, c.b, c.x_pos, c.x_neg, cfg.C, cfg.pos_weight, cfg.bias_mult)
-        z = c.x_neg @ c.w + c.b
+        c.w, c.b = train_linear_svm(c.x_pos, c.x_neg, cfg.C, cfg.pos_weight, cfg.bias_mult, cfg.max_iter, cfg.tol,
+                                      cfg.solver)
+        z = row_scores(c.x_neg, np.arange(len(c.x_neg)), c.w, c.b)  # the negatives scored as the pooled trainer does
+        obj = svm_objective_from_scores(c.w, c.b, c.x_pos @ c.w + c.b, z, cfg.C, cfg.pos_weight, cfg.bias_mult)
         easy = z < cfg.evict_threshold
         c.x_neg = c.x_neg[~easy]
         evicted = [c.neg_keys[i] for i in np.nonzero(easy)[0]]

@@ -420,8 +420,9 @@ def test_saved_config_sections_compare_with_defaults_for_added_options():
     assert section_changes(svm, SVMConfig(tol=1e-4, max_negatives=0)) == []
 
 
-def test_svm_training_repeats_whatever_the_global_random_state():
-    """liblinear visits the examples in a random order; it is seeded, so retraining gives the same weights."""
+@pytest.mark.parametrize("solver", ["dcd", "liblinear"])
+def test_svm_training_repeats_whatever_the_global_random_state(solver):
+    """Both solvers visit the examples in a random order; it is seeded, so retraining gives the same weights."""
     from sppdet.svm import train_linear_svm
 
     rng = np.random.default_rng(0)
@@ -429,7 +430,7 @@ def test_svm_training_repeats_whatever_the_global_random_state():
     runs = []
     for state in (1, 2):
         np.random.seed(state)  # what an unseeded solver would draw from
-        runs.append(train_linear_svm(x_pos, x_neg, C=0.01, pos_weight=2.0, bias_mult=10.0, max_iter=20))
+        runs.append(train_linear_svm(x_pos, x_neg, C=0.01, pos_weight=2.0, bias_mult=10.0, max_iter=20, solver=solver))
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1]
 
@@ -507,3 +508,34 @@ def test_negative_cap_bounds_every_cache_and_keeps_the_hardest():
     for i in range(30):
         uncapped.add_image(i, rng.normal(0, 1, (per, d)).astype(np.float32), np.ones((per, k), bool), last=i == 29)
     assert all(len(c.idx) == 30 * per for c in uncapped.finish())
+
+
+@pytest.mark.parametrize("pos_weight,bias_mult", [(2.0, 10.0), (1.0, 1.0)])
+def test_dcd_solver_reaches_liblinears_optimum(pos_weight, bias_mult):
+    """svm.solver dcd minimises liblinear's objective: solved tightly, both reach the same weights and objective;
+    at the default tolerance within it; negatives read in place through an index give what a copy gives."""
+    from sppdet.svm import dual_cd_svm, row_scores, svm_objective, train_linear_svm
+
+    rng = np.random.default_rng(5)
+    d = 40
+    x_pos = rng.normal(0.4, 1, (60, d)).astype(np.float32)
+    pool = rng.normal(-0.4, 1, (700, d)).astype(np.float32)
+    idx = rng.permutation(700)[:500]
+    x_neg = pool[idx]
+    args = dict(C=0.05, pos_weight=pos_weight, bias_mult=bias_mult)
+    w_l, b_l = train_linear_svm(x_pos, x_neg, **args, tol=1e-6, solver="liblinear")
+    w_d, b_d = train_linear_svm(x_pos, x_neg, **args, tol=1e-6, solver="dcd")
+    obj = lambda w, b: svm_objective(w, b, x_pos, x_neg, **args)["objective"]
+    assert obj(w_d, b_d) == pytest.approx(obj(w_l, b_l), rel=1e-4)
+    np.testing.assert_allclose(w_d, w_l, atol=2e-3 * np.abs(w_l).max())
+    assert b_d == pytest.approx(b_l, abs=2e-3 * max(1.0, abs(b_l)))
+    w_i, b_i = dual_cd_svm(x_pos, pool, idx, **args, tol=1e-6)  # the pool's rows in place
+    np.testing.assert_array_equal(w_i, w_d)
+    assert b_i == b_d
+    np.testing.assert_allclose(row_scores(pool, idx, w_d, b_d), x_neg @ w_d + b_d, rtol=1e-5, atol=1e-5)
+    loose = train_linear_svm(x_pos, x_neg, **args, tol=0.1, solver="dcd")
+    assert obj(*loose) <= obj(w_l, b_l) * 1.05
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        dual_cd_svm(x_pos, pool.astype(np.float64), idx, **args)
+    with pytest.raises(ValueError, match="svm.solver"):
+        train_linear_svm(x_pos, x_neg, **args, solver="sgd")
