@@ -39,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sppdet.malloc import large_blocks_reused  # noqa: E402
 from sppdet.store import atomic_write_text  # noqa: E402
 
 
@@ -148,22 +149,23 @@ def run_faster_rcnn(name: str, root: Path, seconds: float, args) -> dict:
     model.train()
     t0, step, losses = time.perf_counter(), 0, []
     bar = tqdm(desc=f"faster r-cnn {name} ({seconds:.0f} s)", unit="it")
-    while (el := time.perf_counter() - t0) < seconds:
-        lr = base_lr * (min(1.0, (step + 1) / 50)) * (0.1 if el > 0.75 * seconds else 1.0)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        batch = [sample(ids[j]) for j in rng.choice(len(ids), 2, replace=False)]
-        loss = sum(model([b[0] for b in batch], [b[1] for b in batch]).values())
-        if not torch.isfinite(loss):
-            raise SystemExit(f"Faster R-CNN on {name}: the loss diverged at step {step} (lr {lr:g})")
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        opt.step()
-        losses.append(float(loss.detach()))
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    with large_blocks_reused():  # as sppdet's own training loops
+        while (el := time.perf_counter() - t0) < seconds:
+            lr = base_lr * (min(1.0, (step + 1) / 50)) * (0.1 if el > 0.75 * seconds else 1.0)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            batch = [sample(ids[j]) for j in rng.choice(len(ids), 2, replace=False)]
+            loss = sum(model([b[0] for b in batch], [b[1] for b in batch]).values())
+            if not torch.isfinite(loss):
+                raise SystemExit(f"Faster R-CNN on {name}: the loss diverged at step {step} (lr {lr:g})")
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 10.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
     bar.close()
     train = time.perf_counter() - t0
     model.eval()
@@ -174,9 +176,10 @@ def run_faster_rcnn(name: str, root: Path, seconds: float, args) -> dict:
 
     dets, t1 = {}, time.perf_counter()
     with torch.no_grad():
-        for i in tqdm(te.ids, desc=f"faster r-cnn {name} test", unit="img"):
-            x = torch.from_numpy(np.ascontiguousarray(te.image(i))).permute(2, 0, 1).float() / 255.0
-            dets[i] = D(model([x])[0])
+        with large_blocks_reused():  # as sppdet's test stage
+            for i in tqdm(te.ids, desc=f"faster r-cnn {name} test", unit="img"):
+                x = torch.from_numpy(np.ascontiguousarray(te.image(i))).permute(2, 0, 1).float() / 255.0
+                dets[i] = D(model([x])[0])
     per_image = (time.perf_counter() - t1) / len(te.ids)
     gt = {k: te.ground_truth(k) for k in range(len(classes))}
     res = evaluate_detections(detections_by_class(dets, len(classes)), gt, classes)

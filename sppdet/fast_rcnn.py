@@ -27,6 +27,7 @@ from .boxes import clip_boxes, decode, encode, flip_boxes
 from .detector import Detections, cap_detections, select_class
 from .features import box_cells, choose_scale, prepare_image, resize_factor
 from .finetune import sample_windows, sgd
+from .malloc import large_blocks_reused
 from .models import FCHead
 from .roidb import Windows
 from .spp import spp_output_dim
@@ -179,28 +180,29 @@ def train_fast_rcnn(model: FastRCNN, images: Callable[[str], np.ndarray], window
     model.train()
     history, running, t0 = [], [], time.time()
     bar = tqdm(range(1, cfg.iterations + 1), desc="fast r-cnn", unit="it", disable=not progress)
-    for it in bar:
-        cls = box = 0.0
-        n = 0
-        for i in rng.choice(ids, min(cfg.images_per_batch, len(ids)), replace=False):
-            out = _image_loss(model, images(i), windows[i], gt_boxes[i], cfg, int(rng.choice(scales)), max_size,
-                              bool(cfg.flip and rng.random() < 0.5), rng)
-            if out is not None:
-                cls, box, n = cls + out[0], box + out[1], n + out[2]
-        if not n:
-            continue
-        loss = (cls + cfg.bbox_loss_weight * box) / n
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        running.append((float(cls.detach()) / n, float(box.detach()) / n))
-        if it % cfg.log_every == 0 or it == cfg.iterations:
-            c, b = np.mean(running, axis=0)
-            history.append({"iteration": it, "loss_cls": float(c), "loss_box": float(b),
-                            "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0})
-            bar.set_postfix(cls=f"{c:.3f}", box=f"{b:.3f}")
-            running = []
+    with large_blocks_reused():  # activations and gradients: the same large blocks every step
+        for it in bar:
+            cls = box = 0.0
+            n = 0
+            for i in rng.choice(ids, min(cfg.images_per_batch, len(ids)), replace=False):
+                out = _image_loss(model, images(i), windows[i], gt_boxes[i], cfg, int(rng.choice(scales)), max_size,
+                                  bool(cfg.flip and rng.random() < 0.5), rng)
+                if out is not None:
+                    cls, box, n = cls + out[0], box + out[1], n + out[2]
+            if not n:
+                continue
+            loss = (cls + cfg.bbox_loss_weight * box) / n
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running.append((float(cls.detach()) / n, float(box.detach()) / n))
+            if it % cfg.log_every == 0 or it == cfg.iterations:
+                c, b = np.mean(running, axis=0)
+                history.append({"iteration": it, "loss_cls": float(c), "loss_box": float(b),
+                                "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0})
+                bar.set_postfix(cls=f"{c:.3f}", box=f"{b:.3f}")
+                running = []
     bar.close()
     model.eval()
     log_fn(f"fast r-cnn: {cfg.iterations} iterations in {time.time() - t0:.1f} s; final losses: classification "

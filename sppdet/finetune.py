@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .config import FinetuneConfig
 from .features import FeatureCache, ImageFeatures
+from .malloc import large_blocks_reused
 from .models import FCHead
 from .roidb import Windows
 
@@ -184,26 +185,27 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
     head.train()
     bar = tqdm(range(1, cfg.iterations + 1), desc="finetune fc", unit="it", disable=not progress)
     running = []
-    for it in bar:
-        pick = list(rng.choice(train_ids, min(cfg.images_per_batch, len(train_ids)), replace=False))
-        x, y = _make_batch(pick, train_windows, lru_t, cfg, num_classes, rng, train=True)
-        if x is None:
-            continue
-        loss = F.cross_entropy(head(x.to(device)), y.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        running.append(loss.item())
-        if it % cfg.val_every == 0 or it == cfg.iterations:
-            verr, vloss = validate()
-            rec = {"iteration": it, "train_loss": float(np.mean(running)), "val_error": verr, "val_loss": vloss,
-                   "lr": opt.param_groups[0]["lr"]}
-            history.append(rec)
-            running = []
-            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val_err=f"{verr:.3f}")
-            if np.isnan(verr) or verr < best["val_error"]:  # no validation split: keep the latest
-                best = {"val_error": verr, "iteration": it, "state": {k: v.clone() for k, v in head.state_dict().items()}}
+    with large_blocks_reused():  # fc6's gradient and the pooled batch: the same large blocks every step
+        for it in bar:
+            pick = list(rng.choice(train_ids, min(cfg.images_per_batch, len(train_ids)), replace=False))
+            x, y = _make_batch(pick, train_windows, lru_t, cfg, num_classes, rng, train=True)
+            if x is None:
+                continue
+            loss = F.cross_entropy(head(x.to(device)), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running.append(loss.item())
+            if it % cfg.val_every == 0 or it == cfg.iterations:
+                verr, vloss = validate()
+                rec = {"iteration": it, "train_loss": float(np.mean(running)), "val_error": verr, "val_loss": vloss,
+                       "lr": opt.param_groups[0]["lr"]}
+                history.append(rec)
+                running = []
+                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val_err=f"{verr:.3f}")
+                if np.isnan(verr) or verr < best["val_error"]:  # no validation split: keep the latest
+                    best = {"val_error": verr, "iteration": it, "state": {k: v.clone() for k, v in head.state_dict().items()}}
     bar.close()
     head.load_state_dict(best["state"])
     head.cpu()

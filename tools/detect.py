@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from sppdet import Predictor
         from sppdet.detector import Detections
+        from sppdet.malloc import large_blocks_reused
         from sppdet.store import atomic_write_text
         from sppdet.visualize import draw_boxes, save_png
         from sppdet.voc import VOCError, load_image
@@ -74,22 +75,23 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("no images given (pass image files or --split)")
         out.mkdir(parents=True, exist_ok=True)
         failures = 0
-        for stem, path in items:
-            try:
-                rgb = load_image(path)
-            except VOCError as e:
-                print(f"error: {e}", file=sys.stderr)
-                failures += 1
-                continue
-            r = predictor(rgb)
-            d = Detections(r["boxes"], r["scores"], r["labels"])
-            atomic_write_text(out / f"{stem}.json", json.dumps(d.to_json(classes), indent=1))
-            save_png(out / f"{stem}.png", draw_boxes(rgb, d.boxes, d.labels, classes, d.scores))
-            t = r["seconds"]
-            print(f"{path}: {len(d.scores)} detections ({rgb.shape[1]}x{rgb.shape[0]}, {r['proposals']} proposals) | "
-                  f"proposals {t['proposals']:.2f} s, conv {t['conv']:.3f} s, pooling+fc {t['pool_fc']:.3f} s, "
-                  f"rest {t['rest']:.3f} s, total {r['wall_seconds']:.2f} s"
-                  + (f" | best: {r['classes'][0]} {float(d.scores[0]):.2f}" if len(d.scores) else ""))
+        with large_blocks_reused():  # each photo's activations: the same large blocks
+            for stem, path in items:
+                try:
+                    rgb = load_image(path)
+                except VOCError as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    failures += 1
+                    continue
+                r = predictor(rgb)
+                d = Detections(r["boxes"], r["scores"], r["labels"])
+                atomic_write_text(out / f"{stem}.json", json.dumps(d.to_json(classes), indent=1))
+                save_png(out / f"{stem}.png", draw_boxes(rgb, d.boxes, d.labels, classes, d.scores))
+                t = r["seconds"]
+                print(f"{path}: {len(d.scores)} detections ({rgb.shape[1]}x{rgb.shape[0]}, {r['proposals']} proposals) | "
+                      f"proposals {t['proposals']:.2f} s, conv {t['conv']:.3f} s, pooling+fc {t['pool_fc']:.3f} s, "
+                      f"rest {t['rest']:.3f} s, total {r['wall_seconds']:.2f} s"
+                      + (f" | best: {r['classes'][0]} {float(d.scores[0]):.2f}" if len(d.scores) else ""))
         print(f"wrote {len(items) - failures} result(s) to {out}")
         return 1 if failures else 0
 

@@ -17,6 +17,7 @@ import torch
 
 from ..fast_rcnn import FastRCNN, set_trainable, train_fast_rcnn
 from ..features import weights_fingerprint
+from ..malloc import large_blocks_reused
 from ..pretrain import load_checkpoint, save_checkpoint
 from ..proposals import ProposalStore
 from ..run import Run
@@ -148,16 +149,17 @@ def stage_fast_rcnn_test(run: Run, split: str | None = None, tag: str = "", draw
     plain_all, reg_all, annotations, misses = {}, {}, {}, []
     timing = {"conv": 0.0, "pool": 0.0, "fc": 0.0, "post": 0.0}
     t0 = time.time()
-    for i in tqdm(ds.ids, desc=f"fast r-cnn test {split}", unit="img", disable=not progress):
-        props = store.load(i)
-        plain, reg, scores, secs = model.detect(ds.image(i), props, fr.scales or f.scales, f.max_size, f.target_size, t.nms,
-                                                fr.score_threshold, t.max_per_class)
-        for k in timing:
-            timing[k] += secs[k]
-        plain_all[i], reg_all[i] = plain, reg
-        annotations[i] = boxes, labels, difficult = annotations_of(run, ds, i)
-        misses += list(zip(labels[~difficult].tolist(), miss_reasons(boxes, labels, difficult, props, scores, plain,
-                                                                      reg, fr.score_threshold)))
+    with large_blocks_reused():  # each image's activations
+        for i in tqdm(ds.ids, desc=f"fast r-cnn test {split}", unit="img", disable=not progress):
+            props = store.load(i)
+            plain, reg, scores, secs = model.detect(ds.image(i), props, fr.scales or f.scales, f.max_size, f.target_size, t.nms,
+                                                    fr.score_threshold, t.max_per_class)
+            for k in timing:
+                timing[k] += secs[k]
+            plain_all[i], reg_all[i] = plain, reg
+            annotations[i] = boxes, labels, difficult = annotations_of(run, ds, i)
+            misses += list(zip(labels[~difficult].tolist(), miss_reasons(boxes, labels, difficult, props, scores, plain,
+                                                                          reg, fr.score_threshold)))
     n = max(len(ds.ids), 1)
     results = {"without_bbox_reg": evaluate(run, ds, plain_all), "with_bbox_reg": evaluate(run, ds, reg_all)}
     metrics = {"seconds_per_image": {k: v / n for k, v in timing.items()}, "method": "fast_rcnn",

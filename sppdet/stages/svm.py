@@ -22,6 +22,7 @@ from ..models import FCHead, fc_features, module_device, resolve_device, resolve
 from ..roidb import group_windows_mask
 from ..run import Run
 from ..store import atomic_save_npz
+from ..malloc import large_blocks_reused
 from ..manifest import Stage
 from ..svm import HardNegativeTrainer
 from .common import StageSpec, feature_cache, require_flipped_maps, sample_norm, split_windows, stage_folder
@@ -106,7 +107,8 @@ def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bo
     feats = _Views(run, cache, windows, head, layer, scale, precision)
     trainer = HardNegativeTrainer(_positives(run, feats), feats.dim, cfg.svm, log_fn=run.log)
     t0 = time.time()
-    mined = _mine(run, feats, trainer, feature)
+    with large_blocks_reused():  # each image's pooled windows and their features: the same large blocks
+        mined = _mine(run, feats, trainer, feature)
     caches = trainer.finish()
     W = np.stack([c.w if c.w is not None else np.zeros(feats.dim, np.float32) for c in caches])
     b = np.array([c.b for c in caches], np.float32)

@@ -17,6 +17,7 @@ import numpy as np
 from ..bbox_reg import BoxRegressor
 from ..detector import Detector, load_svms
 from ..features import FeatureCache
+from ..malloc import large_blocks_reused
 from ..proposals import ProposalStore
 from ..run import Run
 from ..store import ShardError, atomic_save_npz, atomic_write_text
@@ -114,22 +115,23 @@ def stage_test_with(run: Run, det: Detector, split: str | None = None, tag: str 
     t0 = time.time()
     annotations, misses = {}, []
     backbone = run.backbone().to(det.device) if from_images else None
-    for i in tqdm(ds.ids, desc=f"test {split}", unit="img", disable=not progress):
-        props = store.load(i)
-        feats, t_conv = det.image_features(backbone, ds.image(i), run.cfg.features, det.device) if from_images else (
-            det.cache.load(i), 0.0)
-        pooled, scores, t = det.score(feats, props)
-        # Per-class cap only (R-CNN); the scores are kept for the miss analysis.
-        plain, reg, t["post"] = det.postprocess(pooled, scores, props, feats.width, feats.height, max_per_image=0)
-        t["conv"] = t_conv
-        for k in timing:
-            timing[k] += t[k]
-        plain_all[i] = plain
-        if reg is not None:
-            reg_all[i] = reg
-        annotations[i] = boxes, labels, difficult = annotations_of(run, ds, i)
-        misses += list(zip(labels[~difficult].tolist(), miss_reasons(boxes, labels, difficult, props, scores, plain,
-                                                                      reg, det.test.score_threshold)))
+    with large_blocks_reused():  # each image's activations and pooled windows
+        for i in tqdm(ds.ids, desc=f"test {split}", unit="img", disable=not progress):
+            props = store.load(i)
+            feats, t_conv = det.image_features(backbone, ds.image(i), run.cfg.features, det.device) if from_images else (
+                det.cache.load(i), 0.0)
+            pooled, scores, t = det.score(feats, props)
+            # Per-class cap only (R-CNN); the scores are kept for the miss analysis.
+            plain, reg, t["post"] = det.postprocess(pooled, scores, props, feats.width, feats.height, max_per_image=0)
+            t["conv"] = t_conv
+            for k in timing:
+                timing[k] += t[k]
+            plain_all[i] = plain
+            if reg is not None:
+                reg_all[i] = reg
+            annotations[i] = boxes, labels, difficult = annotations_of(run, ds, i)
+            misses += list(zip(labels[~difficult].tolist(), miss_reasons(boxes, labels, difficult, props, scores, plain,
+                                                                          reg, det.test.score_threshold)))
     n = len(ds.ids)
     results = {"without_bbox_reg": evaluate(run, ds, plain_all)}
     if reg_all:
