@@ -12,6 +12,7 @@ __all__ = ["DataConfig", "ProposalConfig", "BackboneConfig", "PretrainConfig", "
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+SVM_SOLVERS = ("dcd", "liblinear")  # sppdet.svm.solve_svm
 DEVICE_PATTERN = r"cpu|auto|cuda(:[0-9]+)?"  # Config.device
 COMBINABLE = ("pool5", "fc6", "fc7")  # SVM features that share one detector (the fine-tuned head, or none)
 
@@ -169,7 +170,7 @@ class SVMConfig:
     # dcd: liblinear's algorithm for these SVMs (dual coordinate descent), compiled in sppdet on the float32 rows
     # where they are held: no float64 copy, ~8x faster on 23,600-d pool5; liblinear: scikit-learn's LinearSVC.
     # Same objective and stopping rule; the two differ within the tolerance (docs/experiments.md).
-    solver: str = field(default="dcd", metadata={"choices": ("dcd", "liblinear"), "before": "liblinear"})
+    solver: str = field(default="dcd", metadata={"choices": SVM_SOLVERS, "before": "liblinear"})
     # liblinear's stopping tolerance: 0.1 is its own default for -s 3, which R-CNN's and the authors' calls
     # leave in force; scikit-learn's 1e-4 is 1000x tighter and made the retrains ~90% of the SVM stage's time.
     # ("before": SVMs made before the option existed were solved to 1e-4, so they are stale, not at the default.)

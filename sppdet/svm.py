@@ -29,27 +29,38 @@ import numba
 import numpy as np
 
 from .config import SVMConfig
+from .config_sections import SVM_SOLVERS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train_linear_svm", "fit_linear_svm", "dual_cd_svm", "row_scores", "SOLVERS", "svm_objective", "HardNegativeTrainer", "ClassCache", "NegativePool"]
-
-
-SOLVERS = ("dcd", "liblinear")
+__all__ = ["train_linear_svm", "solve_svm", "fit_linear_svm", "dual_cd_svm", "row_scores", "svm_objective",
+           "HardNegativeTrainer", "ClassCache", "NegativePool"]
 
 
 def train_linear_svm(x_pos: np.ndarray, x_neg: np.ndarray, C: float, pos_weight: float, bias_mult: float,
                      max_iter: int = 10000, tol: float = 0.1, solver: str = "dcd") -> tuple[np.ndarray, float]:
-    """liblinear ``-s 3`` (L2-reg. hinge, dual) with the bias as a feature of value ``bias_mult``; ``tol`` is
-    liblinear's ``-e`` (0.1, its default for ``-s 3``); ``solver`` one of :data:`SOLVERS`."""
+    """:func:`solve_svm` with the negatives as one array ``x_neg`` (float32 for ``dcd``; liblinear widens whatever
+    it is given to float64)."""
+    rows = np.ascontiguousarray(x_neg, np.float32) if solver == "dcd" else x_neg
+    return solve_svm(x_pos, rows, np.arange(len(x_neg)), C, pos_weight, bias_mult, max_iter, tol, solver)
+
+
+def solve_svm(x_pos: np.ndarray, rows: np.ndarray, idx: np.ndarray, C: float, pos_weight: float, bias_mult: float,
+              max_iter: int = 10000, tol: float = 0.1, solver: str = "dcd") -> tuple[np.ndarray, float]:
+    """liblinear ``-s 3`` (L2-reg. hinge, dual) on positives ``x_pos`` and negatives ``rows[idx]``, with the bias as
+    a feature of value ``bias_mult``; ``tol`` is liblinear's ``-e`` (0.1, its default for ``-s 3``); ``solver`` one
+    of ``dcd`` (:func:`dual_cd_svm`: the rows read in place) or ``liblinear`` (their float64 copy, filled in
+    chunks, for scikit-learn's). Returns ``(w float32, b)``."""
     if solver == "dcd":
-        x_neg = np.ascontiguousarray(x_neg, np.float32)
-        return dual_cd_svm(x_pos, x_neg, np.arange(len(x_neg)), C, pos_weight, bias_mult, max_iter, tol)
+        return dual_cd_svm(x_pos, rows, idx, C, pos_weight, bias_mult, max_iter, tol)
     if solver != "liblinear":
-        raise ValueError(f"svm.solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
-    x = np.concatenate([x_pos, x_neg]).astype(np.float64)
-    y = np.concatenate([np.ones(len(x_pos)), -np.ones(len(x_neg))])
-    return fit_linear_svm(x, y, C, pos_weight, bias_mult, max_iter, tol)
+        raise ValueError(f"svm.solver must be one of {', '.join(SVM_SOLVERS)}, got {solver!r}")
+    p = len(x_pos)
+    x = np.empty((p + len(idx), rows.shape[1]), np.float64)
+    x[:p] = x_pos
+    for s in range(0, len(idx), 4096):
+        x[p + s:p + s + 4096] = rows[idx[s:s + 4096]]
+    return fit_linear_svm(x, np.concatenate([np.ones(p), -np.ones(len(idx))]), C, pos_weight, bias_mult, max_iter, tol)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
@@ -268,26 +279,12 @@ class HardNegativeTrainer:
         self.log = log_fn or (lambda s: None)
         self.last_image = None
 
-    def _design(self, c: ClassCache) -> tuple[np.ndarray, np.ndarray]:
-        """liblinear's input for a class: ``(x (P + N, D) float64, y)``, filled in chunks (no float32 copy)."""
-        p, idx = len(c.x_pos), c.idx
-        x = np.empty((p + len(idx), self.pool.x.shape[1]), np.float64)
-        x[:p] = c.x_pos
-        for s in range(0, len(idx), 4096):
-            x[p + s:p + s + 4096] = self.pool.x[idx[s:s + 4096]]
-        return x, np.concatenate([np.ones(p), -np.ones(len(idx))])
-
     def _retrain(self, k: int) -> None:
         c, cfg = self.caches[k], self.cfg
         if len(c.x_pos) == 0 or len(c.idx) == 0:
             return
-        if cfg.solver == "dcd":  # the pool's rows in place
-            c.w, c.b = dual_cd_svm(c.x_pos, self.pool.x, c.idx, cfg.C, cfg.pos_weight, cfg.bias_mult, cfg.max_iter,
-                                   cfg.tol)
-        else:
-            x, y = self._design(c)
-            c.w, c.b = fit_linear_svm(x, y, cfg.C, cfg.pos_weight, cfg.bias_mult, cfg.max_iter, cfg.tol)
-            del x
+        c.w, c.b = solve_svm(c.x_pos, self.pool.x, c.idx, cfg.C, cfg.pos_weight, cfg.bias_mult, cfg.max_iter, cfg.tol,
+                             cfg.solver)
         z = row_scores(self.pool.x, c.idx, c.w, c.b)
         obj = svm_objective_from_scores(c.w, c.b, c.x_pos @ c.w + c.b, z, cfg.C, cfg.pos_weight, cfg.bias_mult)
         easy = z < cfg.evict_threshold

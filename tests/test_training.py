@@ -459,7 +459,8 @@ def test_feature_lru_is_bounded_by_bytes_and_evicts_the_least_recently_used():
     assert tiny.get("x").maps[0].shape == (8, 4, 4) and tiny.bytes == 1024
 
 
-def test_pooled_hard_negative_trainer_equals_the_per_class_reference():
+@pytest.mark.parametrize("solver", ["dcd", "liblinear"])
+def test_pooled_hard_negative_trainer_equals_the_per_class_reference(solver):
     """The shared negative pool (one row per window, however many classes hold it) and the one matrix product per
     image give the per-class trainer's SVMs, caches and retrain records exactly, with fewer rows stored."""
     import reference_svm
@@ -468,7 +469,7 @@ def test_pooled_hard_negative_trainer_equals_the_per_class_reference():
     d, k = 24, 4
     centres = rng.normal(0, 3, (k, d)).astype(np.float32)
     x_pos = [(rng.normal(0, 1, (30, d)) + centres[c]).astype(np.float32) for c in range(k)]
-    cfg = SVMConfig(C=0.1, retrain_limit=150)
+    cfg = SVMConfig(C=0.1, retrain_limit=150, solver=solver)
     new, old = HardNegativeTrainer(x_pos, d, cfg), reference_svm.HardNegativeTrainer(x_pos, d, cfg)
     for i in range(25):
         feats = rng.normal(0, 1.5, (120, d)).astype(np.float32)

@@ -18,11 +18,11 @@ from ..boxes import flip_boxes
 from ..config import Config
 from ..config_sections import SVMConfig
 from ..features import FeatureCache
+from ..malloc import large_blocks_reused
 from ..models import FCHead, fc_features, module_device, resolve_device, resolve_precision
 from ..roidb import group_windows_mask
 from ..run import Run
 from ..store import atomic_save_npz
-from ..malloc import large_blocks_reused
 from ..manifest import Stage
 from ..svm import HardNegativeTrainer
 from .common import StageSpec, feature_cache, require_flipped_maps, sample_norm, split_windows, stage_folder
