@@ -92,6 +92,9 @@ class Config:
         if self.backbone.hypercolumn and self.backbone.stride != 16:
             raise ConfigError(f"backbone.hypercolumn stacks the stride-32 map on the stride-16 grid; it needs "
                               f"backbone.stride 16, not {self.backbone.stride}")
+        if self.features.deep_levels is not None and not self.backbone.hypercolumn:
+            raise ConfigError("features.deep_levels is the pyramid of a hypercolumn's stride-32 channels; it needs "
+                              "backbone.hypercolumn: true (or leave it null)")
         if self.finetune.input_norm < 0:
             raise ConfigError(f"finetune.input_norm must be >= 0 (0: features as they are), got {self.finetune.input_norm}")
         if self.finetune.input_norm and self.finetune.init_from_pretrain:

@@ -114,6 +114,9 @@ class FeatureConfig:
     scales: list = field(default_factory=lambda: [688], metadata=positive_ints())  # shorter side (px); five-scale: [480, 576, 688, 864, 1200]
     max_size: int = field(default=2000, metadata={"min": 0})  # cap on the longer side after resizing (px; 0: none)
     levels: list = field(default_factory=lambda: [6, 3, 2, 1], metadata=positive_ints())
+    # backbone.hypercolumn only: the pyramid of its stride-32 channels, whose bins then follow all of the
+    # stride-16 channels' (None: features.levels for every channel)
+    deep_levels: Optional[list] = field(default=None, metadata=positive_ints())
     shrink: float = 6.5  # authors' "offset": windows are shrunk inward by this many pixels
     target_size: float = 208.0  # multi-scale: pick the scale whose window is closest to this (paper 224)
     dtype: str = field(default="float16", metadata={"choices": ("float16", "float32")})  # of the cached maps

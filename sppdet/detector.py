@@ -17,7 +17,6 @@ from .boxes import clip_boxes, nms
 from .config import FeatureConfig, TestConfig
 from .features import FeatureCache, ImageFeatures, conv5_maps
 from .models import FCHead, fc_features, resolve_precision, truncated_svd_linear
-from .spp import spp_output_dim
 from .store import load_npz
 
 __all__ = ["Detections", "Detector", "WindowRows", "load_detections", "load_svms", "union_nms"]
@@ -165,7 +164,7 @@ class Detector:
         one buffer kept for every image (a fresh ~100 MB output per image cost its page faults every time);
         the rows returned are a copy of it (~10 ms), which the next call leaves as they are."""
         t0 = time.perf_counter()
-        r, d = len(proposals), spp_output_dim(feats.maps[0].shape[0], self.cache.levels)
+        r, d = len(proposals), self.cache.feature_dim(feats.maps[0].shape[0])
         if self._pooled is None or self._pooled.shape[0] < r or self._pooled.shape[1] != d:
             self._pooled = torch.empty((max(r, 2000), d), dtype=torch.float32)
         pooled, _, group = self.cache.pooled_groups(feats, proposals, out=self._pooled)

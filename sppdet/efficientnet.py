@@ -143,6 +143,7 @@ class EfficientNetLite0(Backbone):
         self._blocks = nn.ModuleList(list(net._blocks)[:sum(st[0] for st in stages[:last])])
         self.hypercolumn = hypercolumn
         self.out_channels = stages[last - 1][5] + (stages[4][5] if hypercolumn else 0)
+        self.deep_from = stages[4][5] if hypercolumn else None
         if hypercolumn:  # where each stride-16 cell's centre falls on the stride-32 map, in its cells
             g16, g32 = compute_geometry(self._ops(self._n16)), compute_geometry(self._ops(len(self._blocks)))
             self._to32 = (g16.stride / g32.stride, (g16.center0 - g32.center0) / g32.stride)

@@ -30,7 +30,7 @@ from .finetune import sample_windows, sgd
 from .malloc import large_blocks_reused
 from .models import FCHead
 from .roidb import Windows
-from .spp import spp_output_dim
+from .spp import check_deep, spp_output_dim
 from .window_pool import pool_windows
 
 __all__ = ["FastRCNN", "BOX_STDS", "train_fast_rcnn", "set_trainable"]
@@ -63,18 +63,21 @@ class FastRCNN(nn.Module):
         backbone: the trunk (its own copy: it is trained).
         num_classes: K object classes (the softmax has K + 1 outputs, background last).
         levels: pyramid levels of the pooling ((7,): Fast R-CNN's RoI pooling).
+        deep: a hypercolumn's coarse channels' own pyramid, ``(first channel, levels)`` (``features.deep_levels``).
         hidden, dropout: fc6/fc7's width and dropout.
         shrink: the window projection's inward shrink in pixels (``features.shrink``).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, levels: Sequence[int], hidden: int, dropout: float,
-                 shrink: float):
+                 shrink: float, deep: tuple[int, Sequence[int]] | None = None):
         super().__init__()
         self.backbone = backbone
         self.num_classes = int(num_classes)
         self.levels = tuple(int(n) for n in levels)
+        self.deep = check_deep(deep, backbone.out_channels)
         self.shrink = float(shrink)
-        self.head = FCHead(spp_output_dim(backbone.out_channels, self.levels), hidden, num_classes + 1, dropout)
+        self.head = FCHead(spp_output_dim(backbone.out_channels, self.levels, self.deep), hidden, num_classes + 1,
+                           dropout)
         self.bbox_pred = nn.Linear(hidden, 4 * num_classes)
         nn.init.normal_(self.bbox_pred.weight, std=0.001)
         nn.init.zeros_(self.bbox_pred.bias)
@@ -99,7 +102,8 @@ class FastRCNN(nn.Module):
         sidx, cells = box_cells([m.shape[-2:] for m in maps], factors, boxes, scale_idx, g.stride, g.center0,
                                 self.shrink)
         method = "roi_pool" if torch.is_grad_enabled() else "sparse_table"
-        return pool_windows(list(maps), cells, self.levels, method=method, map_index=torch.as_tensor(sidx))
+        return pool_windows(list(maps), cells, self.levels, method=method, map_index=torch.as_tensor(sidx),
+                            deep=self.deep)
 
     def heads(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(class logits (R, K+1), box deltas (R, K, 4))``."""

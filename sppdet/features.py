@@ -22,7 +22,7 @@ import torch
 from .backbones import Backbone
 from .boxes import flip_boxes
 from .models import autocast
-from .spp import project_boxes_to_cells
+from .spp import check_deep, project_boxes_to_cells, spp_output_dim
 from .window_pool import pool_windows
 from .store import ShardError, atomic_save_npz, load_npz
 
@@ -109,12 +109,13 @@ def choose_scale(boxes: np.ndarray, factors: Sequence[float], target_size: float
 
 def pool_boxes(maps: Sequence[torch.Tensor], factors: Sequence[float], boxes: np.ndarray, scale_idx: np.ndarray,
                stride: float, center0: float, levels: Sequence[int], shrink: float,
-               method: str = "sparse_table", out: torch.Tensor | None = None) -> torch.Tensor:
+               method: str = "sparse_table", out: torch.Tensor | None = None,
+               deep: tuple[int, Sequence[int]] | None = None) -> torch.Tensor:
     """SPP features ``(R, C * sum(n*n))`` float32 of original-image ``boxes`` (R, 4) xyxy,
-    each pooled from the map of its scale, all scales in one call (``method``, ``out``: see
+    each pooled from the map of its scale, all scales in one call (``method``, ``out``, ``deep``: see
     :func:`sppdet.window_pool.pool_windows`)."""
     sidx, cells = box_cells([m.shape[-2:] for m in maps], factors, boxes, scale_idx, stride, center0, shrink)
-    return pool_windows(maps, cells, levels, method=method, map_index=torch.as_tensor(sidx), out=out)
+    return pool_windows(maps, cells, levels, method=method, map_index=torch.as_tensor(sidx), out=out, deep=deep)
 
 
 def box_cells(map_sizes: Sequence[tuple[int, int]], factors: Sequence[float], boxes: np.ndarray,
@@ -154,10 +155,15 @@ class FeatureCache:
     ``size`` (H, W); optionally ``flip_conv_<s>`` for the horizontally flipped image."""
 
     def __init__(self, directory: str | Path, stride: float, center0: float, levels: Sequence[int] = (6, 3, 2, 1),
-                 shrink: float = 6.5, target_size: float = 208.0):
+                 shrink: float = 6.5, target_size: float = 208.0, deep: tuple[int, Sequence[int]] | None = None):
         self.dir = Path(directory)
         self.stride, self.center0 = float(stride), float(center0)
         self.levels, self.shrink, self.target_size = tuple(levels), float(shrink), float(target_size)
+        self.deep = check_deep(deep)  # (first channel, levels) of a hypercolumn's coarse channels, or None
+
+    def feature_dim(self, channels: int) -> int:
+        """Length of a pooled window of ``channels``-channel maps."""
+        return spp_output_dim(channels, self.levels, self.deep)
 
     @classmethod
     def from_manifest(cls, directory: str | Path) -> "FeatureCache":
@@ -165,7 +171,8 @@ class FeatureCache:
 
         m = require_complete(directory, "features")
         g, c = m["geometry"], m["config"]["features"]
-        return cls(directory, g["stride"], g["center0"], c["levels"], c["shrink"], c["target_size"])
+        # "deep": the pyramid of a hypercolumn's coarse channels (features.deep_levels); absent before it existed
+        return cls(directory, g["stride"], g["center0"], c["levels"], c["shrink"], c["target_size"], m.get("deep"))
 
     def path(self, image_id: str) -> Path:
         return self.dir / f"{image_id}.npz"
@@ -214,7 +221,7 @@ class FeatureCache:
         if scale_idx is None:
             scale_idx = choose_scale(b, feats.factors, self.target_size)
         return pool_boxes(maps, feats.factors, b, scale_idx, self.stride, self.center0, self.levels, self.shrink,
-                          out=out)
+                          out=out, deep=self.deep)
 
     def _cells(self, feats: ImageFeatures, boxes: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
         b = np.asarray(boxes, np.float32).reshape(-1, 4)
@@ -240,7 +247,7 @@ class FeatureCache:
         if out is not None:
             out = out[:len(first)]
         pooled = pool_windows(feats.maps, cells[torch.as_tensor(first)], self.levels,
-                              map_index=torch.as_tensor(sidx[first]), out=out)
+                              map_index=torch.as_tensor(sidx[first]), out=out, deep=self.deep)
         return pooled, first, group
 
 

@@ -60,6 +60,9 @@ class Backbone(nn.Module):
     """Base class: geometry and normalisation from ``spatial_layers()``."""
 
     out_channels: int
+    # A hypercolumn's first coarse channel (its stride-32 stages' map after the stride-16 one's), else None:
+    # where features.deep_levels' pyramid starts.
+    deep_from: int | None = None
     pixel_mean: tuple[float, float, float] = (128.0, 128.0, 128.0)
     pixel_std: tuple[float, float, float] = (64.0, 64.0, 64.0)
     name: str = "backbone"

@@ -38,10 +38,10 @@ def warp_windows(rgb: np.ndarray, boxes: np.ndarray, size: int, context: int = 1
 
 @torch.no_grad()
 def rcnn_features(backbone, rgb: np.ndarray, boxes: np.ndarray, size: int, levels: Sequence[int],
-                  batch: int = 64) -> tuple[np.ndarray, dict]:
+                  batch: int = 64, deep: tuple[int, Sequence[int]] | None = None) -> tuple[np.ndarray, dict]:
     """R-CNN's pool5 of each window: ``(R, C * sum(n*n))`` float32 and the seconds spent warping and in the
-    trunk (``{"warp", "conv"}``)."""
-    spp = SpatialPyramidPooling(levels)
+    trunk (``{"warp", "conv"}``); ``deep``: a hypercolumn's coarse channels' own pyramid."""
+    spp = SpatialPyramidPooling(levels, deep=deep)
     t0 = time.perf_counter()
     crops = warp_windows(rgb, boxes, size)
     t1 = time.perf_counter()

@@ -177,6 +177,12 @@ class Run:
             raise ConfigError(f"{self.dir / 'config.yaml'}: {e} (--set device=cpu)") from None
 
     # --------------------------------------------------------------- backbone
+    def pool_deep(self) -> tuple[int, tuple[int, ...]] | None:
+        """``(first channel, levels)`` of the trunk's coarse channels' own pyramid (``features.deep_levels``), or
+        None: what :func:`sppdet.window_pool.pool_windows` takes as ``deep``."""
+        levels = self.cfg.features.deep_levels
+        return None if levels is None else (self.backbone().deep_from, tuple(levels))
+
     def backbone(self) -> Backbone:
         if self._backbone is None:
             b = self.cfg.backbone

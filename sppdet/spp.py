@@ -23,6 +23,7 @@ __all__ = [
     "paper_window_stride",
     "bin_edges",
     "spp_output_dim",
+    "check_deep",
     "project_boxes_to_cells",
 ]
 
@@ -34,9 +35,25 @@ def _check_levels(levels: Sequence[int]) -> tuple[int, ...]:
     return levels
 
 
-def spp_output_dim(channels: int, levels: Sequence[int]) -> int:
-    """Length of the SPP vector: ``channels * sum(n*n)`` (256 * 50 = 12,800 for {6,3,2,1})."""
-    return int(channels) * sum(n * n for n in _check_levels(levels))
+def check_deep(deep, channels: int | None = None) -> tuple[int, tuple[int, ...]] | None:
+    """``deep`` normalised: None, or ``(first, levels)``: the channels from ``first`` on (of ``channels``, when
+    given) pooled with a pyramid of their own, ``levels``, after the channels before it."""
+    if deep is None:
+        return None
+    first, levels = int(deep[0]), _check_levels(deep[1])
+    if first < 1 or (channels is not None and first >= int(channels)):
+        raise ValueError(f"deep channels must start inside the map (1 <= first < {channels}), got {first}")
+    return first, levels
+
+
+def spp_output_dim(channels: int, levels: Sequence[int], deep: tuple[int, Sequence[int]] | None = None) -> int:
+    """Length of the SPP vector: ``channels * sum(n*n)`` (256 * 50 = 12,800 for {6,3,2,1}); with ``deep``
+    (:func:`check_deep`), the first channels' with ``levels`` plus the rest's with their own levels."""
+    deep = check_deep(deep, channels)
+    if deep is None:
+        return int(channels) * sum(n * n for n in _check_levels(levels))
+    first, deep_levels = deep
+    return spp_output_dim(first, levels) + spp_output_dim(int(channels) - first, deep_levels)
 
 
 def bin_edges(a: int, n: int) -> list[tuple[int, int]]:
@@ -75,18 +92,22 @@ class SpatialPyramidPooling(nn.Module):
         levels: bins per side of each pyramid level, e.g. ``(4, 2, 1)`` (the article's
             illustration) or ``(6, 3, 2, 1)`` (the paper's detection pyramid).
         mode: ``"max"`` or ``"avg"``.
+        deep: ``(first, levels)``: channels ``first`` onwards pooled with these levels instead, their bins
+            after all of the first channels' (a hypercolumn's coarse channels: ``features.deep_levels``).
     """
 
-    def __init__(self, levels: Sequence[int] = (4, 2, 1), mode: str = "max"):
+    def __init__(self, levels: Sequence[int] = (4, 2, 1), mode: str = "max",
+                 deep: tuple[int, Sequence[int]] | None = None):
         super().__init__()
         self.levels = _check_levels(levels)
+        self.deep = check_deep(deep)
         if mode not in ("max", "avg"):
             raise ValueError(f"mode must be 'max' or 'avg', got {mode!r}")
         self.mode = mode
         self._pool = F.adaptive_max_pool2d if mode == "max" else F.adaptive_avg_pool2d
 
     def output_dim(self, channels: int) -> int:
-        return spp_output_dim(channels, self.levels)
+        return spp_output_dim(channels, self.levels, self.deep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
@@ -94,11 +115,15 @@ class SpatialPyramidPooling(nn.Module):
         if x.shape[-1] < 1 or x.shape[-2] < 1:
             raise ValueError(f"feature map is empty: shape {tuple(x.shape)}")
         n = x.shape[0]
+        groups = [(x, self.levels)]
+        if self.deep is not None:
+            first, deep_levels = check_deep(self.deep, x.shape[1])
+            groups = [(x[:, :first], self.levels), (x[:, first:], deep_levels)]
         # adaptive pooling uses exactly the floor/ceil bins above (ATen start/end_index).
-        return torch.cat([self._pool(x, lv).reshape(n, -1) for lv in self.levels], dim=1)
+        return torch.cat([self._pool(g, lv).reshape(n, -1) for g, lvs in groups for lv in lvs], dim=1)
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}, mode={self.mode!r}"
+        return f"levels={self.levels}, mode={self.mode!r}" + (f", deep={self.deep}" if self.deep else "")
 
 
 def project_boxes_to_cells(

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_pool
 
-from .spp import _check_levels, spp_output_dim
+from .spp import _check_levels, check_deep, spp_output_dim
 
 __all__ = ["pool_windows", "release_workspace"]
 
@@ -225,6 +225,15 @@ def _pool_one_map(fmap: torch.Tensor, cells: torch.Tensor, levels: Sequence[int]
     return torch.cat([roi_pool(x, rois, output_size=(n, n), spatial_scale=1.0).reshape(r, -1) for n in levels], dim=1)
 
 
+def _output(out: torch.Tensor | None, r: int, dim: int, device) -> torch.Tensor:
+    """The caller's ``out`` checked, or a new ``(r, dim)`` float32 tensor."""
+    if out is None:
+        return torch.empty((r, dim), dtype=torch.float32, device=device)
+    if out.shape != (r, dim) or out.dtype != torch.float32:
+        raise ValueError(f"out must be a float32 tensor of shape {(r, dim)}, got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
 def _checked(fmap, cells: torch.Tensor, levels: tuple[int, ...], mode: str, method: str,
              map_index: torch.Tensor | None, out: torch.Tensor | None):
     """:func:`pool_windows`' inputs checked and normalised: ``(maps, cells, map_index, out, fast)``."""
@@ -250,10 +259,7 @@ def _checked(fmap, cells: torch.Tensor, levels: tuple[int, ...], mode: str, meth
     map_index = torch.as_tensor(map_index, dtype=torch.int64).to(dev).reshape(-1)
     if len(map_index) != r or (r and (int(map_index.min()) < 0 or int(map_index.max()) >= len(maps))):
         raise ValueError(f"map_index must give one map in [0, {len(maps)}) per window")
-    if out is None:
-        out = torch.empty((r, dim), dtype=torch.float32, device=dev)
-    elif out.shape != (r, dim) or out.dtype != torch.float32:
-        raise ValueError(f"out must be a float32 tensor of shape {(r, dim)}, got {out.dtype} {tuple(out.shape)}")
+    out = _output(out, r, dim, dev)
     if r == 0:
         return maps, cells, map_index, out, fast
     sizes = torch.tensor([list(m.shape[-2:]) for m in maps], device=dev)[map_index]  # (R, 2): H, W
@@ -267,7 +273,7 @@ def _checked(fmap, cells: torch.Tensor, levels: tuple[int, ...], mode: str, meth
 def pool_windows(
     fmap: torch.Tensor | Sequence[torch.Tensor], cells: torch.Tensor, levels: Sequence[int] = (6, 3, 2, 1),
     mode: str = "max", method: str = "sparse_table", map_index: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, deep: tuple[int, Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """SPP-pool many integer cell windows of one or more feature maps in one vectorised call.
 
@@ -290,11 +296,15 @@ def pool_windows(
         map_index: ``(R,)`` which map each window lies in (needed with a list of maps).
         out: an ``(R, C * sum(n*n))`` float32 tensor to write into (e.g. one buffer reused per image,
             which saves the page faults of a fresh 100 MB output); a new one when None.
+        deep: ``(first, levels)``: channels ``first`` onwards pooled with a pyramid of their own, written
+            after the first channels' bins (:class:`~sppdet.spp.SpatialPyramidPooling`'s ``deep``).
 
     Returns:
-        ``(R, C * sum(n*n))`` float32 (``out`` when given).
+        ``(R, spp_output_dim(C, levels, deep))`` float32 (``out`` when given).
     """
     levels = _check_levels(levels)
+    if deep is not None:
+        return _pool_deep(fmap, cells, levels, mode, method, map_index, out, deep)
     maps, cells, map_index, out, fast = _checked(fmap, cells, levels, mode, method, map_index, out)
     if cells.shape[0] == 0:
         return out
@@ -306,4 +316,20 @@ def pool_windows(
             out.copy_(_pool_one_map(m, cells, levels, mode))
         elif len(sel):
             out[sel] = _pool_one_map(m, cells[sel], levels, mode)
+    return out
+
+
+def _pool_deep(fmap, cells: torch.Tensor, levels: tuple[int, ...], mode: str, method: str,
+               map_index: torch.Tensor | None, out: torch.Tensor | None, deep) -> torch.Tensor:
+    """:func:`pool_windows` with ``deep``: each channel group pooled straight into its columns of ``out``."""
+    maps = [fmap] if isinstance(fmap, torch.Tensor) else list(fmap)
+    if not maps or maps[0].dim() != 3:
+        raise ValueError(f"pool_windows expects (C, H, W) maps, got shapes {[tuple(m.shape) for m in maps]}")
+    c = maps[0].shape[0]
+    first, deep_levels = check_deep(deep, c)
+    r, dim = cells.reshape(-1, 4).shape[0], spp_output_dim(c, levels, (first, deep_levels))
+    out = _output(out, r, dim, maps[0].device)
+    d1 = spp_output_dim(first, levels)
+    pool_windows([m[:first] for m in maps], cells, levels, mode, method, map_index, out[:, :d1])
+    pool_windows([m[first:] for m in maps], cells, deep_levels, mode, method, map_index, out[:, d1:])
     return out

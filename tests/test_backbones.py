@@ -186,6 +186,7 @@ def test_efficientnet_hypercolumn_stacks_the_stride32_map_on_the_stride16_grid()
     for t in (trunk16, trunk32, hyper):
         t.load_state_dict({k: v for k, v in state.items() if k in t.state_dict()}, strict=True)
     assert hyper.out_channels == 112 + 320 and hyper.geometry == trunk16.geometry
+    assert hyper.deep_from == 112 and trunk16.deep_from is None and trunk32.deep_from is None
     x = torch.randn(1, 3, 200, 264)
     with torch.no_grad():
         a, b, h = (t.eval()(x) for t in (trunk16, trunk32, hyper))

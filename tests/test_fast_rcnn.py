@@ -49,6 +49,26 @@ def test_spp_pooling_gradient_equals_autograd_through_a_loop_reference(levels):
         assert torch.equal(pool_windows(base, cells, levels), out.detach())
 
 
+def test_deep_channels_pooling_carries_the_gradient_of_each_group():
+    """With ``deep`` (a hypercolumn's coarse channels on a pyramid of their own), the training pooling's gradient
+    is that of the two groups pooled apart; the test-time pooling gives the same values."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(6, 9, 13, generator=g)
+    cells = torch.tensor([[0, 0, 12, 8], [3, 2, 3, 7], [5, 6, 12, 8], [1, 1, 6, 4]])
+    deep = (2, (3, 1))
+    x = base.clone().requires_grad_(True)
+    out = pool_windows(x, cells, (6, 3, 2, 1), method="roi_pool", deep=deep)
+    weights = torch.randn(out.shape, generator=g)
+    (out * weights).sum().backward()
+    y = base.clone().requires_grad_(True)
+    ref = torch.cat([_loop_reference(y[:2], cells, (6, 3, 2, 1)), _loop_reference(y[2:], cells, (3, 1))], 1)
+    (ref * weights).sum().backward()
+    assert torch.equal(out.detach(), ref.detach()) and torch.allclose(x.grad, y.grad, atol=1e-5)
+    assert x.grad[:2].abs().sum() > 0 and x.grad[2:].abs().sum() > 0
+    with torch.no_grad():
+        assert torch.equal(pool_windows(base, cells, (6, 3, 2, 1), deep=deep), out.detach())
+
+
 def test_frozen_stem_and_conv_switch():
     from sppdet.backbones import build_backbone
     from sppdet.fast_rcnn import set_trainable

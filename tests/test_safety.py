@@ -94,6 +94,7 @@ def test_stale_temp_files_are_cleaned_and_a_reuse_keeps_the_manifest(tmp_path):
     ("svm.feature=fc8", "svm.feature: must be one of"),
     ("backbone.stride=8", "backbone.stride: must be one of 16, 32, got 8"),
     ("backbone.hypercolumn=true", "backbone.hypercolumn is for the EfficientNet-Lite trunks, not zf5"),
+    ("features.deep_levels=[3,1]", "features.deep_levels is the pyramid of a hypercolumn's stride-32 channels"),
     ("featurs.scales=[1]", "unknown key(s) featurs"),
 ])
 def test_settings_are_validated_where_the_config_loads_naming_the_set(override, message):

@@ -99,6 +99,34 @@ def test_pool_windows_equals_spp_on_crops(mode):
     assert pool_windows(fmap, torch.zeros((0, 4), dtype=torch.int64), levels).shape == (0, 200)
 
 
+@pytest.mark.parametrize("method", ["sparse_table", "roi_pool"])
+def test_deep_channels_pooled_with_their_own_pyramid(method):
+    """``deep=(first, levels)`` (a hypercolumn's coarse channels, ``features.deep_levels``): the channels before
+    ``first`` with the pyramid, then those from ``first`` with theirs, in the layer, the window pooling (every
+    method, several maps, into an ``out``) and the output size alike."""
+    g = torch.Generator().manual_seed(3)
+    maps = [torch.randn(7, h, w, generator=g).half() for h, w in ((11, 13), (19, 25))]
+    cells = torch.tensor([[0, 0, 12, 10], [3, 4, 3, 4], [5, 2, 9, 10], [2, 1, 24, 18], [0, 18, 24, 18]])
+    sidx = torch.tensor([0, 0, 1, 1, 1])
+    levels, deep = (6, 3, 2, 1), (3, (3, 1))
+    dim = spp_output_dim(7, levels, deep)
+    assert dim == 3 * 50 + 4 * 10
+    out = torch.full((5, dim), float("nan"))
+    got = pool_windows(maps, cells, levels, method=method, map_index=sidx, out=out, deep=deep)
+    assert got is out and not torch.isnan(got).any()
+    layer = SpatialPyramidPooling(levels, deep=deep)
+    assert layer.output_dim(7) == dim
+    for r, (l, t, rr, b) in enumerate(cells.tolist()):
+        crop = maps[int(sidx[r])].float()[None, :, t:b + 1, l:rr + 1]
+        torch.testing.assert_close(got[r], layer(crop)[0], rtol=0, atol=0)
+        ref = torch.cat([SpatialPyramidPooling(levels)(crop[:, :3])[0], SpatialPyramidPooling((3, 1))(crop[:, 3:])[0]])
+        assert torch.equal(got[r], ref)
+    with pytest.raises(ValueError, match="deep channels must start inside the map"):
+        pool_windows(maps, cells, levels, map_index=sidx, deep=(7, (1,)))
+    with pytest.raises(ValueError, match="out must be"):
+        pool_windows(maps, cells, levels, map_index=sidx, deep=deep, out=torch.empty(5, 7 * 50))
+
+
 @pytest.mark.parametrize("shape", [(3, 1, 1), (5, 1, 40), (4, 3, 9), (6, 37, 53)])
 @pytest.mark.parametrize("levels", [(6, 3, 2, 1), (4, 2, 1), (5, 3, 1), (1,), (7,), (6, 4, 3, 2, 1), (1, 8, 2)])
 def test_sparse_table_pooling_equals_roi_pool(shape, levels):

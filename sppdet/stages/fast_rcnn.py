@@ -27,7 +27,8 @@ from .proposals import require_proposals
 from .test import annotations_of, evaluate, write_results
 
 SETTINGS = ("fast_rcnn", "finetune.hidden", "finetune.dropout", "finetune.input_norm", "features.scales",
-            "features.max_size", "features.levels", "features.shrink", "features.target_size", "backbone", "seed")
+            "features.max_size", "features.levels", "features.deep_levels", "features.shrink",
+            "features.target_size", "backbone", "seed")
 
 
 def model_dir(run: Run, tag: str = ""):
@@ -40,7 +41,9 @@ def _settings(run: Run) -> dict:
     return {"finetune_head": {"hidden": cfg.finetune.hidden, "dropout": cfg.finetune.dropout,
                               "input_norm": cfg.finetune.input_norm},
             "features": {"scales": list(f.scales), "max_size": f.max_size, "levels": list(f.levels),
-                         "shrink": f.shrink, "target_size": f.target_size},
+                         "shrink": f.shrink, "target_size": f.target_size,
+                         # recorded only when set: models from before the key stay valid
+                         **({"deep_levels": list(f.deep_levels)} if f.deep_levels else {})},
             "seed": cfg.seed}
 
 
@@ -48,8 +51,10 @@ def build_model(run: Run) -> FastRCNN:
     """A Fast R-CNN network on a copy of the run's trunk (the trunk on disk is never changed)."""
     cfg, fr = run.cfg, run.cfg.fast_rcnn
     levels = (fr.roi_size,) if fr.pooling == "roi" else tuple(cfg.features.levels)
+    deep = None if fr.pooling == "roi" else run.pool_deep()  # RoI pooling: one 7x7 level for every channel
     trunk = copy.deepcopy(run.backbone())
-    model = FastRCNN(trunk, len(run.classes), levels, cfg.finetune.hidden, cfg.finetune.dropout, cfg.features.shrink)
+    model = FastRCNN(trunk, len(run.classes), levels, cfg.finetune.hidden, cfg.finetune.dropout, cfg.features.shrink,
+                     deep)
     set_trainable(trunk, fr.train_conv, fr.frozen_convs)
     return model
 

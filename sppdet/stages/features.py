@@ -60,8 +60,9 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
         "pool_seconds_per_image": pool_s if n else None,
         "boxes_per_image": boxes if n else None,
         "geometry": {"stride": g.stride, "center0": g.center0, "receptive_field": g.receptive_field},
-        "feature_dim": spp_output_dim(backbone.out_channels, cfg.features.levels),
+        "feature_dim": spp_output_dim(backbone.out_channels, cfg.features.levels, run.pool_deep()),
         "conv_precision": precision,
+        "deep": run.pool_deep(),  # read back by FeatureCache.from_manifest
     }
     m = _record(stage, shard, summary, len(ds.ids) if done_all else None)
     _log_costs(run, split, stage, ds.ids, summary)
@@ -95,7 +96,7 @@ def _extract(run: Run, split: str, stage: Stage, todo: list[str], backbone, flip
     f, g = run.cfg.features, backbone.geometry
     ds = run.dataset(split)
     store = ProposalStore(run.proposals_dir(split))
-    cache = FeatureCache(stage.dir, g.stride, g.center0, f.levels, f.shrink, f.target_size)
+    cache = FeatureCache(stage.dir, g.stride, g.center0, f.levels, f.shrink, f.target_size, run.pool_deep())
     t_conv = t_pool = 0.0
     nbox = timed = 0
     with large_blocks_reused():  # each image's activations: the same large blocks

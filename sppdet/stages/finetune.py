@@ -16,7 +16,6 @@ from ..finetune import finetune_head
 from ..models import FCHead
 from ..pretrain import load_checkpoint, save_checkpoint
 from ..run import Run
-from ..spp import spp_output_dim
 from ..store import ShardError
 from ..manifest import Stage
 from .common import StageSpec, feature_cache, require_settings, require_flipped_maps, sample_norm, split_windows, stage_folder
@@ -39,7 +38,7 @@ def _new_head(run: Run, in_dim: int, init_from_pretrain: bool) -> tuple[FCHead, 
 def pretrained_head(run: Run) -> FCHead | None:
     """The classifier's fc6/fc7 without fine-tuning (for the ablation's 'no fine-tuning' rows)."""
     cache = feature_cache(run, run.cfg.data.train_split, verify=False)
-    in_dim = spp_output_dim(run.backbone().out_channels, cache.levels)
+    in_dim = cache.feature_dim(run.backbone().out_channels)
     head, how = _new_head(run, in_dim, True)
     if how == "random":
         raise ShardError(f"{run.pretrain_ckpt}: no pre-trained fc6/fc7 matching the detection pyramid")
@@ -60,7 +59,7 @@ def stage_finetune(run: Run, overwrite: bool = False) -> dict:
     if cfg.finetune.flip:
         require_flipped_maps(cache_t.dir, feats_t, tr, "finetune.flip")
     conv_before = weights_fingerprint(run.backbone())
-    in_dim = spp_output_dim(run.backbone().out_channels, cache_t.levels)
+    in_dim = cache_t.feature_dim(run.backbone().out_channels)
     inputs = {"features_" + tr: feats_t["fingerprint"],
               "features_" + va: Stage.read_manifest(cache_v.dir)["fingerprint"],
               "annotations_" + tr: run.content(tr, "annotations"), "annotations_" + va: run.content(va, "annotations")}

@@ -38,6 +38,14 @@ def _warp_size(run: Run) -> int:
     return run.cfg.pretrain.sizes[0] if run.cfg.backbone.weights == "pretrain" else 224
 
 
+def _pooling(run: Run) -> dict:
+    """The settings R-CNN mode's pool5 depends on beyond its config sections (``deep_levels`` recorded only when
+    set, so that models from before the key stay valid)."""
+    f = run.cfg.features
+    return {"levels": list(f.levels), "size": _warp_size(run),
+            **({"deep_levels": list(f.deep_levels)} if f.deep_levels else {})}
+
+
 def _subset(w, max_windows: int) -> np.ndarray:
     """Indices of an image's windows R-CNN mode scores: every ground-truth box, then the first ``max_windows``
     proposals in selective search's ranking (0: all)."""
@@ -54,7 +62,7 @@ def _train_features(run: Run, ds, windows: dict) -> tuple[dict, dict]:
     out, secs = {}, {"warp": 0.0, "conv": 0.0}
     for i in tqdm(windows, desc="r-cnn features (warped windows)", unit="img"):
         sel = _subset(windows[i], run.cfg.rcnn.max_windows)
-        f, t = rcnn_features(trunk, ds.image(i), windows[i].boxes[sel], size, levels)
+        f, t = rcnn_features(trunk, ds.image(i), windows[i].boxes[sel], size, levels, deep=run.pool_deep())
         out[i] = (sel, f)
         for k in secs:
             secs[k] += t[k]
@@ -109,7 +117,7 @@ def stage_rcnn(run: Run, overwrite: bool = False) -> dict:
     path = run.dir / "model" / "rcnn" / "rcnn.npz"
     stage = stage_folder(path.parent, "rcnn",
                          {"rcnn": cfg.rcnn, "svm": svm_section(cfg), "bbox_reg": cfg.bbox_reg},
-                         {"levels": list(cfg.features.levels), "size": _warp_size(run)}, inputs, overwrite)
+                         _pooling(run), inputs, overwrite)
     if path.is_file():
         run.log(f"rcnn: reusing {path}")
         return stage.finish(1)
@@ -143,7 +151,7 @@ def stage_rcnn_test(run: Run, split: str | None = None, draw: int = 4, progress:
     d = run.dir / "model" / "rcnn"
     require_settings(run, d, "tools/train_rcnn.py",
                      {"rcnn": cfg.rcnn, "svm": svm_section(cfg), "bbox_reg": cfg.bbox_reg},
-                     {"levels": list(cfg.features.levels), "size": _warp_size(run)})
+                     _pooling(run))
     m = load_npz(d / "rcnn.npz")
     reg = BoxRegressor(m["reg_W"], m["reg_b"], m["reg_mu"], m["reg_T_inv"], float(m["reg_scale"]), m["reg_trained"])
     store = ProposalStore(run.proposals_dir(split))
@@ -155,7 +163,7 @@ def stage_rcnn_test(run: Run, split: str | None = None, draw: int = 4, progress:
         rgb, props = ds.image(i), store.load(i)
         if cfg.rcnn.max_windows:
             props = props[:cfg.rcnn.max_windows]
-        f, secs = rcnn_features(trunk, rgb, props, _warp_size(run), cfg.features.levels)
+        f, secs = rcnn_features(trunk, rgb, props, _warp_size(run), cfg.features.levels, deep=run.pool_deep())
         t1 = time.perf_counter()
         scores = (f * float(m["feature_scale"])) @ m["W"].T + m["b"]
         scores[:, ~m["trained"].astype(bool)] = -np.inf
@@ -183,4 +191,5 @@ def stage_rcnn_test(run: Run, split: str | None = None, draw: int = 4, progress:
 
 SPEC = StageSpec("rcnn", "tools/train_rcnn.py", False,
                  ("data: train images and annotations", "proposals/<train>/", "the trunk"),
-                 "model/rcnn/", ("rcnn", "svm", "bbox_reg", "features.levels", "pretrain.sizes"), stage_rcnn)
+                 "model/rcnn/", ("rcnn", "svm", "bbox_reg", "features.levels", "features.deep_levels",
+                                "pretrain.sizes"), stage_rcnn)

@@ -40,7 +40,8 @@ def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool |
     if cache is None:
         g = run.backbone().geometry
         f = run.cfg.features
-        cache = FeatureCache(run.features_dir(split), g.stride, g.center0, f.levels, f.shrink, f.target_size)
+        cache = FeatureCache(run.features_dir(split), g.stride, g.center0, f.levels, f.shrink, f.target_size,
+                             run.pool_deep())
     sets = combined_svms(run.cfg) if combine and not svm_tag else [(None, svm_tag)]
     for feature, t in sets[1:]:
         if not run.svm_path(t).is_file():
