@@ -215,6 +215,12 @@ class BBoxRegConfig:
 @dataclass(frozen=True)
 class TestConfig:
     nms: float = 0.3
+    # hard: greedy NMS drops every box overlapping a better one by IoU > nms (the papers'); linear: soft-NMS
+    # (Bodla et al. 2017) lowers such a box's score by the factor 1 - IoU instead (adjacent objects survive)
+    nms_method: str = field(default="hard", metadata={"choices": ("hard", "linear")})
+    # false: NMS on the windows, the survivors regressed, NMS again (SPP-net's and R-CNN's order); true: every
+    # window above the score threshold regressed, then NMS once (Fast R-CNN's order, which its mode always uses)
+    regress_first: bool = False
     score_threshold: float = -1.5  # SVM scores are margins; the authors keep > -1.5 for evaluation
     # Caps per image: per class first (R-CNN keeps the top 100 of each class for evaluation), then
     # across classes for tools/detect.py's output (0 = none). Evaluation applies only the per-class

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .bbox_reg import BoxRegressor
-from .boxes import clip_boxes, nms
+from .boxes import clip_boxes, nms, soft_nms
 from .config import FeatureConfig, TestConfig
 from .features import FeatureCache, ImageFeatures, conv5_maps
 from .models import FCHead, fc_features, resolve_precision, truncated_svd_linear
@@ -71,12 +71,49 @@ def load_svms(path: str | Path) -> dict:
             "trained": trained}
 
 
-def select_class(boxes: np.ndarray, scores: np.ndarray, thresh: float, nms_iou: float) -> np.ndarray:
-    """Indices of the windows scoring above ``thresh`` that survive NMS at ``nms_iou``, best first."""
+def select_class(boxes: np.ndarray, scores: np.ndarray, thresh: float, nms_iou: float, method: str = "hard",
+                 limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, scores)`` of the windows scoring above ``thresh`` that survive NMS at ``nms_iou``, best first:
+    ``method`` "hard" (greedy NMS; the scores as they were) or "linear" (soft-NMS, :func:`sppdet.boxes.soft_nms`:
+    overlapping windows kept with lowered scores, at most ``limit`` when > 0)."""
     keep = np.nonzero(scores > thresh)[0]
     if len(keep) == 0:
-        return keep
-    return keep[nms(boxes[keep], scores[keep], nms_iou)]
+        return keep, scores[keep]
+    if method == "hard":
+        k = keep[nms(boxes[keep], scores[keep], nms_iou)]
+        return k, scores[k]
+    if method != "linear":
+        raise ValueError(f"NMS method must be 'hard' or 'linear', got {method!r}")
+    k, s = soft_nms(boxes[keep], scores[keep], nms_iou, thresh, limit)
+    return keep[k], s
+
+
+def class_detections(proposals: np.ndarray, scores: np.ndarray, thresh: float, test, regress=None,
+                     size: tuple[int, int] | None = None, regress_first: bool | None = None) -> tuple[list, list]:
+    """Per class, ``(plain, refined)`` lists of ``(boxes, scores, k)`` best first: the windows above ``thresh``
+    through NMS (``test.nms``, ``test.nms_method``); with ``regress(k, indices) -> boxes`` also the regressed ones
+    clipped to ``size`` (H, W): the windows NMS kept regressed and NMS again, or with ``regress_first`` (None:
+    ``test.regress_first``) every window above ``thresh`` regressed and NMS once. The per-class and per-image
+    caps are :func:`cap_detections`'."""
+    first = test.regress_first if regress_first is None else regress_first
+    limit = max(test.max_per_class, 0)
+    plain, refined = [], []
+    for k in range(scores.shape[1]):
+        keep, s = select_class(proposals, scores[:, k], thresh, test.nms, test.nms_method, limit)
+        if len(keep):
+            plain.append((proposals[keep], s, k))
+        if regress is None:
+            continue
+        src = np.nonzero(scores[:, k] > thresh)[0] if first else keep
+        if len(src) == 0:
+            continue
+        rb = clip_boxes(regress(k, src), size[1], size[0])
+        ok = (rb[:, 2] > rb[:, 0]) & (rb[:, 3] > rb[:, 1])
+        rb, sk = rb[ok], scores[src[ok], k]
+        k2, s2 = select_class(rb, sk, thresh, test.nms, test.nms_method, limit)
+        if len(k2):
+            refined.append((rb[k2], s2, k))
+    return plain, refined
 
 
 def cap_detections(dets: list[tuple], max_per_class: int, max_per_image: int) -> Detections:
@@ -200,18 +237,10 @@ class Detector:
         t0 = time.perf_counter()
         thr = self.test.score_threshold if score_threshold is None else score_threshold
         cap = self.test.max_per_image if max_per_image is None else max_per_image
-        plain, refined = [], []
-        for k in range(scores.shape[1]):
-            keep = select_class(proposals, scores[:, k], thr, self.test.nms)
-            if len(keep) == 0:
-                continue
-            plain.append((proposals[keep], scores[keep, k], k))
-            if self.regressor is not None:
-                rb = clip_boxes(self.regressor.predict(k, pooled[keep], proposals[keep]), width, height)
-                ok = (rb[:, 2] > rb[:, 0]) & (rb[:, 3] > rb[:, 1])
-                rb, sk = rb[ok], scores[keep, k][ok]
-                k2 = nms(rb, sk, self.test.nms)
-                refined.append((rb[k2], sk[k2], k))
+        reg = self.regressor
+        plain, refined = class_detections(
+            proposals, scores, thr, self.test,
+            None if reg is None else lambda k, i: reg.predict(k, pooled[i], proposals[i]), (height, width))
         det_plain = cap_detections(plain, self.test.max_per_class, cap)
         det_reg = cap_detections(refined, self.test.max_per_class, cap) if self.regressor is not None else None
         return det_plain, det_reg, time.perf_counter() - t0

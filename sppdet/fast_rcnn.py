@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .boxes import clip_boxes, decode, encode, flip_boxes
-from .detector import Detections, cap_detections, select_class
+from .boxes import decode, encode, flip_boxes
+from .detector import Detections, cap_detections, class_detections
 from .features import box_cells, choose_scale, prepare_image, resize_factor
 from .finetune import sample_windows, sgd
 from .malloc import large_blocks_reused
@@ -114,11 +114,12 @@ class FastRCNN(nn.Module):
 
     @torch.no_grad()
     def detect(self, rgb: np.ndarray, proposals: np.ndarray, scales: Sequence[int], max_size: int,
-               target_size: float, nms: float, score_threshold: float, max_per_class: int = 100,
-               max_per_image: int = 0) -> tuple[Detections, Detections, np.ndarray, dict]:
+               target_size: float, test, score_threshold: float, max_per_image: int = 0,
+               ) -> tuple[Detections, Detections, np.ndarray, dict]:
         """Detections of one image: conv once per scale, each window pooled from the scale whose size suits it,
-        softmax scores, per-class NMS; without and with the net's own box regression. Returns ``(plain,
-        regressed, scores (R, K), seconds {"conv", "pool", "fc", "post"})``."""
+        softmax scores, per-class NMS (``test``: its ``nms``, ``nms_method``, ``max_per_class``); without and with
+        the net's own box regression (every window above the threshold regressed before NMS, as Fast R-CNN does).
+        Returns ``(plain, regressed, scores (R, K), seconds {"conv", "pool", "fc", "post"})``."""
         t0 = time.perf_counter()
         maps, factors = zip(*(self.conv_map(rgb, s, max_size) for s in scales))
         t1 = time.perf_counter()
@@ -128,18 +129,11 @@ class FastRCNN(nn.Module):
         scores = torch.softmax(logits, 1)[:, :self.num_classes].numpy()
         deltas = deltas.numpy() * BOX_STDS
         t3 = time.perf_counter()
-        h, w = rgb.shape[:2]
-        plain, refined = [], []
-        for k in range(self.num_classes):
-            keep = select_class(proposals, scores[:, k], score_threshold, nms)
-            if len(keep):
-                plain.append((proposals[keep], scores[keep, k], k))
-            rb = clip_boxes(decode(proposals, deltas[:, k]), w, h)
-            keep = select_class(rb, scores[:, k], score_threshold, nms)
-            if len(keep):
-                refined.append((rb[keep], scores[keep, k], k))
-        out = (cap_detections(plain, max_per_class, max_per_image), cap_detections(refined, max_per_class,
-                                                                                   max_per_image))
+        plain, refined = class_detections(proposals, scores, score_threshold, test,
+                                          lambda k, idx: decode(proposals[idx], deltas[idx, k]), rgb.shape[:2],
+                                          regress_first=True)
+        mc = test.max_per_class
+        out = (cap_detections(plain, mc, max_per_image), cap_detections(refined, mc, max_per_image))
         return (*out, scores, {"conv": t1 - t0, "pool": t2 - t1, "fc": t3 - t2, "post": time.perf_counter() - t3})
 
 

@@ -291,6 +291,64 @@ def test_caps_per_class_then_per_image():
     assert len(_cap([], 3, 4).scores) == 0
 
 
+def test_linear_soft_nms_hand_worked_and_against_a_loop_reference():
+    """``test.nms_method: linear``: a box overlapping a kept one by IoU > t keeps ``floor + (s - floor) (1 - IoU)``
+    (worked by hand); a box under t is untouched; an exact duplicate falls to the floor and is dropped; on random
+    boxes the result equals a plain loop over the definition, and the limit stops it early."""
+    from sppdet.boxes import iou_matrix, soft_nms
+
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 5], [20, 20, 30, 30], [0, 0, 10, 10], [0, 0, 10, 8]], np.float32)
+    scores = np.array([2.0, 1.5, 0.5, 1.0, 1.2], np.float32)
+    idx, s = soft_nms(boxes, scores, 0.3, -1.5)
+    # heights above the floor 3.5, 3.0, 2.0, 2.5, 2.7. After box 0: box 1 (IoU 0.5) 1.5, box 4 (IoU 0.8) 0.54, box 3
+    # (IoU 1, a duplicate) 0: dropped. Box 2 (2.0) next, then box 1 (score 0.0), which lowers box 4 (IoU 5/8) again
+    assert idx.tolist() == [0, 2, 1, 4] and 3 not in idx.tolist()
+    np.testing.assert_allclose(s, [2.0, 0.5, 0.0, -1.5 + 2.7 * 0.2 * (1 - 5 / 8)], rtol=1e-5)
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 100, (60, 2))
+    b = np.concatenate([xy, xy + rng.uniform(5, 40, (60, 2))], 1)
+    sc = rng.uniform(-1, 2, 60)
+    h, live, ref_i, ref_s = sc + 1.5, list(range(60)), [], []
+    while live:
+        j = max(live, key=lambda i: h[i])
+        ref_i.append(j), ref_s.append(h[j] - 1.5)
+        live.remove(j)
+        for i in list(live):
+            o = iou_matrix(b[j], b[i])[0, 0]
+            h[i] *= (1 - o) if o > 0.4 else 1.0
+            if h[i] <= 0:
+                live.remove(i)
+    idx, s = soft_nms(b, sc, 0.4, -1.5)
+    assert idx.tolist() == ref_i and np.allclose(s, ref_s, atol=1e-5) and list(s) == sorted(s, reverse=True)
+    assert soft_nms(b, sc, 0.4, -1.5, limit=7)[0].tolist() == ref_i[:7]
+    with pytest.raises(ValueError, match="floor"):
+        soft_nms(b, sc, 0.4, 0.0)
+
+
+def test_regress_first_and_soft_nms_in_the_detectors_post_processing():
+    """``test.regress_first``: every window above the threshold regressed, then NMS once, against the survivors of
+    NMS regressed and NMS again; hard NMS in the SPP-net order is what it was; soft-NMS keeps adjacent windows."""
+    from sppdet.config import TestConfig
+    from sppdet.detector import class_detections
+
+    props = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [40, 40, 50, 50]], np.float32)
+    scores = np.array([[2.0], [1.0], [0.5]])
+    shift = {0: (20, 20), 1: (40, 40), 2: (60, 0)}  # window 1 regresses away from window 0
+
+    def regress(k, idx):
+        return np.stack([props[i] + np.array(shift[i] * 2, np.float32) for i in idx])
+
+    hard = TestConfig(score_threshold=-1.5)
+    plain, refined = class_detections(props, scores, -1.5, hard, regress, (200, 200))
+    assert plain[0][0].tolist() == props[[0, 2]].tolist()  # window 1 suppressed before regression
+    assert len(refined[0][0]) == 2
+    _, refined = class_detections(props, scores, -1.5, TestConfig(regress_first=True), regress, (200, 200))
+    assert len(refined[0][0]) == 3 and refined[0][1].tolist() == [2.0, 1.0, 0.5]  # window 1 regressed apart: kept
+    plain, _ = class_detections(props, scores, -1.5, TestConfig(nms_method="linear"), None)
+    iou = 90 / 110
+    np.testing.assert_allclose(plain[0][1], [2.0, 0.5, -1.5 + 2.5 * (1 - iou)], rtol=1e-5)
+
+
 def test_union_of_two_models_windows_equals_nms_on_each_windows_best_score():
     """The paper's model combination (NMS over the union of both models' scored windows) is what
     ``test.combine_by: max`` computes: a window's two copies overlap fully, so NMS keeps its best one."""

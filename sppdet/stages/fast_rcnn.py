@@ -157,8 +157,8 @@ def stage_fast_rcnn_test(run: Run, split: str | None = None, tag: str = "", draw
     with large_blocks_reused():  # each image's activations
         for i in tqdm(ds.ids, desc=f"fast r-cnn test {split}", unit="img", disable=not progress):
             props = store.load(i)
-            plain, reg, scores, secs = model.detect(ds.image(i), props, fr.scales or f.scales, f.max_size, f.target_size, t.nms,
-                                                    fr.score_threshold, t.max_per_class)
+            plain, reg, scores, secs = model.detect(ds.image(i), props, fr.scales or f.scales, f.max_size,
+                                                    f.target_size, t, fr.score_threshold)
             for k in timing:
                 timing[k] += secs[k]
             plain_all[i], reg_all[i] = plain, reg

@@ -14,8 +14,7 @@ import time
 import numpy as np
 
 from ..bbox_reg import BoxRegressor
-from ..boxes import clip_boxes, nms
-from ..detector import cap_detections, select_class
+from ..detector import cap_detections, class_detections
 from ..proposals import ProposalStore
 from ..rcnn import rcnn_features
 from ..run import Run
@@ -167,14 +166,8 @@ def stage_rcnn_test(run: Run, split: str | None = None, draw: int = 4, progress:
         t1 = time.perf_counter()
         scores = (f * float(m["feature_scale"])) @ m["W"].T + m["b"]
         scores[:, ~m["trained"].astype(bool)] = -np.inf
-        plain, refined = [], []
-        for k in range(len(run.classes)):
-            keep = select_class(props, scores[:, k], t.score_threshold, t.nms)
-            if len(keep):
-                plain.append((props[keep], scores[keep, k], k))
-                rb = clip_boxes(reg.predict(k, f[keep], props[keep]), rgb.shape[1], rgb.shape[0])
-                k2 = nms(rb, scores[keep, k], t.nms)
-                refined.append((rb[k2], scores[keep, k][k2], k))
+        plain, refined = class_detections(props, scores, t.score_threshold, t,
+                                          lambda k, idx: reg.predict(k, f[idx], props[idx]), rgb.shape[:2])
         plain_all[i] = cap_detections(plain, t.max_per_class, 0)
         reg_all[i] = cap_detections(refined, t.max_per_class, 0)
         secs["post"] = time.perf_counter() - t1
