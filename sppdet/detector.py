@@ -72,10 +72,12 @@ def load_svms(path: str | Path) -> dict:
 
 
 def select_class(boxes: np.ndarray, scores: np.ndarray, thresh: float, nms_iou: float, method: str = "hard",
-                 limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 limit: int = 0, floor: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(indices, scores)`` of the windows scoring above ``thresh`` that survive NMS at ``nms_iou``, best first:
     ``method`` "hard" (greedy NMS; the scores as they were) or "linear" (soft-NMS, :func:`sppdet.boxes.soft_nms`:
-    overlapping windows kept with lowered scores, at most ``limit`` when > 0)."""
+    overlapping windows kept with lowered scores while above ``thresh``, at most ``limit`` when > 0). Soft-NMS
+    lowers scores towards ``floor`` (None: ``thresh``; the evaluation threshold, so that a drawing threshold
+    above it does not change how far a duplicate's score falls)."""
     keep = np.nonzero(scores > thresh)[0]
     if len(keep) == 0:
         return keep, scores[keep]
@@ -84,22 +86,24 @@ def select_class(boxes: np.ndarray, scores: np.ndarray, thresh: float, nms_iou: 
         return k, scores[k]
     if method != "linear":
         raise ValueError(f"NMS method must be 'hard' or 'linear', got {method!r}")
-    k, s = soft_nms(boxes[keep], scores[keep], nms_iou, thresh, limit)
-    return keep[k], s
+    k, s = soft_nms(boxes[keep], scores[keep], nms_iou, thresh if floor is None else min(floor, thresh), limit)
+    above = s > thresh  # picked best first, so those still above the threshold lead
+    return keep[k[above]], s[above]
 
 
 def class_detections(proposals: np.ndarray, scores: np.ndarray, thresh: float, test, regress=None,
-                     size: tuple[int, int] | None = None, regress_first: bool | None = None) -> tuple[list, list]:
+                     size: tuple[int, int] | None = None, regress_first: bool | None = None,
+                     floor: float | None = None) -> tuple[list, list]:
     """Per class, ``(plain, refined)`` lists of ``(boxes, scores, k)`` best first: the windows above ``thresh``
     through NMS (``test.nms``, ``test.nms_method``); with ``regress(k, indices) -> boxes`` also the regressed ones
     clipped to ``size`` (H, W): the windows NMS kept regressed and NMS again, or with ``regress_first`` (None:
     ``test.regress_first``) every window above ``thresh`` regressed and NMS once. The per-class and per-image
-    caps are :func:`cap_detections`'."""
+    caps are :func:`cap_detections`'. ``floor``: soft-NMS's (:func:`select_class`)."""
     first = test.regress_first if regress_first is None else regress_first
     limit = max(test.max_per_class, 0)
     plain, refined = [], []
     for k in range(scores.shape[1]):
-        keep, s = select_class(proposals, scores[:, k], thresh, test.nms, test.nms_method, limit)
+        keep, s = select_class(proposals, scores[:, k], thresh, test.nms, test.nms_method, limit, floor)
         if len(keep):
             plain.append((proposals[keep], s, k))
         if regress is None:
@@ -110,7 +114,7 @@ def class_detections(proposals: np.ndarray, scores: np.ndarray, thresh: float, t
         rb = clip_boxes(regress(k, src), size[1], size[0])
         ok = (rb[:, 2] > rb[:, 0]) & (rb[:, 3] > rb[:, 1])
         rb, sk = rb[ok], scores[src[ok], k]
-        k2, s2 = select_class(rb, sk, thresh, test.nms, test.nms_method, limit)
+        k2, s2 = select_class(rb, sk, thresh, test.nms, test.nms_method, limit, floor)
         if len(k2):
             refined.append((rb[k2], s2, k))
     return plain, refined
@@ -240,7 +244,8 @@ class Detector:
         reg = self.regressor
         plain, refined = class_detections(
             proposals, scores, thr, self.test,
-            None if reg is None else lambda k, i: reg.predict(k, pooled[i], proposals[i]), (height, width))
+            None if reg is None else lambda k, i: reg.predict(k, pooled[i], proposals[i]), (height, width),
+            floor=self.test.score_threshold)
         det_plain = cap_detections(plain, self.test.max_per_class, cap)
         det_reg = cap_detections(refined, self.test.max_per_class, cap) if self.regressor is not None else None
         return det_plain, det_reg, time.perf_counter() - t0

@@ -115,10 +115,12 @@ class FastRCNN(nn.Module):
     @torch.no_grad()
     def detect(self, rgb: np.ndarray, proposals: np.ndarray, scales: Sequence[int], max_size: int,
                target_size: float, test, score_threshold: float, max_per_image: int = 0,
-               ) -> tuple[Detections, Detections, np.ndarray, dict]:
+               floor: float | None = None) -> tuple[Detections, Detections, np.ndarray, dict]:
         """Detections of one image: conv once per scale, each window pooled from the scale whose size suits it,
         softmax scores, per-class NMS (``test``: its ``nms``, ``nms_method``, ``max_per_class``); without and with
         the net's own box regression (every window above the threshold regressed before NMS, as Fast R-CNN does).
+        ``floor``: where soft-NMS lowers scores towards (None: ``score_threshold``; the evaluation threshold when
+        drawing above it).
         Returns ``(plain, regressed, scores (R, K), seconds {"conv", "pool", "fc", "post"})``."""
         t0 = time.perf_counter()
         maps, factors = zip(*(self.conv_map(rgb, s, max_size) for s in scales))
@@ -131,7 +133,7 @@ class FastRCNN(nn.Module):
         t3 = time.perf_counter()
         plain, refined = class_detections(proposals, scores, score_threshold, test,
                                           lambda k, idx: decode(proposals[idx], deltas[idx, k]), rgb.shape[:2],
-                                          regress_first=True)
+                                          regress_first=True, floor=floor)
         mc = test.max_per_class
         out = (cap_detections(plain, mc, max_per_image), cap_detections(refined, mc, max_per_image))
         return (*out, scores, {"conv": t1 - t0, "pool": t2 - t1, "fc": t3 - t2, "post": time.perf_counter() - t3})

@@ -109,7 +109,8 @@ class Predictor:
         c, f = self.cfg, self.cfg.features
         with torch.no_grad():
             plain, reg, _, t = self.fast_rcnn.detect(rgb, boxes, c.fast_rcnn.scales or f.scales, f.max_size,
-                                                     f.target_size, c.test, self.score_threshold, c.test.max_per_image)
+                                                     f.target_size, c.test, self.score_threshold, c.test.max_per_image,
+                                                     floor=c.fast_rcnn.score_threshold)
         d = reg if self.use_bbox_reg else plain
         return self._result(d, boxes, t_prop, t, t["post"], time.perf_counter() - t0)
 

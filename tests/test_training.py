@@ -347,6 +347,11 @@ def test_regress_first_and_soft_nms_in_the_detectors_post_processing():
     plain, _ = class_detections(props, scores, -1.5, TestConfig(nms_method="linear"), None)
     iou = 90 / 110
     np.testing.assert_allclose(plain[0][1], [2.0, 0.5, -1.5 + 2.5 * (1 - iou)], rtol=1e-5)
+    # drawing above the evaluation threshold: scores fall towards the latter, so the duplicate drops out
+    plain, _ = class_detections(props, scores, 0.0, TestConfig(nms_method="linear"), None, floor=-1.5)
+    assert plain[0][1].tolist() == [2.0, 0.5]
+    plain, _ = class_detections(props, scores, 0.0, TestConfig(nms_method="linear"), None)
+    np.testing.assert_allclose(plain[0][1], [2.0, 0.5, 1.0 * (1 - iou)], rtol=1e-5)
 
 
 def test_union_of_two_models_windows_equals_nms_on_each_windows_best_score():
