@@ -232,3 +232,21 @@ def test_a_tool_given_only_a_run_folder_keeps_that_runs_settings(tmp_path):
     assert again.cfg == first.cfg and (run_dir / "config.yaml").read_text() == saved
     assert config_path(ap.parse_args(["--run", str(tmp_path / "new")])) == DEFAULT_CONFIG
     assert config_path(ap.parse_args([])) == DEFAULT_CONFIG
+
+
+def test_a_later_recorded_setting_checks_old_folders_at_its_before_value_also_nested(tmp_path):
+    """``extra_defaults`` (what a setting recorded later was before it existed) is read the same way by a stage's
+    own check and by the later stages' ``require_settings``, nested values too (Fast R-CNN's features.deep_levels):
+    an old folder matches at that value and is refused, by name, at another."""
+    from sppdet.stages.common import require_settings, stage_folder
+
+    run = type("R", (), {})()
+    old = {"features": {"levels": [6, 3, 2, 1]}, "size": 224}
+    stage_folder(tmp_path, "x", {}, old, {}, False).finish(1)
+    before = {"features": {"deep_levels": None}, "deep_levels": None}
+    now = {"features": {"levels": [6, 3, 2, 1], "deep_levels": None}, "size": 224, "deep_levels": None}
+    require_settings(run, tmp_path, "tools/x.py", {}, now, extra_defaults=before)
+    stage_folder(tmp_path, "x", {}, now, {}, False, extra_defaults=before).finish(1)
+    for changed in ({**now, "features": {**now["features"], "deep_levels": [3, 1]}}, {**now, "deep_levels": [1]}):
+        with pytest.raises(store.StaleCacheError, match=r"deep_levels: None -> \[.*\]\); rerun tools/x.py"):
+            require_settings(run, tmp_path, "tools/x.py", {}, changed, extra_defaults=before)

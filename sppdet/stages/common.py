@@ -128,11 +128,12 @@ def require_settings(run: Run, directory: Path, tool: str, sections: dict, extra
     if not m.get("complete"):
         raise ShardError(f"{directory}: unfinished; run {tool} first")
     now = json.loads(json.dumps({**{k: asdict(v) for k, v in sections.items()}, **(extra or {})}, default=str))
-    defaults = {k: section_defaults(v) for k, v in sections.items()}
-    saved = {**{k: v for k, v in (extra_defaults or {}).items() if k in now},
-             **{k: v for k, v in m.get("config", {}).items() if k in now}}
-    now = {k: v for k, v in now.items() if k in saved or k in sections}  # an extra recorded since: not checked
-    changes = diff_keys(with_defaults(saved, defaults), now, prefix)
+    # as the stage's own check (Stage): section defaults and extra_defaults fill what the manifest lacks, nested too
+    defaults = {**{k: section_defaults(v) for k, v in sections.items()},
+                **{k: v for k, v in (extra_defaults or {}).items() if k in now}}
+    saved = with_defaults({k: v for k, v in m.get("config", {}).items() if k in now}, defaults)
+    now = {k: v for k, v in now.items() if k in saved}  # an extra recorded since, without a default: not checked
+    changes = diff_keys(saved, now, prefix)
     if changes:
         raise StaleCacheError(f"{directory}: made with other settings than those now in force (changed: "
                               + "; ".join(changes[:6]) + f"); rerun {tool} --overwrite, or pass the same settings",

@@ -35,15 +35,17 @@ def model_dir(run: Run, tag: str = ""):
     return run.dir / "model" / f"fast_rcnn{tag}"
 
 
+# What a setting recorded since was before it existed: models from before it stay valid at its default.
+SETTINGS_BEFORE = {"features": {"deep_levels": None}}
+
+
 def _settings(run: Run) -> dict:
     cfg = run.cfg
     f = cfg.features
     return {"finetune_head": {"hidden": cfg.finetune.hidden, "dropout": cfg.finetune.dropout,
                               "input_norm": cfg.finetune.input_norm},
             "features": {"scales": list(f.scales), "max_size": f.max_size, "levels": list(f.levels),
-                         "shrink": f.shrink, "target_size": f.target_size,
-                         # recorded only when set: models from before the key stay valid
-                         **({"deep_levels": list(f.deep_levels)} if f.deep_levels else {})},
+                         "shrink": f.shrink, "target_size": f.target_size, "deep_levels": f.deep_levels},
             "seed": cfg.seed}
 
 
@@ -96,7 +98,7 @@ def stage_fast_rcnn(run: Run, tag: str = "", overwrite: bool = False) -> dict:
     inputs = image_route_inputs(run, tr)
     path = model_dir(run, tag) / "model.pt"
     stage = stage_folder(path.parent, "fast_rcnn", {"fast_rcnn": cfg.fast_rcnn, "backbone": cfg.backbone},
-                         _settings(run), inputs, overwrite)
+                         _settings(run), inputs, overwrite, extra_defaults=SETTINGS_BEFORE)
     if path.is_file():
         run.log(f"fast_rcnn: reusing {path}")
         return stage.finish(1)
@@ -127,7 +129,8 @@ def load_model(run: Run, tag: str = "", check: bool = True) -> FastRCNN:
     d = model_dir(run, tag)
     if check:
         require_settings(run, d, "tools/train_fast_rcnn.py", {"fast_rcnn": run.cfg.fast_rcnn,
-                                                              "backbone": run.cfg.backbone}, _settings(run))
+                                                              "backbone": run.cfg.backbone}, _settings(run),
+                         extra_defaults=SETTINGS_BEFORE)
     ck = load_checkpoint(d / "model.pt")
     model = build_model(run)
     model.head.input_scale = float(ck["input_scale"])

@@ -37,12 +37,14 @@ def _warp_size(run: Run) -> int:
     return run.cfg.pretrain.sizes[0] if run.cfg.backbone.weights == "pretrain" else 224
 
 
+# What a setting recorded since was before it existed: models from before it stay valid at its default.
+SETTINGS_BEFORE = {"deep_levels": None}
+
+
 def _pooling(run: Run) -> dict:
-    """The settings R-CNN mode's pool5 depends on beyond its config sections (``deep_levels`` recorded only when
-    set, so that models from before the key stay valid)."""
+    """The settings R-CNN mode's pool5 depends on beyond its config sections."""
     f = run.cfg.features
-    return {"levels": list(f.levels), "size": _warp_size(run),
-            **({"deep_levels": list(f.deep_levels)} if f.deep_levels else {})}
+    return {"levels": list(f.levels), "size": _warp_size(run), "deep_levels": f.deep_levels}
 
 
 def _subset(w, max_windows: int) -> np.ndarray:
@@ -116,7 +118,7 @@ def stage_rcnn(run: Run, overwrite: bool = False) -> dict:
     path = run.dir / "model" / "rcnn" / "rcnn.npz"
     stage = stage_folder(path.parent, "rcnn",
                          {"rcnn": cfg.rcnn, "svm": svm_section(cfg), "bbox_reg": cfg.bbox_reg},
-                         _pooling(run), inputs, overwrite)
+                         _pooling(run), inputs, overwrite, extra_defaults=SETTINGS_BEFORE)
     if path.is_file():
         run.log(f"rcnn: reusing {path}")
         return stage.finish(1)
@@ -150,7 +152,7 @@ def stage_rcnn_test(run: Run, split: str | None = None, draw: int = 4, progress:
     d = run.dir / "model" / "rcnn"
     require_settings(run, d, "tools/train_rcnn.py",
                      {"rcnn": cfg.rcnn, "svm": svm_section(cfg), "bbox_reg": cfg.bbox_reg},
-                     _pooling(run))
+                     _pooling(run), extra_defaults=SETTINGS_BEFORE)
     m = load_npz(d / "rcnn.npz")
     reg = BoxRegressor(m["reg_W"], m["reg_b"], m["reg_mu"], m["reg_T_inv"], float(m["reg_scale"]), m["reg_trained"])
     store = ProposalStore(run.proposals_dir(split))
