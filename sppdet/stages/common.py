@@ -79,6 +79,13 @@ def split_windows(run: Run, split: str, ds: VOCDataset | None = None) -> dict:
     return {i: make_windows(ds.annotation(i), ds.labels(i), store.load(i), k) for i in ds.ids}
 
 
+def config_cache(run: Run, directory: Path) -> FeatureCache:
+    """A conv5 cache in ``directory`` read with the trunk's geometry and the pooling settings now in force (for a
+    cache being written, or none yet: :func:`feature_cache` reads a finished one's from its manifest)."""
+    g, f = run.backbone().geometry, run.cfg.features
+    return FeatureCache(directory, g.stride, g.center0, f.levels, f.shrink, f.target_size, run.pool_deep())
+
+
 def feature_cache(run: Run, split: str, verify: bool = True) -> FeatureCache:
     """The split's conv5 cache; ``verify``: refused when made with other feature or trunk settings than those
     now in force, or from other image files than the split holds (False where only its geometry is read)."""

@@ -11,7 +11,7 @@ import json
 import time
 
 from ..config import fingerprint
-from ..features import FeatureCache, ImageFeatures, extract_image, weights_fingerprint
+from ..features import ImageFeatures, extract_image, weights_fingerprint
 from ..malloc import large_blocks_reused
 from ..models import resolve_precision
 from ..proposals import ProposalStore
@@ -19,7 +19,7 @@ from ..run import Run
 from ..spp import spp_output_dim
 from ..store import atomic_write_text, dir_bytes, file_sha256
 from ..manifest import Stage
-from .common import StageSpec, stage_folder
+from .common import StageSpec, config_cache, stage_folder
 from .proposals import require_proposals
 
 
@@ -53,6 +53,7 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
     conv_s, pool_s, boxes = _extract(run, split, stage, todo, backbone, bool(flip), device, precision,
                                      f" shard {i_shard}/{n_shard}" if n_shard > 1 else "")
     done_all = all(stage.has(i) for i in ds.ids)
+    deep = run.pool_deep()
     n = len(todo)
     summary = {
         "new_images": n,
@@ -60,9 +61,9 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
         "pool_seconds_per_image": pool_s if n else None,
         "boxes_per_image": boxes if n else None,
         "geometry": {"stride": g.stride, "center0": g.center0, "receptive_field": g.receptive_field},
-        "feature_dim": spp_output_dim(backbone.out_channels, cfg.features.levels, run.pool_deep()),
+        "feature_dim": spp_output_dim(backbone.out_channels, cfg.features.levels, deep),
         "conv_precision": precision,
-        "deep": run.pool_deep(),  # read back by FeatureCache.from_manifest
+        "deep": deep,  # read back by FeatureCache.from_manifest
     }
     m = _record(stage, shard, summary, len(ds.ids) if done_all else None)
     _log_costs(run, split, stage, ds.ids, summary)
@@ -93,10 +94,10 @@ def _extract(run: Run, split: str, stage: Stage, todo: list[str], backbone, flip
     not stored: what the later stages pay per read)."""
     from tqdm import tqdm
 
-    f, g = run.cfg.features, backbone.geometry
+    f = run.cfg.features
     ds = run.dataset(split)
     store = ProposalStore(run.proposals_dir(split))
-    cache = FeatureCache(stage.dir, g.stride, g.center0, f.levels, f.shrink, f.target_size, run.pool_deep())
+    cache = config_cache(run, stage.dir)
     t_conv = t_pool = 0.0
     nbox = timed = 0
     with large_blocks_reused():  # each image's activations: the same large blocks

@@ -16,13 +16,12 @@ import numpy as np
 
 from ..bbox_reg import BoxRegressor
 from ..detector import Detector, load_svms
-from ..features import FeatureCache
 from ..malloc import large_blocks_reused
 from ..proposals import ProposalStore
 from ..run import Run
 from ..store import ShardError, atomic_save_npz, atomic_write_text
 from ..voc import VOCDataset
-from .common import StageSpec, feature_cache, require_current, require_settings
+from .common import StageSpec, config_cache, feature_cache, require_current, require_settings
 from .finetune import load_head, pretrained_head
 from .proposals import require_proposals
 from .svm import SETTINGS_BEFORE, combined_svms, svm_settings
@@ -38,10 +37,7 @@ def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool |
     cache = (feature_cache(run, split, verify=False) if (run.features_dir(split) / "manifest.json").is_file()
              else None)
     if cache is None:
-        g = run.backbone().geometry
-        f = run.cfg.features
-        cache = FeatureCache(run.features_dir(split), g.stride, g.center0, f.levels, f.shrink, f.target_size,
-                             run.pool_deep())
+        cache = config_cache(run, run.features_dir(split))
     sets = combined_svms(run.cfg) if combine and not svm_tag else [(None, svm_tag)]
     for feature, t in sets[1:]:
         if not run.svm_path(t).is_file():
