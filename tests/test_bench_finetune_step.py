@@ -1,0 +1,23 @@
+"""benchmarks/bench_finetune_step.py: one row per batch size, the first the reference of the ratios."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_rows_and_ratios(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_finetune_step", ROOT / "benchmarks" / "bench_finetune_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "ft.json"
+    assert bench.main(["--dim", "96", "--hidden", "16", "--batches", "8,32", "--steps", "3", "--threads", "1",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [8, 32]
+    assert rows[0]["speedup"] == 1.0
+    for r in rows:
+        assert r["s_per_step"] > 0
+        assert abs(r["ms_per_window"] - 1000 * r["s_per_step"] / r["batch"]) < 1e-9
+        assert abs(r["speedup"] - rows[0]["ms_per_window"] / r["ms_per_window"]) < 1e-9
