@@ -18,7 +18,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -26,16 +25,17 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sppdet.config_sections import FinetuneConfig  # noqa: E402
 from sppdet.finetune import sgd  # noqa: E402
 from sppdet.models import FCHead  # noqa: E402
+from sppdet.store import atomic_write_text  # noqa: E402
 
 
 def seconds_per_step(dim: int, hidden: int, classes: int, batch: int, steps: int, seed: int = 0) -> float:
     """Median seconds of one training step at ``batch`` windows (after two warm-up steps)."""
     torch.manual_seed(seed)
     head = FCHead(dim, hidden, classes + 1).train()
-    cfg = SimpleNamespace(lr=1e-3, momentum=0.9, weight_decay=5e-4, lr_steps=[10 ** 9], lr_gamma=0.1)
-    opt, _ = sgd(head.named_parameters(), cfg)
+    opt, _ = sgd(head.named_parameters(), FinetuneConfig())  # fine-tuning's momentum and weight decay
     x = torch.randn(batch, dim)
     y = torch.randint(0, classes + 1, (batch,))
     times = []
@@ -60,12 +60,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
-    rows = []
-    for b in batches:
-        s = seconds_per_step(args.dim, args.hidden, args.classes, b, args.steps)
-        rows.append({"batch": b, "s_per_step": s, "ms_per_window": 1000 * s / b})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        rows = []
+        for b in batches:
+            s = seconds_per_step(args.dim, args.hidden, args.classes, b, args.steps)
+            rows.append({"batch": b, "s_per_step": s, "ms_per_window": 1000 * s / b})
+    finally:
+        torch.set_num_threads(threads)  # the caller's (a test process) as it was
     ref = rows[0]["ms_per_window"]
     print(f"fc6 {args.dim} -> {args.hidden}, fc7 {args.hidden}, {args.threads} threads")
     print(f"{'windows/step':>12} {'ms/step':>9} {'ms/window':>10} {'vs first':>9}")
@@ -73,7 +77,7 @@ def main(argv=None) -> int:
         r["speedup"] = ref / r["ms_per_window"]
         print(f"{r['batch']:>12} {1000 * r['s_per_step']:>9.1f} {r['ms_per_window']:>10.3f} {r['speedup']:>8.2f}x")
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        atomic_write_text(args.out, json.dumps({"args": vars(args), "rows": rows}, indent=1))
     return 0
 
 
