@@ -57,9 +57,21 @@ def _load(path: Path) -> dict:
 
 
 def coco_classes(root: str | Path, split: str) -> list[str]:
-    """The category names of a split's JSON, in the order of their ids."""
-    d = _load(find_instances_json(root, split))
-    return [str(c["name"]) for c in sorted(d["categories"], key=lambda c: c["id"])]
+    """The category names of a split's JSON that its annotations use, in the order of their ids. A category no
+    annotation uses (a labelling tool's parent category, such as the one Roboflow writes as id 0) is not a
+    class: named in one warning."""
+    path = find_instances_json(root, split)
+    return _used_classes(_load(path), path)
+
+
+def _used_classes(d: dict, path: Path) -> list[str]:
+    used = {a.get("category_id") for a in d["annotations"]}
+    cats = sorted(d["categories"], key=lambda c: c["id"])
+    unused = [f"{c['name']!r} (id {c['id']})" for c in cats if c["id"] not in used]
+    if unused and len(unused) < len(cats):
+        warn_once(f"{path}:unused", "%s: categories without annotations are not classes: %s", path, ", ".join(unused))
+        cats = [c for c in cats if c["id"] in used]
+    return [str(c["name"]) for c in cats]
 
 
 class CocoDataset(DetectionDataset):
@@ -76,8 +88,7 @@ class CocoDataset(DetectionDataset):
         self.json_path = find_instances_json(self.root, split)
         d = _load(self.json_path)
         names = {c["id"]: str(c["name"]) for c in d["categories"]}
-        self.classes = tuple(classes) if classes is not None else tuple(
-            names[k] for k in sorted(names))
+        self.classes = tuple(classes) if classes is not None else tuple(_used_classes(d, self.json_path))
         per_image: dict = {}
         for a in d["annotations"]:
             per_image.setdefault(a.get("image_id"), []).append(a)
@@ -118,9 +129,12 @@ class CocoDataset(DetectionDataset):
         for a in self._records[image_id]:
             where = f"{self.json_path}: annotation {a.get('id')!r} of image {image_id}"
             name = self._names.get(a.get("category_id"))
-            if name is None or name not in self.classes:
-                raise VOCError(f"{where}: unknown category {a.get('category_id')!r} ({name!r}; known: "
-                               f"{', '.join(self.classes)})")
+            if name is None:
+                raise VOCError(f"{where}: unknown category {a.get('category_id')!r} (not in the file's categories)")
+            if name not in self.classes:  # a category the train split has not, or outside data.classes
+                warn_once(f"{self.json_path}:skip {name!r}", "%s: objects of category %r are skipped (not among "
+                          "the classes: %s)", self.json_path, name, ", ".join(self.classes))
+                continue
             try:
                 x, y, bw, bh = (float(v) for v in a["bbox"])
             except (KeyError, TypeError, ValueError):

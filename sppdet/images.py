@@ -1,5 +1,6 @@
 """Images as the pipeline reads them: any JPEG/PNG/... decoded by its content as RGB uint8, with one warning per
-file for what was made safe (an extension that lies, a truncated JPEG), and an image's size from its header."""
+file for what was made safe (an extension that lies, a truncated JPEG, a photo whose annotation was drawn on it
+rotated by its EXIF orientation or at another size), and an image's size from its header."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VOCError", "load_image", "image_size", "warn_once"]
+__all__ = ["VOCError", "load_image", "image_size", "warn_once", "exif_orientation", "apply_orientation",
+           "fit_to_annotation", "IMAGE_SUFFIXES"]
 
 
 class VOCError(ValueError):
@@ -39,8 +41,9 @@ def image_size(path: str | Path) -> tuple[int, int]:
         raise VOCError(f"{path}: cannot read the image's size ({e})") from None
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Read any JPEG/PNG/... as RGB uint8 ``(H, W, 3)``.
+def load_image(path: str | Path, orient: bool = False) -> np.ndarray:
+    """Read any JPEG/PNG/... as RGB uint8 ``(H, W, 3)``, its pixels as stored (``orient``: as a viewer shows
+    them, the EXIF orientation applied, with one warning per file where that turns or mirrors it).
 
     Grayscale, CMYK (libjpeg converts it), 16-bit and alpha images all come back as
     3-channel RGB. A missing or undecodable file is a :class:`VOCError` naming it.
@@ -69,7 +72,66 @@ def load_image(path: str | Path) -> np.ndarray:
         img = (img[:, :, :3].astype(np.float32) * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
     elif img.shape[2] == 1:
         img = np.repeat(img, 3, axis=2)
-    return np.ascontiguousarray(img[:, :, 2::-1])
+    img = img[:, :, 2::-1]
+    if orient:
+        o = exif_orientation(path)
+        if o != 1:
+            warn_once(f"{path}:orient", "%s: EXIF orientation %d applied (the photo as a viewer shows it)", path, o)
+            img = apply_orientation(img, o)
+    return np.ascontiguousarray(img)
+
+
+# Image files a VOC folder's JPEGImages/ may hold besides <id>.jpg (labelling tools keep the photo's own name).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".JPG", ".JPEG", ".png", ".PNG", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def exif_orientation(path: str | Path) -> int:
+    """The EXIF orientation tag (1-8) of an image file; 1 (as stored) where it has none or it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            o = int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a photo without readable EXIF is shown as stored
+        return 1
+    return o if 1 <= o <= 8 else 1
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """``img`` (H, W, ...) as a viewer shows it under EXIF ``orientation`` (2-8 mirror and/or turn it; 5-8 swap
+    its width and height), as PIL's ``ImageOps.exif_transpose``."""
+    ops = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, -1)[::-1],
+           8: lambda a: np.rot90(a, 1)}
+    return np.ascontiguousarray(ops[orientation](img))
+
+
+def fit_to_annotation(img: np.ndarray, path: str | Path, width: int, height: int, described_by: str = "its annotation",
+                      annotation: str | Path | None = None) -> np.ndarray:
+    """The image as its annotation (``described_by``, e.g. "its XML", and the file ``annotation``, named in
+    messages) describes it, ``width`` x ``height``.
+
+    Made safe with one warning per file: a photo whose EXIF orientation turns it (5-8) and whose annotation gives
+    the turned size (the labelling tool showed it turned, and the boxes are on that view) is turned likewise; an
+    image of another size (by 10% or more) but the same shape to a pixel (resized after labelling) is resized to
+    the annotated size, where the boxes are. Any other mismatch is a :class:`VOCError` naming both files."""
+    h, w = img.shape[:2]
+    if (w, h) == (width, height):
+        return img
+    if (h, w) == (width, height):
+        o = exif_orientation(path)
+        if o in (5, 6, 7, 8):
+            warn_once(f"{path}:fit", "%s: stored %dx%d, EXIF orientation %d; %s gives the turned size %dx%d: "
+                      "turned as a viewer shows it", path, w, h, o, described_by, width, height)
+            return apply_orientation(img, o)
+    sx, sy = width / w, height / h
+    if abs(sx - sy) <= 2.0 / min(w, h, width, height) and max(sx, sy, 1 / sx, 1 / sy) >= 1.1:
+        warn_once(f"{path}:fit", "%s: image is %dx%d but %s says %dx%d (same shape: resized after labelling?); "
+                  "resized to the annotated size", path, w, h, described_by, width, height)
+        interp = cv2.INTER_AREA if width < w else cv2.INTER_LINEAR
+        return np.ascontiguousarray(cv2.resize(img, (int(width), int(height)), interpolation=interp))
+    where = f" ({annotation})" if annotation else ""
+    raise VOCError(f"{path}: image is {w}x{h} but {described_by} says {width}x{height}{where}")
 
 
 _MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WebP"}

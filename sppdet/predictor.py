@@ -81,7 +81,8 @@ class Predictor:
             return propose(rgb, backend=backend, max_boxes=p.max_boxes, min_size=p.min_size, **p.params)
 
     def __call__(self, image: str | Path | np.ndarray) -> dict:
-        """Detections in one image (a file path or an RGB uint8 ``(H, W, 3)`` array).
+        """Detections in one image (a file path: the photo as a viewer shows it, its EXIF orientation applied;
+        or an RGB uint8 ``(H, W, 3)`` array).
 
         Returns ``{"boxes": (N, 4) float32 xyxy in the image's pixels (0-based continuous), "scores": (N,),
         "labels": (N,) int64, "classes": [N names], "seconds": {"proposals", "conv", "pool_fc", "rest"},
@@ -89,7 +90,7 @@ class Predictor:
         while the conv layers run, so ``wall_seconds`` is less than the steps' sum."""
         from .voc import load_image
 
-        rgb = load_image(image) if isinstance(image, (str, Path)) else np.ascontiguousarray(image)
+        rgb = load_image(image, orient=True) if isinstance(image, (str, Path)) else np.ascontiguousarray(image)
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {rgb.dtype} {rgb.shape}")
         t0 = time.perf_counter()

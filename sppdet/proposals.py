@@ -176,10 +176,12 @@ class ProposalStore:
 
 
 def _propose_one(args) -> tuple[str, int, float]:
-    image_id, image_path, out_path, backend, max_boxes, min_size, params = args
-    from .voc import load_image
+    image_id, image_path, out_path, backend, max_boxes, min_size, params, fit = args
+    from .images import fit_to_annotation, load_image
 
     img = load_image(image_path)
+    if fit is not None:  # (H, W, the annotation file): the image as the dataset gives it
+        img = fit_to_annotation(img, image_path, fit[1], fit[0], annotation=fit[2])
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -193,13 +195,17 @@ def compute_proposals(ids: Sequence[str], image_path: Callable[[str], Path], out
                       backend: str = "fast", max_boxes: int = 2000, min_size: float = 20.0, params: dict | None = None,
                       precomputed: str | None = None, workers: int = 0, overwrite: bool = False,
                       progress: bool = True, image_size: Callable[[str], tuple[int, int]] | None = None,
-                      inputs: dict | None = None, item_inputs: dict[str, str] | None = None) -> dict:
+                      inputs: dict | None = None, item_inputs: dict[str, str] | None = None,
+                      annotation_path: Callable[[str], Path] | None = None) -> dict:
     """Compute (or import) proposals for ``ids`` into a resumable store; returns the manifest.
 
     A finished image is skipped when the manifest's backend and parameters (and ``inputs``, e.g. the
     fingerprint of the images' contents) match; a change is a :class:`~sppdet.store.StaleCacheError`
     naming what changed. A manifest from before ``inputs`` were recorded is not checked on them.
     ``item_inputs`` (``{id: fingerprint of its image}``): when only images changed, only theirs are recomputed.
+    With ``image_size`` (``id -> (H, W)``, the annotated size) and ``annotation_path`` (``id ->`` its annotation
+    file, named in messages) each image is first fitted to its annotation as the dataset fits it
+    (:func:`sppdet.images.fit_to_annotation`), so the boxes are in the same pixels as every later stage's.
     """
     params = dict(params or {})
     cfg = {"backend": backend, "max_boxes": max_boxes, "min_size": min_size,
@@ -227,7 +233,9 @@ def compute_proposals(ids: Sequence[str], image_path: Callable[[str], Path], out
             stats["boxes"] += len(b)
             stats["images"] += 1
     elif backend in ("fast", "selectivesearch"):
-        jobs = [(i, str(image_path(i)), str(stage.path(i)), backend, max_boxes, min_size, params) for i in todo]
+        jobs = [(i, str(image_path(i)), str(stage.path(i)), backend, max_boxes, min_size, params,
+                 (*image_size(i), str(annotation_path(i))) if image_size and annotation_path else None)
+                for i in todo]
         n_workers = workers if workers and workers > 0 else (os.cpu_count() or 1)
         n_workers = max(1, min(n_workers, len(jobs)))
         from tqdm import tqdm

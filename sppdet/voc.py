@@ -13,11 +13,15 @@ Errors and warnings (documented policy):
 - **errors** (:class:`VOCError`, naming the file): missing or unreadable JPEG, missing or
   malformed XML, missing size or bndbox fields, non-numeric coordinates, a box with
   ``xmax < xmin`` or ``ymax < ymin``, a box entirely outside the image, an unknown class
-  name (when ``strict_classes``), an empty or missing split file, duplicate ids in a split,
-  an image whose decoded size differs from the XML's ``<size>``.
+  name (when ``strict_classes``; datasets read with it off), an empty or missing split file, duplicate ids in a split,
+  an image whose decoded size differs from the XML's ``<size>`` in a way that cannot be made safe.
 - **warnings** (logged, data kept): a box that sticks out of the image by a few pixels is
   clipped to the image (VOC has a handful of these); objects of classes outside the list
-  when ``strict_classes=False`` are skipped; a ``<size>`` with depth other than 3.
+  when ``strict_classes=False`` are skipped (one warning per class name); a class name that differs from a
+  class only in letter case is read as that class; a ``<size>`` with depth other than 3; a ``<size>`` of 0 (the
+  image's own is used); a photo whose XML gives its size turned by its EXIF orientation (turned likewise) or
+  another size of the same shape (resized to the XML's: :func:`sppdet.images.fit_to_annotation`); an image
+  ``<id>.png`` / ``.jpeg`` / ... where ``<id>.jpg`` is missing is read without a warning.
 - grayscale, CMYK, palette and alpha images all load as RGB uint8.
 """
 
@@ -31,7 +35,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .images import VOCError, image_size, load_image, warn_once  # noqa: F401 (re-exported)
+from .images import (IMAGE_SUFFIXES, VOCError, fit_to_annotation, image_size, load_image,  # noqa: F401 (re-exported)
+                     warn_once)
 from .store import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -144,11 +149,12 @@ def read_annotation(xml_path: str | Path, classes: Sequence[str] | None = None,
         log.warning("%s: <depth> is %s; images are always loaded as RGB", path, depth)
     names, boxes, diff, trunc = [], [], [], []
     for i, obj in enumerate(root.findall("object")):
-        name = _text(obj, "name", path).strip()
+        name = match_class(_text(obj, "name", path).strip(), classes, path)
         if name not in classes:
             if strict_classes:
                 raise VOCError(f"{path}: object {i} has unknown class {name!r} (known: {', '.join(classes)})")
-            log.warning("%s: skipping object %d of unknown class %r", path, i, name)
+            warn_once(f"skip class {name!r}", "%s: objects of class %r are skipped (not among the classes: %s); "
+                      "the first of them here", path, name, ", ".join(classes))
             continue
         names.append(name)
         boxes.append(_object_box(obj, i, name, path, width, height))
@@ -163,6 +169,34 @@ def read_annotation(xml_path: str | Path, classes: Sequence[str] | None = None,
         difficult=np.asarray(diff, bool),
         truncated=np.asarray(trunc, bool),
     )
+
+
+def match_class(name: str, classes: Sequence[str], where: str | Path = "") -> str:
+    """``name`` as one of ``classes``: itself, or the one class it equals but for letter case (labelling tools
+    take free text: "Person" for "person"), with one warning per spelling; unknown names come back unchanged."""
+    if name in classes:
+        return name
+    same = [c for c in classes if c.casefold() == name.casefold()]
+    if len(same) == 1:
+        warn_once(f"class spelling {name!r}", "%s: class %r read as %r (letter case differs)", where, name, same[0])
+        return same[0]
+    return name
+
+
+def merge_spellings(counts: dict[str, int], where: str | Path) -> list[str]:
+    """Class names from annotations (``{name: objects}``), those that differ only in letter case merged into
+    their most frequent spelling (one warning), sorted."""
+    groups: dict[str, list[str]] = {}
+    for n in counts:
+        groups.setdefault(n.casefold(), []).append(n)
+    out = []
+    for spellings in groups.values():
+        best = max(sorted(spellings), key=lambda n: counts[n])
+        if len(spellings) > 1:
+            log.warning("%s: class names %s differ only in letter case; read as one class %r", where,
+                        ", ".join(map(repr, sorted(spellings))), best)
+        out.append(best)
+    return sorted(out)
 
 
 def write_annotation(path: str | Path, ann: Annotation, folder: str = "VOC2007") -> None:
@@ -207,18 +241,20 @@ def read_split(path: str | Path) -> list[str]:
 
 def class_names_in(root: str | Path, split: str) -> list[str]:
     """The object class names the XML files of a split use, sorted (VOC 2007's trainval gives its 20 classes in
-    their usual order)."""
-    names: set[str] = set()
+    their usual order); spellings that differ only in letter case are one class (:func:`merge_spellings`)."""
+    counts: dict[str, int] = {}
     for i in read_split(Path(root) / "ImageSets" / "Main" / f"{split}.txt"):
         path = Path(root) / "Annotations" / f"{i}.xml"
         try:
-            names.update((o.findtext("name") or "").strip() for o in ET.parse(path).getroot().findall("object"))
+            for o in ET.parse(path).getroot().findall("object"):
+                n = (o.findtext("name") or "").strip()
+                counts[n] = counts.get(n, 0) + 1
         except (OSError, ET.ParseError) as e:
             raise VOCError(f"{path}: cannot read the annotation ({e})") from None
-    names.discard("")
-    if not names:
+    counts.pop("", None)
+    if not counts:
         raise VOCError(f"{root}: split {split!r} has no annotated object to read the classes from; set data.classes")
-    return sorted(names)
+    return merge_spellings(counts, Path(root) / "Annotations")
 
 
 class DetectionDataset:
@@ -235,12 +271,9 @@ class DetectionDataset:
 
     def image(self, image_id: str) -> np.ndarray:
         path = self.image_path(image_id)
-        img = load_image(path)
         ann = self.annotation(image_id)
-        if img.shape[:2] != (ann.height, ann.width):
-            raise VOCError(f"{path}: image is {img.shape[1]}x{img.shape[0]} but its {self.annotation_kind} says "
-                           f"{ann.width}x{ann.height} ({self.annotation_path(image_id)})")
-        return img
+        return fit_to_annotation(load_image(path), path, ann.width, ann.height, f"its {self.annotation_kind}",
+                                 self.annotation_path(image_id))
 
     def content_fingerprint(self, what: str, hashes: dict[str, str] | None = None) -> str:
         """Fingerprint of the split's ``"images"`` or ``"annotations"`` (their contents, in split order; ``hashes``:
@@ -282,19 +315,30 @@ class VOCDataset(DetectionDataset):
         self.classes = tuple(classes) if classes is not None else VOC_CLASSES
         self.ids = read_split(self.root / "ImageSets" / "Main" / f"{split}.txt")
         self._ann: dict[str, Annotation] = {}
+        self._paths: dict[str, Path] = {}
         if check_images:
             for i in self.ids:
                 self.image(i)
 
     def image_path(self, image_id: str) -> Path:
-        return self.root / "JPEGImages" / f"{image_id}.jpg"
+        """``JPEGImages/<id>.jpg``, or where that is missing ``<id>`` with another image suffix (``.png``,
+        ``.jpeg``, ``.JPG``, ...: labelling tools keep the photo's own name); the ``.jpg`` path when none exists."""
+        p = self._paths.get(image_id)
+        if p is None:
+            folder = self.root / "JPEGImages"
+            p = next((q for q in (folder / f"{image_id}{x}" for x in IMAGE_SUFFIXES) if q.is_file()),
+                     folder / f"{image_id}.jpg")
+            self._paths[image_id] = p
+        return p
 
     def annotation_path(self, image_id: str) -> Path:
         return self.root / "Annotations" / f"{image_id}.xml"
 
     def annotation(self, image_id: str) -> Annotation:
         if image_id not in self._ann:
-            self._ann[image_id] = read_annotation(self.annotation_path(image_id), self.classes,
+            # objects of other classes (a class only val or test has; a subset of classes chosen in
+            # data.classes) are skipped with one warning per class name, not an error
+            self._ann[image_id] = read_annotation(self.annotation_path(image_id), self.classes, strict_classes=False,
                                                   image_path=self.image_path(image_id))
         return self._ann[image_id]
 

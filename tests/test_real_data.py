@@ -119,10 +119,29 @@ def test_coco_errors_name_the_file(tmp_path):
     p.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": 10, "height": 10}],
                              "annotations": [{"id": 7, "image_id": 1, "category_id": 3, "bbox": [1, 1, 4, 4]}],
                              "categories": [{"id": 1, "name": "cat"}]}))
-    with pytest.raises(VOCError, match="annotation 7 of image a: unknown category 3"):
+    with pytest.raises(VOCError, match=r"annotation 7 of image a: unknown category 3 \(not in the file"):
         CocoDataset(tmp_path, "train").annotation("a")
     with pytest.raises(VOCError, match="no COCO instances file for split 'val'"):
         CocoDataset(tmp_path, "val")
+
+
+def test_coco_categories_without_annotations_are_not_classes(tmp_path, caplog):
+    """A labelling tool's parent category that no annotation uses (Roboflow writes one as id 0) is not a class;
+    in another split, objects of a category outside the classes are skipped with a warning."""
+    for split, anns in (("train", [(1, 1), (2, 2)]), ("test", [(1, 1), (3, 3)])):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "_annotations.coco.json").write_text(json.dumps({
+            "images": [{"id": k, "file_name": f"{split}{k}.jpg", "width": 50, "height": 40} for k in (1, 2, 3)],
+            "annotations": [{"id": k, "image_id": im, "category_id": k, "bbox": [1, 1, 9, 9]} for k, im in anns],
+            "categories": [{"id": 0, "name": "fruits", "supercategory": "none"}, {"id": 1, "name": "apple"},
+                           {"id": 2, "name": "banana"}, {"id": 3, "name": "kiwi"}]}))
+    with caplog.at_level("WARNING"):
+        assert coco_classes(tmp_path, "train") == ["apple", "banana"]
+    assert "'fruits' (id 0)" in caplog.text and "'kiwi' (id 3)" in caplog.text
+    assert CocoDataset(tmp_path, "train").classes == ("apple", "banana")
+    test = CocoDataset(tmp_path, "test", ["apple", "banana"])
+    assert test.annotation("test1").names == ["apple"] and test.annotation("test3").names == []
+    assert "'kiwi' are skipped" in caplog.text
 
 
 @pytest.mark.slow

@@ -228,3 +228,104 @@ def test_styled_synthetic_set_has_twenty_classes_of_every_shape(tmp_path):
     a = render_scene(np.random.default_rng(5), 200, 160)
     b = render_scene(np.random.default_rng(5), 200, 160, styled=0)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_apply_orientation_matches_pil():
+    from PIL import ImageOps
+
+    from sppdet.images import apply_orientation
+
+    a = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 7
+    for o in range(1, 9):
+        im = Image.fromarray(a)
+        ex = im.getexif()
+        ex[0x0112] = o
+        im.info["exif"] = ex.tobytes()
+        want = np.asarray(ImageOps.exif_transpose(im))
+        np.testing.assert_array_equal(apply_orientation(a, o), want, err_msg=f"orientation {o}")
+
+
+def _copy_toy(toy_voc, tmp_path):
+    import shutil
+
+    root = tmp_path / "VOC2007"
+    shutil.copytree(toy_voc, root)
+    return root
+
+
+def test_photo_labelled_turned_by_exif_is_turned(toy_voc, tmp_path, caplog):
+    """A phone photo stored landscape with EXIF orientation 6, whose XML gives the portrait size the labelling
+    tool showed: the dataset, the proposals and load_image(orient=True) all see the portrait view, with one
+    warning; load_image() alone keeps the pixels as stored."""
+    from sppdet.proposals import compute_proposals
+
+    root = _copy_toy(toy_voc, tmp_path)
+    ds = VOCDataset(root, "train", TOY_CLASSES)
+    i = ds.ids[0]
+    path = root / "JPEGImages" / f"{i}.jpg"
+    view = load_image(path)  # what the tool showed; store it turned back (90 degrees anticlockwise) with tag 6
+    im = Image.fromarray(np.ascontiguousarray(np.rot90(view, 1)))
+    ex = im.getexif()
+    ex[0x0112] = 6
+    im.save(path, quality=95, exif=ex.tobytes())
+    assert load_image(path).shape[:2] == view.shape[1::-1]
+    ds = VOCDataset(root, "train", TOY_CLASSES)
+    with caplog.at_level("WARNING"):
+        got = ds.image(i)
+    assert got.shape == view.shape and np.abs(got.astype(int) - view).mean() < 4
+    assert "EXIF orientation 6" in caplog.text and "turned" in caplog.text
+    assert load_image(path, orient=True).shape == view.shape
+    m = compute_proposals([i], ds.image_path, tmp_path / "p", workers=1, progress=False,
+                          image_size=lambda j: (ds.annotation(j).height, ds.annotation(j).width),
+                          annotation_path=ds.annotation_path)
+    assert m["complete"]
+    assert tuple(np.load(tmp_path / "p" / f"{i}.npz")["size"]) == view.shape[:2]
+
+
+def test_image_resized_after_labelling_is_fitted_and_other_names_found(toy_voc, tmp_path, caplog):
+    """An image saved at twice the annotated size (same shape) is resized to the XML's size with a warning; an
+    image stored as <id>.png (no <id>.jpg) is found; a size that matches neither way is still an error."""
+    root = _copy_toy(toy_voc, tmp_path)
+    ds = VOCDataset(root, "train", TOY_CLASSES)
+    i, j = ds.ids[:2]
+    a = ds.annotation(i)
+    big = np.asarray(Image.fromarray(ds.image(i)).resize((a.width * 2, a.height * 2)))
+    Image.fromarray(big).save(root / "JPEGImages" / f"{i}.jpg", quality=95)
+    src = root / "JPEGImages" / f"{j}.jpg"
+    Image.open(src).save(root / "JPEGImages" / f"{j}.png")
+    src.unlink()
+    ds = VOCDataset(root, "train", TOY_CLASSES)
+    with caplog.at_level("WARNING"):
+        assert ds.image(i).shape == (a.height, a.width, 3)
+    assert "resized to the annotated size" in caplog.text
+    assert ds.image_path(j).name == f"{j}.png" and ds.image(j).shape[2] == 3
+    Image.fromarray(big[:, : a.width * 2 - 30]).save(root / "JPEGImages" / f"{i}.jpg", quality=95)
+    with pytest.raises(VOCError, match="XML"):
+        VOCDataset(root, "train", TOY_CLASSES).image(i)
+
+
+def test_class_spellings_and_classes_outside_the_list(tmp_path, caplog):
+    """Auto classes merge names that differ only in letter case ("Person" / "person", the more frequent spelling
+    kept); a dataset skips objects of a class it does not have (a class only the test split has) with one
+    warning per name, where read_annotation(strict) still refuses them."""
+    from sppdet.voc import class_names_in
+
+    root = tmp_path / "VOC2007"
+    (root / "Annotations").mkdir(parents=True)
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    objs = {"a": ["person", "person", "dog"], "b": ["Person", "dog "], "c": ["person", "zebra"]}
+    for i, ns in objs.items():
+        write_xml(root / "Annotations" / f"{i}.xml", "".join(OBJ.format(n=n, d=0, x1=1, y1=1, x2=9, y2=9) for n in ns))
+    (root / "ImageSets" / "Main" / "train.txt").write_text("a\nb\n")
+    (root / "ImageSets" / "Main" / "test.txt").write_text("c\n")
+    with caplog.at_level("WARNING"):
+        classes = class_names_in(root, "train")
+    assert classes == ["dog", "person"] and "differ only in letter case" in caplog.text
+    ds = VOCDataset(root, "train", classes)
+    assert ds.annotation("b").names == ["person", "dog"]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert VOCDataset(root, "test", classes).annotation("c").names == ["person"]
+    assert "'zebra' are skipped" in caplog.text
+    with pytest.raises(VOCError, match="unknown class 'zebra'"):
+        read_annotation(root / "Annotations" / "c.xml", classes)

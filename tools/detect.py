@@ -67,18 +67,20 @@ def main(argv: list[str] | None = None) -> int:
         classes = predictor.classes
         if args.split:
             ds = predictor.run.dataset(args.split)
-            items = [(i, ds.image_path(i)) for i in ds.ids]
+            # a split's images as every stage reads them (fitted to their annotations)
+            items = [(i, ds.image_path(i), lambda i=i: ds.image(i)) for i in ds.ids]
         else:
+            # a photo as a viewer shows it (its EXIF orientation applied): the boxes are in those pixels
             paths = [Path(f) for f in args.images]
-            items = list(zip(output_names(paths, out), paths))
+            items = [(n, p, lambda p=p: load_image(p, orient=True)) for n, p in zip(output_names(paths, out), paths)]
         if not items:
             raise ValueError("no images given (pass image files or --split)")
         out.mkdir(parents=True, exist_ok=True)
         failures = 0
         with large_blocks_reused():  # each photo's activations: the same large blocks
-            for stem, path in items:
+            for stem, path, load in items:
                 try:
-                    rgb = load_image(path)
+                    rgb = load()
                 except VOCError as e:
                     print(f"error: {e}", file=sys.stderr)
                     failures += 1

@@ -18,6 +18,7 @@ def stage_proposals(run: Run, split: str, overwrite: bool = False, workers: int 
     return compute_proposals(ds.ids, ds.image_path, run.proposals_dir(split), p.backend, p.max_boxes, p.min_size,
                              p.params, p.precomputed and str(run.path(p.precomputed)), p.workers if workers is None else workers, overwrite,
                              image_size=lambda i: (ds.annotation(i).height, ds.annotation(i).width),
+                             annotation_path=ds.annotation_path,
                              inputs={"images": run.content(split, "images")},
                              item_inputs=run.item_hashes(split, "images"))
 
