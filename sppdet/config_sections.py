@@ -153,6 +153,9 @@ class FinetuneConfig:
     # norms ~470 (ZF-5's ~40), at which SGD at the paper's rates kills fc6's units and nothing is learnt.
     # The mean is taken over the windows the SVMs' feature scale samples (svm.norm_images, svm.norm_boxes).
     input_norm: float = 0.0
+    # Arithmetic of the fc layers' forward and backward passes: "fp32", "bf16" (autocast: the matmuls in
+    # bfloat16; weights, their gradients, the update and the loss in float32) or "auto" (bf16 where native).
+    precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .config import FinetuneConfig
 from .features import FeatureCache, ImageFeatures
 from .malloc import large_blocks_reused
-from .models import FCHead
+from .models import FCHead, autocast, resolve_precision
 from .roidb import Windows
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,7 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
                    _validation_batches(val_windows, lru_v, cfg, num_classes, np.random.default_rng(seed + 1))]
     head.to(device)
     opt, sched = sgd(head.named_parameters(), cfg)
+    precision = resolve_precision(cfg.precision, device, "finetune.precision")
 
     def validate() -> tuple[float, float]:
         if not val_batches:
@@ -172,8 +173,9 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
         err = loss = n = 0.0
         with torch.no_grad():
             for x, y in val_batches:
-                out = head(x)
-                loss += float(F.cross_entropy(out, y, reduction="sum"))
+                with autocast(device, precision):
+                    out = head(x)
+                loss += float(F.cross_entropy(out.float(), y, reduction="sum"))
                 err += float((out.argmax(1) != y).sum())
                 n += len(y)
         head.train()
@@ -191,7 +193,9 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
             x, y = _make_batch(pick, train_windows, lru_t, cfg, num_classes, rng, train=True)
             if x is None:
                 continue
-            loss = F.cross_entropy(head(x.to(device)), y.to(device))
+            with autocast(device, precision):
+                out = head(x.to(device))
+            loss = F.cross_entropy(out.float(), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -210,7 +214,7 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
     head.load_state_dict(best["state"])
     head.cpu()
     log_fn(f"fine-tuning: best validation error {best['val_error']:.4f} at iteration {best['iteration']} "
-           f"({time.time() - t0:.1f} s)")
+           f"({time.time() - t0:.1f} s, fc arithmetic {precision})")
     # Baselines that use no window at all: calling every window background (its error) and predicting the labels'
     # frequencies (its loss, their entropy). A head that does not beat them has learnt nothing (e.g. fc6's units
     # killed by too large inputs for the learning rate), which would otherwise only show as useless fc6/fc7

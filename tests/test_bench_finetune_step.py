@@ -13,9 +13,9 @@ def test_rows_and_ratios(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "ft.json"
     assert bench.main(["--dim", "96", "--hidden", "16", "--batches", "8,32", "--steps", "3", "--threads", "1",
-                       "--out", str(out)]) == 0
+                       "--precisions", "fp32,bf16", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["batch"] for r in rows] == [8, 32]
+    assert [(r["batch"], r["precision"]) for r in rows] == [(8, "fp32"), (32, "fp32"), (8, "bf16"), (32, "bf16")]
     assert rows[0]["speedup"] == 1.0
     for r in rows:
         assert r["s_per_step"] > 0

@@ -157,9 +157,11 @@ def _one_object_cache(directory, gain: float = 1.0):
     return zf, windows, FeatureCache(directory, zf.stride, zf.center0)
 
 
-def test_finetune_lowers_loss(tmp_path):
-    """The fc head learns on cached windows (that the conv layers stay frozen is checked on a real stage run, on
-    the weights on disk: tests/test_end_to_end.py)."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_finetune_lowers_loss(tmp_path, precision):
+    """The fc head learns on cached windows, in float32 and with its matmuls in bfloat16 (``finetune.precision``;
+    the weights stay float32). That the conv layers stay frozen is checked on a real stage run, on the weights on
+    disk: tests/test_end_to_end.py."""
     from sppdet.finetune import finetune_head
     from sppdet.models import FCHead
 
@@ -167,11 +169,14 @@ def test_finetune_lowers_loss(tmp_path):
     head = FCHead(zf.out_channels * 50, 64, 2)
     before = {k: v.clone() for k, v in head.state_dict().items()}
     cfg = FinetuneConfig(iterations=60, batch_size=32, images_per_batch=2, lr=0.01, lr_steps=[1000], val_every=20,
-                         val_batches=4, flip=False)
-    res = finetune_head(head, windows, windows, cache, cache, 1, cfg, progress=False, log_fn=lambda s: None)
+                         val_batches=4, flip=False, precision=precision)
+    logs = []
+    res = finetune_head(head, windows, windows, cache, cache, 1, cfg, progress=False, log_fn=logs.append)
     h = res["history"]
     assert h[-1]["val_loss"] < h[0]["val_loss"] or h[-1]["train_loss"] < h[0]["train_loss"]
     assert not all(torch.equal(before[k], v) for k, v in head.state_dict().items())
+    assert all(v.dtype == torch.float32 for v in head.state_dict().values())
+    assert f"fc arithmetic {precision})" in logs[0]
 
 
 def test_finetune_input_norm_lets_a_random_head_learn_on_large_features_and_a_head_that_learns_nothing_is_reported(
