@@ -95,6 +95,11 @@ class Config:
         if self.features.deep_levels is not None and not self.backbone.hypercolumn:
             raise ConfigError("features.deep_levels is the pyramid of a hypercolumn's stride-32 channels; it needs "
                               "backbone.hypercolumn: true (or leave it null)")
+        if self.backbone.project is not None and self.backbone.project < 1:
+            raise ConfigError(f"backbone.project: conv5's channels kept (>= 1) or null, not {self.backbone.project}")
+        if self.backbone.project is not None and self.features.deep_levels is not None:
+            raise ConfigError("features.deep_levels pools a hypercolumn's stride-32 channels apart, which "
+                              "backbone.project mixes with the others; set one of them to null")
         if self.finetune.input_norm < 0:
             raise ConfigError(f"finetune.input_norm must be >= 0 (0: features as they are), got {self.finetune.input_norm}")
         if self.finetune.input_norm and self.finetune.init_from_pretrain:

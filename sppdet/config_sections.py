@@ -61,6 +61,10 @@ class BackboneConfig:
     # EfficientNet-Lite at stride 16: also every stride-32 stage, its map interpolated onto the stride-16 grid
     # (cell centres aligned) and stacked on the channels (Lite2: 120 + 352 = 472), pooled as one conv5
     hypercolumn: bool = False
+    # conv5's channels projected onto their first N principal components, fitted on the train split's conv5 (one
+    # fixed 1x1 layer on top of the trunk, sppdet/projection.py): pooling, the cache, fc6, the pool5 SVMs and the
+    # box regressors all shrink by channels / N. null, or N at least conv5's channels: conv5 as the trunk gives it
+    project: Optional[int] = None
 
 
 @dataclass(frozen=True)

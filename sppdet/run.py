@@ -7,6 +7,7 @@ Run folder::
                                                by a call without --set; see :meth:`Run.__init__`)
     <run>/pretrain/checkpoint.pt               trunk + fc head (classifier pre-training)
     <run>/proposals/<split>/<id>.npz           boxes (R, 4) original-image xyxy
+    <run>/model/projection/projection.npz      conv5's principal components (backbone.project only)
     <run>/features/<split>/<id>.npz            conv5 per scale, float16
     <run>/model/finetune/finetune.pt           fine-tuned fc6/fc7/fc8 (conv frozen)
     <run>/model/svm/svm.npz                    per-class SVMs
@@ -20,6 +21,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
+import torch
 
 from .backbones import Backbone, build_backbone
 from .config import Config, resolve_path
@@ -68,6 +72,10 @@ class Run:
     @property
     def pretrain_ckpt(self) -> Path:
         return self.dir / "pretrain" / "checkpoint.pt"
+
+    @property
+    def projection_path(self) -> Path:
+        return self.dir / "model" / "projection" / "projection.npz"
 
     @property
     def finetune_path(self) -> Path:
@@ -194,7 +202,50 @@ class Run:
                 weights = str(self.pretrain_ckpt)
             elif weights not in (None, "imagenet"):
                 weights = str(self.path(weights))
-            self._backbone = build_backbone(b.name, weights, b.width, b.stride, b.hypercolumn).eval()
-            for p in self._backbone.parameters():
+            trunk = build_backbone(b.name, weights, b.width, b.stride, b.hypercolumn).eval()
+            for p in trunk.parameters():
                 p.requires_grad_(False)
+            self._backbone = trunk if b.project is None else self._projected(trunk)
         return self._backbone
+
+    # conv5 vectors for backbone.project: up to PROJECTION_CELLS cells of each of PROJECTION_IMAGES train images
+    # spread over the split, at the first scale (a 472 x 472 covariance from 32,000 vectors)
+    PROJECTION_IMAGES = 16
+    PROJECTION_CELLS = 2000
+
+    def _projected(self, trunk: Backbone) -> Backbone:
+        """``trunk`` with ``backbone.project``'s projection on top: read from :attr:`projection_path`, or fitted
+        there first (when missing, or fitted from another trunk, split, image files or ``project``); ``trunk``
+        itself where it has no more channels than that."""
+        from .config import fingerprint
+        from .features import conv5_maps, weights_fingerprint
+        from .projection import ProjectedBackbone, fit_projection
+        from .store import atomic_save_npz, load_npz
+
+        cfg, k = self.cfg, self.cfg.backbone.project
+        if k >= trunk.out_channels:  # e.g. custom.yaml's 256 with hypercolumn false (Lite2: 120 channels)
+            self.log(f"backbone.project: {k} >= conv5's {trunk.out_channels} channels, conv5 used as it is")
+            return trunk
+        path = self.projection_path
+        d = load_npz(path) if path.is_file() else None
+        # Checked against its source where the data is at hand (detection with a run folder alone uses it as is).
+        if d is None or self._annotations_present():
+            split = cfg.data.train_split
+            ds = self.dataset(split)
+            ids = [ds.ids[int(j)] for j in np.unique(np.linspace(0, len(ds.ids) - 1,
+                                                                 min(self.PROJECTION_IMAGES, len(ds.ids))))]
+            source = fingerprint({"project": k, "trunk": weights_fingerprint(trunk), "split": split, "ids": ids,
+                                  "images": self.content(split, "images"), "scale": cfg.features.scales[0],
+                                  "max_size": cfg.features.max_size, "cells": self.PROJECTION_CELLS,
+                                  "seed": cfg.seed})
+            if d is None or str(d["source"]) != source:
+                from tqdm import tqdm
+
+                maps = (conv5_maps(trunk, ds.image(i), cfg.features.scales[:1], cfg.features.max_size)[0][0]
+                        for i in tqdm(ids, desc="conv5 projection", unit="img", leave=False))
+                w, mean, explained = fit_projection(maps, k, self.PROJECTION_CELLS, cfg.seed)
+                atomic_save_npz(path, weight=w, mean=mean, explained=np.float64(explained), source=np.array(source))
+                self.log(f"backbone.project: conv5's {trunk.out_channels} channels -> their first {k} principal "
+                         f"components ({explained:.1%} of the variance of {len(ids)} {split} images' conv5), {path}")
+                d = load_npz(path)
+        return ProjectedBackbone(trunk, torch.from_numpy(d["weight"]), torch.from_numpy(d["mean"])).eval()
