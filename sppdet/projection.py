@@ -8,7 +8,7 @@ first ``k`` principal components of the train split's conv5 vectors (mean remove
 without it (or with another) are stale.
 
 Fitted once per run folder on conv5 vectors sampled from a few train images (:func:`fit_projection`), written to
-``<run>/model/projection/projection.npz`` with a manifest of what it was fitted from.
+``<run>/model/projection/projection.npz`` with a fingerprint of what it was fitted from (``source``).
 """
 
 from __future__ import annotations

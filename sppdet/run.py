@@ -227,7 +227,7 @@ class Run:
             self.log(f"backbone.project: {k} >= conv5's {trunk.out_channels} channels, conv5 used as it is")
             return trunk
         path = self.projection_path
-        d = load_npz(path) if path.is_file() else None
+        d = load_npz(path, ("weight", "mean", "source")) if path.is_file() else None
         # Checked against its source where the data is at hand (detection with a run folder alone uses it as is).
         if d is None or self._annotations_present():
             split = cfg.data.train_split
@@ -247,5 +247,5 @@ class Run:
                 atomic_save_npz(path, weight=w, mean=mean, explained=np.float64(explained), source=np.array(source))
                 self.log(f"backbone.project: conv5's {trunk.out_channels} channels -> their first {k} principal "
                          f"components ({explained:.1%} of the variance of {len(ids)} {split} images' conv5), {path}")
-                d = load_npz(path)
+                d = {"weight": w, "mean": mean}
         return ProjectedBackbone(trunk, torch.from_numpy(d["weight"]), torch.from_numpy(d["mean"])).eval()
