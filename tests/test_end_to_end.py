@@ -250,6 +250,17 @@ def test_model_combination_scores_each_window_with_both_svm_sets(trained, tmp_pa
     r = tool("train_svm.py", *common)
     assert f"svm: reusing {run_dir / 'model' / 'svm' / 'svm.npz'}" in r.stdout  # fc7's, unchanged
     assert json.loads((run_dir / "model" / "svm_pool5" / "manifest.json").read_text())["config"]["feature"] == "pool5"
+    # both sets missing: mined in one pass (windows pooled once), the same SVMs as each trained alone
+    joint = tmp_path / "joint"
+    shutil.copytree(run_dir, joint)
+    for tag in ("svm", "svm_pool5"):
+        shutil.rmtree(joint / "model" / tag)
+    tool("train_svm.py", *[joint if a == run_dir else a for a in common])
+    for tag in ("svm", "svm_pool5"):
+        alone, together = np.load(run_dir / "model" / tag / "svm.npz"), np.load(joint / "model" / tag / "svm.npz")
+        for key in ("W", "b", "feature_scale"):
+            np.testing.assert_array_equal(alone[key], together[key], err_msg=f"{tag} {key}")
+        assert json.loads((joint / "model" / tag / "manifest.json").read_text())["mined_with"] == ["fc7", "pool5"]
     maps = {}
     for by in ("max", "mean"):
         tool("test_net.py", *common, "--set", f"test.combine_by={by}", "--tag", f"_{by}")

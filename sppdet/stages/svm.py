@@ -79,50 +79,92 @@ def svm_settings(cfg: Config, feature: str) -> tuple[dict, dict]:
 def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bool = False) -> dict:
     """Per-class SVMs with hard-negative mining on the train split (one pass; with ``svm.flip`` also on its
     mirror images, positives and negatives)."""
+    return _svm_sets(run, [(feature or run.cfg.svm.feature, tag)], overwrite)[0]
+
+
+def stage_svms(run: Run, overwrite: bool = False) -> list[dict]:
+    """The SVM sets that testing scores with (``combined_svms``), each a stage of its own (folder, manifest,
+    resumable apart), those not yet trained mined in one pass: each image's windows pooled once and every set's
+    features computed from them (the same SVMs as apart, in less time: pooling is ~40% of a pool5 set's pass)."""
+    return _svm_sets(run, combined_svms(run.cfg), overwrite)
+
+
+class _Set:
+    """One SVM set being trained: its feature, file, stage folder, head and precision, then its views and trainer."""
+
+    def __init__(self, feature: str, path, stage: Stage, head: FCHead | None, layer: str, precision: str):
+        self.feature, self.path, self.stage, self.head, self.layer, self.precision = \
+            feature, path, stage, head, layer, precision
+        self.views: _Views | None = None
+        self.trainer: HardNegativeTrainer | None = None
+
+
+def _svm_sets(run: Run, sets: list[tuple[str, str]], overwrite: bool) -> list[dict]:
+    """The SVM sets ``(feature, tag)``: those already made reused, the others trained in one mining pass."""
     cfg = run.cfg
     device = run.device  # a device this machine lacks is refused before anything else
-    feature = feature or cfg.svm.feature
     tr = cfg.data.train_split
     cache = feature_cache(run, tr)
     if cfg.svm.flip:
         require_flipped_maps(cache.dir, Stage.read_manifest(cache.dir), tr, "svm.flip")
-    head, layer = svm_head(run, feature)
-    if head is not None:
-        head.to(device)  # fc6/fc7 of the mining pass on the config's device
-    inputs = {"features": Stage.read_manifest(cache.dir)["fingerprint"], "annotations": run.content(tr, "annotations")}
-    if feature in ("fc6", "fc7"):
-        inputs["finetune"] = Stage.read_manifest(run.finetune_path.parent)["fingerprint"]
-    path = run.svm_path(tag)
-    sections, extra = svm_settings(cfg, feature)
-    precision = extra["fc_precision"]
-    stage = stage_folder(path.parent, "svm", sections, extra, inputs, overwrite, extra_defaults=SETTINGS_BEFORE)
-    if path.is_file():
-        run.log(f"svm: reusing {path}")
-        return stage.finish(1)
+    results: list[dict | None] = [None] * len(sets)
+    todo: dict[int, _Set] = {}
+    for j, (feature, tag) in enumerate(sets):
+        head, layer = svm_head(run, feature)
+        if head is not None:
+            head.to(device)  # fc6/fc7 of the mining pass on the config's device
+        inputs = {"features": Stage.read_manifest(cache.dir)["fingerprint"],
+                  "annotations": run.content(tr, "annotations")}
+        if feature in ("fc6", "fc7"):
+            inputs["finetune"] = Stage.read_manifest(run.finetune_path.parent)["fingerprint"]
+        path = run.svm_path(tag)
+        sections, extra = svm_settings(cfg, feature)
+        stage = stage_folder(path.parent, "svm", sections, extra, inputs, overwrite, extra_defaults=SETTINGS_BEFORE)
+        if path.is_file():
+            run.log(f"svm: reusing {path}")
+            results[j] = stage.finish(1)
+        else:
+            todo[j] = _Set(feature, path, stage, head, layer, extra["fc_precision"])
+    if not todo:
+        return results
     windows = split_windows(run, tr)
-    rng = np.random.default_rng(cfg.seed)
-    # Feature scale: mean norm over a sample of windows (spp_feature_stats.m).
-    scale = cfg.svm.target_norm / sample_norm(cache, windows, rng, cfg.svm.norm_images, cfg.svm.norm_boxes,
-                                              lambda x: layer_features(head, layer, x, precision))
-    feats = _Views(run, cache, windows, head, layer, scale, precision)
-    trainer = HardNegativeTrainer(_positives(run, feats), feats.dim, cfg.svm, log_fn=run.log)
+    for s in todo.values():
+        rng = np.random.default_rng(cfg.seed)  # each set's own draw, as when trained alone
+        # Feature scale: mean norm over a sample of windows (spp_feature_stats.m).
+        scale = cfg.svm.target_norm / sample_norm(
+            cache, windows, rng, cfg.svm.norm_images, cfg.svm.norm_boxes,
+            lambda x, s=s: layer_features(s.head, s.layer, x, s.precision))
+        s.views = _Views(run, cache, windows, s.head, s.layer, scale, s.precision)
+        s.trainer = HardNegativeTrainer(_positives(run, s.views), s.views.dim, cfg.svm, log_fn=run.log)
     t0 = time.time()
     with large_blocks_reused():  # each image's pooled windows and their features: the same large blocks
-        mined = _mine(run, feats, trainer, feature)
-    caches = trainer.finish()
-    W = np.stack([c.w if c.w is not None else np.zeros(feats.dim, np.float32) for c in caches])
+        mined = _mine(run, list(todo.values()))
+    mining_seconds = time.time() - t0
+    together = [s.feature for s in todo.values()]
+    for j, s in todo.items():
+        results[j] = _save(run, s, mined, mining_seconds, together)
+    return results
+
+
+def _save(run: Run, s: _Set, mined: dict, mining_seconds: float, together: list[str]) -> dict:
+    """Solve ``s``'s last retrain, write its ``svm.npz`` and finish its stage folder."""
+    caches = s.trainer.finish()
+    dim = s.views.dim
+    W = np.stack([c.w if c.w is not None else np.zeros(dim, np.float32) for c in caches])
     b = np.array([c.b for c in caches], np.float32)
     stats = {name: {"positives": int(len(c.x_pos)), "negative_cache": int(len(c.idx)), "retrains": c.retrains}
              for name, c in zip(run.classes, caches)}
-    for name, s in stats.items():
-        last = s["retrains"][-1]["objective"] if s["retrains"] else float("nan")
-        run.log(f"svm {name}: {s['positives']} positives, final negative cache {s['negative_cache']}, "
-                f"{len(s['retrains'])} retrains, final objective {last:.4f}")
+    for name, st in stats.items():
+        last = st["retrains"][-1]["objective"] if st["retrains"] else float("nan")
+        run.log(f"svm {name} ({s.feature}): {st['positives']} positives, final negative cache "
+                f"{st['negative_cache']}, {len(st['retrains'])} retrains, final objective {last:.4f}")
     trained = np.array([c.w is not None for c in caches])
-    atomic_save_npz(path, W=W, b=b, feature_scale=np.float64(scale), layer=np.array(layer),
-                    classes=np.array(run.classes), feature=np.array(feature), trained=trained)
-    return stage.finish(1, stats=stats, feature_scale=scale, fc_precision=precision, mining_seconds=time.time() - t0,
-                        mined=mined, negative_pool=trainer.memory())
+    atomic_save_npz(s.path, W=W, b=b, feature_scale=np.float64(s.views.scale), layer=np.array(s.layer),
+                    classes=np.array(run.classes), feature=np.array(s.feature), trained=trained)
+    # mining_seconds: the one pass that mined every set in ``mined_with`` (pooled once for them all)
+    return s.stage.finish(1, stats=stats, feature_scale=s.views.scale, fc_precision=s.precision,
+                          mining_seconds=mining_seconds, mined=mined, mined_with=together,
+                          negative_pool=s.trainer.memory())
 
 
 class _Views:
@@ -168,16 +210,19 @@ def _positives(run: Run, views: _Views) -> list[np.ndarray]:
     return x_pos
 
 
-def _mine(run: Run, views: _Views, trainer: HardNegativeTrainer, feature: str) -> dict:
-    """One pass of hard-negative mining over the train split's proposals (each image scored for every class);
-    returns how many windows were scored and how many (window, class) negatives ``svm.group_negatives`` added."""
+def _mine(run: Run, sets: list[_Set]) -> dict:
+    """One pass of hard-negative mining over the train split's proposals, each image's windows pooled once and
+    scored for every class by every set in ``sets``; returns how many windows were scored and how many (window,
+    class) negatives ``svm.group_negatives`` added."""
     from tqdm import tqdm
 
     svm = run.cfg.svm
     k_cls = len(run.classes)
+    views = sets[0].views  # the images, their mirrors and windows: the same for every set
     n, last = 0, len(views.windows) * (2 if views.flip else 1) - 1
     scored = grouped = 0
-    for i in tqdm(views.windows, desc=f"svm hard negatives ({feature})", unit="img"):
+    names = "+".join(s.feature for s in sets)
+    for i in tqdm(views.windows, desc=f"svm hard negatives ({names})", unit="img"):
         w = views.windows[i]
         for feats, boxes in views(i):
             prop = np.nonzero(~w.is_gt)[0]
@@ -190,16 +235,20 @@ def _mine(run: Run, views: _Views, trainer: HardNegativeTrainer, feature: str) -
                 if 0 < svm.mine_windows < len(prop):
                     keep = mining_sample(len(prop), svm.mine_windows, np.random.default_rng([run.cfg.seed, n]))
                     x, prop = x[torch.from_numpy(keep)], prop[keep]
-                f = views.features(x)
                 neg = w.class_iou[prop] < svm.neg_iou
                 if svm.group_negatives:
                     group = group_windows_mask(w, prop, k_cls, svm.group_negatives)
                     grouped += int((group & ~neg).sum())
                     neg |= group
                 scored += len(prop)
+                for s in sets:
+                    f = s.views.features(x)
+                    s.trainer.add_image(n, f.astype(np.float32, copy=False), neg, last=n == last)
+                    del f
             else:  # still called: the last image triggers the final retrain
-                f, neg = np.zeros((0, views.dim), np.float32), np.zeros((0, k_cls), bool)
-            trainer.add_image(n, f.astype(np.float32), neg, last=n == last)
+                neg = np.zeros((0, k_cls), bool)
+                for s in sets:
+                    s.trainer.add_image(n, np.zeros((0, s.views.dim), np.float32), neg, last=n == last)
             n += 1
     return {"windows_scored": scored, "group_negatives": grouped}
 
@@ -216,11 +265,6 @@ def combined_svms(cfg: Config) -> list[tuple[str, str]]:
     feature of ``test.combine`` (tag ``_<feature>``, the folder the ablation uses for it too; ``Config``
     checks that they can share one detector)."""
     return [(cfg.svm.feature, "")] + [(f, f"_{f}") for f in dict.fromkeys(cfg.test.combine)]
-
-
-def stage_svms(run: Run, overwrite: bool = False) -> list[dict]:
-    """The SVM sets that testing scores with (``combined_svms``), each a stage of its own."""
-    return [stage_svm(run, feature, tag, overwrite) for feature, tag in combined_svms(run.cfg)]
 
 
 SPEC = StageSpec("svm", "tools/train_svm.py", False,
