@@ -33,11 +33,12 @@ from sppdet.store import atomic_write_text  # noqa: E402
 
 
 def seconds_per_step(dim: int, hidden: int, classes: int, batch: int, steps: int, seed: int = 0,
-                     precision: str = "fp32") -> float:
+                     precision: str = "fp32", rank: int = 0) -> float:
     """Median seconds of one training step at ``batch`` windows (after two warm-up steps), the fc layers' forward
-    and backward in ``precision`` ("fp32" or "bf16" autocast, as ``finetune.precision``)."""
+    and backward in ``precision`` ("fp32" or "bf16" autocast, as ``finetune.precision``), fc6 of ``rank`` (0: full;
+    ``finetune.fc6_rank``)."""
     torch.manual_seed(seed)
-    head = FCHead(dim, hidden, classes + 1).train()
+    head = FCHead(dim, hidden, classes + 1, fc6_rank=rank).train()
     opt, _ = sgd(head.named_parameters(), FinetuneConfig())  # fine-tuning's momentum and weight decay
     x = torch.randn(batch, dim)
     y = torch.randint(0, classes + 1, (batch,))
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--precisions", default="fp32", help="fc arithmetic per row, comma-separated: fp32, bf16, auto "
                     "(bf16 where native; finetune.precision)")
+    ap.add_argument("--ranks", default="0", help="fc6's rank per row, comma-separated (0: full; finetune.fc6_rank)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args(argv)
@@ -73,17 +75,20 @@ def main(argv=None) -> int:
     try:
         rows = []
         for p in [resolve_precision(q, "cpu", "--precisions") for q in args.precisions.split(",")]:
-            for b in batches:
-                s = seconds_per_step(args.dim, args.hidden, args.classes, b, args.steps, precision=p)
-                rows.append({"batch": b, "precision": p, "s_per_step": s, "ms_per_window": 1000 * s / b})
+            for r in [int(q) for q in args.ranks.split(",")]:
+                for b in batches:
+                    s = seconds_per_step(args.dim, args.hidden, args.classes, b, args.steps, precision=p, rank=r)
+                    rows.append({"batch": b, "precision": p, "fc6_rank": r, "s_per_step": s,
+                                 "ms_per_window": 1000 * s / b})
     finally:
         torch.set_num_threads(threads)  # the caller's (a test process) as it was
     ref = rows[0]["ms_per_window"]
     print(f"fc6 {args.dim} -> {args.hidden}, fc7 {args.hidden}, {args.threads} threads")
-    print(f"{'windows/step':>12} {'fc':>5} {'ms/step':>9} {'ms/window':>10} {'vs first':>9}")
+    print(f"{'windows/step':>12} {'fc':>5} {'fc6 rank':>8} {'ms/step':>9} {'ms/window':>10} {'vs first':>9}")
     for r in rows:
         r["speedup"] = ref / r["ms_per_window"]
-        print(f"{r['batch']:>12} {r['precision']:>5} {1000 * r['s_per_step']:>9.1f} {r['ms_per_window']:>10.3f} "
+        print(f"{r['batch']:>12} {r['precision']:>5} {r['fc6_rank'] or 'full':>8} {1000 * r['s_per_step']:>9.1f} "
+              f"{r['ms_per_window']:>10.3f} "
               f"{r['speedup']:>8.2f}x")
     if args.out:
         atomic_write_text(args.out, json.dumps({"args": vars(args), "rows": rows}, indent=1))

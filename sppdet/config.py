@@ -105,6 +105,12 @@ class Config:
         if self.finetune.input_norm and self.finetune.init_from_pretrain:
             raise ConfigError("finetune.input_norm rescales fc6's input, which the pre-trained classifier's fc6 was not "
                               "trained on; set finetune.init_from_pretrain: false with it")
+        if self.finetune.fc6_rank and self.finetune.init_from_pretrain:
+            raise ConfigError("finetune.fc6_rank learns fc6 factored from random initialisation; the pre-trained "
+                              "classifier's fc6 is a full layer: set finetune.init_from_pretrain: false with it")
+        if self.finetune.fc6_rank and (self.test.svd_fc6 or self.svm.feature.endswith("_noft")):
+            raise ConfigError("finetune.fc6_rank: fc6 is already factored; test.svd_fc6 must be 0 and svm.feature "
+                              "the fine-tuned head's")
         if self.proposals.backend != "precomputed":  # the backend's own parameters, by name and type
             from .proposals import resolved_params
 

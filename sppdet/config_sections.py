@@ -157,6 +157,10 @@ class FinetuneConfig:
     # norms ~470 (ZF-5's ~40), at which SGD at the paper's rates kills fc6's units and nothing is learnt.
     # The mean is taken over the windows the SVMs' feature scale samples (svm.norm_images, svm.norm_boxes).
     input_norm: float = 0.0
+    # 0: fc6 a full in_dim x hidden layer (the paper). r > 0: fc6 learnt as two layers, in_dim -> r -> hidden with
+    # no activation between (a rank-r weight, trained so from random initialisation), so that the matmuls with
+    # the wide pooled vector cost r / hidden of fc6's, in fine-tuning, the SVM stage and testing alike.
+    fc6_rank: int = field(default=0, metadata={"min": 0})
     # Arithmetic of the fc layers' forward and backward passes: "fp32", "bf16" (autocast: the matmuls in
     # bfloat16; weights, their gradients, the update and the loss in float32) or "auto" (bf16 where native).
     precision: str = field(default="fp32", metadata={"choices": PRECISIONS})

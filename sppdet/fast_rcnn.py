@@ -69,7 +69,7 @@ class FastRCNN(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, levels: Sequence[int], hidden: int, dropout: float,
-                 shrink: float, deep: tuple[int, Sequence[int]] | None = None):
+                 shrink: float, deep: tuple[int, Sequence[int]] | None = None, fc6_rank: int = 0):
         super().__init__()
         self.backbone = backbone
         self.num_classes = int(num_classes)
@@ -77,7 +77,7 @@ class FastRCNN(nn.Module):
         self.deep = check_deep(deep, backbone.out_channels)
         self.shrink = float(shrink)
         self.head = FCHead(spp_output_dim(backbone.out_channels, self.levels, self.deep), hidden, num_classes + 1,
-                           dropout)
+                           dropout, fc6_rank=fc6_rank)
         self.bbox_pred = nn.Linear(hidden, 4 * num_classes)
         nn.init.normal_(self.bbox_pred.weight, std=0.001)
         nn.init.zeros_(self.bbox_pred.bias)

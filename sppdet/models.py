@@ -24,14 +24,24 @@ class FCHead(nn.Module):
     before fc6 (1: as they are; fine-tuning's ``input_norm`` sets it, and checkpoints keep it).
     """
 
-    def __init__(self, in_dim: int, hidden: int, num_outputs: int, dropout: float = 0.5, input_scale: float = 1.0):
+    def __init__(self, in_dim: int, hidden: int, num_outputs: int, dropout: float = 0.5, input_scale: float = 1.0,
+                 fc6_rank: int = 0):
         super().__init__()
         self.input_scale = float(input_scale)
-        self.fc6 = nn.Linear(in_dim, hidden)
+        # fc6_rank r in (0, min(in_dim, hidden)): fc6 learnt as two layers, in_dim -> r (no bias, no activation) ->
+        # hidden, a rank-r weight (in_dim + hidden) * r floats instead of in_dim * hidden (finetune.fc6_rank)
+        self.fc6_rank = int(fc6_rank) if 0 < fc6_rank < min(in_dim, hidden) else 0
+        if self.fc6_rank:
+            self.fc6 = nn.Sequential(nn.Linear(in_dim, self.fc6_rank, bias=False), nn.Linear(self.fc6_rank, hidden))
+            # the product's variance as He init's: the first layer keeps the input's, the second is He's
+            nn.init.normal_(self.fc6[0].weight, std=in_dim ** -0.5)
+            out6 = self.fc6[1]
+        else:
+            self.fc6 = out6 = nn.Linear(in_dim, hidden)
         self.fc7 = nn.Linear(hidden, hidden)
         self.fc8 = nn.Linear(hidden, num_outputs)
         self.drop = nn.Dropout(dropout)
-        for m in (self.fc6, self.fc7):  # He init: trains from scratch (Caffe's std 0.005/0.01 stalls without ImageNet)
+        for m in (out6, self.fc7):  # He init: trains from scratch (Caffe's std 0.005/0.01 stalls without ImageNet)
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             nn.init.zeros_(m.bias)
         nn.init.normal_(self.fc8.weight, std=0.01)

@@ -464,6 +464,38 @@ def test_finetune_with_input_norm_keeps_its_scale_for_the_svms_and_test_time(tra
     assert torch.allclose(det.head.features(x), plain.eval().features(x * head.input_scale), atol=1e-5)
 
 
+def test_factored_fc6_through_the_stages(trained, tmp_path):
+    """finetune.fc6_rank: the stage trains a factored fc6, the checkpoint keeps its rank, the SVM stage and the
+    detector read it back as trained; the fine-tuning stage is stale once the rank changes."""
+    import os
+
+    import torch
+
+    from sppdet.config import load_config
+    from sppdet.run import Run
+    from sppdet.stages import build_detector, load_head, stage_finetune, stage_svms
+    from sppdet.store import StaleCacheError
+
+    tmp, _ = trained
+    (tmp_path / "run").mkdir()
+    for d in ("pretrain", "proposals", "features"):
+        os.symlink(tmp / "run" / d, tmp_path / "run" / d)
+    overrides = [f"data.root={tmp / 'data' / 'VOC2007'}", "finetune.init_from_pretrain=false", "finetune.input_norm=40",
+                 "finetune.fc6_rank=16", "finetune.iterations=60", "finetune.lr_steps=[1000]", "test.combine=[]"]
+    run = Run(load_config("configs/tiny.yaml", overrides), tmp_path / "run", save_config=False)
+    stage_finetune(run)
+    head = load_head(run)
+    assert head.fc6_rank == 16 and head.fc6[0].weight.shape[0] == 16
+    stage_svms(run)
+    det = build_detector(run, "test", use_bbox_reg=False)
+    x = torch.rand(4, head.fc6[0].in_features)
+    assert torch.allclose(det.head.features(x), head.features(x), atol=1e-5)
+    rank8 = [o for o in overrides if not o.startswith("finetune.fc6_rank")] + ["finetune.fc6_rank=8"]
+    other = Run(load_config("configs/tiny.yaml", rank8), tmp_path / "run", save_config=False)
+    with pytest.raises(StaleCacheError, match="fc6_rank"):
+        load_head(other)
+
+
 def test_predictor_detects_with_a_run_folder_from_any_directory(trained, tmp_path, monkeypatch):
     from sppdet import Predictor
 

@@ -215,6 +215,42 @@ def test_finetune_input_norm_lets_a_random_head_learn_on_large_features_and_a_he
     assert any(m.startswith("warning: fine-tuning learnt (almost) nothing") and "finetune.input_norm" in m for m in logs)
 
 
+def test_finetune_with_a_factored_fc6_learns_and_fc6_has_that_rank(tmp_path):
+    """finetune.fc6_rank: fc6 learnt as in_dim -> r -> hidden (no activation between), so its weight has rank r;
+    the head still learns; a rank at or above fc6's smaller side is a full layer."""
+    from sppdet.finetune import finetune_head
+    from sppdet.models import FCHead
+
+    zf, windows, cache = _one_object_cache(tmp_path)
+    d = zf.out_channels * 50
+    torch.manual_seed(0)
+    head = FCHead(d, 64, 2, fc6_rank=8)
+    assert head.fc6_rank == 8 and [tuple(m.weight.shape) for m in head.fc6] == [(8, d), (64, 8)]
+    assert head.fc6[0].bias is None and sum(p.numel() for p in head.fc6.parameters()) == 8 * d + 64 * 8 + 64
+    cfg = FinetuneConfig(iterations=60, batch_size=32, images_per_batch=2, lr=0.01, lr_steps=[1000], val_every=20,
+                         val_batches=4, flip=False)
+    res = finetune_head(head, windows, windows, cache, cache, 1, cfg, progress=False, log_fn=lambda m: None)
+    h = res["history"]
+    assert h[-1]["val_loss"] < h[0]["val_loss"] or h[-1]["train_loss"] < h[0]["train_loss"]
+    w = (head.fc6[1].weight @ head.fc6[0].weight).detach()
+    assert torch.linalg.matrix_rank(w).item() == 8
+    x = cache.pooled("0", windows["0"].boxes[:5])
+    expected = torch.relu(x @ w.T + head.fc6[1].bias)
+    assert torch.allclose(head.eval().features(x, "fc6"), expected, atol=1e-4)
+    full = FCHead(d, 64, 2, fc6_rank=64)
+    assert full.fc6_rank == 0 and isinstance(full.fc6, torch.nn.Linear)
+
+
+def test_factored_fc6_is_refused_where_fc6_is_pretrained_or_factored_again():
+    from sppdet.config import Config, ConfigError, FinetuneConfig as F, TestConfig as T
+
+    assert Config(finetune=F(fc6_rank=256, init_from_pretrain=False)).finetune.fc6_rank == 256
+    with pytest.raises(ConfigError, match="init_from_pretrain: false"):
+        Config(finetune=F(fc6_rank=256))
+    with pytest.raises(ConfigError, match="test.svd_fc6 must be 0"):
+        Config(finetune=F(fc6_rank=256, init_from_pretrain=False), test=T(svd_fc6=128))
+
+
 def test_finetune_input_norm_is_refused_with_a_pretrained_fc6():
     from sppdet.config import Config, ConfigError, FinetuneConfig as F
 

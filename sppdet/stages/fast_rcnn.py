@@ -26,8 +26,8 @@ from .common import (StageSpec, image_route_inputs, require_current, require_set
 from .proposals import require_proposals
 from .test import annotations_of, evaluate, write_results
 
-SETTINGS = ("fast_rcnn", "finetune.hidden", "finetune.dropout", "finetune.input_norm", "features.scales",
-            "features.max_size", "features.levels", "features.deep_levels", "features.shrink",
+SETTINGS = ("fast_rcnn", "finetune.hidden", "finetune.dropout", "finetune.input_norm", "finetune.fc6_rank",
+            "features.scales", "features.max_size", "features.levels", "features.deep_levels", "features.shrink",
             "features.target_size", "backbone", "seed")
 
 
@@ -36,14 +36,14 @@ def model_dir(run: Run, tag: str = ""):
 
 
 # What a setting recorded since was before it existed: models from before it stay valid at its default.
-SETTINGS_BEFORE = {"features": {"deep_levels": None}}
+SETTINGS_BEFORE = {"features": {"deep_levels": None}, "finetune_head": {"fc6_rank": 0}}
 
 
 def _settings(run: Run) -> dict:
     cfg = run.cfg
     f = cfg.features
     return {"finetune_head": {"hidden": cfg.finetune.hidden, "dropout": cfg.finetune.dropout,
-                              "input_norm": cfg.finetune.input_norm},
+                              "input_norm": cfg.finetune.input_norm, "fc6_rank": cfg.finetune.fc6_rank},
             "features": {"scales": list(f.scales), "max_size": f.max_size, "levels": list(f.levels),
                          "shrink": f.shrink, "target_size": f.target_size, "deep_levels": f.deep_levels},
             "seed": cfg.seed}
@@ -56,7 +56,7 @@ def build_model(run: Run) -> FastRCNN:
     deep = None if fr.pooling == "roi" else run.pool_deep()  # RoI pooling: one 7x7 level for every channel
     trunk = copy.deepcopy(run.backbone())
     model = FastRCNN(trunk, len(run.classes), levels, cfg.finetune.hidden, cfg.finetune.dropout, cfg.features.shrink,
-                     deep)
+                     deep, cfg.finetune.fc6_rank)
     set_trainable(trunk, fr.train_conv, fr.frozen_convs)
     return model
 
@@ -67,6 +67,8 @@ def _init_head(run: Run, model: FastRCNN) -> str:
         return "random"
     st = load_checkpoint(run.pretrain_ckpt)["head"]
     h = model.head
+    if h.fc6_rank:
+        return "random (fc6 factored: finetune.fc6_rank)"
     if st["fc6.weight"].shape != h.fc6.weight.shape or st["fc7.weight"].shape != h.fc7.weight.shape:
         return "random (the pre-trained fc6 has another input size)"
     for name in ("fc6", "fc7"):

@@ -23,9 +23,9 @@ from .common import StageSpec, feature_cache, require_settings, require_flipped_
 
 def _new_head(run: Run, in_dim: int, init_from_pretrain: bool) -> tuple[FCHead, str]:
     cfg = run.cfg.finetune
-    head = FCHead(in_dim, cfg.hidden, len(run.classes) + 1, cfg.dropout)
+    head = FCHead(in_dim, cfg.hidden, len(run.classes) + 1, cfg.dropout, fc6_rank=cfg.fc6_rank)
     how = "random"
-    if init_from_pretrain and run.pretrain_ckpt.is_file():
+    if init_from_pretrain and not head.fc6_rank and run.pretrain_ckpt.is_file():
         ck = load_checkpoint(run.pretrain_ckpt)
         st = ck["head"]
         if st["fc6.weight"].shape == head.fc6.weight.shape and st["fc7.weight"].shape == head.fc7.weight.shape:
@@ -88,7 +88,7 @@ def stage_finetune(run: Run, overwrite: bool = False) -> dict:
         raise RuntimeError(f"fine-tuning changed the conv layers ({conv_before} -> {conv_after})")
     save_checkpoint(run.finetune_path, {"head": head.state_dict(), "in_dim": in_dim, "hidden": cfg.finetune.hidden,
                                         "classes": run.classes, "result": res, "init": how,
-                                        "input_scale": head.input_scale})
+                                        "input_scale": head.input_scale, "fc6_rank": head.fc6_rank})
     return stage.finish(1, best_iteration=res["best_iteration"], best_val_error=res["best_val_error"],
                         background_error=res["background_error"], prior_loss=res["prior_loss"],
                         best_val_loss=res["best_val_loss"], input_scale=head.input_scale,
@@ -107,7 +107,8 @@ def load_head(run: Run, check: bool = True) -> FCHead:
         require_settings(run, run.finetune_path.parent, "tools/finetune_fc.py", {"finetune": run.cfg.finetune},
                          finetune_settings(run))
     ck = load_checkpoint(run.finetune_path)
-    head = FCHead(ck["in_dim"], ck["hidden"], len(ck["classes"]) + 1, input_scale=ck.get("input_scale", 1.0))
+    head = FCHead(ck["in_dim"], ck["hidden"], len(ck["classes"]) + 1, input_scale=ck.get("input_scale", 1.0),
+                  fc6_rank=ck.get("fc6_rank", 0))
     head.load_state_dict(ck["head"])
     return head.eval()
 
