@@ -109,14 +109,15 @@ def _svm_sets(run: Run, sets: list[tuple[str, str]], overwrite: bool) -> list[di
         require_flipped_maps(cache.dir, Stage.read_manifest(cache.dir), tr, "svm.flip")
     results: list[dict | None] = [None] * len(sets)
     todo: dict[int, _Set] = {}
+    shared = {"features": Stage.read_manifest(cache.dir)["fingerprint"], "annotations": run.content(tr, "annotations")}
+    if any(f in ("fc6", "fc7") for f, _ in sets):
+        shared["finetune"] = Stage.read_manifest(run.finetune_path.parent)["fingerprint"]
     for j, (feature, tag) in enumerate(sets):
         head, layer = svm_head(run, feature)
         if head is not None:
             head.to(device)  # fc6/fc7 of the mining pass on the config's device
-        inputs = {"features": Stage.read_manifest(cache.dir)["fingerprint"],
-                  "annotations": run.content(tr, "annotations")}
-        if feature in ("fc6", "fc7"):
-            inputs["finetune"] = Stage.read_manifest(run.finetune_path.parent)["fingerprint"]
+        # what this set depends on: the cache and annotations, and the fine-tuned head for fc6/fc7
+        inputs = {k: v for k, v in shared.items() if k != "finetune" or feature in ("fc6", "fc7")}
         path = run.svm_path(tag)
         sections, extra = svm_settings(cfg, feature)
         stage = stage_folder(path.parent, "svm", sections, extra, inputs, overwrite, extra_defaults=SETTINGS_BEFORE)
