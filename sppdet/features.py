@@ -150,6 +150,11 @@ class ImageFeatures:
         return ImageFeatures(self.flipped_maps, self.factors, self.height, self.width, self.maps)
 
 
+def _channels_last(m: torch.Tensor) -> torch.Tensor:
+    """A ``(C, H, W)`` map with the channels innermost in memory (the same shape and values)."""
+    return m.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+
+
 class FeatureCache:
     """Reader (and writer) of ``<dir>/<id>.npz``: ``conv_<s>`` float16 (C, h, w), ``factors``,
     ``size`` (H, W); optionally ``flip_conv_<s>`` for the horizontally flipped image."""
@@ -195,9 +200,12 @@ class FeatureCache:
         n = len(d["factors"])
         if any(f"conv_{i}" not in d for i in range(n)):
             raise ShardError(f"{p}: shard lacks a conv map for one of its {n} scales")
-        # Kept in the stored dtype: max pooling runs on float16 maps directly (exact, half the traffic).
-        maps = [torch.from_numpy(d[f"conv_{i}"]).to(device) for i in range(n)]
-        flipped = [torch.from_numpy(d[f"flip_conv_{i}"]).to(device) for i in range(n)] if "flip_conv_0" in d else None
+        # Kept in the stored dtype (max pooling runs on float16 maps directly: exact, half the traffic) and made
+        # channels-last, the layout the pooling's tables are built in: one copy here rather than one per
+        # pooling call (fine-tuning pools each training image ~100 times: 32 windows 7.3 -> 4.9 ms).
+        maps = [_channels_last(torch.from_numpy(d[f"conv_{i}"]).to(device)) for i in range(n)]
+        flipped = ([_channels_last(torch.from_numpy(d[f"flip_conv_{i}"]).to(device)) for i in range(n)]
+                   if "flip_conv_0" in d else None)
         h, w = (int(v) for v in d["size"])
         return ImageFeatures(maps, [float(f) for f in d["factors"]], h, w, flipped)
 

@@ -92,7 +92,7 @@ def sample_windows(w: Windows, num: int, fg_fraction: float, fg_threshold: float
 def _make_batch(ids: Sequence[str], windows: dict, lru: FeatureLRU, cfg: FinetuneConfig, num_classes: int,
                 rng: np.random.Generator, train: bool):
     per = max(1, cfg.batch_size // len(ids))
-    xs, ys = [], []
+    x, ys, rows = None, [], 0
     for i in ids:
         w = windows[i]
         idx, lab = sample_windows(w, per, cfg.fg_fraction, cfg.fg_threshold, cfg.bg_low, cfg.bg_high, num_classes, rng)
@@ -103,11 +103,14 @@ def _make_batch(ids: Sequence[str], windows: dict, lru: FeatureLRU, cfg: Finetun
         scale_idx = None
         if train and cfg.random_scale and len(feats.factors) > 1:
             scale_idx = rng.integers(0, len(feats.factors), len(idx))
-        xs.append(lru.cache.pooled(feats, w.boxes[idx], flipped=flip, scale_idx=scale_idx))
+        if x is None:  # each image's windows pooled straight into the batch (a torch.cat of them: ~6 ms a step)
+            x = torch.empty((per * len(ids), lru.cache.feature_dim(feats.maps[0].shape[0])), dtype=torch.float32)
+        lru.cache.pooled(feats, w.boxes[idx], flipped=flip, scale_idx=scale_idx, out=x[rows:rows + len(idx)])
         ys.append(torch.from_numpy(lab))
-    if not xs:
+        rows += len(idx)
+    if x is None:
         return None, None
-    return torch.cat(xs), torch.cat(ys)
+    return x[:rows], torch.cat(ys)
 
 
 def _validation_batches(val_windows: dict, lru: FeatureLRU, cfg: FinetuneConfig, num_classes: int,

@@ -71,6 +71,12 @@ def test_cache_round_trip_float16(zf, tmp_path):
         torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3)
         f = cache.load(k)
         assert (f.height, f.width) == im.shape[:2] and f.maps[0].dtype == torch.float16  # stored dtype
+        # loaded channels-last (the pooling's table layout: no copy per pooling call), the values as stored
+        m = f.maps[0]
+        assert m.stride()[0] == 1 and m.stride()[2] == m.shape[0] and not m.is_contiguous()
+        assert torch.equal(m, maps[0].half())
+        assert torch.equal(pool_boxes([m.contiguous()], f.factors, boxes, np.zeros(2, np.int64), zf.stride,
+                                      zf.center0, (6, 3, 2, 1), 6.5), got)
         # pooling the float16 map directly is exact: equal to pooling its float32 upcast
         up = pool_boxes([m.float() for m in f.maps], f.factors, boxes, np.zeros(2, np.int64), zf.stride, zf.center0,
                         (6, 3, 2, 1), 6.5)
