@@ -19,18 +19,59 @@ class SameConv2d(nn.Conv2d):
     """Conv with TensorFlow "SAME" padding computed per input (the weights' training setup)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.same(x, self.weight, self.bias)
+
+    def same(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """This conv with ``weight`` and ``bias`` (its own, or with a BatchNorm folded in)."""
         k, s = self.kernel_size[0], self.stride[0]
+        if s == 1 and k % 2:  # "SAME" at stride 1 is symmetric: the conv pads, no padded copy of the input
+            return F.conv2d(x, weight, bias, 1, (k - 1) // 2, self.dilation, self.groups)
         ih, iw = x.shape[-2:]
         ph = max((-(-ih // s) - 1) * s + k - ih, 0)
         pw = max((-(-iw // s) - 1) * s + k - iw, 0)
         if ph or pw:
             x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
 
     def spatial_op(self) -> SpatialOp:
         k, s = self.kernel_size[0], self.stride[0]
         total = max(k - s, 0)  # nominal, for even input sides (odd sides shift by <= 1 px)
         return SpatialOp(k, s, total // 2, pad_total=total)
+
+
+class _Folded:
+    """A conv's weight and bias with the eval-mode BatchNorm after it folded in (``w * g / sqrt(var + eps)``,
+    ``beta - mean * g / sqrt(var + eps)``), for inference: one conv instead of a conv and a pass of the BatchNorm
+    over its output. Kept, not a parameter (the state_dict and the weights' fingerprint are the module's own), and
+    made again whenever one of the tensors it comes from is replaced or changed in place (moved, loaded, trained)."""
+
+    def __init__(self):
+        self.key, self.weight, self.bias = None, None, None
+
+    def get(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+        src = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in src)
+        if key != self.key:
+            with torch.no_grad():
+                scale = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)
+                self.weight = (conv.weight.float() * scale[:, None, None, None]).to(conv.weight.dtype)
+                self.bias = (bn.bias.float() - bn.running_mean.float() * scale).to(conv.weight.dtype)
+            self.key = key
+        return self.weight, self.bias
+
+
+FOLD_BATCHNORM = True  # False: inference runs the layers as written too (benchmarks/bench_trunk.py compares both)
+
+
+def _conv_bn(x: torch.Tensor, conv: SameConv2d, bn: nn.BatchNorm2d, folded: _Folded, relu6: bool) -> torch.Tensor:
+    """``relu6(bn(conv(x)))`` (or without the ReLU6): in training or with gradients as written; in eval mode without
+    gradients (every conv5 pass, and detection) with the BatchNorm folded into the conv and the ReLU6 in place:
+    the same up to float rounding (~3e-6 relative on Lite2's conv5) in ~0.7x the time on 2 cores."""
+    if bn.training or torch.is_grad_enabled() or not FOLD_BATCHNORM:
+        y = bn(conv(x))
+        return F.relu6(y) if relu6 else y
+    y = conv.same(x, *folded.get(conv, bn))
+    return F.relu6(y, inplace=True) if relu6 else y
 
 
 # (repeats, kernel, stride, expand, in, out) for EfficientNet-B0 / Lite0 (width=depth=1.0)
@@ -71,13 +112,14 @@ class _MBConv(nn.Module):
         self._project_conv = SameConv2d(mid, cout, 1, bias=False)
         self._bn2 = nn.BatchNorm2d(cout, **bn)
         self.residual = stride == 1 and cin == cout
+        self._folded = [_Folded() for _ in range(3)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x
         if hasattr(self, "_expand_conv"):
-            y = F.relu6(self._bn0(self._expand_conv(y)))
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
-        y = self._bn2(self._project_conv(y))
+            y = _conv_bn(y, self._expand_conv, self._bn0, self._folded[0], True)
+        y = _conv_bn(y, self._depthwise_conv, self._bn1, self._folded[1], True)
+        y = _conv_bn(y, self._project_conv, self._bn2, self._folded[2], False)
         return y + x if self.residual else y
 
 
@@ -138,6 +180,7 @@ class EfficientNetLite0(Backbone):
         net = net if net is not None else EfficientNetLite0Net(stages=stages)
         self.name = name
         self._conv_stem, self._bn0 = net._conv_stem, net._bn0
+        self._stem_folded = _Folded()
         self._n16 = sum(st[0] for st in stages[:5])  # blocks up to the stride-16 stage (the fifth)
         last = len(stages) if stride == 32 or hypercolumn else 5
         self._blocks = nn.ModuleList(list(net._blocks)[:sum(st[0] for st in stages[:last])])
@@ -158,7 +201,7 @@ class EfficientNetLite0(Backbone):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = _conv_bn(x, self._conv_stem, self._bn0, self._stem_folded, True)
         for b in self._blocks[:self._n16]:
             x = b(x)
         deep = x

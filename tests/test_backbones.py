@@ -159,17 +159,50 @@ def test_efficientnet_stride32_runs_every_block_of_the_classifier():
     assert (trunk32.out_channels, trunk32.stride) == (320, 32) and len(trunk32._blocks) == len(net._blocks)
     assert trunk32.center0 > trunk16.center0 and trunk32.receptive_field > trunk16.receptive_field
     x = torch.randn(1, 3, 200, 264)
-    with torch.no_grad():
-        ref = torch.nn.functional.relu6(net._bn0(net._conv_stem(x)))
-        for b in net._blocks:
+    with torch.no_grad():  # both with their BatchNorms folded into the convs (eval mode, no gradients)
+        ref = torch.nn.functional.relu6(net._bn0.eval()(net._conv_stem(x)))
+        for b in net.eval()._blocks:
             ref = b(ref)
         out = trunk32.eval()(x)
-    assert out.shape == (1, 320, 7, 9) and torch.equal(out, ref)
+    assert out.shape == (1, 320, 7, 9)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
     assert sum(s[0] for s in LITE_STAGES["efficientnet_lite0"]) == len(net._blocks)
     with pytest.raises(ValueError, match="must be 16 or 32"):
         build_backbone("efficientnet_lite0", stride=8)
     with pytest.raises(ValueError, match="zf5: backbone.stride 32"):
         build_backbone("zf5", stride=32)
+
+
+def test_efficientnet_inference_folds_batchnorm_and_follows_the_weights():
+    """In eval mode without gradients (every conv5 pass) each BatchNorm is folded into its conv: the same maps as
+    the layers as written up to float rounding; new weights (loaded, moved) are folded again; training (BatchNorm
+    on batch statistics) and gradients take the layers as written; the state_dict is untouched."""
+    torch.manual_seed(0)
+    trunk = build_backbone("efficientnet_lite0", hypercolumn=True).eval()
+    for m in trunk.modules():  # running statistics away from (0, 1), so that the fold has something to do
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.data.uniform_(0.5, 1.5)
+    keys = sorted(trunk.state_dict())
+    x = torch.randn(1, 3, 120, 152)
+    ref = trunk(x).detach()  # gradients on: the layers as written
+    with torch.no_grad():
+        got = trunk(x)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    assert sorted(trunk.state_dict()) == keys
+    other = build_backbone("efficientnet_lite0", hypercolumn=True).eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.1)
+    trunk.load_state_dict(other.state_dict())  # copied in place: the folded weights must follow
+    with torch.no_grad():
+        got2 = trunk(x)
+    ref2 = other(x).detach()
+    torch.testing.assert_close(got2, ref2, rtol=1e-4, atol=1e-5 * float(ref2.abs().max()))
+    assert not torch.allclose(got2, got)
+    trunk.train()
+    with torch.no_grad():
+        batch_stats = trunk(torch.cat([x, x.flip(-1)]))[:1]
+    assert not torch.allclose(batch_stats, got2, rtol=1e-3, atol=1e-3)
 
 
 def test_efficientnet_hypercolumn_stacks_the_stride32_map_on_the_stride16_grid():
