@@ -108,7 +108,7 @@ class FastRCNN(nn.Module):
     def heads(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(class logits (R, K+1), box deltas (R, K, 4))``."""
         h = self.head
-        x = h.drop(torch.relu(h.fc6(h._scaled(pooled))))
+        x = h.drop(torch.relu(h.fc6_scaled(pooled)))
         x = h.drop(torch.relu(h.fc7(x)))
         return h.fc8(x), self.bbox_pred(x).view(-1, self.num_classes, 4)
 

@@ -16,6 +16,31 @@ __all__ = ["FCHead", "SPPNetClassifier", "FixedSizeClassifier", "truncated_svd_l
            "fc_features", "resolve_device", "module_device"]
 
 
+class Dropout(nn.Module):
+    """Dropout (inverted: kept units scaled by ``1 / (1 - p)``) whose mask on the CPU comes from random bytes:
+    ``torch.nn.Dropout``'s Bernoulli draw costs ~3.3 ms for fine-tuning's 256 x 1024 fc6/fc7 activations on 2
+    cores, the bytes ~0.5 ms (two per step: ~5 ms of a ~60 ms step). ``p`` acts rounded to a multiple of 1/256
+    (0.5 exactly). Seeded by torch's generator like any other draw; elsewhere (CUDA) ``torch.nn.functional.dropout``."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        drop = int(round(self.p * 256))
+        if not self.training or drop == 0:
+            return x
+        if x.device.type != "cpu":
+            return nn.functional.dropout(x, self.p, True)
+        keep = torch.empty(x.shape, dtype=torch.uint8).random_() >= drop  # each byte uniform on 0..255
+        return x * (keep.to(x.dtype) * (256.0 / (256 - drop)))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class FCHead(nn.Module):
     """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> fc8.
 
@@ -40,7 +65,7 @@ class FCHead(nn.Module):
             self.fc6 = out6 = nn.Linear(in_dim, hidden)
         self.fc7 = nn.Linear(hidden, hidden)
         self.fc8 = nn.Linear(hidden, num_outputs)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         for m in (out6, self.fc7):  # He init: trains from scratch (Caffe's std 0.005/0.01 stalls without ImageNet)
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             nn.init.zeros_(m.bias)
@@ -50,18 +75,25 @@ class FCHead(nn.Module):
     def features(self, x: torch.Tensor, layer: str = "fc7") -> torch.Tensor:
         if layer == "pool5":
             return x
-        h = torch.relu(self.fc6(self._scaled(x)))
+        h = torch.relu(self.fc6_scaled(x))
         if layer == "fc6":
             return h
         if layer != "fc7":
             raise ValueError(f"unknown layer {layer!r} (pool5, fc6, fc7)")
         return torch.relu(self.fc7(h))
 
-    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.input_scale == 1.0 else x * self.input_scale
+    def fc6_scaled(self, x: torch.Tensor) -> torch.Tensor:
+        """fc6 of the pooled features times ``input_scale``. A factored fc6's first layer is linear without a
+        bias, so the scale is applied to its r outputs instead of the pooled rows (256 x 23,600 in a fine-tuning
+        step: a 24 MB product, ~2 ms)."""
+        if self.input_scale == 1.0:
+            return self.fc6(x)
+        if self.fc6_rank:
+            return self.fc6[1](self.fc6[0](x) * self.input_scale)
+        return self.fc6(x * self.input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.drop(torch.relu(self.fc6(self._scaled(x))))
+        h = self.drop(torch.relu(self.fc6_scaled(x)))
         h = self.drop(torch.relu(self.fc7(h)))
         return self.fc8(h)
 

@@ -230,13 +230,17 @@ def test_finetune_with_a_factored_fc6_learns_and_fc6_has_that_rank(tmp_path):
     cfg = FinetuneConfig(iterations=60, batch_size=32, images_per_batch=2, lr=0.01, lr_steps=[1000], val_every=20,
                          val_batches=4, flip=False)
     res = finetune_head(head, windows, windows, cache, cache, 1, cfg, progress=False, log_fn=lambda m: None)
-    h = res["history"]
-    assert h[-1]["val_loss"] < h[0]["val_loss"] or h[-1]["train_loss"] < h[0]["train_loss"]
+    # learnt: the best checkpoint's validation loss well under that of predicting the labels' frequencies (at lr
+    # 0.01 this toy's loss jumps between checks, so the last check against the first depends on the draw)
+    assert res["best_val_loss"] < 0.5 * res["prior_loss"]
     w = (head.fc6[1].weight @ head.fc6[0].weight).detach()
     assert torch.linalg.matrix_rank(w).item() == 8
     x = cache.pooled("0", windows["0"].boxes[:5])
     expected = torch.relu(x @ w.T + head.fc6[1].bias)
     assert torch.allclose(head.eval().features(x, "fc6"), expected, atol=1e-4)
+    head.input_scale = 0.05  # applied to the first factor's outputs: the same as scaling the pooled rows
+    expected = torch.relu((x * 0.05) @ w.T + head.fc6[1].bias)
+    assert torch.allclose(head.features(x, "fc6"), expected, atol=1e-5)
     full = FCHead(d, 64, 2, fc6_rank=64)
     assert full.fc6_rank == 0 and isinstance(full.fc6, torch.nn.Linear)
 
@@ -644,3 +648,26 @@ def test_dcd_solver_reaches_liblinears_optimum(pos_weight, bias_mult):
         dual_cd_svm(x_pos, pool.astype(np.float64), idx, **args)
     with pytest.raises(ValueError, match="svm.solver"):
         train_linear_svm(x_pos, x_neg, **args, solver="sgd")
+
+
+def test_dropout_from_random_bytes():
+    """models.Dropout: identity in eval mode; in training about p of the units zeroed and the rest scaled by
+    1 / (1 - p), a fresh mask per call, gradients through the kept units only; p outside [0, 1) refused."""
+    from sppdet.models import Dropout
+
+    torch.manual_seed(0)
+    d = Dropout(0.5)
+    x = torch.ones(256, 1024, requires_grad=True)
+    assert d.eval()(x) is x
+    y = d.train()(x)
+    zero = y == 0
+    assert abs(float(zero.float().mean()) - 0.5) < 0.01 and torch.equal(y[~zero], torch.full_like(y[~zero], 2.0))
+    assert not torch.equal(zero, d(x) == 0)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())
+    y = Dropout(0.25).train()(torch.ones(512, 1024, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and abs(float((y == 0).float().mean()) - 0.25) < 0.01
+    assert abs(float(y.float().mean()) - 1.0) < 0.01
+    assert torch.equal(Dropout(0.0).train()(x), x)
+    with pytest.raises(ValueError, match="dropout probability"):
+        Dropout(1.0)
