@@ -12,6 +12,22 @@ def sample_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def load_script():
+    """``load_script("benchmarks/bench_x.py")``: a script of the repository (a tool or benchmark, not a package
+    module) imported as a module, for tests that call its functions or its ``main(argv)``."""
+    import importlib.util
+
+    def load(relative: str):
+        path = ROOT / relative
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def voc_sample() -> Path:
     p = sample_root() / "VOCdevkit" / "VOC2007"
     if not p.is_dir():

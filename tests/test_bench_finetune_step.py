@@ -1,16 +1,10 @@
 """benchmarks/bench_finetune_step.py: one row per batch size, the first the reference of the ratios."""
 
-import importlib.util
 import json
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_rows_and_ratios(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_finetune_step", ROOT / "benchmarks" / "bench_finetune_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_rows_and_ratios(tmp_path, load_script):
+    bench = load_script("benchmarks/bench_finetune_step.py")
     out = tmp_path / "ft.json"
     assert bench.main(["--dim", "96", "--hidden", "16", "--batches", "8,32", "--steps", "3", "--threads", "1",
                        "--precisions", "fp32,bf16", "--out", str(out)]) == 0

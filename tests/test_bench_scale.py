@@ -1,7 +1,6 @@
 """benchmarks/bench_scale.py's projection: per-image rates are the marginal ones between the two largest sizes (a
 tool's fixed start-up left out), fine-tuning is projected per step, and every stage gets a row."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,11 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "benchmarks" / "bench_scale.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_script):
+    return load_script("benchmarks/bench_scale.py")
 
 
 def _rows(n, start=10.0, per=2.0):

@@ -1,16 +1,10 @@
 """benchmarks/bench_trunk.py: one row per round, the folded trunk's maps as the layers as written give them."""
 
-import importlib.util
 import json
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_rows_and_agreement(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_trunk", ROOT / "benchmarks" / "bench_trunk.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_rows_and_agreement(tmp_path, load_script):
+    bench = load_script("benchmarks/bench_trunk.py")
     out = tmp_path / "trunk.json"
     assert bench.main(["--backbone", "efficientnet_lite0", "--size", "96x128", "--reps", "1", "--rounds", "2",
                        "--out", str(out)]) == 0

@@ -136,19 +136,14 @@ def test_load_detections_names_the_file_and_the_problem(tmp_path):
         load_detections(p, ["a"], num_classes=1)
 
 
-def test_draw_grid_puts_drawn_images_side_by_side(tmp_path, capsys):
+def test_draw_grid_puts_drawn_images_side_by_side(tmp_path, capsys, load_script):
     """tools/draw_grid.py: images of any size, each fitted into its tile, in rows of --cols; a bad --tile and a
     missing image are one-line errors."""
-    import importlib.util
-    from pathlib import Path
-
     import cv2
 
     from sppdet.images import load_image
 
-    spec = importlib.util.spec_from_file_location("draw_grid", Path(__file__).parents[1] / "tools" / "draw_grid.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("tools/draw_grid.py")
     paths = []
     for n, (h, w) in enumerate([(60, 200), (300, 100), (50, 50)]):
         im = np.zeros((h, w, 3), np.uint8)

@@ -117,12 +117,8 @@ def test_relative_paths_resolve_against_the_project_root_not_the_current_directo
     assert again.base_dir == cfg.base_dir and run.path(again.data.root) == ROOT / "data" / "tiny" / "VOC2007"
 
 
-def test_detect_output_names_never_overwrite_an_input_or_each_other(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("detect_tool", ROOT / "tools" / "detect.py")
-    detect = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(detect)
+def test_detect_output_names_never_overwrite_an_input_or_each_other(tmp_path, load_script):
+    detect = load_script("tools/detect.py")
     a, b, c = tmp_path / "same.jpg", tmp_path / "same.png", tmp_path / "photo.png"
     names = detect.output_names([a, b, c], tmp_path)
     assert names == ["same_jpg", "same_png", "photo_det"]
