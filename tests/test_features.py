@@ -151,6 +151,28 @@ def test_resume_after_crash_mid_split_gives_identical_files(toy_voc, tmp_path, m
         assert a == b, f"{i}.npz differs after resume"
     assert pl.stage_features(clean, "train")["new_images"] == 0
 
+    # Shards are written in a thread while the next image's conv5 runs: a failed write (a full disk) still stops
+    # the stage with the error naming the file, the shards before it whole, nothing after it written.
+    from sppdet.store import WriteError
+
+    failing = Run(cfg, tmp_path / "failing", log_fn=lambda s: None)
+    shutil.copytree(clean.proposals_dir("train"), failing.proposals_dir("train"))
+    real_write, writes = FeatureCache.write, []
+
+    def full_disk_on_second(path, *a, **k):
+        writes.append(path)
+        if len(writes) == 2:
+            raise WriteError(28, f"no space left on device while writing {path}")
+        return real_write(path, *a, **k)
+
+    monkeypatch.setattr(FeatureCache, "write", staticmethod(full_disk_on_second))
+    with pytest.raises(WriteError, match=f"while writing .*{ids[1]}.npz"):
+        pl.stage_features(failing, "train")
+    assert sorted(p.name for p in failing.features_dir("train").glob("*.npz")) == [f"{ids[0]}.npz"]
+    assert len(writes) == 2  # the image after the failed one was computed, never written
+    monkeypatch.undo()
+    assert pl.stage_features(failing, "train")["new_images"] == len(ids) - 1
+
 
 def test_shards_keep_their_own_progress_and_only_the_last_completes_the_stage(toy_voc, tmp_path):
     import json

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from ..config import fingerprint
 from ..features import ImageFeatures, extract_image, weights_fingerprint
@@ -82,9 +83,10 @@ def _record(stage: Stage, shard: tuple[int, int], summary: dict, items: int | No
     return stage.finish(items, **summary, **({"shards": shards} if shards else {}))
 
 
-# The cost line's pooling time is measured on every 8th image: pooling all of them only to time it was a quarter of
-# the stage with 23,600-d hypercolumn windows. Its window count is those images'.
-POOL_TIMED_EVERY = 8
+# The cost line's pooling time is measured on every 32nd image: pooling all of them only to time it was a quarter of
+# the stage with 23,600-d hypercolumn windows (every 8th: ~4 s of raccoon's 200 images). Its window count is those
+# images'.
+POOL_TIMED_EVERY = 32
 
 
 def _extract(run: Run, split: str, stage: Stage, todo: list[str], backbone, flip: bool, device: str, precision: str,
@@ -100,19 +102,30 @@ def _extract(run: Run, split: str, stage: Stage, todo: list[str], backbone, flip
     cache = config_cache(run, stage.dir)
     t_conv = t_pool = 0.0
     nbox = timed = 0
-    with large_blocks_reused():  # each image's activations: the same large blocks
-        for n, i in enumerate(tqdm(todo, desc=f"features {split}{label}", unit="img")):
-            rgb = ds.image(i)
-            maps, factors, flipped, dt = extract_image(backbone, rgb, f.scales, f.max_size, flip, device, precision)
-            t_conv += dt
-            if n % POOL_TIMED_EVERY == 0:
-                boxes = store.load(i)
-                t0 = time.perf_counter()
-                cache.pooled(ImageFeatures(maps, factors, rgb.shape[0], rgb.shape[1]), boxes)
-                t_pool += time.perf_counter() - t0
-                nbox += len(boxes)
-                timed += 1
-            cache.write(stage.path(i), maps, factors, rgb.shape[:2], flipped, f.dtype)
+    # Each shard is written (float16 conversion, zip, fsync: ~25 ms, mostly waiting on the disk) in a thread while
+    # the next image's conv5 runs; one write at a time, so at most one image's maps wait in memory.
+    writer, pending = ThreadPoolExecutor(1, thread_name_prefix="conv5-writer"), None
+    try:
+        with large_blocks_reused():  # each image's activations: the same large blocks
+            for n, i in enumerate(tqdm(todo, desc=f"features {split}{label}", unit="img")):
+                rgb = ds.image(i)
+                maps, factors, flipped, dt = extract_image(backbone, rgb, f.scales, f.max_size, flip, device,
+                                                           precision)
+                t_conv += dt
+                if n % POOL_TIMED_EVERY == 0:
+                    boxes = store.load(i)
+                    t0 = time.perf_counter()
+                    cache.pooled(ImageFeatures(maps, factors, rgb.shape[0], rgb.shape[1]), boxes)
+                    t_pool += time.perf_counter() - t0
+                    nbox += len(boxes)
+                    timed += 1
+                if pending is not None:
+                    pending.result()  # the previous shard is on disk (or its error is raised here)
+                pending = writer.submit(cache.write, stage.path(i), maps, factors, rgb.shape[:2], flipped, f.dtype)
+            if pending is not None:
+                pending.result()
+    finally:
+        writer.shutdown(wait=True)
     return t_conv / max(len(todo), 1), t_pool / max(timed, 1), nbox / max(timed, 1)
 
 
