@@ -50,11 +50,16 @@ def _files(run: Path):
 
 
 def _manifests(run: Path) -> dict[str, float]:
-    """Seconds recorded by each finished stage folder of a run (``<stage folder>: seconds``)."""
+    """Seconds recorded by each finished stage folder of a run (``<stage folder>: seconds``).
+
+    SVM sets mined in one pass (``mined_with``: e.g. fc7 and pool5) each record that pass's seconds: the pass is
+    counted once, under the first set it lists, and the others as 0."""
     out = {}
     for m in (f for f in _files(run) if f.name == "manifest.json"):
         d = json.loads(m.read_text())
-        out[str(m.parent.relative_to(run))] = float(d.get("seconds", 0.0))
+        together = d.get("mined_with") or []
+        shared = len(together) > 1 and d.get("config", {}).get("feature") != together[0]
+        out[str(m.parent.relative_to(run))] = 0.0 if shared else float(d.get("seconds", 0.0))
     return out
 
 
