@@ -8,8 +8,6 @@ In this frame plain IoU equals the VOC devkit's inclusive (+1) IoU on the origin
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torchvision.ops import nms as _tv_nms
 
 __all__ = [
     "as_boxes",
@@ -145,5 +143,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float = 0.3) -> np
     b = np.asarray(boxes, np.float32).reshape(-1, 4)
     if len(b) == 0:
         return np.zeros((0,), np.int64)
-    keep = _tv_nms(torch.from_numpy(b), torch.from_numpy(np.asarray(scores, np.float32)), float(iou_threshold))
+    import torch  # on use: selective search imports this module, and detect.py loads it before torch
+    from torchvision.ops import nms as tv_nms
+
+    keep = tv_nms(torch.from_numpy(b), torch.from_numpy(np.asarray(scores, np.float32)), float(iou_threshold))
     return keep.numpy().astype(np.int64)

@@ -36,6 +36,9 @@ class Predictor:
 
     def __init__(self, run_dir: str | Path, device: str | None = None, score_threshold: float | None = None,
                  bbox_reg: bool | None = None, overrides: tuple[str, ...] | list[str] = ()):
+        from .selective_search import start_warm_up
+
+        start_warm_up()  # selective search's compiled code loads in a thread while torch and the models load
         from .config import load_config
         from .run import Run
         from .stages import build_detector

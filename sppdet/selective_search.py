@@ -35,6 +35,7 @@ serves them (and precomputed boxes) per image and per dataset.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -46,7 +47,7 @@ import numpy as np
 from .boxes import filter_small, unique_boxes
 
 __all__ = ["as_rgb", "convert_colour", "rank_hierarchies", "finalize_boxes", "fast_selective_search", "SS_STAGES",
-           "selective_search_timed", "selectivesearch_diversified"]
+           "selective_search_timed", "selectivesearch_diversified", "warm_up", "start_warm_up"]
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
@@ -181,6 +182,33 @@ def selective_search_timed(image: np.ndarray, colour_spaces: Sequence[str] = ("h
         for k, v in t.items():
             timing[k] = timing.get(k, 0.0) + v
     return ranked
+
+
+_WARM_UP: list = []  # the one warm-up thread of this process, once started
+_WARM_UP_LOCK = threading.Lock()
+
+
+def warm_up() -> float:
+    """Load the compiled selective search (numba's functions, from its on-disk cache: ~0.4 s in a new process) by
+    running it on a small generated image, so that a process's first photo does not pay for it. Returns seconds."""
+    t0 = time.perf_counter()
+    y, x = np.mgrid[:48, :64]
+    img = np.stack([x * 4, y * 5, (x + y) * 2], 2).astype(np.uint8)  # a few regions with edges between them
+    img[10:30, 20:40] = (200, 30, 60)
+    fast_selective_search(img)
+    return time.perf_counter() - t0
+
+
+def start_warm_up():
+    """:func:`warm_up` in a daemon thread, started once per process (later calls return the same thread).
+    ``Predictor`` starts it first, so it runs while the models load; importing this module does not import
+    torch, so a program may start it even earlier."""
+    with _WARM_UP_LOCK:
+        if not _WARM_UP:
+            t = threading.Thread(target=warm_up, name="selective-search-warm-up", daemon=True)
+            t.start()
+            _WARM_UP.append(t)
+        return _WARM_UP[0]
 
 
 # ------------------------------------------------------- selectivesearch package

@@ -163,3 +163,16 @@ def test_store_records_the_backend_defaults(toy_voc, tmp_path, monkeypatch):
         compute_proposals(ids, ds.image_path, tmp_path / "p", **kw)
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) colour_space for .*known: colour_spaces"):
         compute_proposals(ids, ds.image_path, tmp_path / "q", **{**kw, "params": {"colour_space": ["hsv"]}})
+
+
+def test_warm_up_loads_selective_search_without_torch():
+    """detect.py starts the warm-up before torch is imported, so the two overlap: importing selective search must
+    not import torch, and the warm-up thread is started once and runs the compiled code to the end."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import sppdet.selective_search as ss; assert 'torch' not in sys.modules, 'torch imported'; "
+            "t = ss.start_warm_up(); assert ss.start_warm_up() is t; t.join(); assert 'torch' not in sys.modules; "
+            "assert ss.warm_up() > 0")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
