@@ -671,3 +671,32 @@ def test_dropout_from_random_bytes():
     assert torch.equal(Dropout(0.0).train()(x), x)
     with pytest.raises(ValueError, match="dropout probability"):
         Dropout(1.0)
+
+
+def test_negative_pool_grows_and_compacts_in_place_keeping_rows_and_renumbering():
+    from sppdet.svm import ClassCache, NegativePool
+
+    rng = np.random.default_rng(0)
+    pool = NegativePool(5)
+    all_rows = rng.normal(size=(1000, 5)).astype(np.float32)
+    a, b = ClassCache(np.zeros((1, 5), np.float32), pool), ClassCache(np.zeros((1, 5), np.float32), pool)
+    for s in range(0, 1000, 100):  # grows past its 256 starting rows, twice
+        idx = pool.add(all_rows[s:s + 100], np.ones(100, np.int64))
+        a.idx = np.concatenate([a.idx, idx])
+    assert len(pool.x) >= 1000 and np.array_equal(pool.x[:1000], all_rows)
+    view = pool.x[:10]  # a live view: growing must copy, not resize under it
+    pool.add(all_rows[:500], np.ones(500, np.int64))
+    assert np.array_equal(view, all_rows[:10]) and np.array_equal(pool.x[1000:1500], all_rows[:500])
+    del view
+    drop = rng.random(1500) < 0.7
+    drop[:3] = False  # a prefix that stays where it is
+    pool.refs[:1500][drop] = 0
+    a.idx = a.idx[~drop[:1000]]
+    b.idx = np.nonzero(~drop[1000:])[0] + 1000
+    want_a, want_b = pool.x[a.idx].copy(), pool.x[b.idx].copy()
+    pool.compact([a, b], chunk=7)
+    assert pool.n == int((~drop).sum())
+    np.testing.assert_array_equal(pool.x[a.idx], want_a)
+    np.testing.assert_array_equal(pool.x[b.idx], want_b)
+    assert (pool.refs[:pool.n] == 1).all() and np.array_equal(np.sort(np.concatenate([a.idx, b.idx])),
+                                                              np.arange(pool.n))
