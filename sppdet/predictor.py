@@ -32,13 +32,16 @@ class Predictor:
             for a ``route: fast_rcnn`` run, whose scores are probabilities, its ``fast_rcnn.draw_threshold``).
         bbox_reg: apply the run's box regressors (where it has them); None: as its ``test.bbox_reg`` says.
         overrides: ``"section.key=value"`` test-time settings over the run's config (e.g. ``test.nms=0.4``).
+        warm_up: load selective search's compiled code in a thread while the models load (~0.4 s that the
+            first image would otherwise wait for; ``benchmarks/bench_detect.py`` measures it).
     """
 
     def __init__(self, run_dir: str | Path, device: str | None = None, score_threshold: float | None = None,
-                 bbox_reg: bool | None = None, overrides: tuple[str, ...] | list[str] = ()):
-        from .selective_search import start_warm_up
+                 bbox_reg: bool | None = None, overrides: tuple[str, ...] | list[str] = (), warm_up: bool = True):
+        if warm_up:  # before torch is imported: selective search's module does not need it
+            from .selective_search import start_warm_up
 
-        start_warm_up()  # selective search's compiled code loads in a thread while torch and the models load
+            start_warm_up()
         from .config import load_config
         from .run import Run
         from .stages import build_detector

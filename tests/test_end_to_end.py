@@ -524,6 +524,24 @@ def test_predictor_detects_with_a_run_folder_from_any_directory(trained, tmp_pat
         p(img.astype(np.float32))
 
 
+def test_bench_detect_times_fresh_processes_with_and_without_the_warm_up(trained, tmp_path, load_script):
+    tmp, _ = trained
+    voc = tmp / "data" / "VOC2007"
+    ids = (voc / "ImageSets" / "Main" / "test.txt").read_text().split()[:2]
+    out = tmp_path / "detect.json"
+    bench = load_script("benchmarks/bench_detect.py")
+    assert bench.main(["--run", str(tmp / "run"), "--rounds", "1", "--out", str(out),
+                       *[str(voc / "JPEGImages" / f"{i}.jpg") for i in ids]]) == 0
+    rec = json.loads(out.read_text())
+    assert [r["warm_up"] for r in rec["rows"]] == [False, True]
+    for r in rec["rows"]:
+        assert [x["photo"] for x in r["photos"]] == [f"{i}.jpg" for i in ids]
+        assert 0 < r["load_seconds"] < r["process_seconds"] <= r["wall_with_interpreter"]
+        assert all(x["wall"] > 0 and x["conv"] > 0 for x in r["photos"])
+    s = rec["summary"]
+    assert abs(s["first_photo_ratio_off_on"] - s["off"]["first_photo_seconds"] / s["on"]["first_photo_seconds"]) < 1e-9
+
+
 def test_fast_rcnn_mode_trains_the_trunk_writes_no_feature_cache_and_detects(trained, tmp_path):
     """Fast R-CNN mode from the same trunk and proposals, as a whole run (``route: fast_rcnn``: tools/demo.py trains
     it, Predictor serves it): one stage trains the conv layers above the stem too (the trunk's weights change),

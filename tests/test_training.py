@@ -577,7 +577,7 @@ def test_pooled_hard_negative_trainer_equals_the_per_class_reference(solver):
     d, k = 24, 4
     centres = rng.normal(0, 3, (k, d)).astype(np.float32)
     x_pos = [(rng.normal(0, 1, (30, d)) + centres[c]).astype(np.float32) for c in range(k)]
-    cfg = SVMConfig(C=0.1, retrain_limit=150, solver=solver)
+    cfg = SVMConfig(C=0.1, retrain_limit=150, solver=solver, warm_start=False)  # the reference starts from zeros
     new, old = HardNegativeTrainer(x_pos, d, cfg), reference_svm.HardNegativeTrainer(x_pos, d, cfg)
     for i in range(25):
         feats = rng.normal(0, 1.5, (120, d)).astype(np.float32)
@@ -700,3 +700,52 @@ def test_negative_pool_grows_and_compacts_in_place_keeping_rows_and_renumbering(
     np.testing.assert_array_equal(pool.x[b.idx], want_b)
     assert (pool.refs[:pool.n] == 1).all() and np.array_equal(np.sort(np.concatenate([a.idx, b.idx])),
                                                               np.arange(pool.n))
+
+
+def test_warm_started_retrains_reach_the_same_optimum_in_fewer_sweeps():
+    """``svm.warm_start``: each retrain starts from the last one's dual variables (kept negatives' carried, new ones
+    at zero, evicted ones dropped); its SVMs match the cold-started ones within the solver's tolerance."""
+    from sppdet.svm import svm_objective
+
+    rng = np.random.default_rng(5)
+    d, k = 32, 3
+    centres = rng.normal(0, 0.5, (k, d)).astype(np.float32)
+    x_pos = [(rng.normal(0, 1, (40, d)) + centres[c]).astype(np.float32) for c in range(k)]
+    runs = {}
+    for warm in (False, True):
+        t = HardNegativeTrainer(x_pos, d, SVMConfig(C=0.1, retrain_limit=60, tol=0.01, warm_start=warm))
+        r = np.random.default_rng(6)
+        for i in range(20):
+            feats = r.normal(0, 1.5, (150, d)).astype(np.float32)
+            t.add_image(i, feats, r.random((150, k)) < 0.8, last=i == 19)
+        runs[warm] = t.finish()
+    for cold, warm in zip(runs[False], runs[True]):
+        assert len(cold.retrains) > 3 and all("sweeps" in r for r in warm.retrains)
+        assert len(warm.alpha) == len(warm.x_pos) + len(warm.idx) and (warm.alpha >= 0).all()
+        # the final solve on the same final cache, from zeros, gives the cold objective the warm one must match
+        objs = [svm_objective(c.w, c.b, c.x_pos, c.x_neg, 0.1, 2.0, 10.0)["objective"] for c in (cold, warm)]
+        assert abs(objs[1] - objs[0]) <= 0.05 * objs[0]
+        # each retrain is solved within tol, so windows near the mining and eviction thresholds can go either way
+        # and the two caches differ a little: the directions agree closely, not exactly
+        cos = float(cold.w @ warm.w) / float(np.linalg.norm(cold.w) * np.linalg.norm(warm.w))
+        assert cos > 0.9 and abs(len(warm.idx) - len(cold.idx)) <= 0.2 * len(cold.idx)
+
+
+def test_dcd_from_a_previous_solution_reaches_the_same_optimum():
+    from sppdet.svm import dual_cd_svm, svm_objective
+
+    rng = np.random.default_rng(7)
+    d = 40
+    x_pos = (rng.normal(0, 1, (60, d)) + 1.0).astype(np.float32)
+    x_neg = rng.normal(0, 1.5, (3000, d)).astype(np.float32)
+    first, more = np.arange(2000), np.arange(3000)
+    w0, b0, a0, s0 = dual_cd_svm(x_pos, x_neg, first, 0.1, 2.0, 10.0, tol=0.01, return_alpha=True)
+    again = dual_cd_svm(x_pos, x_neg, first, 0.1, 2.0, 10.0, tol=0.01, alpha0=a0, return_alpha=True)
+    assert again[3] <= 2 < s0 and np.allclose(again[0], w0, atol=0.05 * np.abs(w0).max())
+    cold = dual_cd_svm(x_pos, x_neg, more, 0.1, 2.0, 10.0, tol=0.01, return_alpha=True)
+    warm = dual_cd_svm(x_pos, x_neg, more, 0.1, 2.0, 10.0, tol=0.01, alpha0=np.concatenate([a0, np.zeros(1000)]),
+                       return_alpha=True)  # 1000 new negatives start at zero
+    objs = [svm_objective(r[0], r[1], x_pos, x_neg, 0.1, 2.0, 10.0)["objective"] for r in (cold, warm)]
+    assert abs(objs[1] - objs[0]) <= 0.02 * objs[0]
+    with pytest.raises(ValueError, match="alpha0 has 5 values"):
+        dual_cd_svm(x_pos, x_neg, first, 0.1, 2.0, 10.0, alpha0=np.zeros(5))
