@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             first, rest = row["photos"][0], [x["wall"] for x in row["photos"][1:]]
             print(f"round {r} warm-up {v:3s}: load {row['load_seconds']:.2f} s, first photo {first['wall']:.2f} s "
                   f"(proposals {first['proposals']:.2f}, conv {first['conv']:.2f}, pooling+fc {first['pool_fc']:.2f}, "
-                  f"rest {first['rest']:.3f})" + (f", later photos median {statistics.median(rest):.2f} s" if rest else "")
+                  f"rest {first['rest']:.3f})"
+                  + (f", later photos median {statistics.median(rest):.2f} s" if rest else "")
                   + f", process {wall:.2f} s", flush=True)
 
     def mean(v, f):

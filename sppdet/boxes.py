@@ -143,7 +143,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float = 0.3) -> np
     b = np.asarray(boxes, np.float32).reshape(-1, 4)
     if len(b) == 0:
         return np.zeros((0,), np.int64)
-    import torch  # on use: selective search imports this module, and detect.py loads it before torch
+    import torch  # on use: selective search imports this module, and Predictor loads that before torch
     from torchvision.ops import nms as tv_nms
 
     keep = tv_nms(torch.from_numpy(b), torch.from_numpy(np.asarray(scores, np.float32)), float(iou_threshold))

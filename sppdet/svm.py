@@ -14,9 +14,9 @@ positive weight 2, bias feature 10 and liblinear's default tolerance (``-w1 2 -c
 they visit the examples in different random orders, so their weights differ within that tolerance. ``dcd`` needs no
 float64 copy of a class's examples (liblinear's wrapper makes one and then its own sparse copy) and computes each
 coordinate's dot product densely: ~8x faster on 23,600-d pool5 (docs/experiments.md); with ``svm.warm_start`` each
-retrain starts from the last one's dual variables (1.5-1.7x less solver time on the real sets). Memory: the classes'
-negative caches share one pool of feature rows (:class:`NegativePool`), plus with ``liblinear`` its float64 copy
-of one class's examples while it retrains.
+retrain starts from the last one's dual variables (solver time 1.5x less on fruit, 1.7x on raccoon). Memory: the
+classes' negative caches share one pool of feature rows (:class:`NegativePool`), plus with ``liblinear`` its float64
+copy of one class's examples while it retrains.
 """
 
 from __future__ import annotations
@@ -150,8 +150,9 @@ def dual_cd_svm(x_pos: np.ndarray, x_neg: np.ndarray, idx: np.ndarray, C: float,
                 return_alpha: bool = False):
     """The ``dcd`` solver: positives ``x_pos`` and negatives ``x_neg[idx]`` (rows of a float32 array, not copied);
     the visiting order is seeded, so retraining repeats. Returns ``(w float32, b)`` as :func:`fit_linear_svm`, and
-    with ``return_alpha`` the dual variables (positives first) and the sweeps (outer iterations) too. ``alpha0``: dual variables to start from
-    (hard-negative mining passes the last retrain's: the same optimum within ``tol``, reached in fewer sweeps)."""
+    with ``return_alpha`` the dual variables (positives first) and the sweeps (outer iterations) too. ``alpha0``:
+    dual variables to start from (hard-negative mining passes the last retrain's: the same optimum within ``tol``,
+    reached in fewer sweeps)."""
     xp = np.ascontiguousarray(x_pos, np.float32)
     if x_neg.dtype != np.float32 or not x_neg.flags.c_contiguous:
         raise ValueError("dual_cd_svm: x_neg must be C-contiguous float32 (its rows are read in place)")
@@ -162,7 +163,7 @@ def dual_cd_svm(x_pos: np.ndarray, x_neg: np.ndarray, idx: np.ndarray, C: float,
     if len(a0) not in (0, len(xp) + len(idx)):
         raise ValueError(f"dual_cd_svm: alpha0 has {len(a0)} values for {len(xp) + len(idx)} examples")
     w, wb, sweeps, alpha = _dual_cd(xp, x_neg, idx, float(C * pos_weight), float(C), float(bias_mult), float(tol),
-                               int(max_iter), int(seed), a0)
+                                    int(max_iter), int(seed), a0)
     out = (w.astype(np.float32), float(wb * bias_mult))
     return (*out, alpha, int(sweeps)) if return_alpha else out
 
