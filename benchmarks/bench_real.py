@@ -17,7 +17,8 @@ mode); SGD (lr 0.0025: torchvision's
 reference 0.02 for 16 images scaled to 2; momentum 0.9, weight decay 1e-4, gradients clipped at norm 10, 50 warm-up
 steps, lr / 10 after 75% of the budget), two images per step, random
 horizontal flips, shorter side ``--min-size``; trained on the train split for sppdet's training wall time (or
-``--frcnn-seconds``). Test: score threshold 0.01, 100 detections per image.
+``--frcnn-seconds``), on the config's device as sppdet (``--set device=cuda``: both on the GPU). Test: score
+threshold 0.01, 100 detections per image.
 
 Writes ``--out`` (one row per set and detector: AP, training seconds, test seconds per image, disk MB) and prints the
 table. Run it alone: two processes on two cores slow each other far more than twofold.
@@ -84,7 +85,8 @@ def run_sppdet(name: str, root: Path, args) -> dict:
     n_test = len((root / "ImageSets" / "Main" / f"{te}.txt").read_text().split())
     metrics = json.loads((run / "detections" / te / "metrics.json").read_text())
     test = (sum(secs.get(k, 0.0) for k in test_folders) + metrics["seconds"]) / n_test
-    return {"set": name, "detector": f"sppdet ({Path(args.config).name})", "ap": float(m.group(1)) if m else None,
+    where = "" if cfg.device == "cpu" else f", {cfg.device}"
+    return {"set": name, "detector": f"sppdet ({Path(args.config).name}{where})", "ap": float(m.group(1)) if m else None,
             "train_seconds": round(train, 1), "test_seconds_per_image": round(test, 3),
             "disk_mb": round(sum(f.stat().st_size for f in _files(run) if not f.name.endswith(".tmp")) / 2 ** 20, 1),
             "call_wall_seconds": round(wall, 1)}
@@ -135,7 +137,8 @@ def run_faster_rcnn(name: str, root: Path, seconds: float, args) -> dict:
     run = Run(cfg, Path(args.work) / f"{name}_frcnn", save_config=None)
     classes = run.classes
     tr, te = run.dataset(cfg.data.train_split), run.dataset(cfg.data.test_split)
-    model = _faster_rcnn(len(classes), args.min_size, cfg.backbone.name)
+    dev = run.device  # the config's device (--set device=cuda: Faster R-CNN on the GPU too)
+    model = _faster_rcnn(len(classes), args.min_size, cfg.backbone.name).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     base_lr = 0.02 * 2 / 16  # torchvision's detection reference: 0.02 for 16 images per step, scaled to 2
     opt = torch.optim.SGD(params, lr=base_lr, momentum=0.9, weight_decay=1e-4)
@@ -147,8 +150,8 @@ def run_faster_rcnn(name: str, root: Path, seconds: float, args) -> dict:
         if rng.random() < 0.5:
             img = img[:, ::-1]
             boxes = np.stack([img.shape[1] - boxes[:, 2], boxes[:, 1], img.shape[1] - boxes[:, 0], boxes[:, 3]], 1)
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255.0
-        return x, {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels.astype(np.int64))}
+        x = torch.from_numpy(np.ascontiguousarray(img)).to(dev).permute(2, 0, 1).float() / 255.0
+        return x, {"boxes": torch.from_numpy(boxes).to(dev), "labels": torch.from_numpy(labels.astype(np.int64)).to(dev)}
 
     ids = [i for i in tr.ids if len(tr.annotation(i).boxes)]
     model.train()
@@ -177,13 +180,14 @@ def run_faster_rcnn(name: str, root: Path, seconds: float, args) -> dict:
 
     class D:  # what detections_by_class reads
         def __init__(self, o):
-            self.boxes, self.scores, self.labels = o["boxes"].numpy(), o["scores"].numpy(), o["labels"].numpy() - 1
+            o = {k: v.cpu().numpy() for k, v in o.items()}
+            self.boxes, self.scores, self.labels = o["boxes"], o["scores"], o["labels"] - 1
 
     dets, t1 = {}, time.perf_counter()
     with torch.no_grad():
         with large_blocks_reused():  # as sppdet's test stage
             for i in tqdm(te.ids, desc=f"faster r-cnn {name} test", unit="img"):
-                x = torch.from_numpy(np.ascontiguousarray(te.image(i))).permute(2, 0, 1).float() / 255.0
+                x = torch.from_numpy(np.ascontiguousarray(te.image(i))).to(dev).permute(2, 0, 1).float() / 255.0
                 dets[i] = D(model([x])[0])
     per_image = (time.perf_counter() - t1) / len(te.ids)
     gt = {k: te.ground_truth(k) for k in range(len(classes))}
@@ -191,7 +195,8 @@ def run_faster_rcnn(name: str, root: Path, seconds: float, args) -> dict:
     ckpt = Path(args.work) / f"{name}_frcnn" / "model.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), ckpt)
-    return {"set": name, "detector": f"Faster R-CNN (torchvision, {cfg.backbone.name}, {args.min_size} px)",
+    where = "" if dev == "cpu" else f", {dev}"
+    return {"set": name, "detector": f"Faster R-CNN (torchvision, {cfg.backbone.name}, {args.min_size} px{where})",
             "ap": round(res["map07"], 3), "train_seconds": round(train, 1), "steps": step,
             "test_seconds_per_image": round(per_image, 3), "disk_mb": round(ckpt.stat().st_size / 2 ** 20, 1)}
 
