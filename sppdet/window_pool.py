@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_pool
 
+from .bin_max import direct_bins_max, direct_is_cheaper
 from .spp import _check_levels, check_deep, spp_output_dim
 
 __all__ = ["pool_windows", "release_workspace"]
@@ -194,18 +195,23 @@ def _max_pool_windows(maps: Sequence[torch.Tensor], cells: torch.Tensor, map_ind
     """Max pooling of integer windows, computed in the maps' dtype (max is exact in any
     dtype, so a float16 map gives the float32 result bit for bit at half the memory traffic).
 
-    The finest level by sparse table; every other level from the smallest finer level it
+    The finest level by sparse table, or for a few windows by reading their cells (:mod:`sppdet.bin_max`,
+    whichever costs less); every other level from the smallest finer level it
     divides (with floor/ceil bins, bin ``j`` of level ``n`` is exactly the union of bins
     ``j*g .. j*g+g-1`` of level ``n*g``): {6,3,2,1} needs one sparse-table query, then
     3 and 2 from 6 and 1 from 2. Levels that divide no finer one get their own query.
     Written straight into ``out``'s float32 ``(C, n, n)``-per-level layout."""
     r, c = cells.shape[0], maps[0].shape[0]
+    direct = direct_is_cheaper(maps, cells, map_index)  # a few windows (fine-tuning's): read their cells
     done: dict[int, torch.Tensor] = {}
     for n in sorted(set(levels), reverse=True):
         finer = [m for m in done if m % n == 0]
         if finer:
             m = min(finer)
             done[n] = _group_max(done[m], n, m // n, f"level{n}")
+        elif direct:
+            done[n] = direct_bins_max(maps, cells, map_index, n, _WS.get(f"level{n}", (r, n, n, c), maps[0].dtype,
+                                                                          maps[0].device))
         else:
             done[n] = _sparse_table_max(maps, cells, map_index, n, f"level{n}")
     off = 0

@@ -147,6 +147,21 @@ def test_sparse_table_pooling_equals_roi_pool(shape, levels):
     assert half.dtype == torch.float32 and torch.equal(half, pool_windows(fmap.half().float(), cells, levels, "max", "roi_pool"))
 
 
+def _random_cells(maps, sidx, g, extent=None):
+    """Random inclusive cell windows ``(R, 4)`` inside the map ``sidx`` gives each (at most ``extent`` + 1 cells a
+    side when given)."""
+    cells = torch.zeros((len(sidx), 4), dtype=torch.int64)
+    for s, m in enumerate(maps):
+        h, w = m.shape[-2:]
+        sel = sidx == s
+        k = int(sel.sum())
+        l, t = torch.randint(0, w, (k,), generator=g), torch.randint(0, h, (k,), generator=g)
+        rr = torch.minimum(l + torch.randint(0, extent or w, (k,), generator=g), torch.tensor(w - 1))
+        b = torch.minimum(t + torch.randint(0, extent or h, (k,), generator=g), torch.tensor(h - 1))
+        cells[sel] = torch.stack([l, t, rr, b], 1)
+    return cells
+
+
 def test_pooling_several_maps_in_one_call_equals_one_map_at_a_time():
     """Scales pooled together (one stacked table, windows in their own order) give each window
     exactly what pooling its own map alone gives; channels-last maps and a reused ``out`` too."""
@@ -155,15 +170,7 @@ def test_pooling_several_maps_in_one_call_equals_one_map_at_a_time():
     maps[1] = maps[1][None].contiguous(memory_format=torch.channels_last)[0]  # a conv output's layout
     r, levels = 500, (6, 3, 2, 1)
     sidx = torch.randint(0, 3, (r,), generator=g)
-    cells = torch.zeros((r, 4), dtype=torch.int64)
-    for s, m in enumerate(maps):
-        h, w = m.shape[-2:]
-        sel = sidx == s
-        k = int(sel.sum())
-        l, t = torch.randint(0, w, (k,), generator=g), torch.randint(0, h, (k,), generator=g)
-        rr = torch.minimum(l + torch.randint(0, w, (k,), generator=g), torch.tensor(w - 1))
-        b = torch.minimum(t + torch.randint(0, h, (k,), generator=g), torch.tensor(h - 1))
-        cells[sel] = torch.stack([l, t, rr, b], 1)
+    cells = _random_cells(maps, sidx, g)
     out = torch.full((r, 8 * 50), float("nan"))
     got = pool_windows(maps, cells, levels, map_index=sidx, out=out)
     assert got is out
@@ -235,3 +242,36 @@ def test_floor_ceil_bins_of_one_window_differ_by_at_most_one_cell():
         start, end = _edges(torch.zeros_like(size), size, n)
         widths = end - start
         assert bool((widths.max(1).values - widths.min(1).values <= 1).all()), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_few_windows_read_cell_by_cell_equal_the_sparse_tables_and_roi_pool(dtype):
+    """Fine-tuning's few windows per image are pooled by reading their cells (sppdet.bin_max), chosen by their
+    total area: exactly the sparse tables' and roi_pool's values, over negative values, -0.0 and every
+    bin size, with several maps (one channels-last) and windows in any order."""
+    from sppdet import bin_max, window_pool
+
+    g = torch.Generator().manual_seed(11)
+    maps = [torch.randn(9, h, w, generator=g).to(dtype) for h, w in ((13, 17), (30, 41))]
+    maps[0][:, 2:5, 3:6] = -0.0
+    maps[1][:, :4] = -torch.rand(9, 4, 41, generator=g).to(dtype) - 1  # bins of negative values only
+    maps[1] = maps[1][None].contiguous(memory_format=torch.channels_last)[0]
+    r = 24
+    sidx = torch.randint(0, 2, (r,), generator=g)
+    cells = _random_cells(maps, sidx, g, extent=14)
+    cells[0] = torch.tensor([3, 2, 5, 4])  # a window of -0.0 only
+    sidx[0] = 0
+    assert bin_max.direct_is_cheaper(maps, cells, sidx)
+    levels = (6, 3, 2, 1)
+    got = pool_windows(maps, cells, levels, map_index=sidx)
+    assert torch.equal(got, pool_windows(maps, cells, levels, method="roi_pool", map_index=sidx))
+    assert torch.equal(got[0], torch.zeros(9 * 50))
+    for n in (6, 4, 1):
+        direct = bin_max.direct_bins_max(maps, cells, sidx, n, torch.empty((r, n, n, 9), dtype=dtype))
+        tables = window_pool._sparse_table_max(maps, cells, sidx, n, "check")
+        assert torch.equal(direct.float(), tables.float())  # the same values (-0.0 and +0.0 compare equal)
+    # many windows (the SVM and test stages' 2000 per image) stay with the tables, float32 and GPU maps too
+    many = cells.repeat(400, 1)
+    assert not bin_max.direct_is_cheaper(maps, many, sidx.repeat(400))
+    assert torch.equal(pool_windows(maps, many, levels, map_index=sidx.repeat(400)), got.repeat(400, 1))
+    assert not bin_max.direct_is_cheaper([m.float() for m in maps], cells, sidx)
