@@ -11,7 +11,7 @@ stages' 2000 windows per image (where the two are close) with the tables.
 Exact: float16 and bfloat16 values are compared as 16-bit integer keys that order like the floats they encode
 (sign-magnitude turned into two's complement: ``v ^ ((v >> 15) & 0x7FFF)``, its own inverse; one pass over the map,
 then plain integer maxima, which the compiler vectorises), so every bin's maximum is one of its values, bit for
-bit (a tie of -0.0 and +0.0 gives +0.0; conv maps hold no NaN).
+bit, where the tables give the same value (of -0.0 and +0.0 this keeps +0.0; conv maps hold no NaN).
 """
 
 from __future__ import annotations
@@ -80,9 +80,9 @@ _KERNELS = None
 
 def direct_bins_max(maps: Sequence[torch.Tensor], cells: torch.Tensor, map_index: torch.Tensor, n: int,
                     out: torch.Tensor) -> torch.Tensor:
-    """Max over the ``n x n`` floor/ceil bins of every window, ``out`` ``(R, n, n, C)`` in the maps' 16-bit dtype
-    (what :func:`sppdet.window_pool._sparse_table_max` returns, equal bit for bit). Channels-last maps are read
-    in place."""
+    """Max over the ``n x n`` floor/ceil bins of every window, written into ``out`` ``(R, n, n, C)`` in the maps'
+    16-bit dtype (the values :func:`sppdet.window_pool._sparse_table_max` returns). Channels-last maps are read
+    in place; others are copied once per call."""
     global _KERNELS
     if _KERNELS is None:
         _KERNELS = _kernels()
