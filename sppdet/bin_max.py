@@ -41,13 +41,17 @@ def direct_is_cheaper(maps: Sequence[torch.Tensor], cells: torch.Tensor, map_ind
 def _kernels():
     import numba  # imported on first use: a process that never pools few windows never loads it
 
+    @numba.njit(cache=True, nogil=True, inline="always")
+    def key(v):
+        """A 16-bit float pattern -> an integer key that orders like the float (and back: its own inverse)."""
+        return v ^ ((v >> 15) & 0x7FFF)
+
     @numba.njit(cache=True, nogil=True)
     def to_keys(bits, out):
-        """16-bit float patterns -> integer keys that order like the floats (and back: its own inverse)."""
+        """:func:`key` of every element."""
         a, o = bits.reshape(-1), out.reshape(-1)
         for i in range(a.size):
-            v = a[i]
-            o[i] = v ^ ((v >> 15) & 0x7FFF)
+            o[i] = key(a[i])
 
     @numba.njit(cache=True, nogil=True)
     def bins_max(keys, cells, n, out):
@@ -69,8 +73,7 @@ def _kernels():
                             for c in range(c_n):
                                 acc[c] = max(acc[c], row[c])
                     for c in range(c_n):
-                        v = acc[c]
-                        acc[c] = v ^ ((v >> 15) & 0x7FFF)
+                        acc[c] = key(acc[c])
 
     return to_keys, bins_max
 
