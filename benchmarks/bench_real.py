@@ -85,11 +85,16 @@ def run_sppdet(name: str, root: Path, args) -> dict:
     n_test = len((root / "ImageSets" / "Main" / f"{te}.txt").read_text().split())
     metrics = json.loads((run / "detections" / te / "metrics.json").read_text())
     test = (sum(secs.get(k, 0.0) for k in test_folders) + metrics["seconds"]) / n_test
-    where = "" if cfg.device == "cpu" else f", {cfg.device}"
-    return {"set": name, "detector": f"sppdet ({Path(args.config).name}{where})", "ap": float(m.group(1)) if m else None,
+    return {"set": name, "detector": f"sppdet ({Path(args.config).name}{_on(cfg.device)})",
+            "ap": float(m.group(1)) if m else None,
             "train_seconds": round(train, 1), "test_seconds_per_image": round(test, 3),
             "disk_mb": round(sum(f.stat().st_size for f in _files(run) if not f.name.endswith(".tmp")) / 2 ** 20, 1),
             "call_wall_seconds": round(wall, 1)}
+
+
+def _on(device) -> str:
+    """The detector label's device suffix: none on the CPU."""
+    return "" if str(device) == "cpu" else f", {device}"
 
 
 def _faster_rcnn(num_classes: int, min_size: int, trunk_name: str = "efficientnet_lite0"):
@@ -195,8 +200,7 @@ def run_faster_rcnn(name: str, root: Path, seconds: float, args) -> dict:
     ckpt = Path(args.work) / f"{name}_frcnn" / "model.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), ckpt)
-    where = "" if dev == "cpu" else f", {dev}"
-    return {"set": name, "detector": f"Faster R-CNN (torchvision, {cfg.backbone.name}, {args.min_size} px{where})",
+    return {"set": name, "detector": f"Faster R-CNN (torchvision, {cfg.backbone.name}, {args.min_size} px{_on(dev)})",
             "ap": round(res["map07"], 3), "train_seconds": round(train, 1), "steps": step,
             "test_seconds_per_image": round(per_image, 3), "disk_mb": round(ckpt.stat().st_size / 2 ** 20, 1)}
 

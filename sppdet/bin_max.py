@@ -81,16 +81,17 @@ def _kernels():
 _KERNELS = None
 
 
-def direct_bins_max(maps: Sequence[torch.Tensor], cells: torch.Tensor, map_index: torch.Tensor, n: int,
-                    out: torch.Tensor) -> torch.Tensor:
-    """Max over the ``n x n`` floor/ceil bins of every window, written into ``out`` ``(R, n, n, C)`` in the maps'
-    16-bit dtype (the values :func:`sppdet.window_pool._sparse_table_max` returns). Channels-last maps are read
-    in place; others are copied once per call."""
+def direct_bins_max(maps: Sequence[torch.Tensor], cells: torch.Tensor, map_index: torch.Tensor, ns: Sequence[int],
+                    outs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """Max over the ``n x n`` floor/ceil bins of every window for each ``n`` of ``ns``, written into the matching
+    ``outs`` ``(R, n, n, C)`` in the maps' 16-bit dtype (the values :func:`sppdet.window_pool._sparse_table_max`
+    returns). Each map is keyed once for all the levels; channels-last maps are read in place, others copied once
+    per call."""
     global _KERNELS
     if _KERNELS is None:
         _KERNELS = _kernels()
     to_keys, bins_max = _KERNELS
-    dst = out.view(torch.int16).numpy()
+    dsts = [o.view(torch.int16).numpy() for o in outs]
     cl = cells.numpy()
     mi = map_index.numpy()
     for s, m in enumerate(maps):
@@ -100,10 +101,13 @@ def direct_bins_max(maps: Sequence[torch.Tensor], cells: torch.Tensor, map_index
         bits = np.ascontiguousarray(m.permute(1, 2, 0).view(torch.int16).numpy())  # no copy when channels-last
         keys = np.empty(bits.shape, np.int16)
         to_keys(bits, keys)
-        if len(sel) == len(cl):
-            bins_max(keys, np.ascontiguousarray(cl), n, dst)
-        else:
-            part = np.empty((len(sel),) + dst.shape[1:], np.int16)
-            bins_max(keys, np.ascontiguousarray(cl[sel]), n, part)
-            dst[sel] = part
-    return out
+        every = len(sel) == len(cl)
+        mine = np.ascontiguousarray(cl if every else cl[sel])
+        for n, dst in zip(ns, dsts):
+            if every:
+                bins_max(keys, mine, n, dst)
+            else:
+                part = np.empty((len(sel),) + dst.shape[1:], np.int16)
+                bins_max(keys, mine, n, part)
+                dst[sel] = part
+    return outs

@@ -47,21 +47,28 @@ def train_linear_svm(x_pos: np.ndarray, x_neg: np.ndarray, C: float, pos_weight:
 
 
 def solve_svm(x_pos: np.ndarray, rows: np.ndarray, idx: np.ndarray, C: float, pos_weight: float, bias_mult: float,
-              max_iter: int = 10000, tol: float = 0.1, solver: str = "dcd") -> tuple[np.ndarray, float]:
+              max_iter: int = 10000, tol: float = 0.1, solver: str = "dcd", alpha0: np.ndarray | None = None,
+              return_state: bool = False):
     """liblinear ``-s 3`` (L2-reg. hinge, dual) on positives ``x_pos`` and negatives ``rows[idx]``, with the bias as
     a feature of value ``bias_mult``; ``tol`` is liblinear's ``-e`` (0.1, its default for ``-s 3``); ``solver`` one
     of ``dcd`` (:func:`dual_cd_svm`: the rows read in place) or ``liblinear`` (their float64 copy, filled in
-    chunks, for scikit-learn's). Returns ``(w float32, b)``."""
+    chunks, for scikit-learn's). Returns ``(w float32, b)``; with ``return_state`` also ``(alpha, sweeps)``, the
+    dual variables and sweeps of ``dcd`` (``(None, None)`` for liblinear). ``alpha0``: ``dcd``'s starting point
+    (hard-negative mining's warm start); liblinear starts from zeros and refuses one."""
     if solver == "dcd":
-        return dual_cd_svm(x_pos, rows, idx, C, pos_weight, bias_mult, max_iter, tol)
+        return dual_cd_svm(x_pos, rows, idx, C, pos_weight, bias_mult, max_iter, tol, alpha0=alpha0,
+                           return_alpha=return_state)
     if solver != "liblinear":
         raise ValueError(f"svm.solver must be one of {', '.join(SVM_SOLVERS)}, got {solver!r}")
+    if alpha0 is not None:
+        raise ValueError("svm.solver liblinear cannot start from given dual variables (svm.warm_start is dcd's)")
     p = len(x_pos)
     x = np.empty((p + len(idx), rows.shape[1]), np.float64)
     x[:p] = x_pos
     for s in range(0, len(idx), 4096):
         x[p + s:p + s + 4096] = rows[idx[s:s + 4096]]
-    return fit_linear_svm(x, np.concatenate([np.ones(p), -np.ones(len(idx))]), C, pos_weight, bias_mult, max_iter, tol)
+    w, b = fit_linear_svm(x, np.concatenate([np.ones(p), -np.ones(len(idx))]), C, pos_weight, bias_mult, max_iter, tol)
+    return (w, b, None, None) if return_state else (w, b)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
@@ -317,14 +324,11 @@ class HardNegativeTrainer:
         c, cfg = self.caches[k], self.cfg
         if len(c.x_pos) == 0 or len(c.idx) == 0:
             return
-        if cfg.solver == "dcd" and cfg.warm_start:
-            c.w, c.b, c.alpha, sweeps = dual_cd_svm(c.x_pos, self.pool.x, c.idx, cfg.C, cfg.pos_weight,
-                                                    cfg.bias_mult, cfg.max_iter, cfg.tol, alpha0=c.alpha,
-                                                    return_alpha=True)
-        else:
-            sweeps = None
-            c.w, c.b = solve_svm(c.x_pos, self.pool.x, c.idx, cfg.C, cfg.pos_weight, cfg.bias_mult, cfg.max_iter,
-                                 cfg.tol, cfg.solver)
+        warm = cfg.solver == "dcd" and cfg.warm_start
+        c.w, c.b, alpha, sweeps = solve_svm(c.x_pos, self.pool.x, c.idx, cfg.C, cfg.pos_weight, cfg.bias_mult,
+                                            cfg.max_iter, cfg.tol, cfg.solver, alpha0=c.alpha if warm else None,
+                                            return_state=True)
+        c.alpha = alpha if warm else None
         z = row_scores(self.pool.x, c.idx, c.w, c.b)
         obj = svm_objective_from_scores(c.w, c.b, c.x_pos @ c.w + c.b, z, cfg.C, cfg.pos_weight, cfg.bias_mult)
         easy = z < cfg.evict_threshold
@@ -337,7 +341,7 @@ class HardNegativeTrainer:
             c.alpha = np.concatenate([c.alpha[:len(c.x_pos)], c.alpha[len(c.x_pos):][~easy]])
         c.num_added = 0
         rec = {**obj, "negatives": int(len(z)), "evicted": int(easy.sum()), "kept": int(len(c.idx))}
-        if sweeps is not None:
+        if warm:
             rec["sweeps"] = sweeps
         c.retrains.append(rec)
         self.log(f"  class {k}: retrain {len(c.retrains)}: objective {obj['objective']:.4f} (reg {obj['reg']:.4f}, "

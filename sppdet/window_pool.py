@@ -202,17 +202,17 @@ def _max_pool_windows(maps: Sequence[torch.Tensor], cells: torch.Tensor, map_ind
     3 and 2 from 6 and 1 from 2. Levels that divide no finer one get their own query.
     Written straight into ``out``'s float32 ``(C, n, n)``-per-level layout."""
     r, c = cells.shape[0], maps[0].shape[0]
-    direct = direct_is_cheaper(maps, cells, map_index)  # a few windows (fine-tuning's): read their cells
+    order = sorted(set(levels), reverse=True)
+    source = {n: min((m for m in order[:i] if m % n == 0), default=None) for i, n in enumerate(order)}
+    queried = [n for n in order if source[n] is None]
     done: dict[int, torch.Tensor] = {}
-    for n in sorted(set(levels), reverse=True):
-        finer = [m for m in done if m % n == 0]
-        if finer:
-            m = min(finer)
-            done[n] = _group_max(done[m], n, m // n, f"level{n}")
-        elif direct:
-            done[n] = direct_bins_max(maps, cells, map_index, n, _WS.get(f"level{n}", (r, n, n, c), maps[0].dtype,
-                                                                          maps[0].device))
-        else:
+    if direct_is_cheaper(maps, cells, map_index):  # a few windows (fine-tuning's): read their cells, keyed once
+        outs = [_WS.get(f"level{n}", (r, n, n, c), maps[0].dtype, maps[0].device) for n in queried]
+        done.update(zip(queried, direct_bins_max(maps, cells, map_index, queried, outs)))
+    for n in order:
+        if source[n] is not None:
+            done[n] = _group_max(done[source[n]], n, source[n] // n, f"level{n}")
+        elif n not in done:
             done[n] = _sparse_table_max(maps, cells, map_index, n, f"level{n}")
     off = 0
     for n in levels:

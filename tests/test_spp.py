@@ -266,10 +266,15 @@ def test_a_few_windows_read_cell_by_cell_equal_the_sparse_tables_and_roi_pool(dt
     got = pool_windows(maps, cells, levels, map_index=sidx)
     assert torch.equal(got, pool_windows(maps, cells, levels, method="roi_pool", map_index=sidx))
     assert torch.equal(got[0], torch.zeros(9 * 50))
-    for n in (6, 4, 1):
-        direct = bin_max.direct_bins_max(maps, cells, sidx, n, torch.empty((r, n, n, 9), dtype=dtype))
+    ns = (6, 4, 1)  # several levels from one keying of each map
+    outs = bin_max.direct_bins_max(maps, cells, sidx, ns, [torch.empty((r, n, n, 9), dtype=dtype) for n in ns])
+    for n, direct in zip(ns, outs):
         tables = window_pool._sparse_table_max(maps, cells, sidx, n, "check")
         assert torch.equal(direct.float(), tables.float())  # the same values (-0.0 and +0.0 compare equal)
+    # levels of which two divide no finer one (4 and 3) are both read directly
+    odd = (4, 3, 2, 1)
+    assert torch.equal(pool_windows(maps, cells, odd, map_index=sidx),
+                       pool_windows(maps, cells, odd, method="roi_pool", map_index=sidx))
     # many windows (the SVM and test stages' 2000 per image) stay with the tables, float32 and GPU maps too
     many = cells.repeat(400, 1)
     assert not bin_max.direct_is_cheaper(maps, many, sidx.repeat(400))

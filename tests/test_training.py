@@ -732,7 +732,7 @@ def test_warm_started_retrains_reach_the_same_optimum_in_fewer_sweeps():
 
 
 def test_dcd_from_a_previous_solution_reaches_the_same_optimum():
-    from sppdet.svm import dual_cd_svm, svm_objective
+    from sppdet.svm import dual_cd_svm, solve_svm, svm_objective
 
     rng = np.random.default_rng(7)
     d = 40
@@ -749,3 +749,9 @@ def test_dcd_from_a_previous_solution_reaches_the_same_optimum():
     assert abs(objs[1] - objs[0]) <= 0.02 * objs[0]
     with pytest.raises(ValueError, match="alpha0 has 5 values"):
         dual_cd_svm(x_pos, x_neg, first, 0.1, 2.0, 10.0, alpha0=np.zeros(5))
+    # solve_svm, the trainer's one entry point, passes the start and returns the state; liblinear has neither
+    via = solve_svm(x_pos, x_neg, first, 0.1, 2.0, 10.0, tol=0.01, alpha0=a0, return_state=True)
+    assert np.array_equal(via[0], again[0]) and via[1] == again[1] and via[3] == again[3]
+    assert solve_svm(x_pos, x_neg, first, 0.1, 2.0, 10.0, solver="liblinear", return_state=True)[2:] == (None, None)
+    with pytest.raises(ValueError, match="liblinear cannot start"):
+        solve_svm(x_pos, x_neg, first, 0.1, 2.0, 10.0, solver="liblinear", alpha0=a0)
