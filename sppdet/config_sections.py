@@ -147,6 +147,11 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     flip: bool = True
+    # Where the mirror images' conv5 maps come from (flip, and svm.flip): "image", the mirror image's own conv5
+    # pass (the features stage runs the trunk twice per training image and caches both maps); "maps", the image's
+    # maps mirrored left-right when they are read (one pass, half the train split's cache; a CNN's maps of a
+    # mirrored image are close to, not equal to, its maps mirrored).
+    flip_from: str = field(default="image", metadata={"choices": ("image", "maps")})
     random_scale: bool = True  # multi-scale: each training window at a random scale
     val_every: int = 200
     val_batches: int = 20

@@ -192,11 +192,14 @@ class FeatureCache:
         arrays["size"] = np.asarray(size, np.int32)
         return atomic_save_npz(path, **arrays)
 
-    def load(self, image_id: str, device: str | torch.device = "cpu", flipped: bool = False) -> ImageFeatures:
+    def load(self, image_id: str, device: str | torch.device = "cpu", flipped: bool = False,
+             mirror_maps: bool = False) -> ImageFeatures:
         """An image's maps; ``flipped``: also the flipped image's, where the shard has them (only
-        fine-tuning uses them, and they are as large as the maps themselves)."""
+        fine-tuning uses them, and they are as large as the maps themselves), or with ``mirror_maps`` the maps
+        mirrored left-right (``finetune.flip_from: maps``: shards without the flipped image's maps)."""
         p = self.path(image_id)
-        d = load_npz(p, ("factors", "size"), skip=None if flipped else lambda k: k.startswith("flip_"))
+        d = load_npz(p, ("factors", "size"),
+                     skip=None if flipped and not mirror_maps else lambda k: k.startswith("flip_"))
         n = len(d["factors"])
         if any(f"conv_{i}" not in d for i in range(n)):
             raise ShardError(f"{p}: shard lacks a conv map for one of its {n} scales")
@@ -204,8 +207,11 @@ class FeatureCache:
         # channels-last, the layout the pooling's tables are built in: one copy here rather than one per
         # pooling call (fine-tuning pools each training image ~100 times: 32 windows 7.3 -> 4.9 ms).
         maps = [_channels_last(torch.from_numpy(d[f"conv_{i}"]).to(device)) for i in range(n)]
-        flipped = ([_channels_last(torch.from_numpy(d[f"flip_conv_{i}"]).to(device)) for i in range(n)]
-                   if "flip_conv_0" in d else None)
+        if flipped and mirror_maps:
+            flipped = [_channels_last(m.flip(-1)) for m in maps]
+        else:
+            flipped = ([_channels_last(torch.from_numpy(d[f"flip_conv_{i}"]).to(device)) for i in range(n)]
+                       if "flip_conv_0" in d else None)
         h, w = (int(v) for v in d["size"])
         return ImageFeatures(maps, [float(f) for f in d["factors"]], h, w, flipped)
 

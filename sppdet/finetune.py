@@ -39,8 +39,8 @@ class FeatureLRU:
     third of the reads went to disk, ~20% of fine-tuning's time; 2 GiB holds all of them, and ~200 images
     of full-width ZF-5 at five scales on VOC."""
 
-    def __init__(self, cache: FeatureCache, max_bytes: int = 2 << 30):
-        self.cache, self.max_bytes = cache, int(max_bytes)
+    def __init__(self, cache: FeatureCache, max_bytes: int = 2 << 30, mirror_maps: bool = False):
+        self.cache, self.max_bytes, self.mirror_maps = cache, int(max_bytes), mirror_maps
         self._d: OrderedDict[str, tuple[ImageFeatures, int]] = OrderedDict()
         self.bytes = 0
 
@@ -48,7 +48,7 @@ class FeatureLRU:
         if image_id in self._d:
             self._d.move_to_end(image_id)
             return self._d[image_id][0]
-        f = self.cache.load(image_id, flipped=True)
+        f = self.cache.load(image_id, flipped=True, mirror_maps=self.mirror_maps)
         size = sum(m.nbytes for m in f.maps + (f.flipped_maps or []))
         self._d[image_id] = (f, size)
         self.bytes += size
@@ -162,7 +162,7 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
     train_ids = [i for i, w in train_windows.items() if len(w.boxes)]
     if not train_ids:
         raise ValueError("fine-tuning: no training image has windows")
-    lru_t, lru_v = FeatureLRU(cache_train), FeatureLRU(cache_val)
+    lru_t, lru_v = FeatureLRU(cache_train, mirror_maps=cfg.flip and cfg.flip_from == "maps"), FeatureLRU(cache_val)
     val_batches = [(x.to(device), y.to(device)) for x, y in
                    _validation_batches(val_windows, lru_v, cfg, num_classes, np.random.default_rng(seed + 1))]
     head.to(device)

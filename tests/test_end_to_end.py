@@ -180,6 +180,12 @@ def test_demo_rebuilds_only_the_stale_stages_when_asked(trained, tmp_path):
     r = tool("finetune_fc.py", "--config", "configs/tiny.yaml", "--run", tmp_path / "run", "--set",
              f"data.root={tmp / 'data' / 'VOC2007'}", check=False)
     assert r.returncode == 2 and "finetune.flip" in r.stderr and str(path.parent) in r.stderr
+    # With finetune.flip_from: maps such a cache is what the features stage writes, and fine-tuning mirrors the maps
+    shutil.copytree(tmp_path / "run", tmp_path / "maps", ignore=shutil.ignore_patterns("model"))
+    tool("finetune_fc.py", "--config", "configs/tiny.yaml", "--run", tmp_path / "maps", "--set",
+         f"data.root={tmp / 'data' / 'VOC2007'}", "--set", "finetune.flip_from=maps")
+    ft = json.loads((tmp_path / "maps" / "model" / "finetune" / "manifest.json").read_text())
+    assert ft["complete"] and ft["config"]["finetune"]["flip_from"] == "maps"
     path.write_text(saved)
     common = ["--config", "configs/tiny.yaml", "--run", tmp_path / "run", "--set",
               f"data.root={tmp / 'data' / 'VOC2007'}", "--set", "svm.C=0.02"]

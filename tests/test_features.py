@@ -327,3 +327,10 @@ def test_flipped_maps_are_read_only_when_asked(zf, tmp_path):
     want = pool_boxes([flipped[0].half()], factors, mirrored, np.zeros(1, np.int64), zf.stride, zf.center0,
                       (6, 3, 2, 1), 6.5)
     assert torch.equal(cache.pooled("a", box, flipped=True), want)  # the mirrored box on the flipped maps
+    # finetune.flip_from: maps: the maps mirrored stand for the mirror image's, from a shard with or without them
+    cache.write(cache.path("b"), maps, factors, rgb.shape[:2])
+    for i in "ab":
+        m = cache.load(i, flipped=True, mirror_maps=True)
+        assert torch.equal(m.flipped_maps[0], maps[0].half().flip(-1)) and torch.equal(m.maps[0], f.maps[0])
+        assert m.flipped_maps[0].permute(1, 2, 0).is_contiguous()  # channels-last, as the pooling reads them
+    assert cache.load("b", flipped=True).flipped_maps is None

@@ -28,11 +28,11 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
                    device: str | None = None, flip: bool | None = None) -> dict:
     """conv5 once per image and scale, cached as float16; prints the cost summary. ``device``: None for the
     config's ``device``. ``flip``: also the flipped image's maps; None: for the train split when
-    ``finetune.flip`` (the authors include flipped images in fine-tuning)."""
+    ``finetune.flip`` (the authors include flipped images in fine-tuning) with ``finetune.flip_from: image``."""
     cfg = run.cfg
     device = device or run.device
     if flip is None:
-        flip = split == cfg.data.train_split and cfg.finetune.flip
+        flip = split == cfg.data.train_split and cfg.finetune.flip and cfg.finetune.flip_from == "image"
     ds = run.dataset(split)
     prop_manifest = require_proposals(run, split)
     backbone = run.backbone().to(device)
@@ -146,5 +146,5 @@ def _log_costs(run: Run, split: str, stage: Stage, ids: list[str], summary: dict
 
 SPEC = StageSpec("features", "tools/extract_features.py", True,
                  ("data: the split's images", "proposals/<split>/", "the trunk's weights"),
-                 "features/<split>/", ("features", "backbone", "finetune.flip (train split)"), stage_features,
+                 "features/<split>/", ("features", "backbone", "finetune.flip, finetune.flip_from (train split)"), stage_features,
                  "features written to disk (conv5 cache)")

@@ -105,7 +105,7 @@ def _svm_sets(run: Run, sets: list[tuple[str, str]], overwrite: bool) -> list[di
     device = run.device  # a device this machine lacks is refused before anything else
     tr = cfg.data.train_split
     cache = feature_cache(run, tr)
-    if cfg.svm.flip:
+    if cfg.svm.flip and cfg.finetune.flip_from == "image":
         require_flipped_maps(cache.dir, Stage.read_manifest(cache.dir), tr, "svm.flip")
     results: list[dict | None] = [None] * len(sets)
     todo: dict[int, _Set] = {}
@@ -175,7 +175,7 @@ class _Views:
                  precision: str = "fp32"):
         self.cache, self.windows, self.head, self.layer, self.scale = cache, windows, head, layer, scale
         self.precision = precision
-        self.flip = run.cfg.svm.flip
+        self.flip, self.mirror_maps = run.cfg.svm.flip, run.cfg.finetune.flip_from == "maps"
         i0 = next(iter(windows))
         self.dim = self.features(cache.pooled(i0, windows[i0].boxes[:1])).shape[1]
 
@@ -183,7 +183,7 @@ class _Views:
         return layer_features(self.head, self.layer, pooled, self.precision) * self.scale
 
     def __call__(self, i: str):
-        feats, boxes = self.cache.load(i, flipped=self.flip), self.windows[i].boxes
+        feats, boxes = self.cache.load(i, flipped=self.flip, mirror_maps=self.mirror_maps), self.windows[i].boxes
         yield feats, boxes
         if self.flip:
             yield feats.mirrored(), flip_boxes(boxes, feats.width)
