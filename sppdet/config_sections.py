@@ -170,6 +170,11 @@ class FinetuneConfig:
     # bfloat16; weights, their gradients, the update and the loss in float32) or "auto" (bf16 where native).
     precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
 
+    @property
+    def mirror_maps(self) -> bool:
+        """Whether mirror images' maps are the maps mirrored when read (``flip_from: maps``): none are cached."""
+        return self.flip_from == "maps"
+
 
 @dataclass(frozen=True)
 class SVMConfig:

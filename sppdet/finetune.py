@@ -162,7 +162,7 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
     train_ids = [i for i, w in train_windows.items() if len(w.boxes)]
     if not train_ids:
         raise ValueError("fine-tuning: no training image has windows")
-    lru_t, lru_v = FeatureLRU(cache_train, mirror_maps=cfg.flip and cfg.flip_from == "maps"), FeatureLRU(cache_val)
+    lru_t, lru_v = FeatureLRU(cache_train, mirror_maps=cfg.flip and cfg.mirror_maps), FeatureLRU(cache_val)
     val_batches = [(x.to(device), y.to(device)) for x, y in
                    _validation_batches(val_windows, lru_v, cfg, num_classes, np.random.default_rng(seed + 1))]
     head.to(device)

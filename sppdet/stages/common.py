@@ -99,9 +99,10 @@ def feature_cache(run: Run, split: str, verify: bool = True) -> FeatureCache:
     return cache
 
 
-def require_flipped_maps(directory: Path, manifest: dict, split: str, option: str) -> None:
-    """Refuse, by name, a feature cache made without the mirror images' maps that ``option`` uses."""
-    if not manifest["config"].get("flip"):
+def require_flipped_maps(cfg, directory: Path, manifest: dict, split: str, option: str) -> None:
+    """Refuse, by name, a feature cache made without the mirror images' maps that ``option`` uses (none are needed
+    with ``finetune.flip_from: maps``: the maps are mirrored when read)."""
+    if not cfg.finetune.mirror_maps and not manifest["config"].get("flip"):
         raise ShardError(f"{directory}: cached without the flipped images' maps, which {option} asks for; rerun "
                          f"tools/extract_features.py --split {split} --flip --overwrite, or set {option}=false")
 

@@ -32,7 +32,7 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
     cfg = run.cfg
     device = device or run.device
     if flip is None:
-        flip = split == cfg.data.train_split and cfg.finetune.flip and cfg.finetune.flip_from == "image"
+        flip = split == cfg.data.train_split and cfg.finetune.flip and not cfg.finetune.mirror_maps
     ds = run.dataset(split)
     prop_manifest = require_proposals(run, split)
     backbone = run.backbone().to(device)
@@ -146,5 +146,6 @@ def _log_costs(run: Run, split: str, stage: Stage, ids: list[str], summary: dict
 
 SPEC = StageSpec("features", "tools/extract_features.py", True,
                  ("data: the split's images", "proposals/<split>/", "the trunk's weights"),
-                 "features/<split>/", ("features", "backbone", "finetune.flip, finetune.flip_from (train split)"), stage_features,
+                 "features/<split>/", ("features", "backbone", "finetune.flip, finetune.flip_from (train split)"),
+                 stage_features,
                  "features written to disk (conv5 cache)")

@@ -56,8 +56,8 @@ def stage_finetune(run: Run, overwrite: bool = False) -> dict:
         run.log(f"warning: the validation split '{va}' is the test split (the authors' choice); "
                 "the checkpoint is then selected on test")
     feats_t = Stage.read_manifest(cache_t.dir)
-    if cfg.finetune.flip and cfg.finetune.flip_from == "image":
-        require_flipped_maps(cache_t.dir, feats_t, tr, "finetune.flip")
+    if cfg.finetune.flip:
+        require_flipped_maps(cfg, cache_t.dir, feats_t, tr, "finetune.flip")
     conv_before = weights_fingerprint(run.backbone())
     in_dim = cache_t.feature_dim(run.backbone().out_channels)
     inputs = {"features_" + tr: feats_t["fingerprint"],

@@ -105,8 +105,8 @@ def _svm_sets(run: Run, sets: list[tuple[str, str]], overwrite: bool) -> list[di
     device = run.device  # a device this machine lacks is refused before anything else
     tr = cfg.data.train_split
     cache = feature_cache(run, tr)
-    if cfg.svm.flip and cfg.finetune.flip_from == "image":
-        require_flipped_maps(cache.dir, Stage.read_manifest(cache.dir), tr, "svm.flip")
+    if cfg.svm.flip:
+        require_flipped_maps(cfg, cache.dir, Stage.read_manifest(cache.dir), tr, "svm.flip")
     results: list[dict | None] = [None] * len(sets)
     todo: dict[int, _Set] = {}
     shared = {"features": Stage.read_manifest(cache.dir)["fingerprint"], "annotations": run.content(tr, "annotations")}
@@ -175,7 +175,7 @@ class _Views:
                  precision: str = "fp32"):
         self.cache, self.windows, self.head, self.layer, self.scale = cache, windows, head, layer, scale
         self.precision = precision
-        self.flip, self.mirror_maps = run.cfg.svm.flip, run.cfg.finetune.flip_from == "maps"
+        self.flip, self.mirror_maps = run.cfg.svm.flip, run.cfg.finetune.mirror_maps
         i0 = next(iter(windows))
         self.dim = self.features(cache.pooled(i0, windows[i0].boxes[:1])).shape[1]
 
