@@ -221,21 +221,36 @@ class FeatureCache:
 
         ``scale_idx`` overrides the per-box best scale (used for random-scale training);
         ``flipped`` pools from the flipped image's maps with mirrored boxes; ``out`` is written
-        into when given (see :func:`sppdet.window_pool.pool_windows`).
+        into when given (see :func:`sppdet.window_pool.pool_windows`). Pooled on the maps' device.
         """
         if isinstance(feats, str):
             feats = self.load(feats, flipped=flipped)
-        b = np.asarray(boxes, np.float32).reshape(-1, 4)
-        maps = feats.maps
-        if flipped:
-            if feats.flipped_maps is None:
-                raise ShardError(f"{self.dir}: features were cached without flipped maps (features.flip: true)")
-            maps = feats.flipped_maps
-            b = flip_boxes(b, feats.width)
-        if scale_idx is None:
-            scale_idx = choose_scale(b, feats.factors, self.target_size)
-        return pool_boxes(maps, feats.factors, b, scale_idx, self.stride, self.center0, self.levels, self.shrink,
-                          out=out, deep=self.deep)
+        return self.pooled_many([(feats, boxes, flipped, scale_idx)], out=out)
+
+    def pooled_many(self, requests: Sequence[tuple[ImageFeatures, np.ndarray, bool, np.ndarray | None]],
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`pooled` of several images' ``(feats, boxes, flipped, scale_idx)`` in one pooling call, their rows
+        one after another in request order (a fine-tuning batch: one call for its 8 images instead of 8; on a GPU
+        each call is a few dozen small kernels, so per-image calls would cost more than the pooling itself)."""
+        maps: list[torch.Tensor] = []
+        sidx, cells = [], []
+        for feats, boxes, flipped, scale_idx in requests:
+            b, m = np.asarray(boxes, np.float32).reshape(-1, 4), feats.maps
+            if flipped:
+                if feats.flipped_maps is None:
+                    raise ShardError(f"{self.dir}: features were cached without flipped maps (features.flip: true)")
+                m, b = feats.flipped_maps, flip_boxes(b, feats.width)
+            if scale_idx is None:
+                scale_idx = choose_scale(b, feats.factors, self.target_size)
+            s, c = box_cells([x.shape[-2:] for x in m], feats.factors, b, scale_idx, self.stride, self.center0,
+                             self.shrink)
+            sidx.append(s + len(maps))
+            cells.append(c)
+            maps.extend(m)
+        if not requests:
+            raise ValueError("pooled_many: no request")
+        return pool_windows(maps, torch.cat(cells), self.levels, map_index=torch.as_tensor(np.concatenate(sidx)),
+                            out=out, deep=self.deep)
 
     def _cells(self, feats: ImageFeatures, boxes: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
         b = np.asarray(boxes, np.float32).reshape(-1, 4)

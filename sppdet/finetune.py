@@ -39,8 +39,10 @@ class FeatureLRU:
     third of the reads went to disk, ~20% of fine-tuning's time; 2 GiB holds all of them, and ~200 images
     of full-width ZF-5 at five scales on VOC."""
 
-    def __init__(self, cache: FeatureCache, max_bytes: int = 2 << 30, mirror_maps: bool = False):
+    def __init__(self, cache: FeatureCache, max_bytes: int = 2 << 30, mirror_maps: bool = False,
+                 device: str | torch.device = "cpu"):
         self.cache, self.max_bytes, self.mirror_maps = cache, int(max_bytes), mirror_maps
+        self.device = torch.device(device)  # the maps are kept (and pooled) there
         self._d: OrderedDict[str, tuple[ImageFeatures, int]] = OrderedDict()
         self.bytes = 0
 
@@ -48,7 +50,7 @@ class FeatureLRU:
         if image_id in self._d:
             self._d.move_to_end(image_id)
             return self._d[image_id][0]
-        f = self.cache.load(image_id, flipped=True, mirror_maps=self.mirror_maps)
+        f = self.cache.load(image_id, device=self.device, flipped=True, mirror_maps=self.mirror_maps)
         size = sum(m.nbytes for m in f.maps + (f.flipped_maps or []))
         self._d[image_id] = (f, size)
         self.bytes += size
@@ -91,8 +93,9 @@ def sample_windows(w: Windows, num: int, fg_fraction: float, fg_threshold: float
 
 def _make_batch(ids: Sequence[str], windows: dict, lru: FeatureLRU, cfg: FinetuneConfig, num_classes: int,
                 rng: np.random.Generator, train: bool):
+    """One mini-batch ``(pooled windows on the LRU's device, labels)`` of ``ids``' windows, pooled in one call."""
     per = max(1, cfg.batch_size // len(ids))
-    x, ys, rows = None, [], 0
+    requests, ys = [], []
     for i in ids:
         w = windows[i]
         idx, lab = sample_windows(w, per, cfg.fg_fraction, cfg.fg_threshold, cfg.bg_low, cfg.bg_high, num_classes, rng)
@@ -103,14 +106,12 @@ def _make_batch(ids: Sequence[str], windows: dict, lru: FeatureLRU, cfg: Finetun
         scale_idx = None
         if train and cfg.random_scale and len(feats.factors) > 1:
             scale_idx = rng.integers(0, len(feats.factors), len(idx))
-        if x is None:  # each image's windows pooled straight into the batch (a torch.cat of them: ~6 ms a step)
-            x = torch.empty((per * len(ids), lru.cache.feature_dim(feats.maps[0].shape[0])), dtype=torch.float32)
-        lru.cache.pooled(feats, w.boxes[idx], flipped=flip, scale_idx=scale_idx, out=x[rows:rows + len(idx)])
+        requests.append((feats, w.boxes[idx], flip, scale_idx))
         ys.append(torch.from_numpy(lab))
-        rows += len(idx)
-    if x is None:
+    if not requests:
         return None, None
-    return x[:rows], torch.cat(ys)
+    y = torch.cat(ys)
+    return lru.cache.pooled_many(requests), y.to(lru.device)
 
 
 def _validation_batches(val_windows: dict, lru: FeatureLRU, cfg: FinetuneConfig, num_classes: int,
@@ -152,9 +153,11 @@ def _baselines(val_batches: list, num_classes: int, history: list) -> dict:
 
 def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: dict[str, Windows], cache_train: FeatureCache,
                   cache_val: FeatureCache, num_classes: int, cfg: FinetuneConfig, seed: int = 0, progress: bool = True,
-                  log_fn: Callable[[str], None] = print, device: str = "cpu") -> dict:
-    """Train ``head`` (fc6, fc7, fc8 with K+1 outputs) in place on ``device`` (the windows are pooled on the CPU
-    and sent there), leaving it on the CPU with the best checkpoint's weights; return the history."""
+                  log_fn: Callable[[str], None] = print, device: str = "cpu",
+                  pool_device: str | None = None) -> dict:
+    """Train ``head`` (fc6, fc7, fc8 with K+1 outputs) in place on ``device``, leaving it on the CPU with the best
+    checkpoint's weights; return the history. The conv5 maps are kept and the windows pooled on ``device`` too
+    (``pool_device``, when given, overrides that: a benchmark's CPU pooling beside a GPU's fc layers)."""
     from tqdm import tqdm
 
     rng = np.random.default_rng(seed)
@@ -162,7 +165,9 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
     train_ids = [i for i, w in train_windows.items() if len(w.boxes)]
     if not train_ids:
         raise ValueError("fine-tuning: no training image has windows")
-    lru_t, lru_v = FeatureLRU(cache_train, mirror_maps=cfg.flip and cfg.mirror_maps), FeatureLRU(cache_val)
+    pool_device = device if pool_device is None else pool_device
+    lru_t = FeatureLRU(cache_train, mirror_maps=cfg.flip and cfg.mirror_maps, device=pool_device)
+    lru_v = FeatureLRU(cache_val, device=pool_device)
     val_batches = [(x.to(device), y.to(device)) for x, y in
                    _validation_batches(val_windows, lru_v, cfg, num_classes, np.random.default_rng(seed + 1))]
     head.to(device)

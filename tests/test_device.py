@@ -65,3 +65,18 @@ def test_fc_features_on_cuda_match_the_cpu():
     assert module_device(head).type == "cuda"
     on_gpu = fc_features(head, x.to("cuda"), "fc7").cpu()
     assert torch.allclose(on_cpu, on_gpu, atol=1e-4)
+
+
+@needs_cuda
+def test_pooling_on_cuda_matches_the_cpu(tmp_path):
+    """Fine-tuning keeps the maps on its device and pools there: the same rows as the CPU's, bit for bit (max
+    pooling only compares values)."""
+    from sppdet.backbones import build_backbone
+    from test_features import _pooling_requests
+
+    torch.manual_seed(0)
+    zf = build_backbone("zf5", width=0.125).eval()
+    cache, cpu = _pooling_requests(zf, tmp_path / "cpu")
+    _, gpu = _pooling_requests(zf, tmp_path / "gpu", device="cuda")
+    got = cache.pooled_many(gpu)
+    assert got.device.type == "cuda" and torch.equal(got.cpu(), cache.pooled_many(cpu))

@@ -548,6 +548,21 @@ def test_bench_detect_times_fresh_processes_with_and_without_the_warm_up(trained
     assert abs(s["first_photo_ratio_off_on"] - s["off"]["first_photo_seconds"] / s["on"]["first_photo_seconds"]) < 1e-9
 
 
+def test_bench_finetune_pool_pools_a_runs_batches_both_ways_alike(trained, tmp_path, load_script):
+    """The benchmark draws fine-tuning's batches from a run's caches and pools them per image and per batch (it
+    exits naming the way whose rows differ); on a machine with CUDA also there, with a short fine-tuning each way."""
+    tmp, _ = trained
+    out = tmp_path / "pool.json"
+    bench = load_script("benchmarks/bench_finetune_pool.py")
+    assert bench.main(["--run", str(tmp / "run"), "--batches", "4", "--iterations", "6", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    ways = rec["pooling_ms_per_batch"]
+    assert {"cpu, one call per image", "cpu, one call per batch"} <= set(ways) and all(v > 0 for v in ways.values())
+    import torch
+
+    assert rec["windows_per_batch"] > 0 and ("finetune" in rec) == torch.cuda.is_available()
+
+
 def test_fast_rcnn_mode_trains_the_trunk_writes_no_feature_cache_and_detects(trained, tmp_path):
     """Fast R-CNN mode from the same trunk and proposals, as a whole run (``route: fast_rcnn``: tools/demo.py trains
     it, Predictor serves it): one stage trains the conv layers above the stem too (the trunk's weights change),

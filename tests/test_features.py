@@ -83,6 +83,35 @@ def test_cache_round_trip_float16(zf, tmp_path):
         assert got.dtype == torch.float32 and torch.equal(got, up)
 
 
+def _pooling_requests(zf, tmp_path, device="cpu"):
+    """A two-scale cache of three images and one request per image: plain, mirrored (maps mirrored on load),
+    random scales; the cache's levels with a pyramid of their own for the last channels (a hypercolumn's)."""
+    rng = np.random.default_rng(5)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for k in range(3):
+        im = rng.integers(0, 255, (80 + 20 * k, 130, 3), dtype=np.uint8)
+        maps, factors = conv5_maps(zf, im, [150, 110], 1000)
+        FeatureCache.write(tmp_path / f"{k}.npz", maps, factors, im.shape[:2])
+    c = zf.out_channels
+    cache = FeatureCache(tmp_path, zf.stride, zf.center0, (6, 3, 2, 1), deep=(c - 8, (3, 1)))
+    feats = [cache.load(str(k), device=device, flipped=True, mirror_maps=True) for k in range(3)]
+    boxes = [np.array([[0, 0, 60, 50], [10, 5, 120, 70 + 10 * k], [30, 20, 90, 75]], np.float32) for k in range(3)]
+    requests = [(feats[0], boxes[0], False, None), (feats[1], boxes[1], True, None),
+                (feats[2], boxes[2], False, np.array([1, 0, 1]))]
+    return cache, requests
+
+
+def test_pooled_many_equals_each_images_own_pooling(zf, tmp_path):
+    """Fine-tuning pools a batch's images in one call: the rows are each image's own pooling, in request order."""
+    cache, requests = _pooling_requests(zf, tmp_path)
+    got = cache.pooled_many(requests)
+    want = torch.cat([cache.pooled(f, b, flipped=fl, scale_idx=s) for f, b, fl, s in requests])
+    assert got.shape == (9, cache.feature_dim(zf.out_channels)) and torch.equal(got, want)
+    assert not torch.equal(got[3:6], cache.pooled(requests[1][0], requests[1][1]))  # the mirror was pooled
+    with pytest.raises(ValueError, match="pooled_many: no request"):
+        cache.pooled_many([])
+
+
 def test_truncated_and_missing_shard_errors(zf, tmp_path):
     _write_split(tmp_path, zf, 1)
     p = tmp_path / "000.npz"

@@ -550,7 +550,7 @@ def test_feature_lru_is_bounded_by_bytes_and_evicts_the_least_recently_used():
     loads = []
 
     class Cache:  # 1 KB of maps per image, half of it the mirror image's
-        def load(self, image_id, flipped=False, mirror_maps=False):
+        def load(self, image_id, device="cpu", flipped=False, mirror_maps=False):
             loads.append(image_id)
             m = [torch.zeros(8, 4, 4, dtype=torch.float32)]  # 512 bytes
             return ImageFeatures(m, [1.0], 10, 10, [torch.zeros(8, 4, 4)] if flipped else None)

@@ -35,7 +35,7 @@ def layer_features(head: FCHead | None, layer: str, pooled: torch.Tensor, precis
     """``pooled`` SPP vectors (pool5) or the head's ``layer`` activations of them (fc6/fc7 in ``precision``,
     resolved: ``"fp32"`` or ``"bf16"``, on the head's device), as float32 NumPy."""
     if layer == "pool5" or head is None:
-        return pooled.numpy()
+        return pooled.cpu().numpy()
     return fc_features(head, pooled.to(module_device(head)), layer, precision).cpu().numpy()
 
 
@@ -135,7 +135,7 @@ def _svm_sets(run: Run, sets: list[tuple[str, str]], overwrite: bool) -> list[di
         scale = cfg.svm.target_norm / sample_norm(
             cache, windows, rng, cfg.svm.norm_images, cfg.svm.norm_boxes,
             lambda x, s=s: layer_features(s.head, s.layer, x, s.precision))
-        s.views = _Views(run, cache, windows, s.head, s.layer, scale, s.precision)
+        s.views = _Views(run, cache, windows, s.head, s.layer, scale, s.precision, device)
         s.trainer = HardNegativeTrainer(_positives(run, s.views), s.views.dim, cfg.svm, log_fn=run.log)
     t0 = time.time()
     with large_blocks_reused():  # each image's pooled windows and their features: the same large blocks
@@ -169,12 +169,13 @@ def _save(run: Run, s: _Set, mined: dict, mining_seconds: float, together: list[
 
 
 class _Views:
-    """The train split's windows' SVM features: per image its own view, then (``svm.flip``) its mirror image's."""
+    """The train split's windows' SVM features: per image its own view, then (``svm.flip``) its mirror image's; the
+    maps loaded onto ``device`` (the fc layers' on a GPU) and pooled there."""
 
     def __init__(self, run: Run, cache: FeatureCache, windows: dict, head: FCHead | None, layer: str, scale: float,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", device: str = "cpu"):
         self.cache, self.windows, self.head, self.layer, self.scale = cache, windows, head, layer, scale
-        self.precision = precision
+        self.precision, self.device = precision, device
         self.flip, self.mirror_maps = run.cfg.svm.flip, run.cfg.finetune.mirror_maps
         i0 = next(iter(windows))
         self.dim = self.features(cache.pooled(i0, windows[i0].boxes[:1])).shape[1]
@@ -183,7 +184,8 @@ class _Views:
         return layer_features(self.head, self.layer, pooled, self.precision) * self.scale
 
     def __call__(self, i: str):
-        feats, boxes = self.cache.load(i, flipped=self.flip, mirror_maps=self.mirror_maps), self.windows[i].boxes
+        feats = self.cache.load(i, device=self.device, flipped=self.flip, mirror_maps=self.mirror_maps)
+        boxes = self.windows[i].boxes
         yield feats, boxes
         if self.flip:
             yield feats.mirrored(), flip_boxes(boxes, feats.width)
