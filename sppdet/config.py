@@ -62,11 +62,10 @@ class Config:
     # layers above the stem and the head trained in one stage, softmax scores and its own box regression, no cache).
     route: str = field(default="spp", metadata={"choices": ("spp", "fast_rcnn")})
     # Where the networks run: the conv pass (pre-training, the conv5 cache), fine-tuning, and the fc layers of the SVM
-    # and test stages, and fine-tuning's and the SVM stage's pooling from the cache (the maps are loaded onto the
-    # device: the same values, bit for bit). cpu, cuda, cuda:N, or auto (CUDA when torch finds it, else the CPU).
-    # Proposals, the test stage's pooling, the SVM solver and box regression run on the CPU. Not in any stage's
-    # fingerprint: a stage made on one device is reused on another (the precisions that `auto` resolves to per
-    # device are recorded and checked).
+    # and test stages; the windows are pooled from conv5 there too (the maps are loaded onto the device: the same
+    # values, bit for bit). cpu, cuda, cuda:N, or auto (CUDA when torch finds it, else the CPU). Proposals, the SVM
+    # solver and box regression run on the CPU. Not in any stage's fingerprint: a stage made on one device is
+    # reused on another (the precisions that `auto` resolves to per device are recorded and checked).
     device: str = "cpu"
     data: DataConfig = field(default_factory=DataConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)

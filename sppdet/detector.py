@@ -155,13 +155,16 @@ class WindowRows:
     """Per-window rows of a matrix that holds one row per group of identical windows:
     ``rows[idx]`` is ``distinct[group[idx]]`` (what box regression reads for the windows it keeps)."""
 
-    def __init__(self, distinct: np.ndarray, group: np.ndarray):
-        self.distinct, self.group = distinct, group
+    def __init__(self, distinct: np.ndarray | torch.Tensor, group: np.ndarray):
+        self.distinct, self.group = distinct, group  # a tensor where the windows were pooled on a GPU
 
     def __len__(self) -> int:
         return len(self.group)
 
     def __getitem__(self, idx) -> np.ndarray:
+        if isinstance(self.distinct, torch.Tensor):  # only the rows asked for leave the GPU
+            rows = torch.as_tensor(np.asarray(self.group[idx]), device=self.distinct.device)
+            return self.distinct[rows].cpu().numpy()
         return self.distinct[self.group[idx]]
 
 
@@ -175,7 +178,9 @@ class Detector:
         regressor: per-class box regressors or None.
         cache: a :class:`FeatureCache` (gives geometry, levels and scale choice).
         test: thresholds (``TestConfig``).
-        device: where fc6/fc7 run (the head is moved there; pooling and the SVMs stay on the CPU).
+        device: where fc6/fc7 run (the head is moved there). The windows are pooled where the maps given to
+            :meth:`score` are (the test stage and :meth:`image_features` put them on ``device``), and on a GPU
+            the SVMs' margins are computed there too.
     """
 
     def __init__(self, head: FCHead | None, svms: dict | Sequence[dict], regressor: BoxRegressor | None,
@@ -188,6 +193,7 @@ class Detector:
             raise ValueError("Detector needs at least one SVM set")
         self.regressor, self.cache, self.test, self.classes = regressor, cache, test, list(classes)
         self._pooled: torch.Tensor | None = None
+        self._weights_on: dict = {}  # each SVM set's (D, K) weights on a GPU, once uploaded
         if head is not None and test.svd_fc6:
             head.fc6 = truncated_svd_linear(head.fc6, test.svd_fc6)
         if head is not None and test.svd_fc7:
@@ -208,22 +214,24 @@ class Detector:
         0.4-0.8 s on a process's first photo."""
         t0 = time.perf_counter()
         r, d = len(proposals), self.cache.feature_dim(feats.maps[0].shape[0])
-        if self._pooled is None or self._pooled.shape[0] < r or self._pooled.shape[1] != d:
-            self._pooled = torch.empty((max(r, 2000), d), dtype=torch.float32)
+        dev = feats.maps[0].device
+        if self._pooled is None or self._pooled.shape[0] < r or self._pooled.shape[1] != d or self._pooled.device != dev:
+            self._pooled = torch.empty((max(r, 2000), d), dtype=torch.float32, device=dev)
         pooled, _, group = self.cache.pooled_groups(feats, proposals, out=self._pooled)
         t1 = time.perf_counter()
         layers = [s["layer"] if self.head is not None else "pool5" for s in self.svm_sets]
+        on_gpu = dev.type != "cpu"
         xs = {}
         for layer in dict.fromkeys(layers):
             if layer == "pool5":
-                xs[layer] = pooled.numpy()
+                xs[layer] = pooled if on_gpu else pooled.numpy()
             else:
-                xs[layer] = fc_features(self.head, pooled.to(self.device), layer, self.fc_precision).cpu().numpy()
+                f = fc_features(self.head, pooled.to(self.device), layer, self.fc_precision)
+                xs[layer] = f if on_gpu else f.cpu().numpy()
         t2 = time.perf_counter()
         # The feature scale folded into the (K, D) weights, not the (G, D) rows: a scaled copy of 2000 pool5 rows is
         # ~190 MB, and allocating it cost 0.3-0.7 s on some photos in detect.py.
-        each = [xs[layer] @ (s["W"].T * np.float32(s["feature_scale"])) + s["b"]
-                for layer, s in zip(layers, self.svm_sets)]
+        each = [self._margins(xs[layer], s) for layer, s in zip(layers, self.svm_sets)]
         if len(each) == 1:
             scores = each[0]
         elif self.test.combine_by == "mean":
@@ -236,7 +244,19 @@ class Detector:
             scores[:, untrained] = -np.inf
         scores = scores[group]
         t3 = time.perf_counter()
-        return WindowRows(pooled.numpy(), group), scores, {"pool": t1 - t0, "fc": t2 - t1, "svm": t3 - t2}
+        return (WindowRows(pooled if on_gpu else pooled.numpy(), group), scores,
+                {"pool": t1 - t0, "fc": t2 - t1, "svm": t3 - t2})
+
+    def _margins(self, x: np.ndarray | torch.Tensor, svms: dict) -> np.ndarray:
+        """``(G, K)`` SVM margins of feature rows ``x``: NumPy on the CPU, on the rows' GPU (its (D, K) weights
+        kept there) where they were pooled on one."""
+        w = svms["W"].T * np.float32(svms["feature_scale"])
+        if isinstance(x, np.ndarray):
+            return x @ w + svms["b"]
+        key = (id(svms), x.device)
+        if key not in self._weights_on:
+            self._weights_on[key] = torch.as_tensor(w, device=x.device)
+        return (x @ self._weights_on[key]).cpu().numpy() + svms["b"]
 
     def postprocess(self, pooled: np.ndarray | WindowRows, scores: np.ndarray, proposals: np.ndarray, width: int,
                     height: int, score_threshold: float | None = None, max_per_image: int | None = None,
@@ -271,7 +291,7 @@ class Detector:
         t0 = time.perf_counter()
         maps, factors = conv5_maps(backbone, rgb, features.scales, features.max_size, device,
                                    resolve_precision(features.precision, device, "features.precision"))
-        maps = [m.cpu().to(getattr(torch, features.dtype)) for m in maps]
+        maps = [m.to(getattr(torch, features.dtype)) for m in maps]  # left on ``device``: pooled there
         return ImageFeatures(maps, factors, rgb.shape[0], rgb.shape[1]), time.perf_counter() - t0
 
     def detect_image(self, backbone, rgb: np.ndarray, proposals: np.ndarray, features: FeatureConfig,

@@ -309,9 +309,12 @@ def test_window_groups_keep_one_window_per_conv5_rectangle(zf, tmp_path):
     assert [len(a) for a in cache.window_groups(feats, np.zeros((0, 4), np.float32))] == [0, 0]
 
 
-def test_detector_scores_each_conv5_rectangle_once_and_exactly(zf, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_detector_scores_each_conv5_rectangle_once_and_exactly(zf, tmp_path, device):
     """Scoring pools and runs fc6/fc7 once per group of windows on the same conv5 rectangle; every
-    window still gets exactly the scores and pool5 row it would get on its own."""
+    window still gets exactly the scores and pool5 row it would get on its own. With the maps on a GPU the
+    windows are pooled and scored there (the same pool5 rows, bit for bit)."""
     from sppdet.config import TestConfig
     from sppdet.detector import Detector
     from sppdet.models import FCHead
@@ -330,15 +333,20 @@ def test_detector_scores_each_conv5_rectangle_once_and_exactly(zf, tmp_path):
     rng = np.random.default_rng(0)
     svm = {"W": rng.normal(size=(3, 32)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32),
            "feature_scale": 0.5, "layer": "fc7"}
-    det = Detector(head, svm, None, cache, TestConfig(fc_precision="fp32"), ["a", "b", "c"])
-    rows, scores, _ = det.score(feats, boxes)
     with torch.no_grad():
         expected = (head.features(full, "fc7").numpy() * 0.5) @ svm["W"].T + svm["b"]
+    det = Detector(head, svm, None, cache, TestConfig(fc_precision="fp32"), ["a", "b", "c"], device=device)
+    feats = ImageFeatures([m.to(device) for m in feats.maps], factors, 150, 200)
+    rows, scores, _ = det.score(feats, boxes)
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(rows[np.arange(len(boxes))], full.numpy())
     assert len(rows) == len(boxes) and len(rows.distinct) == len(first)
     empty = det.score(feats, np.zeros((0, 4), np.float32))
     assert empty[1].shape == (0, 3) and len(empty[0]) == 0
+    pool5 = {"W": rng.normal(size=(3, full.shape[1])).astype(np.float32), "b": svm["b"], "feature_scale": 0.25,
+             "layer": "pool5"}  # SVMs on the pooled rows themselves
+    _, scores, _ = Detector(None, pool5, None, cache, TestConfig(), ["a", "b", "c"], device=device).score(feats, boxes)
+    np.testing.assert_allclose(scores, (full.numpy() * 0.25) @ pool5["W"].T + pool5["b"], rtol=1e-4, atol=1e-3)
 
 
 def test_flipped_maps_are_read_only_when_asked(zf, tmp_path):

@@ -116,7 +116,7 @@ def stage_test_with(run: Run, det: Detector, split: str | None = None, tag: str 
         for i in tqdm(ds.ids, desc=f"test {split}", unit="img", disable=not progress):
             props = store.load(i)
             feats, t_conv = det.image_features(backbone, ds.image(i), run.cfg.features, det.device) if from_images else (
-                det.cache.load(i), 0.0)
+                det.cache.load(i, device=det.device), 0.0)
             pooled, scores, t = det.score(feats, props)
             # Per-class cap only (R-CNN); the scores are kept for the miss analysis.
             plain, reg, t["post"] = det.postprocess(pooled, scores, props, feats.width, feats.height, max_per_image=0)
