@@ -14,6 +14,7 @@ contrib package (cv2.ximgproc) is installed.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -147,9 +148,13 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=15)
     ap.add_argument("--skip-selectivesearch", action="store_true")
     ap.add_argument("--ss-workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=min(3, os.cpu_count() or 1),
+                    help="threads of the `fast, colour spaces in threads` row (Predictor's workers)")
     args = ap.parse_args(argv)
     items, what = dataset(args.images)
+    threaded = f"  same, in {args.threads} threads"
     rows = [("fast (sppdet, default)", "fast", {}),
+            (threaded, "fast", {"workers": args.threads}),
             ("  fast, before compiling", "fast_before", {}),
             ("  HSV+Lab only", "fast", {"colour_spaces": ("hsv", "lab")}),
             ("  fast mode (HSV+Lab, 2 sets)", "fast", {"colour_spaces": ("hsv", "lab"),
@@ -193,6 +198,9 @@ def main(argv=None) -> int:
     a, b = results["fast (sppdet, default)"], results["  fast, before compiling"]
     same = all(np.array_equal(x, y) for x, y in zip(a["boxes_list"], b["boxes_list"]))
     print(f"fast before / after compiling: {b['s/img'] / a['s/img']:.1f}x; identical boxes in the same order: {same}")
+    b = results[threaded]
+    same = all(np.array_equal(x, y) for x, y in zip(a["boxes_list"], b["boxes_list"]))
+    print(f"fast, one thread / {args.threads} threads: {a['s/img'] / b['s/img']:.2f}x; identical boxes: {same}")
     stage_table(items)
     segmentation_table(items)
     if "selectivesearch 0.4, 8 runs" in results:

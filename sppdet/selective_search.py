@@ -125,11 +125,12 @@ def _downscale(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
 def fast_selective_search(image: np.ndarray, colour_spaces: Sequence[str] = ("hsv", "lab", "rgi"),
                           ks: Sequence[int] = (50, 100), sigma: float = 0.8,
                           similarity_sets: Sequence[str] = ("ctsf", "tsf", "f", "s"), max_side: int = 500,
-                          seed: int = 0) -> np.ndarray:
+                          seed: int = 0, workers: int = 1) -> np.ndarray:
     """Selective search: fast mode's segmentations in three colour spaces, fast + quality mode's
     similarity sets; segmentation, region statistics and grouping compiled (:mod:`sppdet.segmentation`,
-    :mod:`sppdet.grouping`). Returns ranked raw boxes (xyxy, original frame)."""
-    return selective_search_timed(image, colour_spaces, ks, sigma, similarity_sets, max_side, seed)
+    :mod:`sppdet.grouping`). Returns ranked raw boxes (xyxy, original frame). ``workers`` > 1: the colour
+    spaces in that many threads (the compiled steps release the GIL; the same boxes)."""
+    return selective_search_timed(image, colour_spaces, ks, sigma, similarity_sets, max_side, seed, workers=workers)
 
 
 SS_STAGES = ("conversions", "segmentation", "regions", "grouping", "ranking")
@@ -138,10 +139,11 @@ SS_STAGES = ("conversions", "segmentation", "regions", "grouping", "ranking")
 def selective_search_timed(image: np.ndarray, colour_spaces: Sequence[str] = ("hsv", "lab", "rgi"),
                            ks: Sequence[int] = (50, 100), sigma: float = 0.8,
                            similarity_sets: Sequence[str] = ("ctsf", "tsf", "f", "s"), max_side: int = 500,
-                           seed: int = 0, timing: dict | None = None) -> np.ndarray:
+                           seed: int = 0, timing: dict | None = None, workers: int = 1) -> np.ndarray:
     """:func:`fast_selective_search`, adding the seconds of each of :data:`SS_STAGES` to ``timing`` when given:
     conversions (downscaling, colour spaces, colour and texture codes), segmentation (Felzenszwalb-Huttenlocher),
-    regions (sizes, boxes, neighbours, histograms), grouping, ranking."""
+    regions (sizes, boxes, neighbours, histograms), grouping, ranking (with ``workers`` > 1: summed over the
+    threads)."""
     from .grouping import MEASURES, hierarchical_grouping
     from .regions import region_histograms, region_stats, texture_codes
     from .segmentation import felzenszwalb_multi
@@ -151,17 +153,22 @@ def selective_search_timed(image: np.ndarray, colour_spaces: Sequence[str] = ("h
             raise ValueError(f"unknown similarity set {simset!r}: letters of 'ctsf' (colour, texture, size, fill), "
                              "e.g. 'ctsf', 'tsf' (fast mode), 'f', 's' (quality mode adds these)")
     t = {k: 0.0 for k in SS_STAGES}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        t[stage] += now - clock
-        clock = now
-
+    t0 = time.perf_counter()
     rgb, scale = _downscale(as_rgb(image), max_side)
-    hierarchies = []
-    for space in colour_spaces:
+    t["conversions"] += time.perf_counter() - t0
+
+    def space_hierarchies(space: str) -> tuple[list, dict]:
+        """One colour space's hierarchies (every k, every similarity set) and its seconds per step."""
+        own = {k: 0.0 for k in SS_STAGES}
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            own[stage] += now - clock
+            clock = now
+
+        out = []
         img = convert_colour(rgb, space)
         texture = texture_codes(img)
         colour_codes = ((img.astype(np.int32) * 25) >> 8).astype(np.uint8)  # 25 bins over 0..255
@@ -174,10 +181,24 @@ def selective_search_timed(image: np.ndarray, colour_spaces: Sequence[str] = ("h
             ht = region_histograms(labels, n, texture, 10)
             lap("regions")
             for simset in similarity_sets:
-                hierarchies.append(hierarchical_grouping(regions, hc, ht, simset))
+                out.append(hierarchical_grouping(regions, hc, ht, simset))
             lap("grouping")
+        return out, own
+
+    if workers and workers > 1 and len(colour_spaces) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(workers, len(colour_spaces)), thread_name_prefix="selective-search") as ex:
+            per_space = list(ex.map(space_hierarchies, colour_spaces))  # in colour-space order: the same ranking
+    else:
+        per_space = [space_hierarchies(space) for space in colour_spaces]
+    hierarchies = [h for hs, _ in per_space for h in hs]
+    for _, own in per_space:
+        for k, v in own.items():
+            t[k] += v
+    t1 = time.perf_counter()
     ranked = (rank_hierarchies(hierarchies, np.random.default_rng(seed)) / scale).astype(np.float32)
-    lap("ranking")
+    t["ranking"] += time.perf_counter() - t1
     if timing is not None:
         for k, v in t.items():
             timing[k] = timing.get(k, 0.0) + v

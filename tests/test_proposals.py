@@ -26,6 +26,24 @@ def test_fast_recovers_flat_rectangles():
     assert (iou_matrix(gt, boxes).max(1) >= 0.7).all()
 
 
+def test_fast_in_threads_gives_the_same_boxes_and_is_left_out_of_the_record():
+    """``workers``: the colour spaces in threads (Predictor's default on machines with spare cores); the boxes are
+    the same, so the proposal store's recorded parameters do not change with it."""
+    from sppdet.proposals import resolved_params
+    from sppdet.selective_search import selective_search_timed
+
+    img, _ = rect_image()
+    rng = np.random.default_rng(1)
+    img = np.clip(img.astype(int) + rng.integers(-40, 41, img.shape), 0, 255).astype(np.uint8)  # more regions
+    one = propose(img, backend="fast", max_boxes=0)
+    assert np.array_equal(propose(img, backend="fast", max_boxes=0, workers=3), one)
+    timing = {}
+    assert np.array_equal(selective_search_timed(img, timing=timing, workers=2), selective_search_timed(img))
+    assert set(timing) == {"conversions", "segmentation", "regions", "grouping", "ranking"}
+    assert all(v >= 0 for v in timing.values()) and timing["grouping"] > 0
+    assert resolved_params("fast", {"workers": 3}) == resolved_params("fast", {})
+
+
 def test_similarity_sets_are_letters_of_ctsf():
     img, gt = rect_image()
     for sets in (("f",), ("s",), ("ctsf", "tsf", "f", "s")):
