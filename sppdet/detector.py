@@ -156,7 +156,10 @@ class WindowRows:
     ``rows[idx]`` is ``distinct[group[idx]]`` (what box regression reads for the windows it keeps)."""
 
     def __init__(self, distinct: np.ndarray | torch.Tensor, group: np.ndarray):
-        self.distinct, self.group = distinct, group  # a tensor where the windows were pooled on a GPU
+        # NumPy (a view, no copy) where the windows were pooled on the CPU; the tensor where on a GPU
+        if isinstance(distinct, torch.Tensor) and distinct.device.type == "cpu":
+            distinct = distinct.numpy()
+        self.distinct, self.group = distinct, group
 
     def __len__(self) -> int:
         return len(self.group)
@@ -220,14 +223,9 @@ class Detector:
         pooled, _, group = self.cache.pooled_groups(feats, proposals, out=self._pooled)
         t1 = time.perf_counter()
         layers = [s["layer"] if self.head is not None else "pool5" for s in self.svm_sets]
-        on_gpu = dev.type != "cpu"
-        xs = {}
-        for layer in dict.fromkeys(layers):
-            if layer == "pool5":
-                xs[layer] = pooled if on_gpu else pooled.numpy()
-            else:
-                f = fc_features(self.head, pooled.to(self.device), layer, self.fc_precision)
-                xs[layer] = f if on_gpu else f.cpu().numpy()
+        xs = {layer: pooled if layer == "pool5" else fc_features(self.head, pooled.to(self.device), layer,
+                                                                 self.fc_precision)
+              for layer in dict.fromkeys(layers)}
         t2 = time.perf_counter()
         # The feature scale folded into the (K, D) weights, not the (G, D) rows: a scaled copy of 2000 pool5 rows is
         # ~190 MB, and allocating it cost 0.3-0.7 s on some photos in detect.py.
@@ -244,18 +242,16 @@ class Detector:
             scores[:, untrained] = -np.inf
         scores = scores[group]
         t3 = time.perf_counter()
-        return (WindowRows(pooled if on_gpu else pooled.numpy(), group), scores,
-                {"pool": t1 - t0, "fc": t2 - t1, "svm": t3 - t2})
+        return WindowRows(pooled, group), scores, {"pool": t1 - t0, "fc": t2 - t1, "svm": t3 - t2}
 
-    def _margins(self, x: np.ndarray | torch.Tensor, svms: dict) -> np.ndarray:
-        """``(G, K)`` SVM margins of feature rows ``x``: NumPy on the CPU, on the rows' GPU (its (D, K) weights
-        kept there) where they were pooled on one."""
-        w = svms["W"].T * np.float32(svms["feature_scale"])
-        if isinstance(x, np.ndarray):
-            return x @ w + svms["b"]
+    def _margins(self, x: torch.Tensor, svms: dict) -> np.ndarray:
+        """``(G, K)`` SVM margins of feature rows ``x``: in NumPy where they are on the CPU, on their GPU (the set's
+        (D, K) weights kept there) where they were pooled on one."""
+        if x.device.type == "cpu":
+            return x.numpy() @ (svms["W"].T * np.float32(svms["feature_scale"])) + svms["b"]
         key = (id(svms), x.device)
         if key not in self._weights_on:
-            self._weights_on[key] = torch.as_tensor(w, device=x.device)
+            self._weights_on[key] = torch.as_tensor(svms["W"].T * np.float32(svms["feature_scale"]), device=x.device)
         return (x @ self._weights_on[key]).cpu().numpy() + svms["b"]
 
     def postprocess(self, pooled: np.ndarray | WindowRows, scores: np.ndarray, proposals: np.ndarray, width: int,

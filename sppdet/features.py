@@ -232,6 +232,8 @@ class FeatureCache:
         """:meth:`pooled` of several images' ``(feats, boxes, flipped, scale_idx)`` in one pooling call, their rows
         one after another in request order (a fine-tuning batch: one call for its 8 images instead of 8; on a GPU
         each call is a few dozen small kernels, so per-image calls would cost more than the pooling itself)."""
+        if not requests:
+            raise ValueError("pooled_many: no request")
         maps: list[torch.Tensor] = []
         sidx, cells = [], []
         for feats, boxes, flipped, scale_idx in requests:
@@ -247,8 +249,6 @@ class FeatureCache:
             sidx.append(s + len(maps))
             cells.append(c)
             maps.extend(m)
-        if not requests:
-            raise ValueError("pooled_many: no request")
         return pool_windows(maps, torch.cat(cells), self.levels, map_index=torch.as_tensor(np.concatenate(sidx)),
                             out=out, deep=self.deep)
 
