@@ -52,9 +52,11 @@ def make_run(args) -> Run:
     --set, or --overwrite (the stage is rebuilt with them); see :class:`~sppdet.run.Run`."""
     cfg = load_config(config_path(args), args.overrides)
     device = getattr(args, "device", None)
-    call_cfg = with_device(cfg, device) if device else cfg  # checked before anything is written
+    if device:
+        with_device(cfg, device)  # checked before anything is written
     run = Run(cfg, args.run, save_config=True if not args.overrides or getattr(args, "overwrite", False) else None)
-    run.cfg = call_cfg  # this call's device only: config.yaml keeps the run's own
+    if device:  # this call's device only: config.yaml keeps the run's own
+        run.cfg = with_device(run.cfg, device)
     return run
 
 

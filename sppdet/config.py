@@ -172,7 +172,11 @@ def _build(cls, data: dict, where: str):
 
 def _check(v: Any, meta: dict, key: str) -> None:
     """The value constraints a field's metadata states: ``choices``, ``min`` (of a number or of each list item),
-    ``items`` (the type of a list's items), ``nonempty``."""
+    ``items`` (the type of a list's items), ``nonempty``; ``words``: the strings a list-valued key also takes."""
+    if isinstance(v, str) and "words" in meta:  # a list-valued key that also takes a word (features.scales: auto)
+        if v not in meta["words"]:
+            raise ConfigError(f"{key}: a list or one of {', '.join(map(repr, meta['words']))}, got {v!r}")
+        return
     choices = meta.get("choices")
     if choices is not None and v not in choices:
         raise ConfigError(f"{key}: must be one of {', '.join(map(repr, choices))}, got {v!r}")

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 __all__ = ["DataConfig", "ProposalConfig", "BackboneConfig", "PretrainConfig", "FeatureConfig", "FinetuneConfig",
            "SVMConfig", "BBoxRegConfig", "TestConfig", "FastRCNNConfig", "RCNNConfig", "ConfigError", "PRECISIONS", "DEVICE_PATTERN",
@@ -115,7 +115,11 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    scales: list = field(default_factory=lambda: [688], metadata=positive_ints())  # shorter side (px); five-scale: [480, 576, 688, 864, 1200]
+    # shorter side (px); five-scale: [480, 576, 688, 864, 1200]; "auto": one of auto_scales, chosen from the train
+    # split's object sizes when the run is made (sppdet.features.auto_scale) and saved in its config.yaml
+    scales: Union[list, str] = field(default_factory=lambda: [688], metadata=positive_ints(words=("auto",)))
+    auto_object_px: float = field(default=224.0, metadata={"min": 1})  # auto: the median object's side there (px)
+    auto_scales: list = field(default_factory=lambda: [480, 576, 688], metadata=positive_ints())  # auto: candidates
     max_size: int = field(default=2000, metadata={"min": 0})  # cap on the longer side after resizing (px; 0: none)
     levels: list = field(default_factory=lambda: [6, 3, 2, 1], metadata=positive_ints())
     # backbone.hypercolumn only: the pyramid of its stride-32 channels, whose bins then follow all of the

@@ -33,6 +33,8 @@ __all__ = [
     "prepare_image",
     "conv5_maps",
     "choose_scale",
+    "auto_scale",
+    "object_extents",
     "pool_boxes",
     "group_windows",
     "ImageFeatures",
@@ -105,6 +107,31 @@ def choose_scale(boxes: np.ndarray, factors: Sequence[float], target_size: float
     side = np.sqrt(np.maximum((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), 1.0))
     expected = target_size / side
     return np.argmin(np.abs(f[None, :] - expected[:, None]), axis=1).astype(np.int64)
+
+
+def auto_scale(extents: np.ndarray, object_px: float, candidates: Sequence[int]) -> int:
+    """``features.scales: auto``: of ``candidates`` (shorter image sides, px), the one at which the median training
+    object's side (the square root of its box's area) is nearest, as a ratio, to ``object_px``: the paper's rule
+    for choosing each window's scale among five (:func:`choose_scale`), applied once to the median object.
+    ``extents``: each object's side over its image's shorter side (:func:`object_extents`); none: the largest."""
+    e = np.asarray(extents, np.float64)
+    e = e[np.isfinite(e) & (e > 0)]
+    c = np.asarray(sorted(candidates), np.float64)
+    if not len(e):
+        return int(c[-1])
+    return int(c[np.argmin(np.abs(np.log(c * float(np.median(e)) / object_px)))])
+
+
+def object_extents(ds) -> np.ndarray:
+    """Per object of a dataset split (difficult ones left out, as evaluation leaves them out): the square root of
+    its box's area over its image's shorter side, the size a scale makes ``scale`` times that in pixels."""
+    out = []
+    for i in ds.ids:
+        a = ds.annotation(i)
+        b = np.asarray(a.boxes, np.float64).reshape(-1, 4)[~np.asarray(a.difficult, bool)]
+        area = np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
+        out.append(np.sqrt(area) / float(min(a.width, a.height)))
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def pool_boxes(maps: Sequence[torch.Tensor], factors: Sequence[float], boxes: np.ndarray, scale_idx: np.ndarray,

@@ -51,6 +51,7 @@ class Predictor:
             raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml); train one with tools/demo.py")
         self.cfg = load_config(run_dir / "config.yaml", list(overrides))
         self.run = run = Run(self.cfg, run_dir, save_config=False, log_fn=lambda s: None)
+        self.cfg = run.cfg  # features.scales: auto resolved (a run's config.yaml holds the scale it chose)
         if device is not None:
             from .config import with_device
 

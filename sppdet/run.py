@@ -45,6 +45,8 @@ class Run:
         self._content: dict[tuple[str, str], str] = {}
         self._hashes: dict[tuple[str, str], dict[str, str]] = {}
         self._classes: list[str] | None = None
+        if cfg.features.scales == "auto":
+            self.cfg = cfg = self._auto_scale(cfg)
         # The run's settings, for tools that take only --run (detect.py, Predictor): written when the folder is
         # made, and by calls whose settings are the run's (``save_config`` True: no --set, or --overwrite, which
         # rebuilds with them); a one-off override (a tagged test with an SVD head) never becomes what later
@@ -56,6 +58,22 @@ class Run:
             if not cfg.data.classes and self._annotations_present():
                 saved["data"]["classes"] = self.classes  # read from the annotations: kept, so detection needs no data
             atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+
+    def _auto_scale(self, cfg: Config) -> Config:
+        """``features.scales: auto`` resolved from the train split's object sizes (:func:`sppdet.features.auto_scale`):
+        the run's config.yaml keeps the scale, so later calls and detection need no data and keep it."""
+        from dataclasses import replace
+
+        from .features import auto_scale, object_extents
+
+        f, split = cfg.features, cfg.data.train_split
+        extents = object_extents(self.dataset(split))
+        s = auto_scale(extents, f.auto_object_px, f.auto_scales)
+        med = float(np.median(extents)) if len(extents) else float("nan")
+        self.log(f"features.scales auto: [{s}] of {list(f.auto_scales)} (the {split!r} split's median object, sqrt "
+                 f"of its area, is {med:.2f} of its image's shorter side: {med * s:.0f} px at {s}, target "
+                 f"{f.auto_object_px:g})")
+        return replace(cfg, features=replace(f, scales=[s]))
 
     def _annotations_present(self) -> bool:
         d = self.cfg.data

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from sppdet.backbones import build_backbone
-from sppdet.features import FeatureCache, ImageFeatures, choose_scale, conv5_maps, pool_boxes, resize_factor
+from sppdet.features import (FeatureCache, ImageFeatures, auto_scale, choose_scale, conv5_maps, object_extents, pool_boxes,
+                             resize_factor)
 from sppdet.spp import SpatialPyramidPooling, project_boxes_to_cells
 from sppdet.store import ShardError, StaleCacheError
 
@@ -24,6 +25,44 @@ def test_resize_and_scale_choice():
     # window side * factor closest to 208
     np.testing.assert_array_equal(choose_scale(boxes, f, 208), [1, 0, 2])
     np.testing.assert_array_equal(choose_scale(boxes, f[:1], 208), [0, 0, 0])
+
+
+def test_auto_scale_puts_the_median_object_nearest_the_target_size():
+    c = [480, 576, 688]
+    assert auto_scale(np.array([0.3, 0.4, 0.9]), 224, c) == 576  # the median 0.4: 230 px at 576 (192 / 275)
+    assert auto_scale(np.array([0.8]), 224, c) == 480  # large objects: the smallest scale
+    assert auto_scale(np.array([0.1, 0.2]), 224, c) == 688  # small ones: the largest
+    assert auto_scale(np.array([0.5]), 300, [688, 480, 576]) == 576  # nearest as a ratio (288 px), in any order
+    assert auto_scale(np.zeros(0), 224, c) == 688  # no objects: the largest
+
+
+def test_object_extents_and_auto_scales_resolved_once_into_the_runs_config(toy_voc, tmp_path):
+    import yaml
+
+    from sppdet.config import ConfigError, load_config
+    from sppdet.run import Run
+    from sppdet.synthetic import TOY_CLASSES
+    from sppdet.voc import VOCDataset
+
+    ds = VOCDataset(toy_voc, "train", TOY_CLASSES)
+    e = object_extents(ds)
+    a = ds.annotation(ds.ids[0])
+    b = a.boxes[~a.difficult][0]
+    assert e[0] == pytest.approx(np.sqrt((b[2] - b[0]) * (b[3] - b[1])) / min(a.width, a.height), rel=1e-5)
+    assert len(e) == sum(int((~ds.annotation(i).difficult).sum()) for i in ds.ids)
+    want = auto_scale(e, 300, [400, 600, 900])
+    logs = []
+    cfg = load_config("configs/tiny.yaml", [f"data.root={toy_voc}", "data.synthetic_images=0", "data.train_split=train",
+                                            "features.scales=auto",
+                                            "features.auto_object_px=300", "features.auto_scales=[400,600,900]"])
+    run = Run(cfg, tmp_path / "run", log_fn=logs.append)
+    assert run.cfg.features.scales == [want] and any("features.scales auto" in m for m in logs)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["features"]["scales"] == [want]  # later tools and detect.py need no data for it
+    with pytest.raises(ConfigError, match="features.scales"):
+        load_config("configs/tiny.yaml", ["features.scales=big"])
+    with pytest.raises(ConfigError, match="auto_scales"):
+        load_config("configs/tiny.yaml", ["features.auto_scales=[]"])
 
 
 def test_pooled_features_equal_spp_on_the_crop(zf):
