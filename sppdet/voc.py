@@ -146,7 +146,7 @@ def read_annotation(xml_path: str | Path, classes: Sequence[str] | None = None,
         raise VOCError(f"{path}: image size {width}x{height} is not positive")
     depth = _text(size, "depth", path, default="3")
     if depth != "3":
-        log.warning("%s: <depth> is %s; images are always loaded as RGB", path, depth)
+        warn_once(f"{path}:depth", "%s: <depth> is %s; images are always loaded as RGB", path, depth)
     names, boxes, diff, trunc = [], [], [], []
     for i, obj in enumerate(root.findall("object")):
         name = match_class(_text(obj, "name", path).strip(), classes, path)
