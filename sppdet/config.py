@@ -275,12 +275,22 @@ def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def recorded(section: Any) -> dict:
+    """A config section's values as a stage records them: ``asdict`` less the fields marked ``record: False``
+    (settings that only resolve another one, as ``features.auto_*`` resolve ``features.scales: auto`` when the run
+    is made: the outputs depend on the scale chosen, not on how)."""
+    skip = {f.name for f in dataclasses.fields(section) if f.metadata.get("record") is False}
+    return {k: v for k, v in dataclasses.asdict(section).items() if k not in skip}
+
+
 def section_defaults(section: Any) -> dict:
     """What each field of a config section (a dataclass or its class) was, as JSON would store it, in a manifest
     written before the field existed: its ``before`` metadata where adding the option changed what the code did
     (e.g. ``svm.tol``: solved to 1e-4 before), else its default; fields without a default are left out."""
     out = {}
     for f in dataclasses.fields(section):
+        if f.metadata.get("record") is False:
+            continue
         if "before" in f.metadata:
             out[f.name] = f.metadata["before"]
         elif f.default is not dataclasses.MISSING:

@@ -118,8 +118,10 @@ class FeatureConfig:
     # shorter side (px); five-scale: [480, 576, 688, 864, 1200]; "auto": one of auto_scales, chosen from the train
     # split's object sizes when the run is made (sppdet.features.auto_scale) and saved in its config.yaml
     scales: Union[list, str] = field(default_factory=lambda: [688], metadata=positive_ints(words=("auto",)))
-    auto_object_px: float = field(default=224.0, metadata={"min": 1})  # auto: the median object's side there (px)
-    auto_scales: list = field(default_factory=lambda: [480, 576, 688], metadata=positive_ints())  # auto: candidates
+    # auto: the median object's side (px) at the scale chosen, and the candidates (not in stages' records: only the
+    # scale chosen is)
+    auto_object_px: float = field(default=224.0, metadata={"min": 1, "record": False})
+    auto_scales: list = field(default_factory=lambda: [480, 576, 688], metadata=positive_ints(record=False))
     max_size: int = field(default=2000, metadata={"min": 0})  # cap on the longer side after resizing (px; 0: none)
     levels: list = field(default_factory=lambda: [6, 3, 2, 1], metadata=positive_ints())
     # backbone.hypercolumn only: the pyramid of its stride-32 channels, whose bins then follow all of the

@@ -59,6 +59,13 @@ def test_object_extents_and_auto_scales_resolved_once_into_the_runs_config(toy_v
     assert run.cfg.features.scales == [want] and any("features.scales auto" in m for m in logs)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["features"]["scales"] == [want]  # later tools and detect.py need no data for it
+    # what stages record is the scale chosen, not how: another target that picks the same scale keeps the caches
+    from dataclasses import replace
+
+    from sppdet.config import recorded, section_defaults
+    f = run.cfg.features
+    assert recorded(replace(f, auto_object_px=500.0, auto_scales=[want])) == recorded(f)
+    assert "auto_object_px" not in recorded(f) and "auto_scales" not in section_defaults(f)
     with pytest.raises(ConfigError, match="features.scales"):
         load_config("configs/tiny.yaml", ["features.scales=big"])
     with pytest.raises(ConfigError, match="auto_scales"):

@@ -4,13 +4,13 @@ inputs it was made from (:func:`stage_folder`), and the checks that a stage's in
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from ..config import section_defaults
+from ..config import recorded, section_defaults
 from ..features import FeatureCache
 from ..proposals import ProposalStore
 from ..roidb import make_windows
@@ -55,7 +55,7 @@ def stage_folder(directory: Path, name: str, sections: dict, extra: dict, inputs
     values; the sections' defaults (and ``extra_defaults``: what an ``extra`` value added later was before it
     was recorded) let a manifest from before an option was added stay valid while the option is at its
     default (:class:`~sppdet.manifest.Stage`)."""
-    return Stage(directory, name, {**{k: asdict(v) for k, v in sections.items()}, **extra}, inputs,
+    return Stage(directory, name, {**{k: recorded(v) for k, v in sections.items()}, **extra}, inputs,
                  overwrite=overwrite,
                  defaults={**{k: section_defaults(v) for k, v in sections.items()}, **(extra_defaults or {})},
                  item_inputs=item_inputs, per_item=per_item)
@@ -135,7 +135,7 @@ def require_settings(run: Run, directory: Path, tool: str, sections: dict, extra
     m = Stage.read_manifest(directory)
     if not m.get("complete"):
         raise ShardError(f"{directory}: unfinished; run {tool} first")
-    now = json.loads(json.dumps({**{k: asdict(v) for k, v in sections.items()}, **(extra or {})}, default=str))
+    now = json.loads(json.dumps({**{k: recorded(v) for k, v in sections.items()}, **(extra or {})}, default=str))
     # as the stage's own check (Stage): section defaults and extra_defaults fill what the manifest lacks, nested too
     defaults = {**{k: section_defaults(v) for k, v in sections.items()},
                 **{k: v for k, v in (extra_defaults or {}).items() if k in now}}
