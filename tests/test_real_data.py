@@ -152,6 +152,8 @@ def test_custom_config_end_to_end_on_a_handful_of_real_photos(tmp_path):
     import subprocess
     import sys
 
+    import yaml
+
     src = real_set("raccoon")
     from sppdet.config import load_config
 
@@ -166,7 +168,7 @@ def test_custom_config_end_to_end_on_a_handful_of_real_photos(tmp_path):
         for i in ids:
             shutil.copy(src / "JPEGImages" / f"{i}.jpg", root / "JPEGImages")
             shutil.copy(src / "Annotations" / f"{i}.xml", root / "Annotations")
-    small = ["proposals.max_boxes=300", "proposals.params={max_side: 200}", "features.scales=[320]",
+    small = ["proposals.max_boxes=300", "proposals.params={max_side: 200}", "features.auto_scales=[240,400]",
              "finetune.iterations=20", "finetune.lr_steps=[15]", "finetune.val_every=10", "finetune.val_batches=2",
              "svm.norm_images=4"]
     run = tmp_path / "run"
@@ -175,6 +177,9 @@ def test_custom_config_end_to_end_on_a_handful_of_real_photos(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "classes read from the 'train' annotations: raccoon" in r.stdout + r.stderr
+    # custom.yaml's scales: auto, resolved from these raccoons (median side 0.76 of the shorter: 224 px at 293)
+    assert "features.scales auto: [240] of [240, 400]" in r.stdout
+    assert yaml.safe_load((run / "config.yaml").read_text())["features"]["scales"] == [240]
     assert "mAP (VOC07 11-point): " in r.stdout
     photo = root / "JPEGImages" / f"{splits['test'][0]}.jpg"
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "detect.py"), "--run", str(run), "--out",
