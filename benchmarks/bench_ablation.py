@@ -68,8 +68,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     def body() -> int:
-        cfg = load_config(args.config)
-        base = Run(cfg)
+        base = Run(load_config(args.config))
+        cfg = base.cfg  # features.scales: auto resolved
         sets = [[int(v) for v in x.split(",")] for x in (args.scales or ["688", ",".join(map(str, cfg.features.scales))])]
         res = {}
         for scales in dict.fromkeys(tuple(x) for x in sets):

@@ -77,6 +77,8 @@ def _dataset(root: Path, n: int, classes: int) -> tuple[Path, list[str]]:
 
 
 def measure(n: int, args) -> list[dict]:
+    import yaml
+
     from sppdet.config import load_config
 
     data, names = _dataset(Path(args.work) / f"data_{n}", n, args.classes)
@@ -111,6 +113,8 @@ def measure(n: int, args) -> list[dict]:
                "disk_mb": round(_disk_mb(run, stage), 1)}
         if stage == "finetune":
             row["iterations"] = it
+        if stage == "features":  # as the run resolved them (features.scales: auto picks one from the objects)
+            row["scales"] = yaml.safe_load((run / "config.yaml").read_text())["features"]["scales"]
         print(f"N={n} {stage:10s} {seconds:8.1f} s  peak {peak:8.0f} MB", flush=True)
         rows.append(row)
     rows[-1]["test_images"] = count[cfg.data.test_split]
@@ -157,13 +161,14 @@ def projection(rows: list[dict], cfg_path: str, overrides: list[str], finetune_s
                                                                     2)}
     f = by["features"][-1]
     per_img = f["disk_mb"] / sum(v["images"] for v in f["images"].values())
-    area = sum(s * s for s in PAPER_SCALES) / sum(s * s for s in cfg.features.scales)
+    scales = f.get("scales", cfg.features.scales)
+    area = sum(s * s for s in PAPER_SCALES) / sum(s * s for s in scales)
     out["total_hours"] = round(sum(v["hours"] for v in out.values() if isinstance(v, dict)), 2)
     out["conv5_cache_gb"] = {"these_scales": round(per_img * sum(voc.values()) / 1024, 1),
                              "paper_five_scales": round(per_img * area * sum(voc.values()) / 1024, 1)}
     out["basis"] = (f"marginal per-image rates between N={sizes[-2] if len(sizes) > 1 else sizes[-1]} and "
                     f"N={sizes[-1]}; VOC07 {voc}; fine-tuning {cfg.finetune.iterations} steps at the measured s/step; "
-                    f"the paper's five scales {PAPER_SCALES} by conv5 area against {list(cfg.features.scales)}")
+                    f"the paper's five scales {PAPER_SCALES} by conv5 area against {list(scales)}")
     return out
 
 

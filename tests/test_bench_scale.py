@@ -39,3 +39,17 @@ def test_projection_uses_marginal_rates_and_steps(bench):
     assert p["finetune"]["hours"] == pytest.approx(0.4 * 40000 / 3600, abs=0.01)  # 40 s / 100 steps, 40000 steps
     assert p["svm"]["peak_rss_ratio_largest_to_smallest_n"] == pytest.approx(300 / 140, abs=0.01)
     assert set(bench.STAGES) <= set(p) and p["total_hours"] > 0
+
+
+def test_projection_takes_the_scale_the_runs_chose(bench):
+    """With ``features.scales: auto`` (custom.yaml) the conv5 area compares the paper's five scales with the one
+    each run chose (its features row's ``scales``, read from the run's config.yaml)."""
+    rows = _rows(40) + _rows(200)
+    for r in rows:
+        if r["stage"] == "features":
+            r["scales"] = [480]
+    p = bench.projection(rows, str(ROOT / "configs" / "custom.yaml"), ["data.train_split=trainval"], finetune_seconds=40.0)
+    five = 480 ** 2 + 576 ** 2 + 688 ** 2 + 864 ** 2 + 1200 ** 2
+    c = p["conv5_cache_gb"]
+    assert c["paper_five_scales"] == pytest.approx(c["these_scales"] * five / 480 ** 2, rel=0.02)
+    assert "[480]" in p["basis"]
