@@ -275,12 +275,17 @@ def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _recorded_fields(section: Any) -> list:
+    """A config section's fields that stages record: all but those marked ``record: False`` (settings that only
+    resolve another one, as ``features.auto_*`` resolve ``features.scales: auto`` when the run is made: the outputs
+    depend on the scale chosen, not on how)."""
+    return [f for f in dataclasses.fields(section) if f.metadata.get("record") is not False]
+
+
 def recorded(section: Any) -> dict:
-    """A config section's values as a stage records them: ``asdict`` less the fields marked ``record: False``
-    (settings that only resolve another one, as ``features.auto_*`` resolve ``features.scales: auto`` when the run
-    is made: the outputs depend on the scale chosen, not on how)."""
-    skip = {f.name for f in dataclasses.fields(section) if f.metadata.get("record") is False}
-    return {k: v for k, v in dataclasses.asdict(section).items() if k not in skip}
+    """A config section's values as a stage records them: ``asdict`` of its :func:`_recorded_fields`."""
+    keep = {f.name for f in _recorded_fields(section)}
+    return {k: v for k, v in dataclasses.asdict(section).items() if k in keep}
 
 
 def section_defaults(section: Any) -> dict:
@@ -288,9 +293,7 @@ def section_defaults(section: Any) -> dict:
     written before the field existed: its ``before`` metadata where adding the option changed what the code did
     (e.g. ``svm.tol``: solved to 1e-4 before), else its default; fields without a default are left out."""
     out = {}
-    for f in dataclasses.fields(section):
-        if f.metadata.get("record") is False:
-            continue
+    for f in _recorded_fields(section):
         if "before" in f.metadata:
             out[f.name] = f.metadata["before"]
         elif f.default is not dataclasses.MISSING:

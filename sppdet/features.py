@@ -34,6 +34,7 @@ __all__ = [
     "conv5_maps",
     "choose_scale",
     "auto_scale",
+    "median_extent",
     "object_extents",
     "pool_boxes",
     "group_windows",
@@ -109,17 +110,23 @@ def choose_scale(boxes: np.ndarray, factors: Sequence[float], target_size: float
     return np.argmin(np.abs(f[None, :] - expected[:, None]), axis=1).astype(np.int64)
 
 
+def median_extent(extents: np.ndarray) -> float:
+    """The median of :func:`object_extents` over the objects with a positive area (NaN when there are none)."""
+    e = np.asarray(extents, np.float64)
+    e = e[np.isfinite(e) & (e > 0)]
+    return float(np.median(e)) if len(e) else float("nan")
+
+
 def auto_scale(extents: np.ndarray, object_px: float, candidates: Sequence[int]) -> int:
     """``features.scales: auto``: of ``candidates`` (shorter image sides, px), the one at which the median training
     object's side (the square root of its box's area) is nearest, as a ratio, to ``object_px``: the paper's rule
     for choosing each window's scale among five (:func:`choose_scale`), applied once to the median object.
     ``extents``: each object's side over its image's shorter side (:func:`object_extents`); none: the largest."""
-    e = np.asarray(extents, np.float64)
-    e = e[np.isfinite(e) & (e > 0)]
     c = np.asarray(sorted(candidates), np.float64)
-    if not len(e):
+    med = median_extent(extents)
+    if np.isnan(med):
         return int(c[-1])
-    return int(c[np.argmin(np.abs(np.log(c * float(np.median(e)) / object_px)))])
+    return int(c[np.argmin(np.abs(np.log(c * med / object_px)))])
 
 
 def object_extents(ds) -> np.ndarray:

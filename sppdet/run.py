@@ -64,12 +64,12 @@ class Run:
         the run's config.yaml keeps the scale, so later calls and detection need no data and keep it."""
         from dataclasses import replace
 
-        from .features import auto_scale, object_extents
+        from .features import auto_scale, median_extent, object_extents
 
         f, split = cfg.features, cfg.data.train_split
         extents = object_extents(self.dataset(split))
         s = auto_scale(extents, f.auto_object_px, f.auto_scales)
-        med = float(np.median(extents)) if len(extents) else float("nan")
+        med = median_extent(extents)  # the median auto_scale used, for the log
         self.log(f"features.scales auto: [{s}] of {list(f.auto_scales)} (the {split!r} split's median object, sqrt "
                  f"of its area, is {med:.2f} of its image's shorter side: {med * s:.0f} px at {s}, target "
                  f"{f.auto_object_px:g})")

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from sppdet.backbones import build_backbone
-from sppdet.features import (FeatureCache, ImageFeatures, auto_scale, choose_scale, conv5_maps, object_extents, pool_boxes,
-                             resize_factor)
+from sppdet.features import (FeatureCache, ImageFeatures, auto_scale, choose_scale, conv5_maps, median_extent,
+                             object_extents, pool_boxes, resize_factor)
 from sppdet.spp import SpatialPyramidPooling, project_boxes_to_cells
 from sppdet.store import ShardError, StaleCacheError
 
@@ -34,6 +34,8 @@ def test_auto_scale_puts_the_median_object_nearest_the_target_size():
     assert auto_scale(np.array([0.1, 0.2]), 224, c) == 688  # small ones: the largest
     assert auto_scale(np.array([0.5]), 300, [688, 480, 576]) == 576  # nearest as a ratio (288 px), in any order
     assert auto_scale(np.zeros(0), 224, c) == 688  # no objects: the largest
+    assert auto_scale(np.array([0.0, 0.0, 0.8]), 224, c) == 480  # boxes without area are left out of the median
+    assert median_extent(np.array([0.0, 0.4, 0.8])) == pytest.approx(0.6) and np.isnan(median_extent(np.zeros(0)))
 
 
 def test_object_extents_and_auto_scales_resolved_once_into_the_runs_config(toy_voc, tmp_path):
