@@ -79,14 +79,14 @@ class Predictor:
 
     def proposals(self, rgb: np.ndarray) -> np.ndarray:
         """``(R, 4)`` selective-search windows of an RGB image, with the run's proposal settings."""
-        from .proposals import propose
+        from .proposals import propose, usable_cores
 
         p = self.cfg.proposals
         backend = p.backend if p.backend in ("fast", "selectivesearch") else "fast"  # precomputed: only for datasets
         params = dict(p.params)
         if backend == "fast" and "workers" not in params:
             # the colour spaces in threads on half the cores (the conv layers may need the rest): none on 2 cores
-            params["workers"] = max(1, _cores() // 2)
+            params["workers"] = max(1, usable_cores() // 2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return propose(rgb, backend=backend, max_boxes=p.max_boxes, min_size=p.min_size, **params)
@@ -142,13 +142,3 @@ class Predictor:
                 "classes": [self.classes[int(k)] for k in d.labels], "proposals": len(boxes),
                 "seconds": {"proposals": t_prop, "conv": t["conv"], "pool_fc": t["pool"] + t["fc"], "rest": rest},
                 "wall_seconds": wall}
-
-
-def _cores() -> int:
-    """The cores this process may run on."""
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on every platform
-        return os.cpu_count() or 1

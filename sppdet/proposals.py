@@ -47,6 +47,15 @@ BACKENDS = ("fast", "selectivesearch", "precomputed")
 
 
 # ----------------------------------------------------------------- helpers
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or ``taskset`` may have narrowed
+    below ``os.cpu_count()``); the default number of proposal workers."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform
+        return os.cpu_count() or 1
+
+
 def _loadmat(path: Path, keys: tuple[str, ...]) -> dict:
     from scipy.io import loadmat
 
@@ -236,7 +245,7 @@ def compute_proposals(ids: Sequence[str], image_path: Callable[[str], Path], out
         jobs = [(i, str(image_path(i)), str(stage.path(i)), backend, max_boxes, min_size, params,
                  (*image_size(i), str(annotation_path(i))) if image_size and annotation_path else None)
                 for i in todo]
-        n_workers = workers if workers and workers > 0 else (os.cpu_count() or 1)
+        n_workers = workers if workers and workers > 0 else usable_cores()
         n_workers = max(1, min(n_workers, len(jobs)))
         from tqdm import tqdm
 

@@ -194,3 +194,27 @@ def test_warm_up_loads_selective_search_without_torch():
             "assert ss.warm_up() > 0")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_default_workers_follow_the_cores_this_process_may_use(toy_voc, tmp_path, monkeypatch):
+    """``proposals.workers: 0`` starts one process per core of the process's CPU affinity (a container or taskset
+    may allow fewer than ``os.cpu_count()``): on one allowed core no pool is started at all."""
+    import os
+
+    import sppdet.proposals as P
+    from sppdet.synthetic import TOY_CLASSES
+    from sppdet.voc import VOCDataset
+
+    if hasattr(os, "sched_getaffinity"):
+        assert P.usable_cores() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(P.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(P, "usable_cores", lambda: 1)
+
+    def no_pool(*a, **k):
+        raise AssertionError("a process pool was started on one usable core")
+
+    monkeypatch.setattr(P, "ProcessPoolExecutor", no_pool)
+    ds = VOCDataset(toy_voc, "val", TOY_CLASSES)
+    m = P.compute_proposals(ds.ids[:2], ds.image_path, tmp_path / "p", backend="fast", max_boxes=50,
+                            params={"ks": [100]}, workers=0, progress=False)
+    assert m["complete"] and m["items"] == 2
