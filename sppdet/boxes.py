@@ -114,12 +114,13 @@ def flip_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
 
 
 def soft_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, floor: float,
-             limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Linear soft-NMS (Bodla et al., 2017): greedily the best box is kept, and every box overlapping it by
-    IoU > ``iou_threshold`` has its score lowered instead of being dropped, by the factor ``1 - IoU`` applied to
-    its height above ``floor`` (scores are SVM margins or probabilities above a threshold: the decay acts on
-    ``score - floor``, which must be >= 0). Boxes decayed to ``floor`` are dropped. Returns ``(indices, scores)``
-    in the order kept, scores descending; ``limit`` > 0 stops after that many."""
+             limit: int = 0, power: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Soft-NMS (Bodla et al., 2017): greedily the best box is kept, and every box overlapping it by
+    IoU > ``iou_threshold`` has its score lowered instead of being dropped, by the factor ``(1 - IoU) ** power``
+    (1: the paper's linear rule; 2: quadratic, every such box lowered further, near-duplicates most: at IoU 0.7
+    9% of the height is left instead of 30%) applied to its height above ``floor`` (scores are SVM margins or probabilities above
+    a threshold: the decay acts on ``score - floor``, which must be >= 0). Boxes decayed to ``floor`` are dropped.
+    Returns ``(indices, scores)`` in the order kept, scores descending; ``limit`` > 0 stops after that many."""
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
     h = np.asarray(scores, np.float64).reshape(-1) - floor
     if (h < 0).any():
@@ -132,7 +133,7 @@ def soft_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, floor:
         kept.append(h[j])
         rest = np.arange(len(idx)) != j
         iou = iou_matrix(b[j:j + 1], b[rest])[0]
-        idx, b, h = idx[rest], b[rest], h[rest] * np.where(iou > iou_threshold, 1.0 - iou, 1.0)
+        idx, b, h = idx[rest], b[rest], h[rest] * np.where(iou > iou_threshold, (1.0 - iou) ** power, 1.0)
         live = h > 0
         idx, b, h = idx[live], b[live], h[live]
     return np.asarray(keep, np.int64), (np.asarray(kept) + floor).astype(np.float32)

@@ -71,11 +71,15 @@ def load_svms(path: str | Path) -> dict:
             "trained": trained}
 
 
+SOFT_NMS_POWER = {"linear": 1.0, "quadratic": 2.0}  # test.nms_method's soft-NMS decays: (1 - IoU) ** power
+
+
 def select_class(boxes: np.ndarray, scores: np.ndarray, thresh: float, nms_iou: float, method: str = "hard",
                  limit: int = 0, floor: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(indices, scores)`` of the windows scoring above ``thresh`` that survive NMS at ``nms_iou``, best first:
-    ``method`` "hard" (greedy NMS; the scores as they were) or "linear" (soft-NMS, :func:`sppdet.boxes.soft_nms`:
-    overlapping windows kept with lowered scores while above ``thresh``, at most ``limit`` when > 0). Soft-NMS
+    ``method`` "hard" (greedy NMS; the scores as they were), "linear" or "quadratic" (soft-NMS with the factor
+    ``1 - IoU`` or its square, :func:`sppdet.boxes.soft_nms`: overlapping windows kept with lowered scores while
+    above ``thresh``, at most ``limit`` when > 0). Soft-NMS
     lowers scores towards ``floor`` (None: ``thresh``; the evaluation threshold, so that a drawing threshold
     above it does not change how far a duplicate's score falls)."""
     keep = np.nonzero(scores > thresh)[0]
@@ -84,9 +88,10 @@ def select_class(boxes: np.ndarray, scores: np.ndarray, thresh: float, nms_iou: 
     if method == "hard":
         k = keep[nms(boxes[keep], scores[keep], nms_iou)]
         return k, scores[k]
-    if method != "linear":
-        raise ValueError(f"NMS method must be 'hard' or 'linear', got {method!r}")
-    k, s = soft_nms(boxes[keep], scores[keep], nms_iou, thresh if floor is None else min(floor, thresh), limit)
+    if method not in SOFT_NMS_POWER:
+        raise ValueError(f"NMS method must be 'hard', {' or '.join(map(repr, SOFT_NMS_POWER))}, got {method!r}")
+    k, s = soft_nms(boxes[keep], scores[keep], nms_iou, thresh if floor is None else min(floor, thresh), limit,
+                    SOFT_NMS_POWER[method])
     above = s > thresh  # picked best first, so those still above the threshold lead
     return keep[k[above]], s[above]
 

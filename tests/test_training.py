@@ -353,19 +353,23 @@ def test_linear_soft_nms_hand_worked_and_against_a_loop_reference():
     xy = rng.uniform(0, 100, (60, 2))
     b = np.concatenate([xy, xy + rng.uniform(5, 40, (60, 2))], 1)
     sc = rng.uniform(-1, 2, 60)
-    h, live, ref_i, ref_s = sc + 1.5, list(range(60)), [], []
-    while live:
-        j = max(live, key=lambda i: h[i])
-        ref_i.append(j), ref_s.append(h[j] - 1.5)
-        live.remove(j)
-        for i in list(live):
-            o = iou_matrix(b[j], b[i])[0, 0]
-            h[i] *= (1 - o) if o > 0.4 else 1.0
-            if h[i] <= 0:
-                live.remove(i)
-    idx, s = soft_nms(b, sc, 0.4, -1.5)
-    assert idx.tolist() == ref_i and np.allclose(s, ref_s, atol=1e-5) and list(s) == sorted(s, reverse=True)
-    assert soft_nms(b, sc, 0.4, -1.5, limit=7)[0].tolist() == ref_i[:7]
+    refs = {}
+    for power in (1.0, 2.0):  # linear and quadratic (test.nms_method)
+        h, live, ref_i, ref_s = sc + 1.5, list(range(60)), [], []
+        while live:
+            j = max(live, key=lambda i: h[i])
+            ref_i.append(j), ref_s.append(h[j] - 1.5)
+            live.remove(j)
+            for i in list(live):
+                o = iou_matrix(b[j], b[i])[0, 0]
+                h[i] *= (1 - o) ** power if o > 0.4 else 1.0
+                if h[i] <= 0:
+                    live.remove(i)
+        idx, s = soft_nms(b, sc, 0.4, -1.5, power=power)
+        assert idx.tolist() == ref_i and np.allclose(s, ref_s, atol=1e-5) and list(s) == sorted(s, reverse=True)
+        refs[power] = ref_s
+    assert soft_nms(b, sc, 0.4, -1.5, limit=7)[0].tolist() == soft_nms(b, sc, 0.4, -1.5)[0].tolist()[:7]
+    assert refs[1.0] != refs[2.0] and sum(refs[2.0]) < sum(refs[1.0])  # the square lowers overlapping boxes further
     with pytest.raises(ValueError, match="floor"):
         soft_nms(b, sc, 0.4, 0.0)
 
@@ -397,6 +401,10 @@ def test_regress_first_and_soft_nms_in_the_detectors_post_processing():
     assert plain[0][1].tolist() == [2.0, 0.5]
     plain, _ = class_detections(props, scores, 0.0, TestConfig(nms_method="linear"), None)
     np.testing.assert_allclose(plain[0][1], [2.0, 0.5, 1.0 * (1 - iou)], rtol=1e-5)
+    plain, _ = class_detections(props, scores, -1.5, TestConfig(nms_method="quadratic"), None)
+    np.testing.assert_allclose(plain[0][1], [2.0, 0.5, -1.5 + 2.5 * (1 - iou) ** 2], rtol=1e-5)
+    with pytest.raises(ValueError, match="quadratic"):
+        class_detections(props, scores, -1.5, TestConfig(nms_method="cubic"), None)
 
 
 def test_union_of_two_models_windows_equals_nms_on_each_windows_best_score():
