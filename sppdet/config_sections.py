@@ -35,6 +35,9 @@ class DataConfig:
     train_split: str = "trainval"
     val_split: str = "val"  # chooses the fine-tuning checkpoint: never the test split unless set so
     test_split: str = "test"
+    # augmented copies of each train-split photo trained on beside it (colour jitter, half of them zoomed out;
+    # sppdet/augment.py), made once into <run>/augmented/; 0: none
+    augment: int = field(default=0, metadata={"min": 0})
     # Only for the synthetic dataset: generated into ``root``'s parent if missing.
     synthetic_images: int = 0
     synthetic_seed: int = 0

@@ -45,6 +45,7 @@ class Run:
         self._content: dict[tuple[str, str], str] = {}
         self._hashes: dict[tuple[str, str], dict[str, str]] = {}
         self._classes: list[str] | None = None
+        self._augmented: dict[str, VOCDataset] = {}
         if cfg.features.scales == "auto":
             self.cfg = cfg = self._auto_scale(cfg)
         # The run's settings, for tools that take only --run (detect.py, Predictor): written when the folder is
@@ -67,7 +68,7 @@ class Run:
         from .features import auto_scale, median_extent, object_extents
 
         f, split = cfg.features, cfg.data.train_split
-        extents = object_extents(self.dataset(split))
+        extents = object_extents(self.dataset(split, augmented=False))  # the photos' own objects
         s = auto_scale(extents, f.auto_object_px, f.auto_scales)
         med = median_extent(extents)  # the median auto_scale used, for the log
         self.log(f"features.scales auto: [{s}] of {list(f.auto_scales)} (the {split!r} split's median object, sqrt "
@@ -133,10 +134,19 @@ class Run:
             self.log(f"classes read from the {d.train_split!r} annotations: {', '.join(self._classes)}")
         return list(self._classes)
 
-    def dataset(self, split: str) -> VOCDataset:
+    def dataset(self, split: str, augmented: bool = True) -> VOCDataset:
+        """A split of the data; the train split with ``data.augment`` copies of each photo (made into
+        ``<run>/augmented/`` once, :class:`sppdet.augment.AugmentedDataset`) unless ``augmented`` is False."""
         d = self.cfg.data
-        return self._dataset(self.path(d.root), split, d.synthetic_images, d.synthetic_seed, tuple(d.synthetic_splits),
-                             coco=d.format == "coco")
+        ds = self._dataset(self.path(d.root), split, d.synthetic_images, d.synthetic_seed, tuple(d.synthetic_splits),
+                           coco=d.format == "coco")
+        if not (augmented and d.augment and split == d.train_split):
+            return ds
+        if split not in self._augmented:  # checked against its sources once per process
+            from .augment import AugmentedDataset
+
+            self._augmented[split] = AugmentedDataset(ds, self.dir / "augmented" / split, d.augment, self.cfg.seed)
+        return self._augmented[split]
 
     def content(self, split: str, what: str) -> str:
         """:meth:`VOCDataset.content_fingerprint` of a split's ``"images"`` or ``"annotations"`` (once per

@@ -147,7 +147,8 @@ def test_coco_categories_without_annotations_are_not_classes(tmp_path, caplog):
 @pytest.mark.slow
 def test_custom_config_end_to_end_on_a_handful_of_real_photos(tmp_path):
     """configs/custom.yaml as a user runs it (classes read from the annotations), on 8 / 3 / 4 raccoon photos with
-    CI-sized settings: every stage finishes, the test split gets an mAP, and detect.py writes detections."""
+    CI-sized settings and one augmented copy of each training photo: every stage finishes, the test split gets an
+    mAP, and detect.py writes detections."""
     import shutil
     import subprocess
     import sys
@@ -170,7 +171,7 @@ def test_custom_config_end_to_end_on_a_handful_of_real_photos(tmp_path):
             shutil.copy(src / "Annotations" / f"{i}.xml", root / "Annotations")
     small = ["proposals.max_boxes=300", "proposals.params={max_side: 200}", "features.auto_scales=[240,400]",
              "finetune.iterations=20", "finetune.lr_steps=[15]", "finetune.val_every=10", "finetune.val_batches=2",
-             "svm.norm_images=4"]
+             "svm.norm_images=4", "data.augment=1"]
     run = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "tools" / "demo.py"), "--config", "configs/custom.yaml", "--run", str(run),
            "--set", f"data.root={root}"] + [a for s in small for a in ("--set", s)]
@@ -180,6 +181,11 @@ def test_custom_config_end_to_end_on_a_handful_of_real_photos(tmp_path):
     # custom.yaml's scales: auto, resolved from these raccoons (median side 0.76 of the shorter: 224 px at 293)
     assert "features.scales auto: [240] of [240, 400]" in r.stdout
     assert yaml.safe_load((run / "config.yaml").read_text())["features"]["scales"] == [240]
+    # data.augment: one copy of each training photo, with its own proposals, trained on beside it
+    copies = sorted(p.stem for p in (run / "augmented" / "train" / "JPEGImages").glob("*.jpg"))
+    assert copies == sorted(f"{i}~aug1" for i in splits["train"])
+    assert {f"{i}.npz" for i in copies} <= {p.name for p in (run / "proposals" / "train").glob("*.npz")}
+    assert not (run / "augmented" / "val").exists() and "augmented copies made" in r.stdout
     assert "mAP (VOC07 11-point): " in r.stdout
     photo = root / "JPEGImages" / f"{splits['test'][0]}.jpg"
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "detect.py"), "--run", str(run), "--out",

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
         t_all = time.time()
         data_root = run.path(cfg.data.root)
-        timed("data (read; generated if synthetic)", data_root, lambda: [run.dataset(s) for s in splits])
+        timed("data (read; augmented copies made)" if cfg.data.augment else "data (read; generated if synthetic)",
+              [data_root, run.dir / "augmented"], lambda: [run.dataset(s) for s in splits])
         if cfg.backbone.weights != "pretrain":
             print(f"pretrain: skipped, the trunk uses backbone.weights = {cfg.backbone.weights!r}")
         metrics = None
