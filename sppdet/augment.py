@@ -71,6 +71,9 @@ class AugmentedDataset(DetectionDataset):
         self.base, self.folder, self.copies, self.seed = base, Path(folder), int(copies), int(seed)
         self.classes = base.classes
         self.split = getattr(base, "split", "")
+        self._base_ids = set(base.ids)
+        # the sources' hashes, read once: to check the copies here, and for file_hashes (a stage's record)
+        self._base_hashes = {w: base.file_hashes(w) for w in ("images", "annotations")}
         self.made = self._make(progress)
         self.ids = list(base.ids) + [f"{i}{AUG_MARK}{k}" for k in range(1, self.copies + 1) for i in base.ids]
         self._ann: dict[str, Annotation] = {}
@@ -82,19 +85,13 @@ class AugmentedDataset(DetectionDataset):
             return src, image_id
         return None, image_id
 
-    @property
-    def _base_ids(self) -> set[str]:
-        if not hasattr(self, "_base_set"):
-            self._base_set = set(self.base.ids)
-        return self._base_set
-
     def _make(self, progress: bool) -> int:
         """The copies made or made again (0 when every copy is current)."""
         from tqdm import tqdm
 
         params = {"version": VERSION, "copies": self.copies, "seed": self.seed}
-        sources = {i: a + b for (i, a), b in zip(self.base.file_hashes("images").items(),
-                                                   self.base.file_hashes("annotations").values())}
+        images, annotations = self._base_hashes["images"], self._base_hashes["annotations"]
+        sources = {i: images[i] + annotations[i] for i in self.base.ids}
         manifest = self.folder / "manifest.json"
         old = json.loads(manifest.read_text()) if manifest.is_file() else {}
         have = old.get("sources", {}) if old.get("params") == params else {}
@@ -152,7 +149,9 @@ class AugmentedDataset(DetectionDataset):
     def file_hashes(self, what: str) -> dict[str, str]:
         from .store import file_hashes
 
-        out = dict(self.base.file_hashes(what))
+        if what not in self._base_hashes:
+            raise ValueError(f"file_hashes: 'images' or 'annotations', not {what!r}")
+        out = dict(self._base_hashes[what])
         copies = self.ids[len(self.base.ids):]
         paths = [self.image_path(i) if what == "images" else self.annotation_path(i) for i in copies]
         out.update(zip(copies, file_hashes(paths, "augmented copy")))

@@ -118,8 +118,9 @@ def soft_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, floor:
     """Soft-NMS (Bodla et al., 2017): greedily the best box is kept, and every box overlapping it by
     IoU > ``iou_threshold`` has its score lowered instead of being dropped, by the factor ``(1 - IoU) ** power``
     (1: the paper's linear rule; 2: quadratic, every such box lowered further, near-duplicates most: at IoU 0.7
-    9% of the height is left instead of 30%) applied to its height above ``floor`` (scores are SVM margins or probabilities above
-    a threshold: the decay acts on ``score - floor``, which must be >= 0). Boxes decayed to ``floor`` are dropped.
+    9% of the height is left instead of 30%) applied to its height above ``floor`` (scores are SVM margins or
+    probabilities above a threshold: the decay acts on ``score - floor``, which must be >= 0). Boxes decayed to
+    ``floor`` are dropped.
     Returns ``(indices, scores)`` in the order kept, scores descending; ``limit`` > 0 stops after that many."""
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
     h = np.asarray(scores, np.float64).reshape(-1) - floor

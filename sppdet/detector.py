@@ -79,9 +79,9 @@ def select_class(boxes: np.ndarray, scores: np.ndarray, thresh: float, nms_iou: 
     """``(indices, scores)`` of the windows scoring above ``thresh`` that survive NMS at ``nms_iou``, best first:
     ``method`` "hard" (greedy NMS; the scores as they were), "linear" or "quadratic" (soft-NMS with the factor
     ``1 - IoU`` or its square, :func:`sppdet.boxes.soft_nms`: overlapping windows kept with lowered scores while
-    above ``thresh``, at most ``limit`` when > 0). Soft-NMS
-    lowers scores towards ``floor`` (None: ``thresh``; the evaluation threshold, so that a drawing threshold
-    above it does not change how far a duplicate's score falls)."""
+    above ``thresh``, at most ``limit`` when > 0). Soft-NMS lowers scores towards ``floor`` (None: ``thresh``; the
+    evaluation threshold, so that a drawing threshold above it does not change how far a duplicate's score
+    falls)."""
     keep = np.nonzero(scores > thresh)[0]
     if len(keep) == 0:
         return keep, scores[keep]

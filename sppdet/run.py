@@ -138,14 +138,16 @@ class Run:
         """A split of the data; the train split with ``data.augment`` copies of each photo (made into
         ``<run>/augmented/`` once, :class:`sppdet.augment.AugmentedDataset`) unless ``augmented`` is False."""
         d = self.cfg.data
+        copies = augmented and d.augment and split == d.train_split
+        if copies and split in self._augmented:  # checked against its sources once per process
+            return self._augmented[split]
         ds = self._dataset(self.path(d.root), split, d.synthetic_images, d.synthetic_seed, tuple(d.synthetic_splits),
                            coco=d.format == "coco")
-        if not (augmented and d.augment and split == d.train_split):
+        if not copies:
             return ds
-        if split not in self._augmented:  # checked against its sources once per process
-            from .augment import AugmentedDataset
+        from .augment import AugmentedDataset
 
-            self._augmented[split] = AugmentedDataset(ds, self.dir / "augmented" / split, d.augment, self.cfg.seed)
+        self._augmented[split] = AugmentedDataset(ds, self.dir / "augmented" / split, d.augment, self.cfg.seed)
         return self._augmented[split]
 
     def content(self, split: str, what: str) -> str:
