@@ -11,6 +11,7 @@ import numpy as np
 
 __all__ = [
     "as_boxes",
+    "BOX_STDS",
     "area",
     "intersection_matrix",
     "iou_matrix",
@@ -88,6 +89,11 @@ def _centre_size(b: np.ndarray, eps: float = 1e-6):
     w = b[:, 2] - b[:, 0] + eps
     h = b[:, 3] - b[:, 1] + eps
     return b[:, 0] + 0.5 * w, b[:, 1] + 0.5 * h, w, h
+
+
+# Box-delta outputs of a network are these times its learnt targets (Fast R-CNN's BBOX_NORMALIZE_STDS: the targets
+# are divided by them in training so that the four have similar size).
+BOX_STDS = np.array([0.1, 0.1, 0.2, 0.2], np.float32)
 
 
 def encode(proposals: np.ndarray, gt: np.ndarray) -> np.ndarray:

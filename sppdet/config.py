@@ -112,6 +112,10 @@ class Config:
         if self.finetune.fc6_rank and (self.test.svd_fc6 or self.svm.feature.endswith("_noft")):
             raise ConfigError("finetune.fc6_rank: fc6 is already factored; test.svd_fc6 must be 0 and svm.feature "
                               "the fine-tuned head's")
+        if self.bbox_reg.source == "finetune" and not (self.finetune.bbox_loss and self.route == "spp"
+                                                       and not self.svm.feature.endswith("_noft")):
+            raise ConfigError("bbox_reg.source: finetune regresses with the fine-tuned head's box layer: it needs "
+                              "finetune.bbox_loss > 0, route: spp and svm.feature of the fine-tuned head")
         if self.proposals.backend != "precomputed":  # the backend's own parameters, by name and type
             from .proposals import resolved_params
 

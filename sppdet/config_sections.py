@@ -178,6 +178,10 @@ class FinetuneConfig:
     # Arithmetic of the fc layers' forward and backward passes: "fp32", "bf16" (autocast: the matmuls in
     # bfloat16; weights, their gradients, the update and the loss in float32) or "auto" (bf16 where native).
     precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
+    # 0: fc8's softmax alone (the paper). w > 0: also a per-class box-delta layer on fc7 (bbox_pred), its smooth-L1
+    # loss on the foreground windows (targets as Fast R-CNN's) added with weight w: the fc layers learn
+    # localisation too, and bbox_reg.source: finetune regresses with that layer instead of ridge regressors.
+    bbox_loss: float = field(default=0.0, metadata={"min": 0.0})
 
     @property
     def mirror_maps(self) -> bool:
@@ -243,6 +247,9 @@ class BBoxRegConfig:
     lam: float = 4000.0
     whiten: bool = True  # authors: whitened targets; False: plain standardisation
     target_norm: float = 20.0
+    # ridge: per-class ridge regressors on pool5, fit by their own stage (R-CNN's and SPP-net's); finetune: the
+    # fine-tuned head's box layer (finetune.bbox_loss > 0), learnt with the classifier, no stage of its own
+    source: str = field(default="ridge", metadata={"choices": ("ridge", "finetune")})
 
 
 @dataclass(frozen=True)

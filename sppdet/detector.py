@@ -13,13 +13,13 @@ import numpy as np
 import torch
 
 from .bbox_reg import BoxRegressor
-from .boxes import clip_boxes, nms, soft_nms
+from .boxes import BOX_STDS, clip_boxes, decode, nms, soft_nms
 from .config import FeatureConfig, TestConfig
 from .features import FeatureCache, ImageFeatures, conv5_maps
 from .models import FCHead, fc_features, resolve_precision, truncated_svd_linear
 from .store import load_npz
 
-__all__ = ["Detections", "Detector", "WindowRows", "load_detections", "load_svms", "union_nms"]
+__all__ = ["Detections", "Detector", "HeadBoxRegressor", "WindowRows", "load_detections", "load_svms", "union_nms"]
 
 
 @dataclass
@@ -158,13 +158,14 @@ def union_nms(sets: Sequence[Detections], nms_iou: float, max_per_class: int = 0
 
 class WindowRows:
     """Per-window rows of a matrix that holds one row per group of identical windows:
-    ``rows[idx]`` is ``distinct[group[idx]]`` (what box regression reads for the windows it keeps)."""
+    ``rows[idx]`` is ``distinct[group[idx]]`` (what box regression reads for the windows it keeps).
+    ``deltas``: the fine-tuned head's box deltas of the same windows (:class:`HeadBoxRegressor`), or None."""
 
-    def __init__(self, distinct: np.ndarray | torch.Tensor, group: np.ndarray):
+    def __init__(self, distinct: np.ndarray | torch.Tensor, group: np.ndarray, deltas: "WindowRows | None" = None):
         # NumPy (a view, no copy) where the windows were pooled on the CPU; the tensor where on a GPU
         if isinstance(distinct, torch.Tensor) and distinct.device.type == "cpu":
             distinct = distinct.numpy()
-        self.distinct, self.group = distinct, group
+        self.distinct, self.group, self.deltas = distinct, group, deltas
 
     def __len__(self) -> int:
         return len(self.group)
@@ -176,6 +177,25 @@ class WindowRows:
         return self.distinct[self.group[idx]]
 
 
+class HeadBoxRegressor:
+    """Box regression by the fine-tuned head's own box layer (``bbox_reg.source: finetune``; the head fine-tuned
+    with ``finetune.bbox_loss``). A :class:`Detector` given one computes every window's deltas from the fc7 rows it
+    computes anyway (``4K`` outputs per row, no second fc pass) and decodes those of the windows it regresses."""
+
+    def __init__(self, head: FCHead):
+        if not getattr(head, "box_classes", 0):
+            raise ValueError("bbox_reg.source: finetune needs a head fine-tuned with a box layer "
+                             "(finetune.bbox_loss > 0); this one has none")
+        self.trained = np.ones(head.box_classes, bool)
+
+    @staticmethod
+    def deltas(head: FCHead, fc7: torch.Tensor) -> np.ndarray:
+        """``(G, K, 4)`` deltas in box units (the layer's outputs times :data:`BOX_STDS`) of fc7 rows."""
+        with torch.no_grad():
+            d = head.bbox_pred(fc7.float()).view(len(fc7), head.box_classes, 4)
+        return d.cpu().numpy() * BOX_STDS
+
+
 class Detector:
     """SPP-net at test time: pooled features -> fc head -> SVM scores -> NMS -> box regression.
 
@@ -183,7 +203,7 @@ class Detector:
         head: the fine-tuned fc head (fc6/fc7 used for features), or None for pool5 SVMs.
         svms: ``{"W": (K, D), "b": (K,), "feature_scale", "layer"}``, or a list of such sets whose
             scores for a window are combined by ``test.combine_by`` (max or mean).
-        regressor: per-class box regressors or None.
+        regressor: per-class box regressors, a :class:`HeadBoxRegressor` (the head's own box layer), or None.
         cache: a :class:`FeatureCache` (gives geometry, levels and scale choice).
         test: thresholds (``TestConfig``).
         device: where fc6/fc7 run (the head is moved there). The windows are pooled where the maps given to
@@ -191,7 +211,7 @@ class Detector:
             the SVMs' margins are computed there too.
     """
 
-    def __init__(self, head: FCHead | None, svms: dict | Sequence[dict], regressor: BoxRegressor | None,
+    def __init__(self, head: FCHead | None, svms: dict | Sequence[dict], regressor: BoxRegressor | HeadBoxRegressor | None,
                  cache: FeatureCache, test: TestConfig, classes: Sequence[str], device: str = "cpu"):
         if head is not None and (test.svd_fc6 or test.svd_fc7):
             head = copy.deepcopy(head)  # compressed below: the caller's head stays as it is
@@ -200,6 +220,9 @@ class Detector:
         if not self.svm_sets:
             raise ValueError("Detector needs at least one SVM set")
         self.regressor, self.cache, self.test, self.classes = regressor, cache, test, list(classes)
+        self.head_boxes = isinstance(regressor, HeadBoxRegressor)
+        if self.head_boxes and self.head is None:
+            raise ValueError("a HeadBoxRegressor needs the detector's fine-tuned head")
         self._pooled: torch.Tensor | None = None
         self._weights_on: dict = {}  # each SVM set's (D, K) weights on a GPU, once uploaded
         if head is not None and test.svd_fc6:
@@ -230,7 +253,8 @@ class Detector:
         layers = [s["layer"] if self.head is not None else "pool5" for s in self.svm_sets]
         xs = {layer: pooled if layer == "pool5" else fc_features(self.head, pooled.to(self.device), layer,
                                                                  self.fc_precision)
-              for layer in dict.fromkeys(layers)}
+              for layer in dict.fromkeys(layers + (["fc7"] if self.head_boxes else []))}
+        deltas = WindowRows(HeadBoxRegressor.deltas(self.head, xs["fc7"]), group) if self.head_boxes else None
         t2 = time.perf_counter()
         # The feature scale folded into the (K, D) weights, not the (G, D) rows: a scaled copy of 2000 pool5 rows is
         # ~190 MB, and allocating it cost 0.3-0.7 s on some photos in detect.py.
@@ -247,7 +271,7 @@ class Detector:
             scores[:, untrained] = -np.inf
         scores = scores[group]
         t3 = time.perf_counter()
-        return WindowRows(pooled, group), scores, {"pool": t1 - t0, "fc": t2 - t1, "svm": t3 - t2}
+        return WindowRows(pooled, group, deltas), scores, {"pool": t1 - t0, "fc": t2 - t1, "svm": t3 - t2}
 
     def _margins(self, x: torch.Tensor, svms: dict) -> np.ndarray:
         """``(G, K)`` SVM margins of feature rows ``x``: in NumPy where they are on the CPU, on their GPU (the set's
@@ -268,10 +292,16 @@ class Detector:
         thr = self.test.score_threshold if score_threshold is None else score_threshold
         cap = self.test.max_per_image if max_per_image is None else max_per_image
         reg = self.regressor
-        plain, refined = class_detections(
-            proposals, scores, thr, self.test,
-            None if reg is None else lambda k, i: reg.predict(k, pooled[i], proposals[i]), (height, width),
-            floor=self.test.score_threshold)
+        if reg is None:
+            regress = None
+        elif self.head_boxes:
+            if getattr(pooled, "deltas", None) is None:
+                raise ValueError("head box regression needs the deltas Detector.score returns with the rows")
+            regress = lambda k, i: decode(proposals[i], pooled.deltas[i][:, k])  # noqa: E731
+        else:
+            regress = lambda k, i: reg.predict(k, pooled[i], proposals[i])  # noqa: E731
+        plain, refined = class_detections(proposals, scores, thr, self.test, regress, (height, width),
+                                          floor=self.test.score_threshold)
         det_plain = cap_detections(plain, self.test.max_per_class, cap)
         det_reg = cap_detections(refined, self.test.max_per_class, cap) if self.regressor is not None else None
         return det_plain, det_reg, time.perf_counter() - t0

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .boxes import decode, encode, flip_boxes
+from .boxes import BOX_STDS, decode, flip_boxes
 from .detector import Detections, cap_detections, class_detections
 from .features import box_cells, choose_scale, prepare_image, resize_factor
-from .finetune import sample_windows, sgd
+from .finetune import box_loss, box_targets, sample_windows, sgd
 from .malloc import large_blocks_reused
 from .models import FCHead
 from .roidb import Windows
@@ -35,8 +35,6 @@ from .window_pool import pool_windows
 
 __all__ = ["FastRCNN", "BOX_STDS", "train_fast_rcnn", "set_trainable"]
 
-# Regression targets are divided by these (Fast R-CNN's BBOX_NORMALIZE_STDS), so that the four have similar size.
-BOX_STDS = np.array([0.1, 0.1, 0.2, 0.2], np.float32)
 
 
 def set_trainable(backbone: nn.Module, train_conv: bool, frozen_convs: int) -> list[str]:
@@ -77,10 +75,7 @@ class FastRCNN(nn.Module):
         self.deep = check_deep(deep, backbone.out_channels)
         self.shrink = float(shrink)
         self.head = FCHead(spp_output_dim(backbone.out_channels, self.levels, self.deep), hidden, num_classes + 1,
-                           dropout, fc6_rank=fc6_rank)
-        self.bbox_pred = nn.Linear(hidden, 4 * num_classes)
-        nn.init.normal_(self.bbox_pred.weight, std=0.001)
-        nn.init.zeros_(self.bbox_pred.bias)
+                           dropout, fc6_rank=fc6_rank, box_classes=num_classes)
 
     def train(self, mode: bool = True) -> "FastRCNN":
         super().train(mode)
@@ -107,10 +102,12 @@ class FastRCNN(nn.Module):
 
     def heads(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(class logits (R, K+1), box deltas (R, K, 4))``."""
-        h = self.head
-        x = h.drop(torch.relu(h.fc6_scaled(pooled)))
-        x = h.drop(torch.relu(h.fc7(x)))
-        return h.fc8(x), self.bbox_pred(x).view(-1, self.num_classes, 4)
+        return self.head.outputs(pooled)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's; a checkpoint from before the box layer moved into the head (``bbox_pred.*``) loads too."""
+        state_dict = {("head." + k if k.startswith("bbox_pred.") else k): v for k, v in state_dict.items()}
+        return super().load_state_dict(state_dict, strict, assign)
 
     @torch.no_grad()
     def detect(self, rgb: np.ndarray, proposals: np.ndarray, scales: Sequence[int], max_size: int,
@@ -139,32 +136,27 @@ class FastRCNN(nn.Module):
         return (*out, scores, {"conv": t1 - t0, "pool": t2 - t1, "fc": t3 - t2, "post": time.perf_counter() - t3})
 
 
-def _image_loss(model: FastRCNN, rgb: np.ndarray, w: Windows, gt_boxes: np.ndarray, cfg, scale: int, max_size: int,
-                flip: bool, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+def _image_loss(model: FastRCNN, rgb: np.ndarray, w: Windows, cfg, scale: int, max_size: int, flip: bool,
+                rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """One image's summed classification and box losses over its sampled windows, and their number."""
     idx, labels = sample_windows(w, cfg.rois_per_image, cfg.fg_fraction, cfg.fg_threshold, cfg.bg_low, cfg.bg_high,
                                  model.num_classes, rng)
     if len(idx) == 0:
         return None
-    boxes, gts = w.boxes[idx], gt_boxes[np.maximum(w.gt_index[idx], 0)] if len(gt_boxes) else w.boxes[idx]
+    boxes = w.boxes[idx]
     if flip:
         rgb = np.ascontiguousarray(rgb[:, ::-1])
-        boxes, gts = flip_boxes(boxes, rgb.shape[1]), flip_boxes(gts, rgb.shape[1])
+        boxes = flip_boxes(boxes, rgb.shape[1])
     fmap, f = model.conv_map(rgb, scale, max_size)
     logits, deltas = model.heads(model.pool([fmap], [f], boxes, np.zeros(len(boxes), np.int64)))
     y = torch.from_numpy(labels)
     loss_cls = F.cross_entropy(logits, y, reduction="sum")
-    fg = np.nonzero(labels < model.num_classes)[0]
-    loss_box = logits.new_zeros(())
-    if len(fg):
-        target = torch.from_numpy((encode(boxes[fg], gts[fg]) / BOX_STDS).astype(np.float32))
-        pred = deltas[torch.from_numpy(fg), y[fg]]
-        loss_box = F.smooth_l1_loss(pred, target, beta=1.0, reduction="sum")
+    targets = torch.from_numpy(box_targets(w, idx, labels < model.num_classes, flip))
+    loss_box = box_loss(deltas, y, targets, model.num_classes) * len(idx)  # summed: the step divides by all windows
     return loss_cls, loss_box, len(idx)
 
 
-def train_fast_rcnn(model: FastRCNN, images: Callable[[str], np.ndarray], windows: dict[str, Windows],
-                    gt_boxes: dict[str, np.ndarray], cfg, scales: Sequence[int], max_size: int, seed: int = 0,
+def train_fast_rcnn(model: FastRCNN, images: Callable[[str], np.ndarray], windows: dict[str, Windows], cfg, scales: Sequence[int], max_size: int, seed: int = 0,
                     progress: bool = True, log_fn: Callable[[str], None] = print) -> dict:
     """Train ``model`` in place with SGD on hierarchically sampled mini-batches (``cfg``: a ``FastRCNNConfig``);
     ``images(id)`` gives an RGB image. Each image is seen at a random one of ``scales`` (Fast R-CNN's multi-scale
@@ -185,7 +177,7 @@ def train_fast_rcnn(model: FastRCNN, images: Callable[[str], np.ndarray], window
             cls = box = 0.0
             n = 0
             for i in rng.choice(ids, min(cfg.images_per_batch, len(ids)), replace=False):
-                out = _image_loss(model, images(i), windows[i], gt_boxes[i], cfg, int(rng.choice(scales)), max_size,
+                out = _image_loss(model, images(i), windows[i], cfg, int(rng.choice(scales)), max_size,
                                   bool(cfg.flip and rng.random() < 0.5), rng)
                 if out is not None:
                     cls, box, n = cls + out[0], box + out[1], n + out[2]

@@ -6,7 +6,9 @@ R-CNN's critique), reproduced. Mini-batches of ``batch_size`` windows from
 labelled with that object's class) and background in ``[bg_low, bg_high)`` (label K).
 Multi-scale caches: each training window pooled at a random scale (authors'
 ``random_scale=1``); flipped images when the cache holds flipped maps. The checkpoint
-kept is the one with the lowest error on a *validation* split, never on test.
+kept is the one with the lowest error on a *validation* split, never on test. With
+``bbox_loss`` > 0 a box layer beside fc8 learns each foreground window's deltas to its object
+too (Fast R-CNN's multi-task loss, here with the conv layers still frozen).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from .config import FinetuneConfig
 from .features import FeatureCache, ImageFeatures
 from .malloc import large_blocks_reused
 from .models import FCHead, autocast, resolve_precision
+from .boxes import BOX_STDS, encode
 from .roidb import Windows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["sample_windows", "FeatureLRU", "finetune_head", "learnt_nothing"]
+__all__ = ["sample_windows", "FeatureLRU", "finetune_head", "learnt_nothing", "box_targets", "box_loss"]
 
 
 class FeatureLRU:
@@ -93,9 +96,12 @@ def sample_windows(w: Windows, num: int, fg_fraction: float, fg_threshold: float
 
 def _make_batch(ids: Sequence[str], windows: dict, lru: FeatureLRU, cfg: FinetuneConfig, num_classes: int,
                 rng: np.random.Generator, train: bool):
-    """One mini-batch ``(pooled windows on the LRU's device, labels)`` of ``ids``' windows, pooled in one call."""
+    """One mini-batch ``(pooled windows, labels, box targets)`` of ``ids``' windows, pooled in one call, on the
+    LRU's device. The targets ``(N, 4)`` take each foreground window to its object (:func:`box_targets`; in the
+    mirror image's frame where the window is drawn mirrored), zeros for background; None without
+    ``cfg.bbox_loss``."""
     per = max(1, cfg.batch_size // len(ids))
-    requests, ys = [], []
+    requests, ys, ts = [], [], []
     for i in ids:
         w = windows[i]
         idx, lab = sample_windows(w, per, cfg.fg_fraction, cfg.fg_threshold, cfg.bg_low, cfg.bg_high, num_classes, rng)
@@ -108,10 +114,37 @@ def _make_batch(ids: Sequence[str], windows: dict, lru: FeatureLRU, cfg: Finetun
             scale_idx = rng.integers(0, len(feats.factors), len(idx))
         requests.append((feats, w.boxes[idx], flip, scale_idx))
         ys.append(torch.from_numpy(lab))
+        if cfg.bbox_loss:
+            ts.append(box_targets(w, idx, lab < num_classes, flip))
     if not requests:
-        return None, None
+        return None, None, None
     y = torch.cat(ys)
-    return lru.cache.pooled_many(requests), y.to(lru.device)
+    t = torch.from_numpy(np.concatenate(ts)).to(lru.device) if ts else None
+    return lru.cache.pooled_many(requests), y.to(lru.device), t
+
+
+def box_targets(w: Windows, idx: np.ndarray, fg: np.ndarray, flipped: bool = False) -> np.ndarray:
+    """``(len(idx), 4)`` float32 regression targets of windows ``idx`` of ``w``: where ``fg``, the deltas taking
+    the window to the object it overlaps most (``gt_index``; the ground-truth boxes are ``w``'s first rows)
+    divided by :data:`BOX_STDS`, else zeros. ``flipped``: the window and its object mirrored, which negates dx."""
+    t = np.zeros((len(idx), 4), np.float32)
+    f = np.nonzero(fg)[0]
+    if len(f):
+        d = encode(w.boxes[idx[f]], w.boxes[w.gt_index[idx[f]]])
+        if flipped:
+            d[:, 0] = -d[:, 0]
+        t[f] = d / BOX_STDS
+    return t
+
+
+def box_loss(deltas: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Smooth-L1 (beta 1, Fast R-CNN's) of the foreground windows' deltas for their own class against their
+    targets, summed and divided by the number of windows (background ones included, as Fast R-CNN)."""
+    fg = torch.nonzero(labels < num_classes).flatten()
+    if len(fg) == 0:
+        return deltas.new_zeros(())
+    pred = deltas[fg, labels[fg]]
+    return F.smooth_l1_loss(pred.float(), targets[fg], beta=1.0, reduction="sum") / len(labels)
 
 
 def _validation_batches(val_windows: dict, lru: FeatureLRU, cfg: FinetuneConfig, num_classes: int,
@@ -121,9 +154,9 @@ def _validation_batches(val_windows: dict, lru: FeatureLRU, cfg: FinetuneConfig,
     out = []
     for _ in range(cfg.val_batches if val_ids else 0):
         pick = list(rng.choice(val_ids, min(cfg.images_per_batch, len(val_ids)), replace=False))
-        x, y = _make_batch(pick, val_windows, lru, cfg, num_classes, rng, train=False)
+        x, y, t = _make_batch(pick, val_windows, lru, cfg, num_classes, rng, train=False)
         if x is not None:
-            out.append((x, y))
+            out.append((x, y, t))
     return out
 
 
@@ -144,7 +177,7 @@ def sgd(named_parameters, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_sc
 def _baselines(val_batches: list, num_classes: int, history: list) -> dict:
     """The error of calling every validation window background, the loss of predicting the labels' frequencies
     (their entropy) and the best validation loss reached."""
-    labels = np.concatenate([y.cpu().numpy() for _, y in val_batches]) if val_batches else np.zeros(0, np.int64)
+    labels = np.concatenate([b[1].cpu().numpy() for b in val_batches]) if val_batches else np.zeros(0, np.int64)
     freq = np.bincount(labels, minlength=num_classes + 1) / max(len(labels), 1)
     return {"background_error": float(np.mean(labels != num_classes)) if len(labels) else float("nan"),
             "prior_loss": float(-(freq[freq > 0] * np.log(freq[freq > 0])).sum()) if len(labels) else None,
@@ -168,26 +201,31 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
     pool_device = device if pool_device is None else pool_device
     lru_t = FeatureLRU(cache_train, mirror_maps=cfg.flip and cfg.mirror_maps, device=pool_device)
     lru_v = FeatureLRU(cache_val, device=pool_device)
-    val_batches = [(x.to(device), y.to(device)) for x, y in
+    val_batches = [(x.to(device), y.to(device), None if t is None else t.to(device)) for x, y, t in
                    _validation_batches(val_windows, lru_v, cfg, num_classes, np.random.default_rng(seed + 1))]
+    if cfg.bbox_loss and not head.box_classes:
+        raise ValueError("finetune.bbox_loss > 0 needs a head with a box layer (FCHead(..., box_classes=K))")
     head.to(device)
     opt, sched = sgd(head.named_parameters(), cfg)
     precision = resolve_precision(cfg.precision, device, "finetune.precision")
 
-    def validate() -> tuple[float, float]:
+    def validate() -> tuple[float, float, float]:
+        """Validation error, loss and box loss (nan without a box loss) per window."""
         if not val_batches:
-            return float("nan"), float("nan")
+            return float("nan"), float("nan"), float("nan")
         head.eval()
-        err = loss = n = 0.0
+        err = loss = boxl = n = 0.0
         with torch.no_grad():
-            for x, y in val_batches:
+            for x, y, t in val_batches:
                 with autocast(device, precision):
-                    out = head(x)
+                    out, deltas = head.outputs(x)
                 loss += float(F.cross_entropy(out.float(), y, reduction="sum"))
                 err += float((out.argmax(1) != y).sum())
+                if t is not None:
+                    boxl += float(box_loss(deltas, y, t, num_classes)) * len(y)
                 n += len(y)
         head.train()
-        return err / n, loss / n
+        return err / n, loss / n, (boxl / n if cfg.bbox_loss else float("nan"))
 
     best = {"val_error": float("inf"), "iteration": 0, "state": {k: v.clone() for k, v in head.state_dict().items()}}
     history = []
@@ -198,21 +236,26 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
     with large_blocks_reused():  # fc6's gradient and the pooled batch: the same large blocks every step
         for it in bar:
             pick = list(rng.choice(train_ids, min(cfg.images_per_batch, len(train_ids)), replace=False))
-            x, y = _make_batch(pick, train_windows, lru_t, cfg, num_classes, rng, train=True)
+            x, y, t = _make_batch(pick, train_windows, lru_t, cfg, num_classes, rng, train=True)
             if x is None:
                 continue
+            y = y.to(device)
             with autocast(device, precision):
-                out = head(x.to(device))
-            loss = F.cross_entropy(out.float(), y.to(device))
+                out, deltas = head.outputs(x.to(device))
+            loss = F.cross_entropy(out.float(), y)
+            if cfg.bbox_loss:
+                loss = loss + cfg.bbox_loss * box_loss(deltas, y, t.to(device), num_classes)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             running.append(loss.item())
             if it % cfg.val_every == 0 or it == cfg.iterations:
-                verr, vloss = validate()
+                verr, vloss, vbox = validate()
                 rec = {"iteration": it, "train_loss": float(np.mean(running)), "val_error": verr, "val_loss": vloss,
                        "lr": opt.param_groups[0]["lr"]}
+                if cfg.bbox_loss:
+                    rec["val_box_loss"] = vbox
                 history.append(rec)
                 running = []
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val_err=f"{verr:.3f}")

@@ -47,11 +47,14 @@ class FCHead(nn.Module):
     ``features(x, layer)`` returns the post-ReLU fc6 or fc7 activations without dropout
     (what the SVMs see, as ``spp_poolX_to_fcX.m``). ``input_scale`` multiplies the pooled features
     before fc6 (1: as they are; fine-tuning's ``input_norm`` sets it, and checkpoints keep it).
+    ``box_classes`` K > 0 adds ``bbox_pred``, fc7 -> K x 4 box deltas beside fc8 (Fast R-CNN's second output;
+    ``finetune.bbox_loss`` trains it with the fc layers, ``bbox_reg.source: finetune`` regresses with it).
     """
 
     def __init__(self, in_dim: int, hidden: int, num_outputs: int, dropout: float = 0.5, input_scale: float = 1.0,
-                 fc6_rank: int = 0):
+                 fc6_rank: int = 0, box_classes: int = 0):
         super().__init__()
+        self.box_classes = int(box_classes)
         self.input_scale = float(input_scale)
         # fc6_rank r in (0, min(in_dim, hidden)): fc6 learnt as two layers, in_dim -> r (no bias, no activation) ->
         # hidden, a rank-r weight (in_dim + hidden) * r floats instead of in_dim * hidden (finetune.fc6_rank)
@@ -71,6 +74,10 @@ class FCHead(nn.Module):
             nn.init.zeros_(m.bias)
         nn.init.normal_(self.fc8.weight, std=0.01)
         nn.init.zeros_(self.fc8.bias)
+        if self.box_classes:
+            self.bbox_pred = nn.Linear(hidden, 4 * self.box_classes)
+            nn.init.normal_(self.bbox_pred.weight, std=0.001)
+            nn.init.zeros_(self.bbox_pred.bias)
 
     def features(self, x: torch.Tensor, layer: str = "fc7") -> torch.Tensor:
         if layer == "pool5":
@@ -93,9 +100,18 @@ class FCHead(nn.Module):
         return self.fc6(x * self.input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc8(self._fc7_dropped(x))
+
+    def _fc7_dropped(self, x: torch.Tensor) -> torch.Tensor:
         h = self.drop(torch.relu(self.fc6_scaled(x)))
-        h = self.drop(torch.relu(self.fc7(h)))
-        return self.fc8(h)
+        return self.drop(torch.relu(self.fc7(h)))
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(class logits (R, K+1), box deltas (R, box_classes, 4) or None)`` from one fc6/fc7 pass (with dropout
+        in training mode)."""
+        h = self._fc7_dropped(x)
+        deltas = self.bbox_pred(h).view(-1, self.box_classes, 4) if self.box_classes else None
+        return self.fc8(h), deltas
 
 
 class SPPNetClassifier(nn.Module):

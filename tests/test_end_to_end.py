@@ -502,6 +502,33 @@ def test_factored_fc6_through_the_stages(trained, tmp_path):
         load_head(other)
 
 
+def test_head_box_regression_through_the_stages(trained, tmp_path):
+    """finetune.bbox_loss with bbox_reg.source: finetune: the head is fine-tuned with its box layer, the plan has
+    no ridge stage (which refuses to run), and the test stage's regressed detections come from the head's deltas."""
+    import os
+
+    from sppdet.config import load_config
+    from sppdet.detector import HeadBoxRegressor
+    from sppdet.run import Run
+    from sppdet.stages import build_detector, load_head, plan, run_all, stage_bbox_reg
+
+    tmp, _ = trained
+    (tmp_path / "run").mkdir()
+    for d in ("pretrain", "proposals", "features"):
+        os.symlink(tmp / "run" / d, tmp_path / "run" / d)
+    overrides = [f"data.root={tmp / 'data' / 'VOC2007'}", "finetune.iterations=60", "finetune.lr_steps=[1000]",
+                 "test.combine=[]", "finetune.bbox_loss=1", "bbox_reg.source=finetune"]
+    run = Run(load_config("configs/tiny.yaml", overrides), tmp_path / "run", save_config=False)
+    assert "bbox_reg" not in [s.spec.name for s in plan(run)]
+    metrics = run_all(run)
+    assert load_head(run).box_classes == len(run.classes)
+    assert isinstance(build_detector(run, "test").regressor, HeadBoxRegressor)
+    res = metrics["results"]
+    assert 0.0 <= res["with_bbox_reg"]["map07"] <= 1.0 and res["with_bbox_reg"] != res["without_bbox_reg"]
+    with pytest.raises(ValueError, match="no ridge regressors"):
+        stage_bbox_reg(run)
+
+
 def test_predictor_detects_with_a_run_folder_from_any_directory(trained, tmp_path, monkeypatch):
     from sppdet import Predictor
 

@@ -106,7 +106,7 @@ def test_a_training_step_moves_the_trunk_above_the_stem_and_lowers_the_loss():
     cfg = SimpleNamespace(iterations=30, images_per_batch=1, rois_per_image=32, fg_fraction=0.25, fg_threshold=0.5,
                           bg_low=0.0, bg_high=0.5, lr=0.01, lr_steps=[100], lr_gamma=0.1, momentum=0.9,
                           weight_decay=0.0, bbox_loss_weight=1.0, flip=True, log_every=10)
-    res = train_fast_rcnn(model, lambda i: img, {"x": w}, {"x": boxes}, cfg, [128], 1000, progress=False,
+    res = train_fast_rcnn(model, lambda i: img, {"x": w}, cfg, [128], 1000, progress=False,
                           log_fn=lambda s: None)
     h = res["history"]
     assert h[-1]["loss_cls"] < h[0]["loss_cls"]
@@ -114,3 +114,20 @@ def test_a_training_step_moves_the_trunk_above_the_stem_and_lowers_the_loss():
     convs = [n for n, m in trunk.named_modules() if isinstance(m, torch.nn.Conv2d)]
     assert torch.equal(before[convs[0] + ".weight"], after[convs[0] + ".weight"])  # the stem: frozen
     assert not torch.equal(before[convs[-1] + ".weight"], after[convs[-1] + ".weight"])  # conv5: trained
+
+
+def test_a_checkpoint_from_before_the_box_layer_moved_into_the_head_loads():
+    """Fast R-CNN mode's box layer is the head's (``head.bbox_pred``, shared with finetune.bbox_loss); run folders
+    saved with it beside the head (``bbox_pred.*``) still load, to the same outputs."""
+    from sppdet.backbones import build_backbone
+    from sppdet.fast_rcnn import FastRCNN
+
+    torch.manual_seed(0)
+    a = FastRCNN(build_backbone("zf5", width=0.125), 3, (2, 1), 16, 0.0, 2.0).eval()
+    old = {k.removeprefix("head.") if k.startswith("head.bbox_pred.") else k: v for k, v in a.state_dict().items()}
+    assert "bbox_pred.weight" in old and "head.bbox_pred.weight" not in old
+    b = FastRCNN(build_backbone("zf5", width=0.125), 3, (2, 1), 16, 0.0, 2.0).eval()
+    b.load_state_dict(old)
+    x = torch.rand(4, a.head.fc6.in_features)
+    for p, q in zip(a.heads(x), b.heads(x)):
+        assert torch.equal(p, q)

@@ -397,6 +397,42 @@ def test_detector_scores_each_conv5_rectangle_once_and_exactly(zf, tmp_path, dev
     np.testing.assert_allclose(scores, (full.numpy() * 0.25) @ pool5["W"].T + pool5["b"], rtol=1e-4, atol=1e-3)
 
 
+def test_detector_regresses_with_the_heads_box_layer_from_the_fc7_rows_it_scores(zf, tmp_path):
+    """bbox_reg.source: finetune: the regressed boxes are the windows moved by the head's own deltas for their
+    class (computed once per group of windows from fc7), and a head without a box layer is refused."""
+    from sppdet.boxes import BOX_STDS, clip_boxes, decode
+    from sppdet.config import TestConfig
+    from sppdet.detector import Detector, HeadBoxRegressor
+    from sppdet.models import FCHead
+
+    rgb = np.random.default_rng(7).integers(0, 255, (150, 200, 3), dtype=np.uint8)
+    maps, factors = conv5_maps(zf, rgb, [200], 1000)
+    cache = FeatureCache(tmp_path, zf.stride, zf.center0)
+    feats = ImageFeatures([m.half() for m in maps], factors, 150, 200)
+    boxes = np.array([[10, 10, 110, 90], [60, 40, 190, 140], [11, 10, 110, 90], [30, 50, 70, 80]], np.float32)
+    full = cache.pooled(feats, boxes)
+    torch.manual_seed(0)
+    head = FCHead(full.shape[1], 32, 3, box_classes=2).eval()
+    torch.nn.init.normal_(head.bbox_pred.weight, std=0.3)  # deltas large enough to move the boxes
+    with pytest.raises(ValueError, match="finetune.bbox_loss"):
+        HeadBoxRegressor(FCHead(full.shape[1], 32, 3))
+    svm = {"W": np.zeros((2, full.shape[1]), np.float32), "b": np.array([5.0, 4.0], np.float32), "feature_scale": 1.0,
+           "layer": "pool5"}  # pool5 SVMs (fc7 is computed for the deltas all the same); every window scores 5 and 4
+    test = TestConfig(fc_precision="fp32", regress_first=True, nms=1.0, score_threshold=-1e9)
+    det = Detector(head, svm, HeadBoxRegressor(head), cache, test, ["a", "b"])
+    rows, scores, _ = det.score(feats, boxes)
+    with torch.no_grad():
+        want = head.bbox_pred(head.features(full, "fc7")).view(-1, 2, 4).numpy() * BOX_STDS
+    np.testing.assert_allclose(rows.deltas[np.arange(4)], want, rtol=1e-4, atol=1e-6)
+    _, reg, _ = det.postprocess(rows, scores, boxes, 200, 150, max_per_image=0)
+    for k in range(2):
+        got = reg.boxes[reg.labels == k]
+        expect = clip_boxes(decode(boxes, want[:, k]), 200, 150)
+        assert len(got) == 4 and np.allclose(np.sort(got, 0), np.sort(expect, 0), atol=1e-3)
+    with pytest.raises(ValueError, match="fine-tuned head"):
+        Detector(None, svm, HeadBoxRegressor(head), cache, test, ["a", "b"])
+
+
 def test_flipped_maps_are_read_only_when_asked(zf, tmp_path):
     rgb = np.random.default_rng(5).integers(0, 255, (90, 120, 3), dtype=np.uint8)
     maps, factors = conv5_maps(zf, rgb, [150], 1000)

@@ -85,7 +85,9 @@ def plan(run: Run) -> list[Step]:
                       lambda: stage_finetune(run)))
     steps.append(Step("SVMs (hard-negative mining)", spec["svm"],
                       tuple(run.svm_path(t).parent for _, t in combined_svms(cfg)), lambda: stage_svms(run)))
-    steps.append(Step("box regressors", spec["bbox_reg"], (run.bbox_reg_path.parent,), lambda: stage_bbox_reg(run)))
+    if cfg.bbox_reg.source == "ridge":  # finetune: the fine-tuned head's box layer, nothing to fit apart
+        steps.append(Step("box regressors", spec["bbox_reg"], (run.bbox_reg_path.parent,),
+                          lambda: stage_bbox_reg(run)))
     steps.append(Step("test + evaluation", spec["test"], (run.detections_dir(cfg.data.test_split),),
                       lambda: stage_test(run, cfg.data.test_split)))
     return steps

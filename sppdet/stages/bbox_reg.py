@@ -17,6 +17,9 @@ from .common import StageSpec, feature_cache, split_windows, stage_folder
 def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = 3000) -> dict:
     """Per-class ridge regressors on pooled features (scaled to mean norm ``bbox_reg.target_norm``)."""
     cfg = run.cfg
+    if cfg.bbox_reg.source != "ridge":
+        raise ValueError(f"bbox_reg.source is {cfg.bbox_reg.source!r}: the fine-tuned head's box layer regresses "
+                         "(finetune.bbox_loss), there are no ridge regressors to fit; --set bbox_reg.source=ridge")
     tr = cfg.data.train_split
     cache = feature_cache(run, tr)
     path = run.bbox_reg_path

@@ -115,8 +115,7 @@ def stage_fast_rcnn(run: Run, tag: str = "", overwrite: bool = False) -> dict:
     model.head.input_scale = _input_scale(run, model, ds, windows)
     run.log(f"fast_rcnn: {len(trainable)} trunk parameter tensors trained (frozen stem: the first "
             f"{cfg.fast_rcnn.frozen_convs} convolution(s)), pooling levels {model.levels}, fc6/fc7 from {how}")
-    gt = {i: ds.annotation(i).boxes for i in windows}
-    res = train_fast_rcnn(model, ds.image, windows, gt, cfg.fast_rcnn, cfg.fast_rcnn.scales or cfg.features.scales,
+    res = train_fast_rcnn(model, ds.image, windows, cfg.fast_rcnn, cfg.fast_rcnn.scales or cfg.features.scales,
                           cfg.features.max_size,
                           cfg.seed, log_fn=run.log)
     save_checkpoint(path, {"model": model.state_dict(), "classes": run.classes, "levels": model.levels,

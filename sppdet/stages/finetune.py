@@ -3,7 +3,8 @@ limitation: the pooling's input is cached, so no gradient reaches them).
 
 Reads: ``<run>/features/<train>/`` and ``<run>/features/<val>/`` (their manifests' fingerprints), both splits'
 annotations, ``<run>/pretrain/checkpoint.pt``'s fc6/fc7 where ``finetune.init_from_pretrain``.
-Writes: ``<run>/model/finetune/finetune.pt`` (fc6/fc7/fc8, the input scale) and its manifest.
+Writes: ``<run>/model/finetune/finetune.pt`` (fc6/fc7/fc8, with ``finetune.bbox_loss`` a box layer beside fc8, the
+input scale) and its manifest.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from .common import StageSpec, feature_cache, require_settings, require_flipped_
 
 def _new_head(run: Run, in_dim: int, init_from_pretrain: bool) -> tuple[FCHead, str]:
     cfg = run.cfg.finetune
-    head = FCHead(in_dim, cfg.hidden, len(run.classes) + 1, cfg.dropout, fc6_rank=cfg.fc6_rank)
+    head = FCHead(in_dim, cfg.hidden, len(run.classes) + 1, cfg.dropout, fc6_rank=cfg.fc6_rank,
+                  box_classes=len(run.classes) if cfg.bbox_loss else 0)
     how = "random"
     if init_from_pretrain and not head.fc6_rank and run.pretrain_ckpt.is_file():
         ck = load_checkpoint(run.pretrain_ckpt)
@@ -88,7 +90,8 @@ def stage_finetune(run: Run, overwrite: bool = False) -> dict:
         raise RuntimeError(f"fine-tuning changed the conv layers ({conv_before} -> {conv_after})")
     save_checkpoint(run.finetune_path, {"head": head.state_dict(), "in_dim": in_dim, "hidden": cfg.finetune.hidden,
                                         "classes": run.classes, "result": res, "init": how,
-                                        "input_scale": head.input_scale, "fc6_rank": head.fc6_rank})
+                                        "input_scale": head.input_scale, "fc6_rank": head.fc6_rank,
+                                        "box_classes": head.box_classes})
     return stage.finish(1, best_iteration=res["best_iteration"], best_val_error=res["best_val_error"],
                         background_error=res["background_error"], prior_loss=res["prior_loss"],
                         best_val_loss=res["best_val_loss"], input_scale=head.input_scale,
@@ -108,7 +111,7 @@ def load_head(run: Run, check: bool = True) -> FCHead:
                          finetune_settings(run))
     ck = load_checkpoint(run.finetune_path)
     head = FCHead(ck["in_dim"], ck["hidden"], len(ck["classes"]) + 1, input_scale=ck.get("input_scale", 1.0),
-                  fc6_rank=ck.get("fc6_rank", 0))
+                  fc6_rank=ck.get("fc6_rank", 0), box_classes=ck.get("box_classes", 0))
     head.load_state_dict(ck["head"])
     return head.eval()
 

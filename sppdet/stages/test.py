@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bbox_reg import BoxRegressor
-from ..detector import Detector, load_svms
+from ..detector import Detector, HeadBoxRegressor, load_svms
 from ..malloc import large_blocks_reused
 from ..proposals import ProposalStore
 from ..run import Run
@@ -56,7 +56,14 @@ def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool |
     reg = None
     if use_bbox_reg is None:
         use_bbox_reg = run.cfg.test.bbox_reg
-    if use_bbox_reg and run.bbox_reg_path.is_file():
+    if use_bbox_reg and run.cfg.bbox_reg.source == "finetune":
+        head = load_head(run, check) if head is None else head
+        if not head.box_classes:
+            raise ShardError(f"{run.finetune_path}: bbox_reg.source is finetune, but the head these SVMs score with "
+                             "has no box layer; fine-tune with finetune.bbox_loss > 0 (tools/finetune_fc.py "
+                             "--overwrite), or use bbox_reg.source: ridge")
+        reg = HeadBoxRegressor(head)
+    elif use_bbox_reg and run.bbox_reg_path.is_file():
         if check:
             require_settings(run, run.bbox_reg_path.parent, "tools/train_bbox_reg.py", {"bbox_reg": run.cfg.bbox_reg})
         reg = BoxRegressor.load(run.bbox_reg_path)
