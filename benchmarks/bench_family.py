@@ -17,6 +17,9 @@ test split (box regression on; without it in the JSON). The limitation rows chan
   background) instead of the SVMs, the rest of the SPP-net route equal;
 - features on disk vs none: SPP-net tested with conv5 computed per image on the fly instead of read from the cache
   (the same float16 rounding, so the same features: what the cache costs is disk and time, not accuracy);
+- regressors fit apart vs learnt in fine-tuning: SPP-net with a box layer fine-tuned beside fc8 and regressing
+  (``finetune.bbox_loss: 1``, ``bbox_reg.source: finetune``; its own fine-tuning and SVMs in a second run folder
+  that links the first's proposals and conv5 cache), one training stage fewer;
 - the pyramid: Fast R-CNN mode with a single 7x7 RoI level instead of the SPP pyramid (``--no-roi`` skips it).
 
 R-CNN mode scores at most ``rcnn.max_windows`` proposals per image (CPU time; said in its row).
@@ -160,6 +163,31 @@ def sppnet_no_cache(run: Run, train: dict) -> dict:
                 "features on disk vs none")
 
 
+def sppnet_joint_boxes(run: Run, train: dict) -> dict:
+    """SPP-net whose box regression is learnt with the fc layers (a box layer beside fc8, Fast R-CNN's loss) instead
+    of ridge regressors fit apart, in ``<run folder>_joint_boxes`` (its proposals and conv5 cache linked in)."""
+    from sppdet.stages import stage_finetune, stage_svms, stage_test
+
+    joint = Path(str(run.dir) + "_joint_boxes")
+    joint.mkdir(parents=True, exist_ok=True)
+    for name in ("pretrain", "proposals", "features"):
+        link = joint / name
+        if (run.dir / name).exists() and not link.exists():
+            link.symlink_to((run.dir / name).resolve(), target_is_directory=True)
+    cfg = run.cfg
+    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, bbox_loss=1.0),
+                              bbox_reg=dataclasses.replace(cfg.bbox_reg, source="finetune"))
+    jr = Run(cfg, joint, save_config=False, log_fn=run.log)
+    t = {"features": train["features"]}
+    _, t["finetune"] = timed(lambda: stage_finetune(jr))
+    _, t["svm"] = timed(lambda: stage_svms(jr))
+    m = stage_test(jr, cfg.data.test_split, tag="_family", draw=0, progress=False)
+    s = m["seconds_per_image"]
+    return _row("sppnet", "box regression learnt in fine-tuning, no ridge stage", m, t,
+                {"conv": train["conv_per_image"], "pool": s["pool"], "heads": s["fc"] + s["svm"], "rest": s["post"]},
+                0, 3, "regressors fit apart vs learnt with the fc layers (cache: the SPP-net row's)")
+
+
 def rcnn(run: Run) -> dict:
     from sppdet.stages.rcnn import stage_rcnn, stage_rcnn_test
 
@@ -230,6 +258,7 @@ def main(argv=None) -> int:
                               "conv frozen (fc layers only, as SPP-net)", "conv frozen vs trained"))
         rows.append(sppnet_softmax(run, train))
         rows.append(sppnet_no_cache(run, train))
+        rows.append(sppnet_joint_boxes(run, train))
         if not args.no_roi:
             rows.append(fast_rcnn(variant(run, fast_rcnn={"pooling": "roi"}), "_roi",
                                   "single 7x7 RoI pooling instead of the pyramid", "(the pyramid's contribution)"))
