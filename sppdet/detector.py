@@ -186,7 +186,6 @@ class HeadBoxRegressor:
         if not getattr(head, "box_classes", 0):
             raise ValueError("bbox_reg.source: finetune needs a head fine-tuned with a box layer "
                              "(finetune.bbox_loss > 0); this one has none")
-        self.trained = np.ones(head.box_classes, bool)
 
     @staticmethod
     def deltas(head: FCHead, fc7: torch.Tensor) -> np.ndarray:

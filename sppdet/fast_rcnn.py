@@ -152,12 +152,13 @@ def _image_loss(model: FastRCNN, rgb: np.ndarray, w: Windows, cfg, scale: int, m
     y = torch.from_numpy(labels)
     loss_cls = F.cross_entropy(logits, y, reduction="sum")
     targets = torch.from_numpy(box_targets(w, idx, labels < model.num_classes, flip))
-    loss_box = box_loss(deltas, y, targets, model.num_classes) * len(idx)  # summed: the step divides by all windows
+    loss_box = box_loss(deltas, y, targets, model.num_classes)  # summed: the step divides by all windows
     return loss_cls, loss_box, len(idx)
 
 
-def train_fast_rcnn(model: FastRCNN, images: Callable[[str], np.ndarray], windows: dict[str, Windows], cfg, scales: Sequence[int], max_size: int, seed: int = 0,
-                    progress: bool = True, log_fn: Callable[[str], None] = print) -> dict:
+def train_fast_rcnn(model: FastRCNN, images: Callable[[str], np.ndarray], windows: dict[str, Windows], cfg,
+                    scales: Sequence[int], max_size: int, seed: int = 0, progress: bool = True,
+                    log_fn: Callable[[str], None] = print) -> dict:
     """Train ``model`` in place with SGD on hierarchically sampled mini-batches (``cfg``: a ``FastRCNNConfig``);
     ``images(id)`` gives an RGB image. Each image is seen at a random one of ``scales`` (Fast R-CNN's multi-scale
     training when there are several) and, with ``cfg.flip``, mirrored half of the time. Returns the history."""

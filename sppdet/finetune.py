@@ -139,12 +139,13 @@ def box_targets(w: Windows, idx: np.ndarray, fg: np.ndarray, flipped: bool = Fal
 
 def box_loss(deltas: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Smooth-L1 (beta 1, Fast R-CNN's) of the foreground windows' deltas for their own class against their
-    targets, summed and divided by the number of windows (background ones included, as Fast R-CNN)."""
+    targets, summed over them; the callers divide by the number of windows, background ones included, as Fast
+    R-CNN does."""
     fg = torch.nonzero(labels < num_classes).flatten()
     if len(fg) == 0:
         return deltas.new_zeros(())
     pred = deltas[fg, labels[fg]]
-    return F.smooth_l1_loss(pred.float(), targets[fg], beta=1.0, reduction="sum") / len(labels)
+    return F.smooth_l1_loss(pred.float(), targets[fg], beta=1.0, reduction="sum")
 
 
 def _validation_batches(val_windows: dict, lru: FeatureLRU, cfg: FinetuneConfig, num_classes: int,
@@ -193,6 +194,8 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
     (``pool_device``, when given, overrides that: a benchmark's CPU pooling beside a GPU's fc layers)."""
     from tqdm import tqdm
 
+    if cfg.bbox_loss and not head.box_classes:
+        raise ValueError("finetune.bbox_loss > 0 needs a head with a box layer (FCHead(..., box_classes=K))")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     train_ids = [i for i, w in train_windows.items() if len(w.boxes)]
@@ -203,8 +206,6 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
     lru_v = FeatureLRU(cache_val, device=pool_device)
     val_batches = [(x.to(device), y.to(device), None if t is None else t.to(device)) for x, y, t in
                    _validation_batches(val_windows, lru_v, cfg, num_classes, np.random.default_rng(seed + 1))]
-    if cfg.bbox_loss and not head.box_classes:
-        raise ValueError("finetune.bbox_loss > 0 needs a head with a box layer (FCHead(..., box_classes=K))")
     head.to(device)
     opt, sched = sgd(head.named_parameters(), cfg)
     precision = resolve_precision(cfg.precision, device, "finetune.precision")
@@ -222,7 +223,7 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
                 loss += float(F.cross_entropy(out.float(), y, reduction="sum"))
                 err += float((out.argmax(1) != y).sum())
                 if t is not None:
-                    boxl += float(box_loss(deltas, y, t, num_classes)) * len(y)
+                    boxl += float(box_loss(deltas, y, t, num_classes))
                 n += len(y)
         head.train()
         return err / n, loss / n, (boxl / n if cfg.bbox_loss else float("nan"))
@@ -244,7 +245,7 @@ def finetune_head(head: FCHead, train_windows: dict[str, Windows], val_windows: 
                 out, deltas = head.outputs(x.to(device))
             loss = F.cross_entropy(out.float(), y)
             if cfg.bbox_loss:
-                loss = loss + cfg.bbox_loss * box_loss(deltas, y, t.to(device), num_classes)
+                loss = loss + cfg.bbox_loss * box_loss(deltas, y, t.to(device), num_classes) / len(y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -58,11 +58,11 @@ def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool |
         use_bbox_reg = run.cfg.test.bbox_reg
     if use_bbox_reg and run.cfg.bbox_reg.source == "finetune":
         head = load_head(run, check) if head is None else head
-        if not head.box_classes:
-            raise ShardError(f"{run.finetune_path}: bbox_reg.source is finetune, but the head these SVMs score with "
-                             "has no box layer; fine-tune with finetune.bbox_loss > 0 (tools/finetune_fc.py "
-                             "--overwrite), or use bbox_reg.source: ridge")
-        reg = HeadBoxRegressor(head)
+        try:
+            reg = HeadBoxRegressor(head)
+        except ValueError as e:  # the head these SVMs score with: name its file and the way out
+            raise ShardError(f"{run.finetune_path}: {e}; rerun tools/finetune_fc.py --overwrite with that setting, "
+                             "or use bbox_reg.source: ridge") from None
     elif use_bbox_reg and run.bbox_reg_path.is_file():
         if check:
             require_settings(run, run.bbox_reg_path.parent, "tools/train_bbox_reg.py", {"bbox_reg": run.cfg.bbox_reg})
