@@ -286,18 +286,33 @@ def _recorded_fields(section: Any) -> list:
     return [f for f in dataclasses.fields(section) if f.metadata.get("record") is not False]
 
 
-def recorded(section: Any) -> dict:
-    """A config section's values as a stage records them: ``asdict`` of its :func:`_recorded_fields`."""
-    keep = {f.name for f in _recorded_fields(section)}
+def recorded(section: Any, omit: tuple[str, ...] = ()) -> dict:
+    """A config section's values as a stage records them: ``asdict`` of its :func:`_recorded_fields`, less the
+    fields named in ``omit`` (those the stage's outputs do not depend on)."""
+    keep = {f.name for f in _recorded_fields(section)} - set(omit)
     return {k: v for k, v in dataclasses.asdict(section).items() if k in keep}
 
 
-def section_defaults(section: Any) -> dict:
+def without_keys(d: dict, dotted: tuple[str, ...] | list[str]) -> dict:
+    """``d`` (nested) without the ``dotted`` keys (``"features.levels"``); the others untouched."""
+    out = dict(d)
+    for key in dotted:
+        head, _, rest = key.partition(".")
+        if rest and isinstance(out.get(head), dict):
+            out[head] = without_keys(out[head], [rest])
+        elif not rest:
+            out.pop(head, None)
+    return out
+
+
+def section_defaults(section: Any, omit: tuple[str, ...] = ()) -> dict:
     """What each field of a config section (a dataclass or its class) was, as JSON would store it, in a manifest
     written before the field existed: its ``before`` metadata where adding the option changed what the code did
     (e.g. ``svm.tol``: solved to 1e-4 before), else its default; fields without a default are left out."""
     out = {}
     for f in _recorded_fields(section):
+        if f.name in omit:
+            continue
         if "before" in f.metadata:
             out[f.name] = f.metadata["before"]
         elif f.default is not dataclasses.MISSING:

@@ -29,6 +29,8 @@ from .store import ShardError, atomic_save_npz, load_npz
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "POOLING_KEYS",
+    "pooling_settings",
     "resize_factor",
     "prepare_image",
     "conv5_maps",
@@ -45,6 +47,17 @@ __all__ = [
 ]
 
 FIVE_SCALES = (480, 576, 688, 864, 1200)  # paper; the authors' code used 874 instead of 864
+
+# The ``features`` keys that say how windows are pooled from the cached maps, not what the maps are: the conv5
+# cache does not record them (changing one reuses the cache), the stages that pool from it do
+# (:func:`pooling_settings`), so their outputs go stale instead.
+POOLING_KEYS = ("levels", "deep_levels", "shrink", "target_size")
+
+
+def pooling_settings(features) -> dict:
+    """The pooling keys' values of a ``features`` config section (JSON-able), as a pooling stage records them."""
+    return {k: (list(v) if isinstance(v, (list, tuple)) else v)
+            for k, v in ((k, getattr(features, k)) for k in POOLING_KEYS)}
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
@@ -205,11 +218,21 @@ class FeatureCache:
         return spp_output_dim(channels, self.levels, self.deep)
 
     @classmethod
-    def from_manifest(cls, directory: str | Path) -> "FeatureCache":
+    def from_manifest(cls, directory: str | Path, features=None,
+                      deep: tuple[int, Sequence[int]] | None = None) -> "FeatureCache":
+        """A finished cache, read with its manifest's geometry and pooled with ``features``' pooling settings
+        (:data:`POOLING_KEYS`, those now in force) and ``deep``; without ``features``, with those its manifest
+        recorded (caches made before the pooling settings left the cache's record)."""
         from .manifest import require_complete
 
         m = require_complete(directory, "features")
         g, c = m["geometry"], m["config"]["features"]
+        if features is not None:
+            return cls(directory, g["stride"], g["center0"], features.levels, features.shrink, features.target_size,
+                       deep)
+        if "levels" not in c:
+            raise ShardError(f"{directory}: the conv5 cache does not record how its windows are pooled (the maps do "
+                             "not depend on it); read it with the features settings now in force")
         # "deep": the pyramid of a hypercolumn's coarse channels (features.deep_levels); absent before it existed
         return cls(directory, g["stride"], g["center0"], c["levels"], c["shrink"], c["target_size"], m.get("deep"))
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import diff_keys, fingerprint, with_defaults
+from .config import diff_keys, fingerprint, with_defaults, without_keys
 from .store import ShardError, StaleCacheError, atomic_write_text, dir_bytes, remove_stale_temps
 
 __all__ = ["SCHEMA", "Stage", "require_complete"]
@@ -41,12 +41,17 @@ class Stage:
             behaviour is the old one), and the outputs keep their manifest's config and fingerprint, so the stages
             after them stay valid too. Anything else a later version changes in what a manifest means bumps
             :data:`SCHEMA`: folders from before are then refused by name (:meth:`read_manifest`).
+        ignore: dotted keys of ``config`` that older manifests recorded and the outputs do not depend on (e.g.
+            ``features.levels`` in a conv5 cache): not compared, and kept in an old manifest's config (and so in
+            its fingerprint, which the stages after it recorded).
     """
 
     def __init__(self, directory: str | Path, stage: str, config: dict, inputs: dict | None = None,
                  overwrite: bool = False, defaults: dict | None = None,
-                 item_inputs: dict[str, str] | None = None, per_item: tuple[str, ...] = ()):
+                 item_inputs: dict[str, str] | None = None, per_item: tuple[str, ...] = (),
+                 ignore: tuple[str, ...] = ()):
         self.dir = Path(directory)
+        self.ignore = tuple(ignore)
         self.stage = stage
         self.config = json.loads(json.dumps(config, default=str))
         self.defaults = json.loads(json.dumps(defaults or {}, default=str))
@@ -102,8 +107,8 @@ class Stage:
         if old.get("stage") != self.stage:
             raise StaleCacheError(f"{self.manifest_path}: folder belongs to stage {old.get('stage')!r}, not {self.stage!r}")
         saved, saved_inputs = old.get("config", {}), old.get("inputs", {})
-        changes = diff_keys(with_defaults(saved, self.defaults), self.config, "config.") + diff_keys(
-            saved_inputs, self.inputs, "inputs.")
+        compared = with_defaults(without_keys(saved, self.ignore), self.defaults)
+        changes = diff_keys(compared, self.config, "config.") + diff_keys(saved_inputs, self.inputs, "inputs.")
         if changes and self._rebuild_changed_items(old, changes):
             return
         if changes:

@@ -705,3 +705,20 @@ def test_a_changed_setting_is_refused_by_every_later_stage_that_would_use_the_ol
         r = tool(name, *common, "--set", setting, *extra, check=False)
         assert r.returncode == 2 and key in r.stderr and rebuild in r.stderr, (name, r.stderr[-500:])
     assert (tmp / "run" / "config.yaml").read_text() == before  # calls with --set leave the run's settings alone
+
+
+def test_a_pooling_setting_reuses_the_conv5_cache_and_each_stage_that_pooled_is_refused(trained):
+    """features.levels / shrink / target_size change how windows are pooled, not the maps: extract_features.py
+    reuses the cache, and fine-tuning, the SVMs and box regression, each made with the old pooling, are refused by
+    name (exit code 2)."""
+    tmp, _ = trained
+    common = ["--config", "configs/tiny.yaml", "--run", tmp / "run", "--set", f"data.root={tmp / 'data' / 'VOC2007'}"]
+    r = tool("extract_features.py", *common, "--split", "train", "--set", "features.levels=[2,1]")
+    assert "0 new images" in r.stdout
+    cases = [("finetune_fc.py", "features.levels=[2,1]", "pooling.levels", "--overwrite"),
+             ("train_svm.py", "features.shrink=2", "pooling.shrink", "tools/finetune_fc.py"),
+             ("train_bbox_reg.py", "features.target_size=100", "pooling.target_size", "--overwrite"),
+             ("test_net.py", "features.levels=[2,1]", "pooling.levels", "tools/train_svm.py")]
+    for name, setting, key, rebuild in cases:
+        r = tool(name, *common, "--set", setting, check=False)
+        assert r.returncode == 2 and key in r.stderr and rebuild in r.stderr, (name, r.stderr[-500:])

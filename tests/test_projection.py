@@ -70,7 +70,7 @@ def test_run_fits_the_projection_once_and_the_stages_see_its_channels(toy_voc, t
     assert run.projection_path.is_file() and sum("principal components" in s for s in logs) == 1
     pl.stage_proposals(run, "train")
     pl.stage_features(run, "train")
-    cache = FeatureCache.from_manifest(run.features_dir("train"))
+    cache = FeatureCache.from_manifest(run.features_dir("train"), cfg.features)
     i = run.dataset("train").ids[0]
     assert cache.load(i).maps[0].shape[0] == 8
     assert cache.pooled(i, np.array([[0, 0, 60, 60]], np.float32)).shape == (1, cache.feature_dim(8))

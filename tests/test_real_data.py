@@ -195,17 +195,23 @@ def test_custom_config_end_to_end_on_a_handful_of_real_photos(tmp_path):
     dets = json.loads((tmp_path / "out" / f"{photo.stem}.json").read_text())
     assert (tmp_path / "out" / f"{photo.stem}.png").is_file() and isinstance(dets, list)
     assert all(d["class"] == "raccoon" and len(d["box"]) == 4 for d in dets)
-    # features.deep_levels: the stride-32 channels on a pyramid of their own, through every stage and the Predictor
+    # features.deep_levels: the stride-32 channels on a pyramid of their own, through every stage and the Predictor;
+    # a pooling key, so the conv5 cache (copied with the rest) is reused and the stages that pool are made anew
     deep = tmp_path / "deep"
-    shutil.copytree(run / "proposals", deep / "proposals")
+    for d in ("augmented", "proposals", "features"):
+        shutil.copytree(run / d, deep / d)
+    maps = {p.name: p.stat().st_mtime_ns for p in (deep / "features").rglob("*.npz")}
     r = subprocess.run(cmd[:cmd.index("--run") + 1] + [str(deep)] + cmd[cmd.index("--run") + 2:]
                        + ["--set", "features.deep_levels=[1]"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "mAP (VOC07 11-point): " in r.stdout
+    assert maps and {p.name: p.stat().st_mtime_ns for p in (deep / "features").rglob("*.npz")} == maps
     from sppdet.manifest import Stage
+    from sppdet.pretrain import load_checkpoint
     from sppdet.predictor import Predictor
 
-    m = Stage.read_manifest(deep / "features" / "train")
-    assert m["deep"] == [120, [1]] and m["feature_dim"] == 120 * 50 + 352
+    m = Stage.read_manifest(deep / "model" / "finetune")
+    assert m["config"]["pooling"]["deep_levels"] == [1]
+    assert load_checkpoint(deep / "model" / "finetune" / "finetune.pt")["in_dim"] == 120 * 50 + 352
     out = Predictor(deep, score_threshold=-1.0)(photo)
     assert len(out["boxes"]) > 0 and set(out["classes"]) == {"raccoon"}

@@ -1,6 +1,7 @@
 """Nothing lost, nothing silently wrong: full disks, leftovers, file modes, output names, settings, splits."""
 
 import errno
+import json
 import os
 import time
 from pathlib import Path
@@ -246,3 +247,59 @@ def test_a_later_recorded_setting_checks_old_folders_at_its_before_value_also_ne
     for changed in ({**now, "features": {**now["features"], "deep_levels": [3, 1]}}, {**now, "deep_levels": [1]}):
         with pytest.raises(store.StaleCacheError, match=r"deep_levels: None -> \[.*\]\); rerun tools/x.py"):
             require_settings(run, tmp_path, "tools/x.py", {}, changed, extra_defaults=before)
+
+
+def test_the_conv5_cache_does_not_record_its_pooling_keys_and_its_old_records_of_them_are_not_compared(tmp_path):
+    """features.levels / deep_levels / shrink / target_size say how windows are pooled, not what the maps are: the
+    cache leaves them out of its record (a change reuses it), a cache that recorded them (made before) stays valid
+    with its fingerprint at any values of them, and a change of any other features key is still refused."""
+    from dataclasses import replace
+
+    from sppdet.config import recorded
+    from sppdet.config_sections import FeatureConfig
+    from sppdet.features import POOLING_KEYS
+    from sppdet.stages.common import FEATURES_OMIT, require_settings, stage_folder
+
+    run = type("R", (), {})()
+    f = FeatureConfig()
+    new = stage_folder(tmp_path / "new", "features", {"features": f}, {}, {}, False, omit=FEATURES_OMIT)
+    new.finish(1)
+    assert not set(POOLING_KEYS) & set(json.loads((tmp_path / "new" / "manifest.json").read_text())
+                                       ["config"]["features"])
+    old = stage_folder(tmp_path / "old", "features", {}, {"features": recorded(f)}, {}, False)  # as made before
+    old.finish(1)
+    other = replace(f, levels=[2, 1], shrink=1.0, target_size=100.0, deep_levels=[1])
+    for d, fp in ((tmp_path / "new", new.fingerprint), (tmp_path / "old", old.fingerprint)):
+        again = stage_folder(d, "features", {"features": other}, {}, {}, False, omit=FEATURES_OMIT)
+        assert again.fingerprint == fp  # the stages after it, which recorded that fingerprint, stay valid
+        require_settings(run, d, "tools/x.py", {"features": other}, omit=FEATURES_OMIT)
+        with pytest.raises(store.StaleCacheError, match=r"features.scales: \[688\] -> \[300\]"):
+            require_settings(run, d, "tools/x.py", {"features": replace(other, scales=[300])}, omit=FEATURES_OMIT)
+        with pytest.raises(store.StaleCacheError, match="features.max_size"):
+            stage_folder(d, "features", {"features": replace(f, max_size=10)}, {}, {}, False, omit=FEATURES_OMIT)
+
+
+def test_a_pooling_stage_from_before_it_recorded_pooling_counts_as_made_with_its_caches_recorded_values(tmp_path):
+    """pooling_before: the pooling keys an old fine-tuning / SVM / box-regression folder was made with are those
+    its train split's conv5 cache recorded then (defaults where it predates a key), so such a folder stays valid at
+    those values and is refused by name at others."""
+    from types import SimpleNamespace
+
+    from sppdet.config import load_config
+    from sppdet.stages.common import pooling_before, pooling_record, require_settings, stage_folder
+
+    cfg = load_config("configs/tiny.yaml", ["features.levels=[3,1]"])
+    run = SimpleNamespace(cfg=cfg, features_dir=lambda split: tmp_path / "features" / split)
+    assert pooling_before(run)["pooling"]["levels"] == [6, 3, 2, 1]  # no cache: the defaults
+    stage_folder(run.features_dir("train"), "features", {}, {"features": {"levels": [3, 1], "shrink": 2.0}}, {},
+                 False).finish(1)
+    assert pooling_before(run) == {"pooling": {"levels": [3, 1], "deep_levels": None, "shrink": 2.0,
+                                               "target_size": 208.0}}
+    stage_folder(tmp_path / "svm", "svm", {}, {"feature": "pool5"}, {}, False).finish(1)  # recorded no pooling
+    now = {"feature": "pool5", **pooling_record(run)}
+    with pytest.raises(store.StaleCacheError, match=r"pooling.shrink: 2.0 -> 6.5"):
+        require_settings(run, tmp_path / "svm", "tools/train_svm.py", {}, now, extra_defaults=pooling_before(run))
+    run.cfg = load_config("configs/tiny.yaml", ["features.levels=[3,1]", "features.shrink=2.0"])
+    now = {"feature": "pool5", **pooling_record(run)}
+    require_settings(run, tmp_path / "svm", "tools/train_svm.py", {}, now, extra_defaults=pooling_before(run))
+    stage_folder(tmp_path / "svm", "svm", {}, now, {}, False, extra_defaults=pooling_before(run))

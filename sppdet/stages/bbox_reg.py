@@ -11,7 +11,7 @@ import numpy as np
 from ..bbox_reg import BoxRegressor, fit_class_regressor
 from ..run import Run
 from ..manifest import Stage
-from .common import StageSpec, feature_cache, split_windows, stage_folder
+from .common import StageSpec, feature_cache, pooling_before, pooling_record, split_windows, stage_folder
 
 
 def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = 3000) -> dict:
@@ -25,7 +25,8 @@ def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = 3000)
     path = run.bbox_reg_path
     inputs = {"features": Stage.read_manifest(cache.dir)["fingerprint"], "annotations": run.content(tr, "annotations")}
     stage = stage_folder(path.parent, "bbox_reg", {"bbox_reg": cfg.bbox_reg},
-                         {"max_per_class": max_per_class, "sampling": "reservoir"}, inputs, overwrite)
+                         {"max_per_class": max_per_class, "sampling": "reservoir", **pooling_record(run)}, inputs,
+                         overwrite, extra_defaults=pooling_before(run))
     if path.is_file():
         run.log(f"bbox_reg: reusing {path}")
         return stage.finish(1)
@@ -115,5 +116,5 @@ def _samples(run: Run, ds, windows: dict, cache, max_per_class: int,
 
 SPEC = StageSpec("bbox_reg", "tools/train_bbox_reg.py", False,
                  ("features/<train>/", "data: train annotations", "proposals/<train>/"),
-                 "model/bbox_reg/", ("bbox_reg", "seed"), stage_bbox_reg,
+                 "model/bbox_reg/", ("bbox_reg", "seed", "features' pooling keys"), stage_bbox_reg,
                  "multi-stage training: regressors fit apart")

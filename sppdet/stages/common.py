@@ -10,12 +10,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import recorded, section_defaults
-from ..features import FeatureCache
+from ..config import diff_keys, recorded, section_defaults, with_defaults, without_keys
+from ..features import POOLING_KEYS, FeatureCache, pooling_settings
 from ..proposals import ProposalStore
 from ..roidb import make_windows
 from ..run import Run
-from ..config import diff_keys, with_defaults
 from ..store import ShardError, StaleCacheError
 from ..manifest import Stage
 from ..svm import mean_norm
@@ -50,15 +49,43 @@ class StageSpec:
 
 
 def stage_folder(directory: Path, name: str, sections: dict, extra: dict, inputs: dict, overwrite: bool,
-                 item_inputs: dict | None = None, per_item: tuple = (), extra_defaults: dict | None = None) -> Stage:
+                 item_inputs: dict | None = None, per_item: tuple = (), extra_defaults: dict | None = None,
+                 omit: dict | None = None) -> Stage:
     """A stage folder whose outputs depend on whole config ``sections`` (name -> dataclass) and ``extra``
     values; the sections' defaults (and ``extra_defaults``: what an ``extra`` value added later was before it
     was recorded) let a manifest from before an option was added stay valid while the option is at its
-    default (:class:`~sppdet.manifest.Stage`)."""
-    return Stage(directory, name, {**{k: recorded(v) for k, v in sections.items()}, **extra}, inputs,
+    default (:class:`~sppdet.manifest.Stage`). ``omit``: section name -> keys of it the outputs do not depend on
+    (not recorded; an older manifest's values for them are not compared)."""
+    omit = omit or {}
+    return Stage(directory, name, {**{k: recorded(v, omit.get(k, ())) for k, v in sections.items()}, **extra}, inputs,
                  overwrite=overwrite,
-                 defaults={**{k: section_defaults(v) for k, v in sections.items()}, **(extra_defaults or {})},
-                 item_inputs=item_inputs, per_item=per_item)
+                 defaults={**{k: section_defaults(v, omit.get(k, ())) for k, v in sections.items()},
+                           **(extra_defaults or {})},
+                 item_inputs=item_inputs, per_item=per_item, ignore=_dotted(omit))
+
+
+def _dotted(omit: dict) -> tuple[str, ...]:
+    return tuple(f"{section}.{key}" for section, keys in omit.items() for key in keys)
+
+
+# What the conv5 cache records of the features section: everything but how windows are pooled from it.
+FEATURES_OMIT = {"features": POOLING_KEYS}
+
+
+def pooling_record(run: Run) -> dict:
+    """What a stage that pools windows from the conv5 cache records besides its own settings: the pooling keys
+    now in force (:data:`~sppdet.features.POOLING_KEYS`), which the cache itself does not record."""
+    return {"pooling": pooling_settings(run.cfg.features)}
+
+
+def pooling_before(run: Run) -> dict:
+    """What a pooling stage's manifest from before it recorded ``pooling`` was made with: the values its train
+    split's conv5 cache recorded then (caches recorded them until they left the cache's record), else the
+    defaults; for ``extra_defaults``, so that such a folder stays valid while they are unchanged."""
+    d = run.features_dir(run.cfg.data.train_split)
+    saved = Stage.read_manifest(d).get("config", {}).get("features", {}) if (d / "manifest.json").is_file() else {}
+    defaults = section_defaults(type(run.cfg.features))
+    return {"pooling": {k: saved.get(k, defaults[k]) for k in POOLING_KEYS}}
 
 
 def require_current(run: Run, split: str, directory: Path) -> None:
@@ -92,8 +119,8 @@ def feature_cache(run: Run, split: str, verify: bool = True) -> FeatureCache:
     d = run.features_dir(split)
     if verify:
         require_settings(run, d, f"tools/extract_features.py --split {split}",
-                         {"features": run.cfg.features, "backbone": run.cfg.backbone})
-    cache = FeatureCache.from_manifest(d)
+                         {"features": run.cfg.features, "backbone": run.cfg.backbone}, omit=FEATURES_OMIT)
+    cache = FeatureCache.from_manifest(d, run.cfg.features, run.pool_deep())
     if verify:
         require_current(run, split, cache.dir)
     return cache
@@ -123,23 +150,27 @@ def sample_norm(cache: FeatureCache, windows: dict, rng: np.random.Generator, im
 
 
 def require_settings(run: Run, directory: Path, tool: str, sections: dict, extra: dict | None = None,
-                     prefix: str = "", extra_defaults: dict | None = None) -> dict:
+                     prefix: str = "", extra_defaults: dict | None = None, omit: dict | None = None) -> dict:
     """A finished stage folder's manifest, refused (:class:`StaleCacheError`, naming the keys and ``tool``) when
     it was made with other values of the config ``sections`` (name -> dataclass) or ``extra`` than those now in
     force: the check a later stage makes before it uses an upstream model, so that a changed setting is never
     silently ignored. ``prefix`` goes before the keys named (e.g. ``"proposals."`` for a flat manifest config);
     ``extra_defaults``, as for :func:`stage_folder`: what an ``extra`` value recorded later was before, so that a
-    folder from before it is checked against that value, as the stage itself checks it."""
+    folder from before it is checked against that value, as the stage itself checks it. ``omit``, as for
+    :func:`stage_folder`."""
     if not (Path(directory) / "manifest.json").is_file():
         raise ShardError(f"{directory}: missing; run {tool} first")
     m = Stage.read_manifest(directory)
     if not m.get("complete"):
         raise ShardError(f"{directory}: unfinished; run {tool} first")
-    now = json.loads(json.dumps({**{k: recorded(v) for k, v in sections.items()}, **(extra or {})}, default=str))
+    omit = omit or {}
+    now = json.loads(json.dumps({**{k: recorded(v, omit.get(k, ())) for k, v in sections.items()}, **(extra or {})},
+                                default=str))
     # as the stage's own check (Stage): section defaults and extra_defaults fill what the manifest lacks, nested too
-    defaults = {**{k: section_defaults(v) for k, v in sections.items()},
+    defaults = {**{k: section_defaults(v, omit.get(k, ())) for k, v in sections.items()},
                 **{k: v for k, v in (extra_defaults or {}).items() if k in now}}
-    saved = with_defaults({k: v for k, v in m.get("config", {}).items() if k in now}, defaults)
+    saved = with_defaults(without_keys({k: v for k, v in m.get("config", {}).items() if k in now}, _dotted(omit)),
+                          defaults)
     now = {k: v for k, v in now.items() if k in saved}  # an extra recorded since, without a default: not checked
     changes = diff_keys(saved, now, prefix)
     if changes:

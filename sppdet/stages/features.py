@@ -20,7 +20,7 @@ from ..run import Run
 from ..spp import spp_output_dim
 from ..store import atomic_write_text, dir_bytes, file_sha256
 from ..manifest import Stage
-from .common import StageSpec, config_cache, stage_folder
+from .common import FEATURES_OMIT, StageSpec, config_cache, stage_folder
 from .proposals import require_proposals
 
 
@@ -45,16 +45,16 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
     # Per image: its file and its proposals; when only some images changed, only their maps are recomputed.
     images = run.item_hashes(split, "images")
     items = {i: images[i] + file_sha256(run.proposals_dir(split) / f"{i}.npz") for i in ds.ids}
+    # The pooling keys (features.levels, shrink...) are not the maps' settings: changing one reuses this cache.
     stage = stage_folder(run.features_dir(split), "features", {"features": cfg.features, "backbone": cfg.backbone},
                          {"flip": bool(flip), "conv_precision": precision}, inputs, overwrite and shard == (0, 1),
-                         item_inputs=items, per_item=("images", "proposals"))
+                         item_inputs=items, per_item=("images", "proposals"), omit=FEATURES_OMIT)
     i_shard, n_shard = shard
     ids = ds.ids[i_shard::n_shard]
     todo = [i for i in ids if not stage.has(i)]
     conv_s, pool_s, boxes = _extract(run, split, stage, todo, backbone, bool(flip), device, precision,
                                      f" shard {i_shard}/{n_shard}" if n_shard > 1 else "")
     done_all = all(stage.has(i) for i in ds.ids)
-    deep = run.pool_deep()
     n = len(todo)
     summary = {
         "new_images": n,
@@ -62,9 +62,9 @@ def stage_features(run: Run, split: str, shard: tuple[int, int] = (0, 1), overwr
         "pool_seconds_per_image": pool_s if n else None,
         "boxes_per_image": boxes if n else None,
         "geometry": {"stride": g.stride, "center0": g.center0, "receptive_field": g.receptive_field},
-        "feature_dim": spp_output_dim(backbone.out_channels, cfg.features.levels, deep),
+        # a window's pooled length at the pooling settings of this call (for the cost line; not the cache's)
+        "feature_dim": spp_output_dim(backbone.out_channels, cfg.features.levels, run.pool_deep()),
         "conv_precision": precision,
-        "deep": deep,  # read back by FeatureCache.from_manifest
     }
     m = _record(stage, shard, summary, len(ds.ids) if done_all else None)
     _log_costs(run, split, stage, ds.ids, summary)
@@ -146,6 +146,7 @@ def _log_costs(run: Run, split: str, stage: Stage, ids: list[str], summary: dict
 
 SPEC = StageSpec("features", "tools/extract_features.py", True,
                  ("data: the split's images", "proposals/<split>/", "the trunk's weights"),
-                 "features/<split>/", ("features", "backbone", "finetune.flip, finetune.flip_from (train split)"),
+                 "features/<split>/", ("features (less its pooling keys)", "backbone",
+                                       "finetune.flip, finetune.flip_from (train split)"),
                  stage_features,
                  "features written to disk (conv5 cache)")

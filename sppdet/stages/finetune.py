@@ -19,7 +19,8 @@ from ..pretrain import load_checkpoint, save_checkpoint
 from ..run import Run
 from ..store import ShardError
 from ..manifest import Stage
-from .common import StageSpec, feature_cache, require_settings, require_flipped_maps, sample_norm, split_windows, stage_folder
+from .common import (StageSpec, feature_cache, pooling_before, pooling_record, require_flipped_maps, require_settings,
+                     sample_norm, split_windows, stage_folder)
 
 
 def _new_head(run: Run, in_dim: int, init_from_pretrain: bool) -> tuple[FCHead, str]:
@@ -67,7 +68,8 @@ def stage_finetune(run: Run, overwrite: bool = False) -> dict:
               "annotations_" + tr: run.content(tr, "annotations"), "annotations_" + va: run.content(va, "annotations")}
     # The window sample that sets finetune.input_norm's scale is svm.norm_images x svm.norm_boxes: read here too.
     extra = finetune_settings(run)
-    stage = stage_folder(run.finetune_path.parent, "finetune", {"finetune": cfg.finetune}, extra, inputs, overwrite)
+    stage = stage_folder(run.finetune_path.parent, "finetune", {"finetune": cfg.finetune}, extra, inputs, overwrite,
+                         extra_defaults=pooling_before(run))
     if run.finetune_path.is_file():
         run.log(f"finetune: reusing {run.finetune_path}")
         return stage.finish(1)
@@ -99,16 +101,18 @@ def stage_finetune(run: Run, overwrite: bool = False) -> dict:
 
 
 def finetune_settings(run: Run) -> dict:
-    """The values besides the ``finetune`` section that fine-tuning's outputs depend on."""
+    """The values besides the ``finetune`` section that fine-tuning's outputs depend on (the pooling keys too:
+    the windows it trains on are pooled with them)."""
     cfg = run.cfg
-    return {"seed": cfg.seed, "norm_sample": {"norm_images": cfg.svm.norm_images, "norm_boxes": cfg.svm.norm_boxes}}
+    return {"seed": cfg.seed, "norm_sample": {"norm_images": cfg.svm.norm_images, "norm_boxes": cfg.svm.norm_boxes},
+            **pooling_record(run)}
 
 
 def load_head(run: Run, check: bool = True) -> FCHead:
     """The fine-tuned fc head; ``check``: refused when made with other settings than those now in force."""
     if check:
         require_settings(run, run.finetune_path.parent, "tools/finetune_fc.py", {"finetune": run.cfg.finetune},
-                         finetune_settings(run))
+                         finetune_settings(run), extra_defaults=pooling_before(run))
     ck = load_checkpoint(run.finetune_path)
     head = FCHead(ck["in_dim"], ck["hidden"], len(ck["classes"]) + 1, input_scale=ck.get("input_scale", 1.0),
                   fc6_rank=ck.get("fc6_rank", 0), box_classes=ck.get("box_classes", 0))
@@ -118,5 +122,6 @@ def load_head(run: Run, check: bool = True) -> FCHead:
 
 SPEC = StageSpec("finetune", "tools/finetune_fc.py", False,
                  ("features/<train>/", "features/<val>/", "data: annotations", "pretrain/checkpoint.pt (fc6/fc7)"),
-                 "model/finetune/", ("finetune", "seed", "svm.norm_images", "svm.norm_boxes"), stage_finetune,
+                 "model/finetune/", ("finetune", "seed", "svm.norm_images", "svm.norm_boxes", "features' pooling keys"),
+                 stage_finetune,
                  "conv layers frozen: only fc layers fine-tuned")

@@ -25,7 +25,8 @@ from ..run import Run
 from ..store import atomic_save_npz
 from ..manifest import Stage
 from ..svm import HardNegativeTrainer
-from .common import StageSpec, feature_cache, require_flipped_maps, sample_norm, split_windows, stage_folder
+from .common import (StageSpec, feature_cache, pooling_before, pooling_record, require_flipped_maps, sample_norm,
+                     split_windows, stage_folder)
 from .finetune import load_head, pretrained_head
 
 FEATURES = ("pool5", "fc6", "fc7", "fc6_noft", "fc7_noft")
@@ -69,11 +70,18 @@ def svm_section(cfg: Config) -> SVMConfig:
 SETTINGS_BEFORE = {"fc_precision": "fp32"}
 
 
-def svm_settings(cfg: Config, feature: str) -> tuple[dict, dict]:
-    """What an SVM set depends on, as the stage records it and later stages check it: the ``svm`` section and
-    the feature, with the precision resolved (``"auto"`` is bf16 on one machine, fp32 on another; pool5 has no
-    fc layer) recorded instead of the ``svm.fc_precision`` key."""
-    return {"svm": svm_section(cfg)}, {"feature": feature, "fc_precision": svm_fc_precision(cfg, feature)}
+def svm_settings(run: Run, feature: str) -> tuple[dict, dict]:
+    """What an SVM set depends on, as the stage records it and later stages check it: the ``svm`` section, the
+    feature, with the precision resolved (``"auto"`` is bf16 on one machine, fp32 on another; pool5 has no fc
+    layer) recorded instead of the ``svm.fc_precision`` key, and the pooling keys its windows are pooled with."""
+    cfg = run.cfg
+    return {"svm": svm_section(cfg)}, {"feature": feature, "fc_precision": svm_fc_precision(cfg, feature),
+                                       **pooling_record(run)}
+
+
+def settings_before(run: Run) -> dict:
+    """``extra_defaults`` of an SVM set: what its manifest lacking a recorded value was made with."""
+    return {**SETTINGS_BEFORE, **pooling_before(run)}
 
 
 def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bool = False) -> dict:
@@ -119,8 +127,8 @@ def _svm_sets(run: Run, sets: list[tuple[str, str]], overwrite: bool) -> list[di
         # what this set depends on: the cache and annotations, and the fine-tuned head for fc6/fc7
         inputs = {k: v for k, v in shared.items() if k != "finetune" or feature in ("fc6", "fc7")}
         path = run.svm_path(tag)
-        sections, extra = svm_settings(cfg, feature)
-        stage = stage_folder(path.parent, "svm", sections, extra, inputs, overwrite, extra_defaults=SETTINGS_BEFORE)
+        sections, extra = svm_settings(run, feature)
+        stage = stage_folder(path.parent, "svm", sections, extra, inputs, overwrite, extra_defaults=settings_before(run))
         if path.is_file():
             run.log(f"svm: reusing {path}")
             results[j] = stage.finish(1)
@@ -273,5 +281,6 @@ def combined_svms(cfg: Config) -> list[tuple[str, str]]:
 SPEC = StageSpec("svm", "tools/train_svm.py", False,
                  ("features/<train>/", "data: train annotations", "proposals/<train>/",
                   "model/finetune/ (fc6/fc7 features)"),
-                 "model/svm<tag>/", ("svm", "test.combine (which feature sets)", "seed"), stage_svms,
+                 "model/svm<tag>/", ("svm", "test.combine (which feature sets)", "seed", "features' pooling keys"),
+                 stage_svms,
                  "multi-stage training: SVMs after fine-tuning")

@@ -21,10 +21,11 @@ from ..proposals import ProposalStore
 from ..run import Run
 from ..store import ShardError, atomic_save_npz, atomic_write_text
 from ..voc import VOCDataset
-from .common import StageSpec, config_cache, feature_cache, require_current, require_settings
+from .common import (StageSpec, config_cache, feature_cache, pooling_before, pooling_record, require_current,
+                     require_settings)
 from .finetune import load_head, pretrained_head
 from .proposals import require_proposals
-from .svm import SETTINGS_BEFORE, combined_svms, svm_settings
+from .svm import combined_svms, settings_before, svm_settings
 
 
 def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool | None = None,
@@ -47,7 +48,7 @@ def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool |
     if check:
         for s, (_, t) in zip(svms, sets):
             require_settings(run, run.svm_path(t).parent, "tools/train_svm.py",
-                             *svm_settings(run.cfg, str(s["feature"])), extra_defaults=SETTINGS_BEFORE)
+                             *svm_settings(run, str(s["feature"])), extra_defaults=settings_before(run))
     head = None
     if svms[0]["feature"] in ("fc6_noft", "fc7_noft"):
         head = pretrained_head(run)
@@ -65,7 +66,8 @@ def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool |
                              "or use bbox_reg.source: ridge") from None
     elif use_bbox_reg and run.bbox_reg_path.is_file():
         if check:
-            require_settings(run, run.bbox_reg_path.parent, "tools/train_bbox_reg.py", {"bbox_reg": run.cfg.bbox_reg})
+            require_settings(run, run.bbox_reg_path.parent, "tools/train_bbox_reg.py", {"bbox_reg": run.cfg.bbox_reg},
+                             pooling_record(run), extra_defaults=pooling_before(run))
         reg = BoxRegressor.load(run.bbox_reg_path)
     return Detector(head, svms, reg, cache, run.cfg.test, run.classes, device or run.device)
 
