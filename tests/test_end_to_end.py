@@ -707,10 +707,12 @@ def test_a_changed_setting_is_refused_by_every_later_stage_that_would_use_the_ol
     assert (tmp / "run" / "config.yaml").read_text() == before  # calls with --set leave the run's settings alone
 
 
-def test_a_pooling_setting_reuses_the_conv5_cache_and_each_stage_that_pooled_is_refused(trained):
+def test_a_pooling_setting_reuses_the_conv5_cache_and_each_stage_that_pooled_is_refused(trained, tmp_path):
     """features.levels / shrink / target_size change how windows are pooled, not the maps: extract_features.py
     reuses the cache, and fine-tuning, the SVMs and box regression, each made with the old pooling, are refused by
-    name (exit code 2)."""
+    name (exit code 2); demo.py --rebuild-stale rebuilds those and keeps the cache."""
+    import shutil
+
     tmp, _ = trained
     common = ["--config", "configs/tiny.yaml", "--run", tmp / "run", "--set", f"data.root={tmp / 'data' / 'VOC2007'}"]
     r = tool("extract_features.py", *common, "--split", "train", "--set", "features.levels=[2,1]")
@@ -722,3 +724,12 @@ def test_a_pooling_setting_reuses_the_conv5_cache_and_each_stage_that_pooled_is_
     for name, setting, key, rebuild in cases:
         r = tool(name, *common, "--set", setting, check=False)
         assert r.returncode == 2 and key in r.stderr and rebuild in r.stderr, (name, r.stderr[-500:])
+    shutil.copytree(tmp / "run", tmp_path / "run")
+    maps = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "features").rglob("*.npz")}
+    r = tool("demo.py", "--config", "configs/tiny.yaml", "--run", tmp_path / "run", "--set",
+             f"data.root={tmp / 'data' / 'VOC2007'}", "--set", "features.levels=[2,1]", "--rebuild-stale")
+    rebuilt = [line for line in r.stdout.splitlines() if "rebuilding a stale stage" in line]
+    assert rebuilt and all("/model/" in line for line in rebuilt) and "mAP (VOC07 11-point)" in r.stdout
+    assert {p: p.stat().st_mtime_ns for p in maps} == maps
+    ft = json.loads((tmp_path / "run" / "model" / "finetune" / "manifest.json").read_text())
+    assert ft["complete"] and ft["config"]["pooling"]["levels"] == [2, 1]
