@@ -230,9 +230,10 @@ class NegativePool:
     several classes is one row with several references (20 VOC classes share many), and a row no class holds
     any more is dropped when the pool is compacted. ``x[:n]`` (rows, D) float32; ``refs[:n]`` references."""
 
-    def __init__(self, dim: int):
-        self.x = np.empty((256, dim), np.float32)
-        self.refs = np.zeros(256, np.int64)
+    def __init__(self, dim: int, max_rows: int = 0):
+        self.max_rows = int(max_rows)  # the rows it grows to at most (0: no bound), unless more are live
+        self.x = np.empty((256 if not self.max_rows else min(256, self.max_rows), dim), np.float32)
+        self.refs = np.zeros(len(self.x), np.int64)
         self.n = 0
         self.peak_rows = 0
 
@@ -240,7 +241,8 @@ class NegativePool:
         """Append ``rows`` (m, D) with their reference counts; returns their indices."""
         m = len(rows)
         if self.n + m > len(self.x):
-            self._grow(max(self.n + m, 2 * len(self.x)))
+            cap = max(self.n + m, 2 * len(self.x))
+            self._grow(max(self.n + m, min(cap, self.max_rows)) if self.max_rows else cap)
         self.x[self.n:self.n + m] = rows
         self.refs[self.n:self.n + m] = refs
         self.n += m
@@ -259,13 +261,14 @@ class NegativePool:
             x[:self.n], r[:self.n] = self.x[:self.n], self.refs[:self.n]
             self.x, self.refs = x, r
 
-    def compact(self, caches: list["ClassCache"], chunk: int = 256) -> None:
-        """Drop rows no class references (when they are over half the pool), renumbering the caches' indices.
+    def compact(self, caches: list["ClassCache"], chunk: int = 256, force: bool = False) -> None:
+        """Drop rows no class references (when they are over half the pool, or with ``force`` any), renumbering the
+        caches' indices.
         The rows kept move forward in place, ``chunk`` at a time (row ``keep[i] >= i`` goes to ``i``: a chunk's
         sources are gathered before it is written, and later chunks' sources lie beyond it), so no temporary copy
         of the pool is made (one took 18 s of fruit's SVM stage, in 12 compactions of up to 2 GB)."""
         live = self.refs[:self.n] > 0
-        if live.sum() * 2 > self.n:
+        if live.sum() * 2 > self.n and not (force and live.sum() < self.n):
             return
         new = np.cumsum(live) - 1
         keep = np.nonzero(live)[0]
@@ -312,9 +315,12 @@ class HardNegativeTrainer:
     with ``svm.solver: liblinear``, its float64 copy of that class's examples (``dcd`` reads the pool in place).
     """
 
-    def __init__(self, x_pos: list[np.ndarray], dim: int, cfg: SVMConfig, log_fn: Callable[[str], None] | None = None):
+    def __init__(self, x_pos: list[np.ndarray], dim: int, cfg: SVMConfig, log_fn: Callable[[str], None] | None = None,
+                 max_negatives: int | None = None, max_rows: int = 0):
         self.cfg = cfg
-        self.pool = NegativePool(dim)
+        # each class's cap (svm.max_negatives, or the lower one svm.max_pool_gb sets: :func:`negatives_cap`)
+        self.max_negatives = cfg.max_negatives if max_negatives is None else int(max_negatives)
+        self.pool = NegativePool(dim, max_rows)
         self.caches = [ClassCache(p.astype(np.float32), self.pool) for p in x_pos]
         self.first = [True] * len(x_pos)
         self.log = log_fn or (lambda s: None)
@@ -332,9 +338,10 @@ class HardNegativeTrainer:
         z = row_scores(self.pool.x, c.idx, c.w, c.b)
         obj = svm_objective_from_scores(c.w, c.b, c.x_pos @ c.w + c.b, z, cfg.C, cfg.pos_weight, cfg.bias_mult)
         easy = z < cfg.evict_threshold
-        if cfg.max_negatives and (~easy).sum() > cfg.max_negatives:  # the cap: only the hardest stay
+        cap = self.max_negatives
+        if cap and (~easy).sum() > cap:  # the cap: only the hardest stay
             hard = np.nonzero(~easy)[0]
-            easy[hard[np.argsort(-z[hard], kind="stable")[cfg.max_negatives:]]] = True
+            easy[hard[np.argsort(-z[hard], kind="stable")[cap:]]] = True
         np.subtract.at(self.pool.refs, c.idx[easy], 1)
         c.idx = c.idx[~easy]
         if c.alpha is not None:
@@ -371,6 +378,8 @@ class HardNegativeTrainer:
             count[cand] += 1
         rows = np.nonzero(count)[0]
         where = np.full(len(feats), -1, np.int64)
+        if self.pool.max_rows and self.pool.n + len(rows) > self.pool.max_rows:
+            self.pool.compact(self.caches, force=True)  # rows no class holds make room before the pool grows
         if len(rows):
             where[rows] = self.pool.add(feats[rows], count[rows])
         for k, c in enumerate(self.caches):
@@ -379,7 +388,7 @@ class HardNegativeTrainer:
                 c.num_added += len(cands[k])
                 if c.alpha is not None:  # new negatives start at zero
                     c.alpha = np.concatenate([c.alpha, np.zeros(len(cands[k]))])
-            over = cfg.max_negatives and len(c.idx) > cfg.max_negatives
+            over = self.max_negatives and len(c.idx) > self.max_negatives
             if self.first[k] or c.num_added > cfg.retrain_limit or last or over:
                 self._retrain(k)
             self.first[k] = False
@@ -391,8 +400,26 @@ class HardNegativeTrainer:
     def memory(self) -> dict:
         """What the negative caches hold: rows in the pool now and at most, its bytes, and per class references."""
         return {"pool_rows": int(self.pool.n), "pool_live_rows": int((self.pool.refs[:self.pool.n] > 0).sum()),
-                "pool_peak_rows": int(self.pool.peak_rows),
+                "pool_peak_rows": int(self.pool.peak_rows), "pool_max_rows": self.pool.max_rows,
+                "negatives_cap": self.max_negatives,
                 "pool_bytes": int(self.pool.nbytes), "class_negatives": [int(len(c.idx)) for c in self.caches]}
+
+
+def pool_rows(dim: int, max_pool_gb: float) -> int:
+    """The rows of ``dim`` float32 features that ``max_pool_gb`` GB hold (0: no bound)."""
+    return int(max_pool_gb * 1e9 // (4 * dim)) if max_pool_gb > 0 else 0
+
+
+def negatives_cap(max_negatives: int, classes: int, dim: int, max_pool_gb: float) -> int:
+    """Each class's cap on its negative cache: ``max_negatives`` (0: none), lowered where needed so that
+    ``classes`` full caches of ``dim``-d float32 rows fill at most three quarters of ``max_pool_gb`` GB (0: no
+    bound); the last quarter holds the rows of the image being added and rows no class holds any more, until the
+    pool is compacted. At least one row per class."""
+    rows = pool_rows(dim, max_pool_gb)
+    if not rows:
+        return max_negatives
+    fit = max(1, int(0.75 * rows) // max(classes, 1))
+    return min(max_negatives, fit) if max_negatives else fit
 
 
 def mean_norm(features: Iterable[np.ndarray]) -> float:

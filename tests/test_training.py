@@ -683,6 +683,35 @@ def test_negative_cap_bounds_every_cache_and_keeps_the_hardest():
     assert all(len(c.idx) == 30 * per for c in uncapped.finish())
 
 
+def test_the_pool_bound_lowers_the_cap_to_fit_and_the_bounded_pool_trains_the_same_svms():
+    """``svm.max_pool_gb``: each class's cap is lowered so that every class's full cache fits three quarters of
+    the bound; a pool bounded so never grows past it (rows no class holds are dropped first), and its SVMs are those
+    of an unbounded pool with the same cap (compaction only renumbers rows)."""
+    from sppdet.svm import negatives_cap, pool_rows
+
+    assert pool_rows(23600, 8.0) == 84745 and negatives_cap(10000, 20, 23600, 8.0) == 3177
+    assert negatives_cap(10000, 3, 23600, 8.0) == 10000 and negatives_cap(10000, 20, 23600, 0.0) == 10000
+    assert negatives_cap(0, 20, 23600, 8.0) == 3177 and negatives_cap(10000, 10 ** 9, 23600, 8.0) == 1
+    rng = np.random.default_rng(6)
+    d, k, per = 16, 3, 40
+    gb = 4 * d * 400 / 1e9  # 400 rows
+    cap = negatives_cap(0, k, d, gb)
+    assert cap == 100 and pool_rows(d, gb) == 400
+    x_pos = [(rng.normal(0, 1, (20, d)) + 2.0).astype(np.float32) for _ in range(k)]
+    cfg = SVMConfig(C=0.1, retrain_limit=60, max_negatives=0, evict_threshold=-1e9, hard_threshold=-1e9)
+    images = [(rng.normal(0, 1, (per, d)).astype(np.float32), rng.random((per, k)) < 0.7) for _ in range(40)]
+    bounded = HardNegativeTrainer(x_pos, d, cfg, max_negatives=cap, max_rows=pool_rows(d, gb))
+    free = HardNegativeTrainer(x_pos, d, cfg, max_negatives=cap)
+    for i, (x, mask) in enumerate(images):
+        for t in (bounded, free):
+            t.add_image(i, x, mask, last=i == len(images) - 1)
+        assert bounded.pool.n <= 400 and len(bounded.pool.x) <= 400
+    assert free.pool.peak_rows > 400 and bounded.memory()["negatives_cap"] == cap  # the bound did something
+    for a, b in zip(bounded.finish(), free.finish()):
+        assert np.allclose(a.w, b.w, atol=1e-6) and a.b == pytest.approx(b.b, abs=1e-6) and len(a.idx) <= cap
+        assert np.array_equal(bounded.pool.x[a.idx], free.pool.x[b.idx])
+
+
 @pytest.mark.parametrize("pos_weight,bias_mult", [(2.0, 10.0), (1.0, 1.0)])
 def test_dcd_solver_reaches_liblinears_optimum(pos_weight, bias_mult):
     """svm.solver dcd minimises liblinear's objective: solved tightly, both reach the same weights and objective;

@@ -24,9 +24,9 @@ from ..roidb import group_windows_mask
 from ..run import Run
 from ..store import atomic_save_npz
 from ..manifest import Stage
-from ..svm import HardNegativeTrainer
-from .common import (StageSpec, feature_cache, pooling_before, pooling_record, require_flipped_maps, sample_norm,
-                     split_windows, stage_folder)
+from ..svm import HardNegativeTrainer, negatives_cap, pool_rows
+from .common import (StageSpec, config_cache, feature_cache, pooling_before, pooling_record, require_flipped_maps,
+                     sample_norm, split_windows, stage_folder)
 from .finetune import load_head, pretrained_head
 
 FEATURES = ("pool5", "fc6", "fc7", "fc6_noft", "fc7_noft")
@@ -76,12 +76,27 @@ def svm_settings(run: Run, feature: str) -> tuple[dict, dict]:
     layer) recorded instead of the ``svm.fc_precision`` key, and the pooling keys its windows are pooled with."""
     cfg = run.cfg
     return {"svm": svm_section(cfg)}, {"feature": feature, "fc_precision": svm_fc_precision(cfg, feature),
-                                       **pooling_record(run)}
+                                       "negatives_cap": svm_negatives_cap(run, feature), **pooling_record(run)}
 
 
 def settings_before(run: Run) -> dict:
-    """``extra_defaults`` of an SVM set: what its manifest lacking a recorded value was made with."""
-    return {**SETTINGS_BEFORE, **pooling_before(run)}
+    """``extra_defaults`` of an SVM set: what its manifest lacking a recorded value was made with (before
+    ``svm.max_pool_gb``, each class's cap was ``svm.max_negatives``)."""
+    return {**SETTINGS_BEFORE, "negatives_cap": run.cfg.svm.max_negatives, **pooling_before(run)}
+
+
+def svm_dim(run: Run, feature: str) -> int:
+    """The length of ``feature``'s rows: fc6/fc7 the head's width, pool5 a window pooled from the trunk's maps."""
+    if feature == "pool5":
+        return config_cache(run, run.features_dir(run.cfg.data.train_split)).feature_dim(run.backbone().out_channels)
+    return run.cfg.finetune.hidden
+
+
+def svm_negatives_cap(run: Run, feature: str) -> int:
+    """Each class's cap on its negative cache for ``feature``'s SVMs: ``svm.max_negatives``, lowered where
+    ``svm.max_pool_gb`` could not hold every class's full cache (:func:`sppdet.svm.negatives_cap`)."""
+    s = run.cfg.svm
+    return negatives_cap(s.max_negatives, len(run.classes), svm_dim(run, feature), s.max_pool_gb)
 
 
 def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bool = False) -> dict:
@@ -100,9 +115,11 @@ def stage_svms(run: Run, overwrite: bool = False) -> list[dict]:
 class _Set:
     """One SVM set being trained: its feature, file, stage folder, head and precision, then its views and trainer."""
 
-    def __init__(self, feature: str, path, stage: Stage, head: FCHead | None, layer: str, precision: str):
+    def __init__(self, feature: str, path, stage: Stage, head: FCHead | None, layer: str, precision: str,
+                 negatives_cap: int):
         self.feature, self.path, self.stage, self.head, self.layer, self.precision = \
             feature, path, stage, head, layer, precision
+        self.negatives_cap = negatives_cap
         self.views: _Views | None = None
         self.trainer: HardNegativeTrainer | None = None
 
@@ -133,7 +150,7 @@ def _svm_sets(run: Run, sets: list[tuple[str, str]], overwrite: bool) -> list[di
             run.log(f"svm: reusing {path}")
             results[j] = stage.finish(1)
         else:
-            todo[j] = _Set(feature, path, stage, head, layer, extra["fc_precision"])
+            todo[j] = _Set(feature, path, stage, head, layer, extra["fc_precision"], extra["negatives_cap"])
     if not todo:
         return results
     windows = split_windows(run, tr)
@@ -144,7 +161,13 @@ def _svm_sets(run: Run, sets: list[tuple[str, str]], overwrite: bool) -> list[di
             cache, windows, rng, cfg.svm.norm_images, cfg.svm.norm_boxes,
             lambda x, s=s: layer_features(s.head, s.layer, x, s.precision))
         s.views = _Views(run, cache, windows, s.head, s.layer, scale, s.precision, device)
-        s.trainer = HardNegativeTrainer(_positives(run, s.views), s.views.dim, cfg.svm, log_fn=run.log)
+        s.trainer = HardNegativeTrainer(_positives(run, s.views), s.views.dim, cfg.svm, log_fn=run.log,
+                                        max_negatives=s.negatives_cap,
+                                        max_rows=pool_rows(s.views.dim, cfg.svm.max_pool_gb))
+        if s.negatives_cap != cfg.svm.max_negatives:
+            run.log(f"svm ({s.feature}): each class's negative cache capped at {s.negatives_cap} (svm.max_negatives "
+                    f"{cfg.svm.max_negatives}) so that {len(run.classes)} classes of {s.views.dim}-d rows fit "
+                    f"svm.max_pool_gb {cfg.svm.max_pool_gb:g}")
     t0 = time.time()
     with large_blocks_reused():  # each image's pooled windows and their features: the same large blocks
         mined = _mine(run, list(todo.values()))
