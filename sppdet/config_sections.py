@@ -216,14 +216,15 @@ class SVMConfig:
     # evicted ones dropped) instead of zeros: the same optimum within ``tol`` in fewer sweeps over the cache
     warm_start: bool = field(default=True, metadata={"before": False})
     # Per class, the most negatives its cache keeps: after a retrain the hardest this many (highest scores) stay,
-    # and a cache over it is retrained at once, so it never holds more than this plus one image's windows.
-    # Bounds the SVM stage's memory however many images: the shared pool holds at most classes x (this + one
-    # image's windows) rows of features (VOC 2007, 20 classes, 4096-d fc7: 3.9 GB; 0: no cap).
+    # so it never holds more than this plus the retrain_limit new ones before its next retrain (and one image's).
+    # Bounds the SVM stage's memory however many images: the shared pool holds at most classes x (this +
+    # retrain_limit) + one image's windows rows of features (VOC 2007, 20 classes, 4096-d fc7: 4.0 GB; 0: no cap).
     max_negatives: int = field(default=10000, metadata={"min": 0, "before": 0})
     # The most memory one SVM set's negative pool holds (GB; 0: no bound): each class's cap above is lowered where
-    # needed so that the classes' full caches fill at most three quarters of it (sppdet.svm.negatives_cap; the
-    # cap in force is what the stage records). Without it the pool grows with classes x cap x feature length: 20
-    # classes of 23,600-d pool5 rows at 10,000 each would be 19 GB; at 8 GB their cap is 3,177, the hardest kept.
+    # needed so that the classes' caches, each at most the cap + retrain_limit, fill 90% of it
+    # (sppdet.svm.negatives_cap; the cap in force is what the stage records). Without it the pool grows with
+    # classes x cap x feature length: 20 classes of 23,600-d pool5 rows at 12,000 would be 23 GB; at 8 GB their
+    # cap is 1,813, the hardest kept.
     max_pool_gb: float = field(default=8.0, metadata={"min": 0.0, "record": False})
     # Hard negatives: one window per conv5 rectangle and scale (the authors' dedup; windows on the
     # same rectangle pool to identical features). SVMs trained before the option existed had none.

@@ -388,8 +388,9 @@ class HardNegativeTrainer:
                 c.num_added += len(cands[k])
                 if c.alpha is not None:  # new negatives start at zero
                     c.alpha = np.concatenate([c.alpha, np.zeros(len(cands[k]))])
-            over = self.max_negatives and len(c.idx) > self.max_negatives
-            if self.first[k] or c.num_added > cfg.retrain_limit or last or over:
+            # R-CNN's schedule: a retrain once retrain_limit new negatives came (the cap is applied there). Retraining
+            # whenever a cache passed the cap instead made a capped class retrain on nearly every image.
+            if self.first[k] or c.num_added > cfg.retrain_limit or last:
                 self._retrain(k)
             self.first[k] = False
         self.pool.compact(self.caches)
@@ -410,16 +411,22 @@ def pool_rows(dim: int, max_pool_gb: float) -> int:
     return int(max_pool_gb * 1e9 // (4 * dim)) if max_pool_gb > 0 else 0
 
 
-def negatives_cap(max_negatives: int, classes: int, dim: int, max_pool_gb: float) -> int:
+def negatives_cap(max_negatives: int, classes: int, dim: int, max_pool_gb: float, retrain_limit: int) -> int:
     """Each class's cap on its negative cache: ``max_negatives`` (0: none), lowered where needed so that
-    ``classes`` full caches of ``dim``-d float32 rows fill at most three quarters of ``max_pool_gb`` GB (0: no
-    bound); the last quarter holds the rows of the image being added and rows no class holds any more, until the
-    pool is compacted. At least one row per class."""
+    ``classes`` caches of ``dim``-d float32 rows, each at the cap plus the ``retrain_limit`` negatives that may come
+    before its next retrain, fill at most 90% of ``max_pool_gb`` GB (0: no bound); the rest holds the rows of the
+    image being added. At least one row per class (:func:`pool_fits` says whether the bound then holds)."""
     rows = pool_rows(dim, max_pool_gb)
     if not rows:
         return max_negatives
-    fit = max(1, int(0.75 * rows) // max(classes, 1))
+    fit = max(1, int(0.9 * rows) // max(classes, 1) - retrain_limit)
     return min(max_negatives, fit) if max_negatives else fit
+
+
+def pool_fits(classes: int, dim: int, max_pool_gb: float, retrain_limit: int) -> bool:
+    """Whether ``classes`` caches of at least one row plus ``retrain_limit`` fit 90% of ``max_pool_gb`` GB."""
+    rows = pool_rows(dim, max_pool_gb)
+    return not rows or int(0.9 * rows) // max(classes, 1) - retrain_limit >= 1
 
 
 def mean_norm(features: Iterable[np.ndarray]) -> float:

@@ -659,19 +659,22 @@ def test_pooled_hard_negative_trainer_equals_the_per_class_reference(solver):
 
 
 def test_negative_cap_bounds_every_cache_and_keeps_the_hardest():
-    """``svm.max_negatives``: however many images, no class holds more than the cap plus one image's windows,
-    the pool stays bounded by it, and what a capped retrain keeps are the negatives its SVM scores highest."""
+    """``svm.max_negatives``: however many images, no class holds more than the cap plus the negatives that come
+    before its next retrain (retrain_limit, overshot by at most one image's windows), the pool stays bounded by
+    it, what a capped retrain keeps are the negatives its SVM scores highest, and a class at its cap retrains on
+    R-CNN's schedule, not on every image."""
     rng = np.random.default_rng(4)
-    d, k, cap, per = 16, 3, 60, 40
+    d, k, cap, per, limit = 16, 3, 60, 40, 50
     x_pos = [(rng.normal(0, 1, (20, d)) + 2.0).astype(np.float32) for _ in range(k)]
     # everything hard: evict_threshold far below any score, so only the cap removes negatives
-    cfg = SVMConfig(C=0.1, retrain_limit=10 ** 6, evict_threshold=-1e9, hard_threshold=-1e9, max_negatives=cap)
+    cfg = SVMConfig(C=0.1, retrain_limit=limit, evict_threshold=-1e9, hard_threshold=-1e9, max_negatives=cap)
     t = HardNegativeTrainer(x_pos, d, cfg)
     sizes = []
     for i in range(30):
         t.add_image(i, rng.normal(0, 1, (per, d)).astype(np.float32), np.ones((per, k), bool), last=i == 29)
         sizes.append(max(len(c.idx) for c in t.caches))
-    assert max(sizes) <= cap + per and t.memory()["pool_live_rows"] <= k * (cap + per)
+    assert max(sizes) <= cap + limit + per and t.memory()["pool_live_rows"] <= k * (cap + limit) + per
+    assert all(len(c.retrains) <= 30 // 2 + 2 for c in t.caches)  # every other image: 2 x 40 new > 50
     for c in t.finish():
         assert len(c.idx) <= cap
         last = c.retrains[-1]
@@ -684,31 +687,32 @@ def test_negative_cap_bounds_every_cache_and_keeps_the_hardest():
 
 
 def test_the_pool_bound_lowers_the_cap_to_fit_and_the_bounded_pool_trains_the_same_svms():
-    """``svm.max_pool_gb``: each class's cap is lowered so that every class's full cache fits three quarters of
-    the bound; a pool bounded so never grows past it (rows no class holds are dropped first), and its SVMs are those
-    of an unbounded pool with the same cap (compaction only renumbers rows)."""
-    from sppdet.svm import negatives_cap, pool_rows
+    """``svm.max_pool_gb``: each class's cap is lowered so that every class's cache, at the cap plus the negatives
+    that may come before its next retrain, fits 90% of the bound; a bounded pool never grows past it (rows no class
+    holds are dropped first), and its SVMs are those of an unbounded pool with the same cap (compaction only
+    renumbers rows)."""
+    from sppdet.svm import negatives_cap, pool_fits, pool_rows
 
-    assert pool_rows(23600, 8.0) == 84745 and negatives_cap(10000, 20, 23600, 8.0) == 3177
-    assert negatives_cap(10000, 3, 23600, 8.0) == 10000 and negatives_cap(10000, 20, 23600, 0.0) == 10000
-    assert negatives_cap(0, 20, 23600, 8.0) == 3177 and negatives_cap(10000, 10 ** 9, 23600, 8.0) == 1
-    rng = np.random.default_rng(6)
+    assert pool_rows(23600, 8.0) == 84745 and negatives_cap(10000, 20, 23600, 8.0, 2000) == 1813
+    assert negatives_cap(10000, 3, 23600, 8.0, 2000) == 10000 and negatives_cap(10000, 20, 23600, 0.0, 2000) == 10000
+    assert negatives_cap(0, 20, 23600, 8.0, 2000) == 1813 and negatives_cap(10000, 10 ** 9, 23600, 8.0, 2000) == 1
+    assert pool_fits(20, 23600, 8.0, 2000) and not pool_fits(40, 23600, 8.0, 2000) and pool_fits(40, 23600, 0, 2000)
+    # a pool bounded at 200 rows, where caches of 60 + 50 hard negatives of 40-window images fit and an unbounded
+    # pool, dropping rows no class holds only once they are half of it, grows past 200
+    rng = np.random.default_rng(4)
     d, k, per = 16, 3, 40
-    gb = 4 * d * 400 / 1e9  # 400 rows
-    cap = negatives_cap(0, k, d, gb)
-    assert cap == 100 and pool_rows(d, gb) == 400
     x_pos = [(rng.normal(0, 1, (20, d)) + 2.0).astype(np.float32) for _ in range(k)]
-    cfg = SVMConfig(C=0.1, retrain_limit=60, max_negatives=0, evict_threshold=-1e9, hard_threshold=-1e9)
-    images = [(rng.normal(0, 1, (per, d)).astype(np.float32), rng.random((per, k)) < 0.7) for _ in range(40)]
-    bounded = HardNegativeTrainer(x_pos, d, cfg, max_negatives=cap, max_rows=pool_rows(d, gb))
-    free = HardNegativeTrainer(x_pos, d, cfg, max_negatives=cap)
-    for i, (x, mask) in enumerate(images):
+    cfg = SVMConfig(C=0.1, retrain_limit=50, max_negatives=0, evict_threshold=-1e9, hard_threshold=-1e9)
+    images = [rng.normal(0, 1, (per, d)).astype(np.float32) for _ in range(30)]
+    bounded = HardNegativeTrainer(x_pos, d, cfg, max_negatives=60, max_rows=200)
+    free = HardNegativeTrainer(x_pos, d, cfg, max_negatives=60)
+    for i, x in enumerate(images):
         for t in (bounded, free):
-            t.add_image(i, x, mask, last=i == len(images) - 1)
-        assert bounded.pool.n <= 400 and len(bounded.pool.x) <= 400
-    assert free.pool.peak_rows > 400 and bounded.memory()["negatives_cap"] == cap  # the bound did something
+            t.add_image(i, x, np.ones((per, k), bool), last=i == len(images) - 1)
+        assert bounded.pool.n <= 200 and len(bounded.pool.x) <= 200
+    assert free.pool.peak_rows > 200 and bounded.memory()["pool_max_rows"] == 200  # the bound did something
     for a, b in zip(bounded.finish(), free.finish()):
-        assert np.allclose(a.w, b.w, atol=1e-6) and a.b == pytest.approx(b.b, abs=1e-6) and len(a.idx) <= cap
+        assert np.allclose(a.w, b.w, atol=1e-6) and a.b == pytest.approx(b.b, abs=1e-6) and len(a.idx) <= 60
         assert np.array_equal(bounded.pool.x[a.idx], free.pool.x[b.idx])
 
 

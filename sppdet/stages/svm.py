@@ -24,7 +24,7 @@ from ..roidb import group_windows_mask
 from ..run import Run
 from ..store import atomic_save_npz
 from ..manifest import Stage
-from ..svm import HardNegativeTrainer, negatives_cap, pool_rows
+from ..svm import HardNegativeTrainer, negatives_cap, pool_fits, pool_rows
 from .common import (StageSpec, config_cache, feature_cache, pooling_before, pooling_record, require_flipped_maps,
                      sample_norm, split_windows, stage_folder)
 from .finetune import load_head, pretrained_head
@@ -96,7 +96,7 @@ def svm_negatives_cap(run: Run, feature: str) -> int:
     """Each class's cap on its negative cache for ``feature``'s SVMs: ``svm.max_negatives``, lowered where
     ``svm.max_pool_gb`` could not hold every class's full cache (:func:`sppdet.svm.negatives_cap`)."""
     s = run.cfg.svm
-    return negatives_cap(s.max_negatives, len(run.classes), svm_dim(run, feature), s.max_pool_gb)
+    return negatives_cap(s.max_negatives, len(run.classes), svm_dim(run, feature), s.max_pool_gb, s.retrain_limit)
 
 
 def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bool = False) -> dict:
@@ -168,6 +168,10 @@ def _svm_sets(run: Run, sets: list[tuple[str, str]], overwrite: bool) -> list[di
             run.log(f"svm ({s.feature}): each class's negative cache capped at {s.negatives_cap} (svm.max_negatives "
                     f"{cfg.svm.max_negatives}) so that {len(run.classes)} classes of {s.views.dim}-d rows fit "
                     f"svm.max_pool_gb {cfg.svm.max_pool_gb:g}")
+        if not pool_fits(len(run.classes), s.views.dim, cfg.svm.max_pool_gb, cfg.svm.retrain_limit):
+            run.log(f"warning: svm.max_pool_gb {cfg.svm.max_pool_gb:g} cannot hold {len(run.classes)} classes' "
+                    f"negatives between retrains (svm.retrain_limit {cfg.svm.retrain_limit}) at {s.views.dim}-d: the "
+                    "pool will grow past it; raise it, or lower svm.retrain_limit")
     t0 = time.time()
     with large_blocks_reused():  # each image's pooled windows and their features: the same large blocks
         mined = _mine(run, list(todo.values()))
