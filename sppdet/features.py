@@ -218,23 +218,15 @@ class FeatureCache:
         return spp_output_dim(channels, self.levels, self.deep)
 
     @classmethod
-    def from_manifest(cls, directory: str | Path, features=None,
+    def from_manifest(cls, directory: str | Path, features,
                       deep: tuple[int, Sequence[int]] | None = None) -> "FeatureCache":
         """A finished cache, read with its manifest's geometry and pooled with ``features``' pooling settings
-        (:data:`POOLING_KEYS`, those now in force) and ``deep``; without ``features``, with those its manifest
-        recorded (caches made before the pooling settings left the cache's record)."""
+        (:data:`POOLING_KEYS`: those now in force, which the cache does not record) and ``deep`` (a hypercolumn's
+        coarse channels' pyramid, ``Run.pool_deep``)."""
         from .manifest import require_complete
 
-        m = require_complete(directory, "features")
-        g, c = m["geometry"], m["config"]["features"]
-        if features is not None:
-            return cls(directory, g["stride"], g["center0"], features.levels, features.shrink, features.target_size,
-                       deep)
-        if "levels" not in c:
-            raise ShardError(f"{directory}: the conv5 cache does not record how its windows are pooled (the maps do "
-                             "not depend on it); read it with the features settings now in force")
-        # "deep": the pyramid of a hypercolumn's coarse channels (features.deep_levels); absent before it existed
-        return cls(directory, g["stride"], g["center0"], c["levels"], c["shrink"], c["target_size"], m.get("deep"))
+        g = require_complete(directory, "features")["geometry"]
+        return cls(directory, g["stride"], g["center0"], features.levels, features.shrink, features.target_size, deep)
 
     def path(self, image_id: str) -> Path:
         return self.dir / f"{image_id}.npz"

@@ -268,7 +268,8 @@ class NegativePool:
         sources are gathered before it is written, and later chunks' sources lie beyond it), so no temporary copy
         of the pool is made (one took 18 s of fruit's SVM stage, in 12 compactions of up to 2 GB)."""
         live = self.refs[:self.n] > 0
-        if live.sum() * 2 > self.n and not (force and live.sum() < self.n):
+        kept = int(live.sum())
+        if kept == self.n or (kept * 2 > self.n and not force):
             return
         new = np.cumsum(live) - 1
         keep = np.nonzero(live)[0]
@@ -416,17 +417,24 @@ def negatives_cap(max_negatives: int, classes: int, dim: int, max_pool_gb: float
     ``classes`` caches of ``dim``-d float32 rows, each at the cap plus the ``retrain_limit`` negatives that may come
     before its next retrain, fill at most 90% of ``max_pool_gb`` GB (0: no bound); the rest holds the rows of the
     image being added. At least one row per class (:func:`pool_fits` says whether the bound then holds)."""
-    rows = pool_rows(dim, max_pool_gb)
-    if not rows:
+    room = _cap_room(classes, dim, max_pool_gb, retrain_limit)
+    if room is None:
         return max_negatives
-    fit = max(1, int(0.9 * rows) // max(classes, 1) - retrain_limit)
+    fit = max(1, room)
     return min(max_negatives, fit) if max_negatives else fit
 
 
 def pool_fits(classes: int, dim: int, max_pool_gb: float, retrain_limit: int) -> bool:
     """Whether ``classes`` caches of at least one row plus ``retrain_limit`` fit 90% of ``max_pool_gb`` GB."""
+    room = _cap_room(classes, dim, max_pool_gb, retrain_limit)
+    return room is None or room >= 1
+
+
+def _cap_room(classes: int, dim: int, max_pool_gb: float, retrain_limit: int) -> int | None:
+    """The largest per-class cap for which ``classes`` caches, each at the cap plus ``retrain_limit``, fill at most
+    90% of ``max_pool_gb`` GB (below 1 where none fits); None without a bound."""
     rows = pool_rows(dim, max_pool_gb)
-    return not rows or int(0.9 * rows) // max(classes, 1) - retrain_limit >= 1
+    return int(0.9 * rows) // max(classes, 1) - retrain_limit if rows else None
 
 
 def mean_norm(features: Iterable[np.ndarray]) -> float:
