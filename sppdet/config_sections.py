@@ -269,6 +269,10 @@ class TestConfig:
     # window above the score threshold regressed, then NMS once (Fast R-CNN's order, which its mode always uses)
     regress_first: bool = False
     score_threshold: float = -1.5  # SVM scores are margins; the authors keep > -1.5 for evaluation
+    # Classes compete for each window before NMS: a class's margin is lowered by this weight times what the
+    # window's best other class beats it by (sppdet.detector.compete_classes). 0: each class's SVM on its own,
+    # as the papers (then a window between two classes ranks high in both). SVM routes only: softmax competes
+    class_competition: float = field(default=0.0, metadata={"min": 0.0})
     # Caps per image: per class first (R-CNN keeps the top 100 of each class for evaluation), then
     # across classes for tools/detect.py's output (0 = none). Evaluation applies only the per-class
     # cap: SVM margins of different classes are not calibrated against each other, so a cross-class

@@ -19,7 +19,8 @@ from .features import FeatureCache, ImageFeatures, conv5_maps
 from .models import FCHead, fc_features, resolve_precision, truncated_svd_linear
 from .store import load_npz
 
-__all__ = ["Detections", "Detector", "HeadBoxRegressor", "WindowRows", "load_detections", "load_svms", "union_nms"]
+__all__ = ["Detections", "Detector", "HeadBoxRegressor", "WindowRows", "compete_classes", "load_detections", "load_svms",
+           "union_nms"]
 
 
 @dataclass
@@ -96,14 +97,33 @@ def select_class(boxes: np.ndarray, scores: np.ndarray, thresh: float, nms_iou: 
     return keep[k[above]], s[above]
 
 
+def compete_classes(scores: np.ndarray, weight: float) -> np.ndarray:
+    """SVM margins ``(R, K)`` with each window's margin for a class lowered by ``weight`` times the amount by which
+    the best other class's margin for the same window exceeds it: ``s_k - weight * max(0, max_{j != k} s_j - s_k)``.
+    The papers' per-class SVMs score every class on its own, so an apple also scoring as an orange ranks among the
+    oranges; here it ranks below the oranges that no other class beats. A window's best class is unchanged; 0 (or
+    one class): the scores as given. Classes without an SVM (``-inf``) stay at ``-inf`` and lower nothing."""
+    if weight <= 0 or scores.ndim != 2 or scores.shape[1] < 2 or len(scores) == 0:
+        return scores
+    s, finite = scores, np.isfinite(scores)
+    top2 = -np.partition(-s, 1, axis=1)[:, :2]  # per window its best and second-best margins
+    other = np.where(s >= top2[:, :1], top2[:, 1:], top2[:, :1])  # the best margin among the other classes
+    with np.errstate(invalid="ignore"):
+        gap = np.where(finite & np.isfinite(other), np.maximum(other - s, 0), 0)
+    return (scores - np.asarray(weight, scores.dtype) * gap).astype(scores.dtype, copy=False)
+
+
 def class_detections(proposals: np.ndarray, scores: np.ndarray, thresh: float, test, regress=None,
                      size: tuple[int, int] | None = None, regress_first: bool | None = None,
-                     floor: float | None = None) -> tuple[list, list]:
+                     floor: float | None = None, competition: float = 0.0) -> tuple[list, list]:
     """Per class, ``(plain, refined)`` lists of ``(boxes, scores, k)`` best first: the windows above ``thresh``
     through NMS (``test.nms``, ``test.nms_method``); with ``regress(k, indices) -> boxes`` also the regressed ones
     clipped to ``size`` (H, W): the windows NMS kept regressed and NMS again, or with ``regress_first`` (None:
     ``test.regress_first``) every window above ``thresh`` regressed and NMS once. The per-class and per-image
-    caps are :func:`cap_detections`'. ``floor``: soft-NMS's (:func:`select_class`)."""
+    caps are :func:`cap_detections`'. ``floor``: soft-NMS's (:func:`select_class`). ``competition``: the SVM
+    margins first through :func:`compete_classes` with that weight (``test.class_competition``; softmax scores
+    compete already)."""
+    scores = compete_classes(scores, competition)
     first = test.regress_first if regress_first is None else regress_first
     limit = max(test.max_per_class, 0)
     plain, refined = [], []
@@ -300,7 +320,7 @@ class Detector:
         else:
             regress = lambda k, i: reg.predict(k, pooled[i], proposals[i])  # noqa: E731
         plain, refined = class_detections(proposals, scores, thr, self.test, regress, (height, width),
-                                          floor=self.test.score_threshold)
+                                          floor=self.test.score_threshold, competition=self.test.class_competition)
         det_plain = cap_detections(plain, self.test.max_per_class, cap)
         det_reg = cap_detections(refined, self.test.max_per_class, cap) if self.regressor is not None else None
         return det_plain, det_reg, time.perf_counter() - t0

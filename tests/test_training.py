@@ -463,6 +463,37 @@ def test_regress_first_and_soft_nms_in_the_detectors_post_processing():
         class_detections(props, scores, -1.5, TestConfig(nms_method="cubic"), None)
 
 
+def test_classes_compete_for_a_window_against_a_loop_reference():
+    """``test.class_competition``: a class's margin lowered by ``weight`` times what the window's best other class
+    beats it by; each window's best class unchanged; one class, weight 0 and classes without SVMs left alone."""
+    from sppdet.config import TestConfig
+    from sppdet.detector import class_detections, compete_classes
+
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(50, 4)).astype(np.float32)
+    s[3, 1] = s[3, 2] = s[3].max() + 1  # a tie for the best class: neither lowered
+    s[:, 3] = -np.inf  # a class without an SVM
+    out = compete_classes(s, 0.5)
+    ref = s.copy()
+    for i in range(len(s)):
+        for k in range(3):
+            other = max(s[i, j] for j in range(3) if j != k)
+            ref[i, k] = s[i, k] - 0.5 * max(0.0, other - s[i, k])
+    assert out.dtype == np.float32 and np.isneginf(out[:, 3]).all()
+    np.testing.assert_allclose(out[:, :3], ref[:, :3], rtol=1e-6)
+    assert (out.argmax(1) == s.argmax(1)).all() and out[3, 1] == s[3, 1] == out[3, 2]
+    assert compete_classes(s, 0.0) is s
+    one = s[:, :1].copy()
+    assert np.array_equal(compete_classes(one, 1.0), one)
+    # in post-processing: a window scoring as apple (2.0) and orange (1.5) drops from the oranges' ranking
+    props = np.array([[0, 0, 10, 10], [40, 40, 50, 50]], np.float32)
+    scores = np.array([[2.0, 1.5], [-3.0, 1.0]], np.float32)
+    plain, _ = class_detections(props, scores, -1.5, TestConfig(), None)
+    assert [p[1].tolist() for p in plain] == [[2.0], [1.5, 1.0]]
+    plain, _ = class_detections(props, scores, -1.5, TestConfig(), None, competition=2.0)
+    assert [p[1].tolist() for p in plain] == [[2.0], [1.0, 0.5]]  # the orange window no other class beats first
+
+
 def test_union_of_two_models_windows_equals_nms_on_each_windows_best_score():
     """The paper's model combination (NMS over the union of both models' scored windows) is what
     ``test.combine_by: max`` computes: a window's two copies overlap fully, so NMS keeps its best one."""

@@ -169,7 +169,8 @@ def stage_rcnn_test(run: Run, split: str | None = None, draw: int = 4, progress:
         scores = (f * float(m["feature_scale"])) @ m["W"].T + m["b"]
         scores[:, ~m["trained"].astype(bool)] = -np.inf
         plain, refined = class_detections(props, scores, t.score_threshold, t,
-                                          lambda k, idx: reg.predict(k, f[idx], props[idx]), rgb.shape[:2])
+                                          lambda k, idx: reg.predict(k, f[idx], props[idx]), rgb.shape[:2],
+                                          competition=t.class_competition)
         plain_all[i] = cap_detections(plain, t.max_per_class, 0)
         reg_all[i] = cap_detections(refined, t.max_per_class, 0)
         secs["post"] = time.perf_counter() - t1
