@@ -203,8 +203,7 @@ def rcnn(run: Run) -> dict:
     train = {"features": man.get("feature_seconds", t), "svm+bbox_reg": man.get("train_seconds", 0.0)}
     return _row("rcnn", f"warped windows, SVMs on pool5, {run.cfg.rcnn.max_windows or 'all'} windows/img", m, train,
                 {"conv": s["warp"] + s["conv"], "rest": s["post"]}, max(cache, 0), 3,
-                "features per window (R-CNN writes them to disk; held in memory here)",
-                features_in_memory_bytes=int(man.get("feature_bytes", 0)))
+                "features per window, written to disk as R-CNN wrote them (features_rcnn/)")
 
 
 def fast_rcnn(run: Run, tag: str, label: str, limitation: str) -> dict:

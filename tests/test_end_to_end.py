@@ -663,6 +663,53 @@ def test_fast_rcnn_mode_trains_the_trunk_writes_no_feature_cache_and_detects(tra
     assert Predictor(run).score_threshold == 0.5  # probabilities: fast_rcnn.draw_threshold, not the SVMs' margin
 
 
+def test_rcnn_mode_writes_its_features_to_disk_trains_from_them_and_resumes(trained, tmp_path):
+    """R-CNN mode from the same trunk and proposals: its warped windows' pool5 written as one shard per training image
+    (as R-CNN wrote them), SVMs and regressors trained from the shards; a shard lost is the only one warped again and
+    the model trained again is the same; a changed setting is refused by name, rebuilt with --overwrite."""
+    import os
+
+    import numpy as np
+
+    from sppdet.store import load_npz
+
+    tmp, _ = trained
+    run = tmp_path / "run"
+    run.mkdir()
+    for d in ("pretrain", "proposals"):
+        os.symlink(tmp / "run" / d, run / d)
+    common = ["--config", "configs/tiny.yaml", "--run", run, "--set", f"data.root={tmp / 'data' / 'VOC2007'}",
+              "--set", "rcnn.max_windows=30"]
+    r = tool("train_rcnn.py", *common)
+    feats, model = run / "features_rcnn" / "train", run / "model" / "rcnn"
+    train_ids = (tmp / "data" / "VOC2007" / "ImageSets" / "Main" / "train.txt").read_text().split()
+    shards = sorted(feats.glob("*.npz"))
+    assert [p.stem for p in shards] == sorted(train_ids)
+    z = load_npz(shards[0])
+    assert z["f"].dtype == np.float32 and len(z["f"]) == len(z["sel"]) and 30 <= len(z["sel"]) <= 30 + 10
+    fm, mm = (json.loads((d / "manifest.json").read_text()) for d in (feats, model))
+    assert fm["complete"] and fm["new_images"] == len(train_ids) and fm["bytes"] > 0
+    assert mm["feature_bytes"] == fm["bytes"] and mm["windows"] == fm["windows"] and mm["conv_seconds"] > 0
+    assert mm["config"]["negatives_cap"] == 10000 and mm["config"]["bbox_reg_samples"] == 3000
+    m = json.loads((run / "detections" / "test_rcnn" / "metrics.json").read_text())
+    assert m["method"] == "rcnn" and f"mAP (VOC07 11-point): {m['map07']:.3f}" in r.stdout
+    assert m["map07"] > chance_map(tmp, m["classes"]), m["map07"]
+    before = load_npz(model / "rcnn.npz")
+    shards[1].unlink()
+    for p in model.iterdir():
+        p.unlink()
+    tool("train_rcnn.py", "--run", run, "--no-test")
+    assert json.loads((feats / "manifest.json").read_text())["new_images"] == 1
+    after = load_npz(model / "rcnn.npz")
+    for k in ("W", "b", "reg_W", "feature_scale"):
+        np.testing.assert_allclose(after[k], before[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    bad = tool("train_rcnn.py", *common[:-2], "--set", "rcnn.max_windows=20", "--no-test", check=False)
+    assert bad.returncode == 2 and "max_windows" in bad.stderr + bad.stdout
+    tool("train_rcnn.py", *common[:-2], "--set", "rcnn.max_windows=20", "--no-test", "--overwrite")
+    fm = json.loads((feats / "manifest.json").read_text())
+    assert fm["new_images"] == len(train_ids) and fm["config"]["max_windows"] == 20
+
+
 def test_readme_own_data_steps_run_as_written_on_the_tiny_config(trained, tmp_path):
     """The README's "Train on your own data" commands, run as written with the tiny config and data put in for
     configs/custom.yaml and the user's folder and photos."""

@@ -7,7 +7,8 @@ then tested on the test split.
     python tools/train_rcnn.py --config configs/tiny.yaml
 
 On a CPU every window of every image is too slow: rcnn.max_windows (default 300) caps the proposals scored per image
-(their ranked order), for training and testing. Writes model/rcnn/ and detections/<split>_rcnn/.
+(their ranked order), for training and testing. Writes features_rcnn/<train>/ (the training windows' pool5, one
+file per image, as R-CNN wrote them; an interrupted run resumes there), model/rcnn/ and detections/<split>_rcnn/.
 """
 
 from __future__ import annotations

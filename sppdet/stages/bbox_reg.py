@@ -32,13 +32,12 @@ def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = 3000)
         return stage.finish(1)
     ds = run.dataset(tr)
     windows = split_windows(run, tr, ds)  # ds's annotations are parsed once and reused below
-    samples, mean_norm = _samples(run, ds, windows, cache, max_per_class, np.random.default_rng(cfg.seed))
-    if mean_norm is None:
+    samples = _samples(run, ds, windows, cache, max_per_class, np.random.default_rng(cfg.seed))
+    if samples.mean_norm is None:
         raise ValueError(f"bbox regression: no window of split {tr!r} overlaps an object by > {cfg.bbox_reg.min_overlap}")
-    feats, props, gts = ([[item[m] for item in r.items] for r in samples] for m in range(3))
-    scale = cfg.bbox_reg.target_norm / mean_norm
-    reg, stats = fit_regressors(run, feats, props, gts, scale, log=run.log)
-    for r, name in zip(samples, run.classes):
+    scale = cfg.bbox_reg.target_norm / samples.mean_norm
+    reg, stats = fit_regressors(run, *samples.lists(), scale, log=run.log)
+    for r, name in zip(samples.reservoirs, run.classes):
         if name in stats:
             stats[name]["windows"] = r.seen
     reg.save(path, run.classes)
@@ -89,29 +88,48 @@ class Reservoir:
             self.items[j] = item
 
 
+class RegressionSamples:
+    """Per class, a :class:`Reservoir` of at most ``max_per_class`` (feature, proposal box, matched ground-truth box)
+    of the windows offered, drawn uniformly from all of them, and the mean norm of all those windows' features:
+    memory bounded by classes x ``max_per_class`` features however many images. Serves the SPP-net stage and
+    R-CNN mode."""
+
+    def __init__(self, classes: int, max_per_class: int, rng: np.random.Generator):
+        self.reservoirs = [Reservoir(max_per_class, rng) for _ in range(classes)]
+        self.norm_sum, self.norms = 0.0, 0
+
+    def offer(self, feats: np.ndarray, boxes: np.ndarray, gt_boxes: np.ndarray, labels: np.ndarray) -> None:
+        """One image's windows: their features ``(N, D)``, boxes, matched objects' boxes and classes."""
+        if len(feats) == 0:
+            return
+        norms = np.linalg.norm(feats, axis=1)
+        self.norm_sum, self.norms = self.norm_sum + float(norms.astype(np.float64).sum()), self.norms + len(norms)
+        for j in range(len(feats)):
+            self.reservoirs[int(labels[j])].offer((feats[j].copy(), boxes[j], gt_boxes[j]))
+
+    @property
+    def mean_norm(self) -> float | None:
+        return self.norm_sum / self.norms if self.norms else None
+
+    def lists(self) -> tuple[list, list, list]:
+        """Per class the kept features, proposal boxes and objects' boxes (:func:`fit_regressors`' arguments)."""
+        return tuple([[item[m] for item in r.items] for r in self.reservoirs] for m in range(3))
+
+
 def _samples(run: Run, ds, windows: dict, cache, max_per_class: int,
-             rng: np.random.Generator) -> tuple[list, float | None]:
-    """Per class, a :class:`Reservoir` of at most ``max_per_class`` (feature, proposal box, matched ground-truth
-    box) of the train split's windows overlapping an object by more than ``bbox_reg.min_overlap``, drawn uniformly
-    from all of them; and the mean norm of all those windows' features (None when there is none). Memory is
-    bounded by classes x ``max_per_class`` features, whatever the number of images."""
+             rng: np.random.Generator) -> RegressionSamples:
+    """The train split's windows overlapping an object by more than ``bbox_reg.min_overlap``, pooled from the conv5
+    cache, offered to a :class:`RegressionSamples`."""
     from tqdm import tqdm
 
-    cfg = run.cfg
-    samples = [Reservoir(max_per_class, rng) for _ in run.classes]
-    norm_sum, n_norms = 0.0, 0
+    samples = RegressionSamples(len(run.classes), max_per_class, rng)
     for i in tqdm(windows, desc="bbox regression samples", unit="img"):
         w = windows[i]
-        sel = np.nonzero(w.max_iou > cfg.bbox_reg.min_overlap)[0]
-        if len(sel) == 0:
-            continue
-        f = cache.pooled(i, w.boxes[sel]).numpy()
-        norms = np.linalg.norm(f, axis=1)
-        norm_sum, n_norms = norm_sum + float(norms.astype(np.float64).sum()), n_norms + len(norms)
-        gt_boxes = ds.annotation(i).boxes
-        for j, s in enumerate(sel):
-            samples[int(w.label[s])].offer((f[j].copy(), w.boxes[s], gt_boxes[w.gt_index[s]]))
-    return samples, (norm_sum / n_norms if n_norms else None)
+        sel = np.nonzero(w.max_iou > run.cfg.bbox_reg.min_overlap)[0]
+        if len(sel):
+            samples.offer(cache.pooled(i, w.boxes[sel]).numpy(), w.boxes[sel], ds.annotation(i).boxes[w.gt_index[sel]],
+                          w.label[sel])
+    return samples
 
 
 SPEC = StageSpec("bbox_reg", "tools/train_bbox_reg.py", False,

@@ -1,10 +1,11 @@
 """R-CNN mode, a trainable baseline beside SPP-net's route: per-class SVMs (hard-negative mining) and box regressors
 on pool5 features of warped windows (:mod:`sppdet.rcnn`), then testing. The features are computed per window by
-the trunk and held in memory for this stage's run (R-CNN itself wrote them to disk: ``feature_bytes`` says how much).
+the trunk and written to disk, one shard per image, as R-CNN wrote them; the SVMs and regressors are then trained
+from the shards one image at a time, so memory does not grow with the images (``feature_bytes``: the disk used).
 
 Reads: the train (and test) split's images, annotations and ``<run>/proposals/<split>/``; the trunk.
-Writes: ``<run>/model/rcnn/rcnn.npz`` (SVMs and regressors) and its manifest; testing writes
-``<run>/detections/<split>_rcnn/``.
+Writes: ``<run>/features_rcnn/<train>/`` (the shards and their manifest), ``<run>/model/rcnn/rcnn.npz`` (SVMs and
+regressors) and its manifest; testing writes ``<run>/detections/<split>_rcnn/`` (its windows scored in memory).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from ..detector import cap_detections, class_detections
 from ..proposals import ProposalStore
 from ..rcnn import rcnn_features
 from ..run import Run
+from ..spp import SpatialPyramidPooling
 from ..store import atomic_save_npz, load_npz
-from ..svm import HardNegativeTrainer, mean_norm
+from ..svm import HardNegativeTrainer, mean_norm, negatives_cap, pool_rows
 from .common import (StageSpec, image_route_inputs, require_current, require_settings, split_windows,
                      stage_folder)
-from .bbox_reg import fit_regressors
+from .bbox_reg import RegressionSamples, fit_regressors
 from .proposals import require_proposals
 from .svm import svm_section
 from .test import annotations_of, evaluate, write_results
@@ -41,6 +43,12 @@ def _warp_size(run: Run) -> int:
 SETTINGS_BEFORE = {"deep_levels": None}
 
 
+def settings_before(run: Run) -> dict:
+    """``extra_defaults`` of R-CNN mode's model: :data:`SETTINGS_BEFORE`, each class's negative cap
+    ``svm.max_negatives`` (before ``svm.max_pool_gb``) and every regression sample kept (0)."""
+    return {**SETTINGS_BEFORE, "negatives_cap": run.cfg.svm.max_negatives, "bbox_reg_samples": 0}
+
+
 def _pooling(run: Run) -> dict:
     """The settings R-CNN mode's pool5 depends on beyond its config sections."""
     f = run.cfg.features
@@ -55,88 +63,134 @@ def _subset(w, max_windows: int) -> np.ndarray:
     return np.concatenate([gt, prop[:max_windows] if max_windows else prop])
 
 
-def _train_features(run: Run, ds, windows: dict) -> tuple[dict, dict]:
-    """Per training image its scored windows' indices and their pool5 features; the seconds spent."""
+def rcnn_features_dir(run: Run, split: str):
+    """R-CNN mode's feature shards of a split: ``<run>/features_rcnn/<split>/``."""
+    return run.dir / "features_rcnn" / split
+
+
+def stage_rcnn_features(run: Run, split: str, overwrite: bool = False) -> dict:
+    """R-CNN's first stage: each image's scored windows (:func:`_subset`) warped through the trunk, their pool5
+    written to disk as one shard per image (``<id>.npz``: ``sel``, the windows' indices, and ``f``, float32), as R-CNN
+    wrote its features before training its SVMs on them. Resumes: an image whose shard exists is not warped again.
+    With ``overwrite`` a folder made with other settings is rebuilt; one made with these is reused."""
     from tqdm import tqdm
 
-    trunk, size, levels = run.backbone(), _warp_size(run), run.cfg.features.levels
-    out, secs = {}, {"warp": 0.0, "conv": 0.0}
-    for i in tqdm(windows, desc="r-cnn features (warped windows)", unit="img"):
-        sel = _subset(windows[i], run.cfg.rcnn.max_windows)
+    from ..store import StaleCacheError
+
+    cfg = run.cfg
+    d = rcnn_features_dir(run, split)
+    inputs = image_route_inputs(run, split)
+    extra = {"max_windows": cfg.rcnn.max_windows, **_pooling(run)}
+    try:
+        stage = stage_folder(d, "rcnn_features", {}, extra, inputs, False)
+    except StaleCacheError:
+        if not overwrite:
+            raise
+        stage = stage_folder(d, "rcnn_features", {}, extra, inputs, True)
+    ds = run.dataset(split)
+    windows = split_windows(run, split, ds)
+    trunk, size, levels = run.backbone(), _warp_size(run), cfg.features.levels
+    secs, new, n_windows = {"warp": 0.0, "conv": 0.0}, 0, 0
+    for i in tqdm(windows, desc="r-cnn features (warped windows, to disk)", unit="img"):
+        sel = _subset(windows[i], cfg.rcnn.max_windows)
+        n_windows += len(sel)
+        if stage.has(i):
+            continue
         f, t = rcnn_features(trunk, ds.image(i), windows[i].boxes[sel], size, levels, deep=run.pool_deep())
-        out[i] = (sel, f)
+        atomic_save_npz(stage.path(i), sel=sel.astype(np.int64), f=f)
+        new += 1
         for k in secs:
             secs[k] += t[k]
-    return out, secs
+    # the seconds of the call that last warped images (all of them unless it resumed); a call that warped none
+    # keeps those recorded
+    timing = {"warp_seconds": secs["warp"], "conv_seconds": secs["conv"]} if new else {}
+    return stage.finish(len(windows), windows=n_windows, new_images=new, **timing)
 
 
-def _svms(run: Run, windows: dict, feats: dict, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-class SVMs by sppdet's hard-negative trainer (``svm`` settings) on the warped windows' features."""
-    k_cls = len(run.classes)
+def _shard(directory, i: str) -> tuple[np.ndarray, np.ndarray]:
+    """An image's R-CNN shard: its scored windows' indices and their pool5 rows."""
+    z = load_npz(directory / f"{i}.npz", required=("sel", "f"))
+    return z["sel"], z["f"]
+
+
+def _rcnn_dim(run: Run) -> int:
+    """The length of R-CNN mode's pool5 rows."""
+    return SpatialPyramidPooling(run.cfg.features.levels, deep=run.pool_deep()).output_dim(run.backbone().out_channels)
+
+
+def _train(run: Run, ds, windows: dict, d, dim: int, cap: int) -> tuple[dict, BoxRegressor, float]:
+    """SVMs (``svm`` settings, sppdet's hard-negative trainer) and ridge regressors (``bbox_reg``) on the shards in
+    ``d``, read one image at a time: a pass for the feature scale and the positives, one mining the negatives and
+    drawing the regressors' samples. Memory: one image's rows, the negative pool (``svm.max_pool_gb``, each class
+    capped at ``cap``), the positives, and at most 3,000 regression samples per class."""
+    from tqdm import tqdm
+
+    cfg, k_cls = run.cfg, len(run.classes)
+    ids = list(windows)
+    scale = cfg.svm.target_norm / mean_norm(_shard(d, i)[1][:cfg.svm.norm_boxes] for i in ids[:cfg.svm.norm_images])
     pos = [[] for _ in range(k_cls)]
-    for i, (sel, f) in feats.items():
-        w = windows[i]
-        for j, s in enumerate(sel):
-            if w.is_gt[s]:
-                pos[int(w.label[s])].append(f[j] * scale)
-    dim = next(iter(feats.values()))[1].shape[1]
+    for i in ids:
+        sel, f = _shard(d, i)
+        g = windows[i].is_gt[sel]
+        for j in np.nonzero(g)[0]:
+            pos[int(windows[i].label[sel[j]])].append(f[j] * scale)
     x_pos = [np.stack(p).astype(np.float32) if p else np.zeros((0, dim), np.float32) for p in pos]
-    trainer = HardNegativeTrainer(x_pos, dim, run.cfg.svm, log_fn=run.log)
-    ids = list(feats)
-    for n, i in enumerate(ids):
-        sel, f = feats[i]
-        prop = ~windows[i].is_gt[sel]
-        neg = windows[i].class_iou[sel[prop]] < run.cfg.svm.neg_iou
+    trainer = HardNegativeTrainer(x_pos, dim, cfg.svm, log_fn=run.log, max_negatives=cap,
+                                  max_rows=pool_rows(dim, cfg.svm.max_pool_gb))
+    samples = RegressionSamples(k_cls, REG_SAMPLES, np.random.default_rng(cfg.seed))
+    for n, i in enumerate(tqdm(ids, desc="r-cnn svm + bbox_reg (from disk)", unit="img")):
+        sel, f = _shard(d, i)
+        w = windows[i]
+        prop = ~w.is_gt[sel]
+        neg = w.class_iou[sel[prop]] < cfg.svm.neg_iou
         trainer.add_image(n, (f[prop] * scale).astype(np.float32), neg, last=n == len(ids) - 1)
+        r = np.nonzero(w.max_iou[sel] > cfg.bbox_reg.min_overlap)[0]
+        if len(r):
+            samples.offer(f[r], w.boxes[sel[r]], ds.annotation(i).boxes[w.gt_index[sel[r]]], w.label[sel[r]])
     caches = trainer.finish()
-    W = np.stack([c.w if c.w is not None else np.zeros(dim, np.float32) for c in caches])
-    b = np.array([c.b for c in caches], np.float32)
-    return W, b, np.array([c.w is not None for c in caches])
+    svms = {"W": np.stack([c.w if c.w is not None else np.zeros(dim, np.float32) for c in caches]),
+            "b": np.array([c.b for c in caches], np.float32), "trained": np.array([c.w is not None for c in caches])}
+    reg = fit_regressors(run, *samples.lists(), cfg.bbox_reg.target_norm / samples.mean_norm)[0]
+    return svms, reg, scale
 
 
-def _regressors(run: Run, ds, windows: dict, feats: dict) -> BoxRegressor:
-    """Per-class ridge regressors (``bbox_reg`` settings) on the warped windows' features."""
-    cfg, k_cls = run.cfg.bbox_reg, len(run.classes)
-    xs, ps, gs = [[] for _ in range(k_cls)], [[] for _ in range(k_cls)], [[] for _ in range(k_cls)]
-    for i, (sel, f) in feats.items():
-        w, gt = windows[i], ds.annotation(i).boxes
-        for j, s in enumerate(sel):
-            if w.max_iou[s] > cfg.min_overlap:
-                k = int(w.label[s])
-                xs[k].append(f[j])
-                ps[k].append(w.boxes[s])
-                gs[k].append(gt[w.gt_index[s]])
-    scale = cfg.target_norm / mean_norm([np.stack(x) for x in xs if x])
-    return fit_regressors(run, xs, ps, gs, scale)[0]
+# Regression samples kept per class (uniformly drawn), as the SPP-net route's box regression stage.
+REG_SAMPLES = 3000
+
+
+def _settings(run: Run) -> tuple[dict, dict]:
+    """What R-CNN mode's model depends on: its config sections, and the pooling and each class's negative cap."""
+    cfg = run.cfg
+    s = cfg.svm
+    cap = negatives_cap(s.max_negatives, len(run.classes), _rcnn_dim(run), s.max_pool_gb, s.retrain_limit)
+    return ({"rcnn": cfg.rcnn, "svm": svm_section(cfg), "bbox_reg": cfg.bbox_reg},
+            {**_pooling(run), "negatives_cap": cap, "bbox_reg_samples": REG_SAMPLES})
 
 
 def stage_rcnn(run: Run, overwrite: bool = False) -> dict:
-    """Train R-CNN mode's SVMs and box regressors on the train split's warped windows."""
+    """Train R-CNN mode's SVMs and box regressors on the train split's warped windows (their features written to
+    disk first by :func:`stage_rcnn_features`)."""
     cfg = run.cfg
     tr = cfg.data.train_split
     inputs = image_route_inputs(run, tr)
     path = run.dir / "model" / "rcnn" / "rcnn.npz"
-    stage = stage_folder(path.parent, "rcnn",
-                         {"rcnn": cfg.rcnn, "svm": svm_section(cfg), "bbox_reg": cfg.bbox_reg},
-                         _pooling(run), inputs, overwrite, extra_defaults=SETTINGS_BEFORE)
+    sections, extra = _settings(run)
+    stage = stage_folder(path.parent, "rcnn", sections, extra, inputs, overwrite,
+                         extra_defaults=settings_before(run))
     if path.is_file():
         run.log(f"rcnn: reusing {path}")
         return stage.finish(1)
+    feats = stage_rcnn_features(run, tr, overwrite)
     ds = run.dataset(tr)
     windows = split_windows(run, tr, ds)
-    t0 = time.time()
-    feats, secs = _train_features(run, ds, windows)
     t1 = time.time()
-    scale = cfg.svm.target_norm / mean_norm([f[:cfg.svm.norm_boxes] for _, f in list(feats.values())[:cfg.svm.norm_images]])
-    W, b, trained = _svms(run, windows, feats, scale)
-    reg = _regressors(run, ds, windows, feats)
-    atomic_save_npz(path, W=W, b=b, trained=trained, feature_scale=np.float64(scale), classes=np.array(run.classes),
+    svms, reg, scale = _train(run, ds, windows, rcnn_features_dir(run, tr), _rcnn_dim(run), extra["negatives_cap"])
+    atomic_save_npz(path, **svms, feature_scale=np.float64(scale), classes=np.array(run.classes),
                     reg_W=reg.W, reg_b=reg.b, reg_mu=reg.mu, reg_T_inv=reg.T_inv,
                     reg_scale=np.float64(reg.feature_scale), reg_trained=reg.trained)
-    n_feat = sum(len(s) for s, _ in feats.values())
-    return stage.finish(1, feature_seconds=t1 - t0, train_seconds=time.time() - t1, warp_seconds=secs["warp"],
-                        conv_seconds=secs["conv"], windows=n_feat,
-                        feature_bytes=int(sum(f.nbytes for _, f in feats.values())), feature_cache_bytes=0)
+    warp, conv = feats.get("warp_seconds", 0.0), feats.get("conv_seconds", 0.0)
+    return stage.finish(1, feature_seconds=warp + conv, train_seconds=time.time() - t1, warp_seconds=warp,
+                        conv_seconds=conv, windows=feats["windows"], feature_bytes=feats["bytes"])
 
 
 def stage_rcnn_test(run: Run, split: str | None = None, draw: int = 4, progress: bool = True) -> dict:
@@ -150,9 +204,7 @@ def stage_rcnn_test(run: Run, split: str | None = None, draw: int = 4, progress:
     require_proposals(run, split)
     require_current(run, split, run.proposals_dir(split))
     d = run.dir / "model" / "rcnn"
-    require_settings(run, d, "tools/train_rcnn.py",
-                     {"rcnn": cfg.rcnn, "svm": svm_section(cfg), "bbox_reg": cfg.bbox_reg},
-                     _pooling(run), extra_defaults=SETTINGS_BEFORE)
+    require_settings(run, d, "tools/train_rcnn.py", *_settings(run), extra_defaults=settings_before(run))
     m = load_npz(d / "rcnn.npz")
     reg = BoxRegressor(m["reg_W"], m["reg_b"], m["reg_mu"], m["reg_T_inv"], float(m["reg_scale"]), m["reg_trained"])
     store = ProposalStore(run.proposals_dir(split))
@@ -187,5 +239,5 @@ def stage_rcnn_test(run: Run, split: str | None = None, draw: int = 4, progress:
 
 SPEC = StageSpec("rcnn", "tools/train_rcnn.py", False,
                  ("data: train images and annotations", "proposals/<train>/", "the trunk"),
-                 "model/rcnn/", ("rcnn", "svm", "bbox_reg", "features.levels", "features.deep_levels",
+                 "features_rcnn/<train>/, model/rcnn/", ("rcnn", "svm", "bbox_reg", "features.levels", "features.deep_levels",
                                 "pretrain.sizes"), stage_rcnn)
