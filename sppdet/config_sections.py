@@ -224,7 +224,8 @@ class SVMConfig:
     # needed so that the classes' caches, each at most the cap + retrain_limit, fill 90% of it
     # (sppdet.svm.negatives_cap; the cap in force is what the stage records). Without it the pool grows with
     # classes x cap x feature length: 20 classes of 23,600-d pool5 rows at 12,000 would be 23 GB; at 8 GB their
-    # cap is 1,813, the hardest kept.
+    # cap is 1,813, the hardest kept. The positives are held to the same bound apart: each class keeps at most its
+    # share of it (sppdet.svm.positives_cap: 4,237 there), a uniform sample where it has more objects.
     max_pool_gb: float = field(default=8.0, metadata={"min": 0.0, "record": False})
     # Hard negatives: one window per conv5 rectangle and scale (the authors' dedup; windows on the
     # same rectangle pool to identical features). SVMs trained before the option existed had none.

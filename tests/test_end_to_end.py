@@ -708,6 +708,14 @@ def test_rcnn_mode_writes_its_features_to_disk_trains_from_them_and_resumes(trai
     tool("train_rcnn.py", *common[:-2], "--set", "rcnn.max_windows=20", "--no-test", "--overwrite")
     fm = json.loads((feats / "manifest.json").read_text())
     assert fm["new_images"] == len(train_ids) and fm["config"]["max_windows"] == 20
+    # svm.max_pool_gb bounds the positives too: at two rows per class each class keeps a sample of two
+    gb = 2 * len(m["classes"]) * 4 * z["f"].shape[1] / 1e9 * 1.001
+    mtimes = {p: p.stat().st_mtime_ns for p in feats.glob("*.npz")}
+    r = tool("train_rcnn.py", *common[:-2], "--set", "rcnn.max_windows=20", "--set", f"svm.max_pool_gb={gb}",
+             "--no-test", "--overwrite")
+    assert "2 positives (a uniform sample of" in r.stdout, r.stdout[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # --overwrite kept the features: they were current
+    assert json.loads((model / "manifest.json").read_text())["config"]["positives_cap"] == 2
 
 
 def test_readme_own_data_steps_run_as_written_on_the_tiny_config(trained, tmp_path):

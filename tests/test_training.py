@@ -747,6 +747,37 @@ def test_the_pool_bound_lowers_the_cap_to_fit_and_the_bounded_pool_trains_the_sa
         assert np.array_equal(bounded.pool.x[a.idx], free.pool.x[b.idx])
 
 
+def test_the_positives_are_capped_per_class_by_the_pool_bound_with_a_uniform_sample():
+    """``svm.max_pool_gb`` also caps each class's positives at its share of the bound's rows: a class under the cap
+    keeps every row in order (the SVMs of before), one over it a seeded uniform sample of distinct offered rows."""
+    from sppdet.stages.svm import ClassSample
+    from sppdet.svm import positives_cap
+
+    assert positives_cap(20, 23600, 8.0) == 4237 and positives_cap(3, 23600, 8.0) == 28248
+    assert positives_cap(20, 23600, 0.0) == 0 and positives_cap(10 ** 9, 23600, 8.0) == 1
+
+    class _Run:
+        classes = ["a", "b"]
+        lines: list = []
+
+        def log(self, s):
+            self.lines.append(s)
+
+    rows = np.arange(40, dtype=np.float32).reshape(20, 2)
+    labels = np.array([0] * 4 + [1] * 16)
+    samples = []
+    for seed in (0, 0, 1):
+        c = ClassSample(2, 6, np.random.default_rng(seed))
+        for j in range(0, 20, 3):
+            c.offer(rows[j:j + 3], labels[j:j + 3])
+        samples.append(c.finish(_Run(), 2, "svm"))
+    a, b = samples[0]
+    assert np.array_equal(a, rows[:4]) and b.shape == (6, 2) and b.dtype == np.float32
+    assert len({tuple(r) for r in b}) == 6 and all(tuple(r) in {tuple(x) for x in rows[4:]} for r in b)
+    assert np.array_equal(samples[1][1], b) and not np.array_equal(samples[2][1], b)
+    assert any("6 positives (a uniform sample of 16" in line for line in _Run.lines)
+
+
 @pytest.mark.parametrize("pos_weight,bias_mult", [(2.0, 10.0), (1.0, 1.0)])
 def test_dcd_solver_reaches_liblinears_optimum(pos_weight, bias_mult):
     """svm.solver dcd minimises liblinear's objective: solved tightly, both reach the same weights and objective;

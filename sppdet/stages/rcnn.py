@@ -21,12 +21,12 @@ from ..rcnn import rcnn_features
 from ..run import Run
 from ..spp import SpatialPyramidPooling
 from ..store import atomic_save_npz, load_npz
-from ..svm import HardNegativeTrainer, mean_norm, negatives_cap, pool_rows
+from ..svm import HardNegativeTrainer, mean_norm, negatives_cap, pool_rows, positives_cap
 from .common import (StageSpec, image_route_inputs, require_current, require_settings, split_windows,
                      stage_folder)
 from .bbox_reg import RegressionSamples, fit_regressors
 from .proposals import require_proposals
-from .svm import svm_section
+from .svm import ClassSample, svm_section
 from .test import annotations_of, evaluate, write_results
 
 
@@ -45,8 +45,10 @@ SETTINGS_BEFORE = {"deep_levels": None}
 
 def settings_before(run: Run) -> dict:
     """``extra_defaults`` of R-CNN mode's model: :data:`SETTINGS_BEFORE`, each class's negative cap
-    ``svm.max_negatives`` (before ``svm.max_pool_gb``) and every regression sample kept (0)."""
-    return {**SETTINGS_BEFORE, "negatives_cap": run.cfg.svm.max_negatives, "bbox_reg_samples": 0}
+    ``svm.max_negatives`` (before ``svm.max_pool_gb``), every regression sample kept (0), and every positive kept
+    (the cap now in force while no class passes it)."""
+    return {**SETTINGS_BEFORE, "negatives_cap": run.cfg.svm.max_negatives, "bbox_reg_samples": 0,
+            "positives_cap": _settings(run)[1]["positives_cap"]}
 
 
 def _pooling(run: Run) -> dict:
@@ -118,24 +120,24 @@ def _rcnn_dim(run: Run) -> int:
     return SpatialPyramidPooling(run.cfg.features.levels, deep=run.pool_deep()).output_dim(run.backbone().out_channels)
 
 
-def _train(run: Run, ds, windows: dict, d, dim: int, cap: int) -> tuple[dict, BoxRegressor, float]:
+def _train(run: Run, ds, windows: dict, d, dim: int, caps: dict) -> tuple[dict, BoxRegressor, float]:
     """SVMs (``svm`` settings, sppdet's hard-negative trainer) and ridge regressors (``bbox_reg``) on the shards in
     ``d``, read one image at a time: a pass for the feature scale and the positives, one mining the negatives and
-    drawing the regressors' samples. Memory: one image's rows, the negative pool (``svm.max_pool_gb``, each class
-    capped at ``cap``), the positives, and at most 3,000 regression samples per class."""
+    drawing the regressors' samples. Memory: one image's rows, the negative pool and the positives (each bounded by
+    ``svm.max_pool_gb``: ``caps``' per-class ``negatives_cap`` and ``positives_cap``), and at most 3,000 regression
+    samples per class."""
     from tqdm import tqdm
 
     cfg, k_cls = run.cfg, len(run.classes)
     ids = list(windows)
     scale = cfg.svm.target_norm / mean_norm(_shard(d, i)[1][:cfg.svm.norm_boxes] for i in ids[:cfg.svm.norm_images])
-    pos = [[] for _ in range(k_cls)]
+    pos = ClassSample(k_cls, caps["positives_cap"], np.random.default_rng([cfg.seed, 1]))
     for i in ids:
         sel, f = _shard(d, i)
-        g = windows[i].is_gt[sel]
-        for j in np.nonzero(g)[0]:
-            pos[int(windows[i].label[sel[j]])].append(f[j] * scale)
-    x_pos = [np.stack(p).astype(np.float32) if p else np.zeros((0, dim), np.float32) for p in pos]
-    trainer = HardNegativeTrainer(x_pos, dim, cfg.svm, log_fn=run.log, max_negatives=cap,
+        g = np.nonzero(windows[i].is_gt[sel])[0]
+        pos.offer(f[g] * scale, windows[i].label[sel[g]])
+    trainer = HardNegativeTrainer(pos.finish(run, dim, "rcnn svm"), dim, cfg.svm, log_fn=run.log,
+                                  max_negatives=caps["negatives_cap"],
                                   max_rows=pool_rows(dim, cfg.svm.max_pool_gb))
     samples = RegressionSamples(k_cls, REG_SAMPLES, np.random.default_rng(cfg.seed))
     for n, i in enumerate(tqdm(ids, desc="r-cnn svm + bbox_reg (from disk)", unit="img")):
@@ -162,9 +164,10 @@ def _settings(run: Run) -> tuple[dict, dict]:
     """What R-CNN mode's model depends on: its config sections, and the pooling and each class's negative cap."""
     cfg = run.cfg
     s = cfg.svm
-    cap = negatives_cap(s.max_negatives, len(run.classes), _rcnn_dim(run), s.max_pool_gb, s.retrain_limit)
+    dim, k_cls = _rcnn_dim(run), len(run.classes)
     return ({"rcnn": cfg.rcnn, "svm": svm_section(cfg), "bbox_reg": cfg.bbox_reg},
-            {**_pooling(run), "negatives_cap": cap, "bbox_reg_samples": REG_SAMPLES})
+            {**_pooling(run), "negatives_cap": negatives_cap(s.max_negatives, k_cls, dim, s.max_pool_gb, s.retrain_limit),
+             "positives_cap": positives_cap(k_cls, dim, s.max_pool_gb), "bbox_reg_samples": REG_SAMPLES})
 
 
 def stage_rcnn(run: Run, overwrite: bool = False) -> dict:
@@ -184,7 +187,7 @@ def stage_rcnn(run: Run, overwrite: bool = False) -> dict:
     ds = run.dataset(tr)
     windows = split_windows(run, tr, ds)
     t1 = time.time()
-    svms, reg, scale = _train(run, ds, windows, rcnn_features_dir(run, tr), _rcnn_dim(run), extra["negatives_cap"])
+    svms, reg, scale = _train(run, ds, windows, rcnn_features_dir(run, tr), _rcnn_dim(run), extra)
     atomic_save_npz(path, **svms, feature_scale=np.float64(scale), classes=np.array(run.classes),
                     reg_W=reg.W, reg_b=reg.b, reg_mu=reg.mu, reg_T_inv=reg.T_inv,
                     reg_scale=np.float64(reg.feature_scale), reg_trained=reg.trained)

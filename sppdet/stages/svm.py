@@ -24,9 +24,10 @@ from ..roidb import group_windows_mask
 from ..run import Run
 from ..store import atomic_save_npz
 from ..manifest import Stage
-from ..svm import HardNegativeTrainer, negatives_cap, pool_fits, pool_rows
+from ..svm import HardNegativeTrainer, negatives_cap, pool_fits, pool_rows, positives_cap
 from .common import (StageSpec, config_cache, feature_cache, pooling_before, pooling_record, require_flipped_maps,
                      sample_norm, split_windows, stage_folder)
+from .bbox_reg import Reservoir
 from .finetune import load_head, pretrained_head
 
 FEATURES = ("pool5", "fc6", "fc7", "fc6_noft", "fc7_noft")
@@ -73,16 +74,23 @@ SETTINGS_BEFORE = {"fc_precision": "fp32"}
 def svm_settings(run: Run, feature: str) -> tuple[dict, dict]:
     """What an SVM set depends on, as the stage records it and later stages check it: the ``svm`` section, the
     feature, with the precision resolved (``"auto"`` is bf16 on one machine, fp32 on another; pool5 has no fc
-    layer) recorded instead of the ``svm.fc_precision`` key, and the pooling keys its windows are pooled with."""
+    layer) recorded instead of the ``svm.fc_precision`` key, the caps on each class's negatives and positives, and
+    the pooling keys its windows are pooled with."""
     cfg = run.cfg
+    dim = svm_dim(run, feature)
     return {"svm": svm_section(cfg)}, {"feature": feature, "fc_precision": svm_fc_precision(cfg, feature),
-                                       "negatives_cap": svm_negatives_cap(run, feature), **pooling_record(run)}
+                                       "negatives_cap": _negatives_cap(run, dim),
+                                       "positives_cap": positives_cap(len(run.classes), dim, cfg.svm.max_pool_gb),
+                                       **pooling_record(run)}
 
 
-def settings_before(run: Run) -> dict:
-    """``extra_defaults`` of an SVM set: what its manifest lacking a recorded value was made with (before
-    ``svm.max_pool_gb``, each class's cap was ``svm.max_negatives``)."""
-    return {**SETTINGS_BEFORE, "negatives_cap": run.cfg.svm.max_negatives, **pooling_before(run)}
+def settings_before(run: Run, feature: str) -> dict:
+    """``extra_defaults`` of ``feature``'s SVM set: what its manifest lacking a recorded value was made with (before
+    ``svm.max_pool_gb``, each class's negative cap was ``svm.max_negatives``; every positive was kept, which is the
+    cap now in force while no class passes it)."""
+    return {**SETTINGS_BEFORE, "negatives_cap": run.cfg.svm.max_negatives,
+            "positives_cap": positives_cap(len(run.classes), svm_dim(run, feature), run.cfg.svm.max_pool_gb),
+            **pooling_before(run)}
 
 
 def svm_dim(run: Run, feature: str) -> int:
@@ -92,11 +100,11 @@ def svm_dim(run: Run, feature: str) -> int:
     return run.cfg.finetune.hidden
 
 
-def svm_negatives_cap(run: Run, feature: str) -> int:
-    """Each class's cap on its negative cache for ``feature``'s SVMs: ``svm.max_negatives``, lowered where
+def _negatives_cap(run: Run, dim: int) -> int:
+    """Each class's cap on its negative cache for SVMs on ``dim``-d rows: ``svm.max_negatives``, lowered where
     ``svm.max_pool_gb`` could not hold every class's full cache (:func:`sppdet.svm.negatives_cap`)."""
     s = run.cfg.svm
-    return negatives_cap(s.max_negatives, len(run.classes), svm_dim(run, feature), s.max_pool_gb, s.retrain_limit)
+    return negatives_cap(s.max_negatives, len(run.classes), dim, s.max_pool_gb, s.retrain_limit)
 
 
 def stage_svm(run: Run, feature: str | None = None, tag: str = "", overwrite: bool = False) -> dict:
@@ -116,10 +124,10 @@ class _Set:
     """One SVM set being trained: its feature, file, stage folder, head and precision, then its views and trainer."""
 
     def __init__(self, feature: str, path, stage: Stage, head: FCHead | None, layer: str, precision: str,
-                 negatives_cap: int):
+                 negatives_cap: int, positives_cap: int):
         self.feature, self.path, self.stage, self.head, self.layer, self.precision = \
             feature, path, stage, head, layer, precision
-        self.negatives_cap = negatives_cap
+        self.negatives_cap, self.positives_cap = negatives_cap, positives_cap
         self.views: _Views | None = None
         self.trainer: HardNegativeTrainer | None = None
 
@@ -145,12 +153,14 @@ def _svm_sets(run: Run, sets: list[tuple[str, str]], overwrite: bool) -> list[di
         inputs = {k: v for k, v in shared.items() if k != "finetune" or feature in ("fc6", "fc7")}
         path = run.svm_path(tag)
         sections, extra = svm_settings(run, feature)
-        stage = stage_folder(path.parent, "svm", sections, extra, inputs, overwrite, extra_defaults=settings_before(run))
+        stage = stage_folder(path.parent, "svm", sections, extra, inputs, overwrite,
+                             extra_defaults=settings_before(run, feature))
         if path.is_file():
             run.log(f"svm: reusing {path}")
             results[j] = stage.finish(1)
         else:
-            todo[j] = _Set(feature, path, stage, head, layer, extra["fc_precision"], extra["negatives_cap"])
+            todo[j] = _Set(feature, path, stage, head, layer, extra["fc_precision"], extra["negatives_cap"],
+                           extra["positives_cap"])
     if not todo:
         return results
     windows = split_windows(run, tr)
@@ -161,7 +171,7 @@ def _svm_sets(run: Run, sets: list[tuple[str, str]], overwrite: bool) -> list[di
             cache, windows, rng, cfg.svm.norm_images, cfg.svm.norm_boxes,
             lambda x, s=s: layer_features(s.head, s.layer, x, s.precision))
         s.views = _Views(run, cache, windows, s.head, s.layer, scale, s.precision, device)
-        s.trainer = HardNegativeTrainer(_positives(run, s.views), s.views.dim, cfg.svm, log_fn=run.log,
+        s.trainer = HardNegativeTrainer(_positives(run, s.views, s.positives_cap), s.views.dim, cfg.svm, log_fn=run.log,
                                         max_negatives=s.negatives_cap,
                                         max_rows=pool_rows(s.views.dim, cfg.svm.max_pool_gb))
         if s.negatives_cap != cfg.svm.max_negatives:
@@ -226,26 +236,46 @@ class _Views:
             yield feats.mirrored(), flip_boxes(boxes, feats.width)
 
 
-def _positives(run: Run, views: _Views) -> list[np.ndarray]:
-    """Per class, the features of its ground-truth boxes (difficult included, as the authors' roidb)."""
+def _positives(run: Run, views: _Views, cap: int = 0) -> list[np.ndarray]:
+    """Per class, the features of its ground-truth boxes (difficult included, as the authors' roidb): all of them
+    while a class has no more than ``cap`` (0: no cap), else a uniform sample of ``cap``, drawn as they come."""
     from tqdm import tqdm
 
-    pos: list[list[np.ndarray]] = [[] for _ in run.classes]
+    pos = ClassSample(len(run.classes), cap, np.random.default_rng([run.cfg.seed, 1]))
     for i in tqdm(views.windows, desc="svm positives", unit="img", leave=False):
         w = views.windows[i]
         g = np.nonzero(w.is_gt)[0]
         for feats, boxes in (views(i) if len(g) else ()):
-            f = views.features(views.cache.pooled(feats, boxes[g]))
-            for j, gi in enumerate(g):
-                pos[int(w.label[gi])].append(f[j:j + 1])
-    x_pos = [np.concatenate(p) if p else np.zeros((0, views.dim), np.float32) for p in pos]
-    for k, name in enumerate(run.classes):
-        run.log(f"svm {name}: {len(x_pos[k])} positives")
-        if not len(x_pos[k]):
-            run.log(f"warning: class {name!r} has no object in the training split {run.cfg.data.train_split!r}: no "
-                    "SVM can be trained for it, so it is left out of scoring (never detected, AP 0); add labelled "
-                    "examples of it")
-    return x_pos
+            pos.offer(views.features(views.cache.pooled(feats, boxes[g])), w.label[g])
+    return pos.finish(run, views.dim, f"svm ({views.layer})")
+
+
+class ClassSample:
+    """Per class, the rows offered, or a uniform sample of ``cap`` of them where a class is offered more
+    (:class:`~sppdet.stages.bbox_reg.Reservoir`; in the order offered while it holds all): the SVMs' positives,
+    bounded by ``svm.max_pool_gb`` (:func:`sppdet.svm.positives_cap`). Serves the SPP-net route and R-CNN mode."""
+
+    def __init__(self, classes: int, cap: int, rng: np.random.Generator):
+        self.cap, self.reservoirs = cap, [Reservoir(cap, rng) for _ in range(classes)]
+
+    def offer(self, rows: np.ndarray, labels: np.ndarray) -> None:
+        for j, k in enumerate(labels):
+            self.reservoirs[int(k)].offer(np.array(rows[j], np.float32))
+
+    def finish(self, run: Run, dim: int, what: str) -> list[np.ndarray]:
+        """The rows per class as ``(n, dim)`` float32, with a line per class in the run's log (and a warning for a
+        class without any, which is left out of scoring)."""
+        out = []
+        for name, r in zip(run.classes, self.reservoirs):
+            out.append(np.stack(r.items) if r.items else np.zeros((0, dim), np.float32))
+            kept = f" (a uniform sample of {r.seen}: svm.max_pool_gb caps each class at {self.cap})" \
+                if r.seen > len(r.items) else ""
+            run.log(f"{what} {name}: {len(r.items)} positives{kept}")
+            if not r.items:
+                run.log(f"warning: class {name!r} has no object in the training split {run.cfg.data.train_split!r}: no "
+                        "SVM can be trained for it, so it is left out of scoring (never detected, AP 0); add labelled "
+                        "examples of it")
+        return out
 
 
 def _mine(run: Run, sets: list[_Set]) -> dict:

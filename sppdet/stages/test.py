@@ -46,10 +46,10 @@ def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool |
                              f"tools/train_svm.py trains (or leave them out: --set 'test.combine=[]')")
     svms = [load_svms(run.svm_path(t)) for _, t in sets]
     if check:
-        before = settings_before(run)
         for s, (_, t) in zip(svms, sets):
-            require_settings(run, run.svm_path(t).parent, "tools/train_svm.py",
-                             *svm_settings(run, str(s["feature"])), extra_defaults=before)
+            feature = str(s["feature"])
+            require_settings(run, run.svm_path(t).parent, "tools/train_svm.py", *svm_settings(run, feature),
+                             extra_defaults=settings_before(run, feature))
     head = None
     if svms[0]["feature"] in ("fc6_noft", "fc7_noft"):
         head = pretrained_head(run)
