@@ -20,7 +20,7 @@ from ..proposals import ProposalStore
 from ..rcnn import rcnn_features
 from ..run import Run
 from ..spp import SpatialPyramidPooling
-from ..store import atomic_save_npz, load_npz
+from ..store import StaleCacheError, atomic_save_npz, load_npz
 from ..svm import HardNegativeTrainer, mean_norm, negatives_cap, pool_rows, positives_cap
 from .common import (StageSpec, image_route_inputs, require_current, require_settings, split_windows,
                      stage_folder)
@@ -76,8 +76,6 @@ def stage_rcnn_features(run: Run, split: str, overwrite: bool = False) -> dict:
     wrote its features before training its SVMs on them. Resumes: an image whose shard exists is not warped again.
     With ``overwrite`` a folder made with other settings is rebuilt; one made with these is reused."""
     from tqdm import tqdm
-
-    from ..store import StaleCacheError
 
     cfg = run.cfg
     d = rcnn_features_dir(run, split)
