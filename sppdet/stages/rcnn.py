@@ -164,7 +164,8 @@ def _settings(run: Run) -> tuple[dict, dict]:
     s = cfg.svm
     dim, k_cls = _rcnn_dim(run), len(run.classes)
     return ({"rcnn": cfg.rcnn, "svm": svm_section(cfg), "bbox_reg": cfg.bbox_reg},
-            {**_pooling(run), "negatives_cap": negatives_cap(s.max_negatives, k_cls, dim, s.max_pool_gb, s.retrain_limit),
+            {**_pooling(run),
+             "negatives_cap": negatives_cap(s.max_negatives, k_cls, dim, s.max_pool_gb, s.retrain_limit),
              "positives_cap": positives_cap(k_cls, dim, s.max_pool_gb), "bbox_reg_samples": REG_SAMPLES})
 
 
@@ -240,5 +241,5 @@ def stage_rcnn_test(run: Run, split: str | None = None, draw: int = 4, progress:
 
 SPEC = StageSpec("rcnn", "tools/train_rcnn.py", False,
                  ("data: train images and annotations", "proposals/<train>/", "the trunk"),
-                 "features_rcnn/<train>/, model/rcnn/", ("rcnn", "svm", "bbox_reg", "features.levels", "features.deep_levels",
-                                "pretrain.sizes"), stage_rcnn)
+                 "features_rcnn/<train>/, model/rcnn/",
+                 ("rcnn", "svm", "bbox_reg", "features.levels", "features.deep_levels", "pretrain.sizes"), stage_rcnn)
