@@ -105,11 +105,10 @@ def compete_classes(scores: np.ndarray, weight: float) -> np.ndarray:
     one class): the scores as given. Classes without an SVM (``-inf``) stay at ``-inf`` and lower nothing."""
     if weight <= 0 or scores.ndim != 2 or scores.shape[1] < 2 or len(scores) == 0:
         return scores
-    s, finite = scores, np.isfinite(scores)
-    top2 = -np.partition(-s, 1, axis=1)[:, :2]  # per window its best and second-best margins
-    other = np.where(s >= top2[:, :1], top2[:, 1:], top2[:, :1])  # the best margin among the other classes
+    top2 = -np.partition(-scores, 1, axis=1)[:, :2]  # per window its best and second-best margins
+    other = np.where(scores >= top2[:, :1], top2[:, 1:], top2[:, :1])  # the best margin among the other classes
     with np.errstate(invalid="ignore"):
-        gap = np.where(finite & np.isfinite(other), np.maximum(other - s, 0), 0)
+        gap = np.where(np.isfinite(scores) & np.isfinite(other), np.maximum(other - scores, 0), 0)
     return (scores - np.asarray(weight, scores.dtype) * gap).astype(scores.dtype, copy=False)
 
 

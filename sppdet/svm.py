@@ -407,6 +407,13 @@ class HardNegativeTrainer:
                 "pool_bytes": int(self.pool.nbytes), "class_negatives": [int(len(c.idx)) for c in self.caches]}
 
 
+def svm_arrays(caches: list["ClassCache"], dim: int) -> dict:
+    """The solved per-class SVMs as arrays: ``W`` (K, dim) (zeros for a class without a solution), ``b`` (K,) and
+    ``trained`` (K,) bool, as ``svm.npz`` and R-CNN mode's model store them."""
+    return {"W": np.stack([c.w if c.w is not None else np.zeros(dim, np.float32) for c in caches]),
+            "b": np.array([c.b for c in caches], np.float32), "trained": np.array([c.w is not None for c in caches])}
+
+
 def pool_rows(dim: int, max_pool_gb: float) -> int:
     """The rows of ``dim`` float32 features that ``max_pool_gb`` GB hold (0: no bound)."""
     return int(max_pool_gb * 1e9 // (4 * dim)) if max_pool_gb > 0 else 0

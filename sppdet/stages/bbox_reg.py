@@ -14,7 +14,11 @@ from ..manifest import Stage
 from .common import StageSpec, feature_cache, pooling_before, pooling_record, split_windows, stage_folder
 
 
-def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = 3000) -> dict:
+# Box-regression samples kept per class (a uniform draw of the windows over bbox_reg.min_overlap), both routes.
+REGRESSION_SAMPLES = 3000
+
+
+def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = REGRESSION_SAMPLES) -> dict:
     """Per-class ridge regressors on pooled features (scaled to mean norm ``bbox_reg.target_norm``)."""
     cfg = run.cfg
     if cfg.bbox_reg.source != "ridge":
@@ -33,9 +37,7 @@ def stage_bbox_reg(run: Run, overwrite: bool = False, max_per_class: int = 3000)
     ds = run.dataset(tr)
     windows = split_windows(run, tr, ds)  # ds's annotations are parsed once and reused below
     samples = _samples(run, ds, windows, cache, max_per_class, np.random.default_rng(cfg.seed))
-    if samples.mean_norm is None:
-        raise ValueError(f"bbox regression: no window of split {tr!r} overlaps an object by > {cfg.bbox_reg.min_overlap}")
-    scale = cfg.bbox_reg.target_norm / samples.mean_norm
+    scale = samples.feature_scale(run)
     reg, stats = fit_regressors(run, *samples.lists(), scale, log=run.log)
     for r, name in zip(samples.reservoirs, run.classes):
         if name in stats:
@@ -107,9 +109,14 @@ class RegressionSamples:
         for j in range(len(feats)):
             self.reservoirs[int(labels[j])].offer((feats[j].copy(), boxes[j], gt_boxes[j]))
 
-    @property
-    def mean_norm(self) -> float | None:
-        return self.norm_sum / self.norms if self.norms else None
+    def feature_scale(self, run: Run) -> float:
+        """``bbox_reg.target_norm`` over the mean norm of every window offered; an error naming the split when none
+        was."""
+        cfg = run.cfg
+        if not self.norms:
+            raise ValueError(f"bbox regression: no window of split {cfg.data.train_split!r} overlaps an object by > "
+                             f"{cfg.bbox_reg.min_overlap}")
+        return cfg.bbox_reg.target_norm / (self.norm_sum / self.norms)
 
     def lists(self) -> tuple[list, list, list]:
         """Per class the kept features, proposal boxes and objects' boxes (:func:`fit_regressors`' arguments)."""

@@ -21,10 +21,10 @@ from ..rcnn import rcnn_features
 from ..run import Run
 from ..spp import SpatialPyramidPooling
 from ..store import StaleCacheError, atomic_save_npz, load_npz
-from ..svm import HardNegativeTrainer, mean_norm, negatives_cap, pool_rows, positives_cap
+from ..svm import HardNegativeTrainer, mean_norm, negatives_cap, pool_rows, positives_cap, svm_arrays
 from .common import (StageSpec, image_route_inputs, require_current, require_settings, split_windows,
                      stage_folder)
-from .bbox_reg import RegressionSamples, fit_regressors
+from .bbox_reg import REGRESSION_SAMPLES, RegressionSamples, fit_regressors
 from .proposals import require_proposals
 from .svm import ClassSample, svm_section
 from .test import annotations_of, evaluate, write_results
@@ -43,12 +43,12 @@ def _warp_size(run: Run) -> int:
 SETTINGS_BEFORE = {"deep_levels": None}
 
 
-def settings_before(run: Run) -> dict:
-    """``extra_defaults`` of R-CNN mode's model: :data:`SETTINGS_BEFORE`, each class's negative cap
-    ``svm.max_negatives`` (before ``svm.max_pool_gb``), every regression sample kept (0), and every positive kept
-    (the cap now in force while no class passes it)."""
+def settings_before(run: Run, extra: dict) -> dict:
+    """``extra_defaults`` of R-CNN mode's model whose recorded values now in force are ``extra`` (:func:`_settings`):
+    :data:`SETTINGS_BEFORE`, each class's negative cap ``svm.max_negatives`` (before ``svm.max_pool_gb``), every
+    regression sample kept (0), and every positive kept (the cap now in force while no class passes it)."""
     return {**SETTINGS_BEFORE, "negatives_cap": run.cfg.svm.max_negatives, "bbox_reg_samples": 0,
-            "positives_cap": _settings(run)[1]["positives_cap"]}
+            "positives_cap": extra["positives_cap"]}
 
 
 def _pooling(run: Run) -> dict:
@@ -70,11 +70,12 @@ def rcnn_features_dir(run: Run, split: str):
     return run.dir / "features_rcnn" / split
 
 
-def stage_rcnn_features(run: Run, split: str, overwrite: bool = False) -> dict:
+def stage_rcnn_features(run: Run, split: str, overwrite: bool = False, ds=None, windows: dict | None = None) -> dict:
     """R-CNN's first stage: each image's scored windows (:func:`_subset`) warped through the trunk, their pool5
     written to disk as one shard per image (``<id>.npz``: ``sel``, the windows' indices, and ``f``, float32), as R-CNN
     wrote its features before training its SVMs on them. Resumes: an image whose shard exists is not warped again.
-    With ``overwrite`` a folder made with other settings is rebuilt; one made with these is reused."""
+    With ``overwrite`` a folder made with other settings is rebuilt; one made with these is reused. ``ds`` and
+    ``windows``: the split's dataset and windows where the caller has read them already."""
     from tqdm import tqdm
 
     cfg = run.cfg
@@ -87,8 +88,8 @@ def stage_rcnn_features(run: Run, split: str, overwrite: bool = False) -> dict:
         if not overwrite:
             raise
         stage = stage_folder(d, "rcnn_features", {}, extra, inputs, True)
-    ds = run.dataset(split)
-    windows = split_windows(run, split, ds)
+    ds = ds if ds is not None else run.dataset(split)
+    windows = windows if windows is not None else split_windows(run, split, ds)
     trunk, size, levels = run.backbone(), _warp_size(run), cfg.features.levels
     secs, new, n_windows = {"warp": 0.0, "conv": 0.0}, 0, 0
     for i in tqdm(windows, desc="r-cnn features (warped windows, to disk)", unit="img"):
@@ -121,23 +122,29 @@ def _rcnn_dim(run: Run) -> int:
 def _train(run: Run, ds, windows: dict, d, dim: int, caps: dict) -> tuple[dict, BoxRegressor, float]:
     """SVMs (``svm`` settings, sppdet's hard-negative trainer) and ridge regressors (``bbox_reg``) on the shards in
     ``d``, read one image at a time: a pass for the feature scale and the positives, one mining the negatives and
-    drawing the regressors' samples. Memory: one image's rows, the negative pool and the positives (each bounded by
-    ``svm.max_pool_gb``: ``caps``' per-class ``negatives_cap`` and ``positives_cap``), and at most 3,000 regression
-    samples per class."""
+    drawing the regressors' samples (the feature scale comes from the first pass's first ``svm.norm_images`` shards,
+    and the positives are scaled once it is known). Memory: one image's rows, the negative pool and the positives
+    (each bounded by ``svm.max_pool_gb``: ``caps``' per-class ``negatives_cap`` and ``positives_cap``), and at most
+    ``REGRESSION_SAMPLES`` regression samples per class."""
     from tqdm import tqdm
 
     cfg, k_cls = run.cfg, len(run.classes)
     ids = list(windows)
-    scale = cfg.svm.target_norm / mean_norm(_shard(d, i)[1][:cfg.svm.norm_boxes] for i in ids[:cfg.svm.norm_images])
     pos = ClassSample(k_cls, caps["positives_cap"], np.random.default_rng([cfg.seed, 1]))
-    for i in ids:
+    norm_sample = []
+    for n, i in enumerate(ids):
         sel, f = _shard(d, i)
+        if n < cfg.svm.norm_images:
+            norm_sample.append(f[:cfg.svm.norm_boxes])
         g = np.nonzero(windows[i].is_gt[sel])[0]
-        pos.offer(f[g] * scale, windows[i].label[sel[g]])
-    trainer = HardNegativeTrainer(pos.finish(run, dim, "rcnn svm"), dim, cfg.svm, log_fn=run.log,
+        pos.offer(f[g], windows[i].label[sel[g]])
+    scale = cfg.svm.target_norm / mean_norm(norm_sample)
+    del norm_sample
+    x_pos = [p * np.float32(scale) for p in pos.finish(run, dim, "rcnn svm")]
+    trainer = HardNegativeTrainer(x_pos, dim, cfg.svm, log_fn=run.log,
                                   max_negatives=caps["negatives_cap"],
                                   max_rows=pool_rows(dim, cfg.svm.max_pool_gb))
-    samples = RegressionSamples(k_cls, REG_SAMPLES, np.random.default_rng(cfg.seed))
+    samples = RegressionSamples(k_cls, REGRESSION_SAMPLES, np.random.default_rng(cfg.seed))
     for n, i in enumerate(tqdm(ids, desc="r-cnn svm + bbox_reg (from disk)", unit="img")):
         sel, f = _shard(d, i)
         w = windows[i]
@@ -147,26 +154,20 @@ def _train(run: Run, ds, windows: dict, d, dim: int, caps: dict) -> tuple[dict, 
         r = np.nonzero(w.max_iou[sel] > cfg.bbox_reg.min_overlap)[0]
         if len(r):
             samples.offer(f[r], w.boxes[sel[r]], ds.annotation(i).boxes[w.gt_index[sel[r]]], w.label[sel[r]])
-    caches = trainer.finish()
-    svms = {"W": np.stack([c.w if c.w is not None else np.zeros(dim, np.float32) for c in caches]),
-            "b": np.array([c.b for c in caches], np.float32), "trained": np.array([c.w is not None for c in caches])}
-    reg = fit_regressors(run, *samples.lists(), cfg.bbox_reg.target_norm / samples.mean_norm)[0]
-    return svms, reg, scale
-
-
-# Regression samples kept per class (uniformly drawn), as the SPP-net route's box regression stage.
-REG_SAMPLES = 3000
+    svms = svm_arrays(trainer.finish(), dim)
+    return svms, fit_regressors(run, *samples.lists(), samples.feature_scale(run))[0], scale
 
 
 def _settings(run: Run) -> tuple[dict, dict]:
-    """What R-CNN mode's model depends on: its config sections, and the pooling and each class's negative cap."""
+    """What R-CNN mode's model depends on: its config sections; the pooling, each class's caps on its negatives and
+    positives, and the regression samples kept per class."""
     cfg = run.cfg
     s = cfg.svm
     dim, k_cls = _rcnn_dim(run), len(run.classes)
     return ({"rcnn": cfg.rcnn, "svm": svm_section(cfg), "bbox_reg": cfg.bbox_reg},
             {**_pooling(run),
              "negatives_cap": negatives_cap(s.max_negatives, k_cls, dim, s.max_pool_gb, s.retrain_limit),
-             "positives_cap": positives_cap(k_cls, dim, s.max_pool_gb), "bbox_reg_samples": REG_SAMPLES})
+             "positives_cap": positives_cap(k_cls, dim, s.max_pool_gb), "bbox_reg_samples": REGRESSION_SAMPLES})
 
 
 def stage_rcnn(run: Run, overwrite: bool = False) -> dict:
@@ -178,13 +179,13 @@ def stage_rcnn(run: Run, overwrite: bool = False) -> dict:
     path = run.dir / "model" / "rcnn" / "rcnn.npz"
     sections, extra = _settings(run)
     stage = stage_folder(path.parent, "rcnn", sections, extra, inputs, overwrite,
-                         extra_defaults=settings_before(run))
+                         extra_defaults=settings_before(run, extra))
     if path.is_file():
         run.log(f"rcnn: reusing {path}")
         return stage.finish(1)
-    feats = stage_rcnn_features(run, tr, overwrite)
     ds = run.dataset(tr)
-    windows = split_windows(run, tr, ds)
+    windows = split_windows(run, tr, ds)  # read once, for both stages
+    feats = stage_rcnn_features(run, tr, overwrite, ds, windows)
     t1 = time.time()
     svms, reg, scale = _train(run, ds, windows, rcnn_features_dir(run, tr), _rcnn_dim(run), extra)
     atomic_save_npz(path, **svms, feature_scale=np.float64(scale), classes=np.array(run.classes),
@@ -206,7 +207,8 @@ def stage_rcnn_test(run: Run, split: str | None = None, draw: int = 4, progress:
     require_proposals(run, split)
     require_current(run, split, run.proposals_dir(split))
     d = run.dir / "model" / "rcnn"
-    require_settings(run, d, "tools/train_rcnn.py", *_settings(run), extra_defaults=settings_before(run))
+    sections, extra = _settings(run)
+    require_settings(run, d, "tools/train_rcnn.py", sections, extra, extra_defaults=settings_before(run, extra))
     m = load_npz(d / "rcnn.npz")
     reg = BoxRegressor(m["reg_W"], m["reg_b"], m["reg_mu"], m["reg_T_inv"], float(m["reg_scale"]), m["reg_trained"])
     store = ProposalStore(run.proposals_dir(split))

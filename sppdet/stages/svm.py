@@ -24,7 +24,7 @@ from ..roidb import group_windows_mask
 from ..run import Run
 from ..store import atomic_save_npz
 from ..manifest import Stage
-from ..svm import HardNegativeTrainer, negatives_cap, pool_fits, pool_rows, positives_cap
+from ..svm import HardNegativeTrainer, negatives_cap, pool_fits, pool_rows, positives_cap, svm_arrays
 from .common import (StageSpec, config_cache, feature_cache, pooling_before, pooling_record, require_flipped_maps,
                      sample_norm, split_windows, stage_folder)
 from .bbox_reg import Reservoir
@@ -84,12 +84,11 @@ def svm_settings(run: Run, feature: str) -> tuple[dict, dict]:
                                        **pooling_record(run)}
 
 
-def settings_before(run: Run, feature: str) -> dict:
-    """``extra_defaults`` of ``feature``'s SVM set: what its manifest lacking a recorded value was made with (before
-    ``svm.max_pool_gb``, each class's negative cap was ``svm.max_negatives``; every positive was kept, which is the
-    cap now in force while no class passes it)."""
-    return {**SETTINGS_BEFORE, "negatives_cap": run.cfg.svm.max_negatives,
-            "positives_cap": positives_cap(len(run.classes), svm_dim(run, feature), run.cfg.svm.max_pool_gb),
+def settings_before(run: Run, extra: dict) -> dict:
+    """``extra_defaults`` of an SVM set whose recorded values now in force are ``extra`` (:func:`svm_settings`): what
+    its manifest lacking a recorded value was made with (before ``svm.max_pool_gb``, each class's negative cap was
+    ``svm.max_negatives``; every positive was kept, which is the cap now in force while no class passes it)."""
+    return {**SETTINGS_BEFORE, "negatives_cap": run.cfg.svm.max_negatives, "positives_cap": extra["positives_cap"],
             **pooling_before(run)}
 
 
@@ -154,7 +153,7 @@ def _svm_sets(run: Run, sets: list[tuple[str, str]], overwrite: bool) -> list[di
         path = run.svm_path(tag)
         sections, extra = svm_settings(run, feature)
         stage = stage_folder(path.parent, "svm", sections, extra, inputs, overwrite,
-                             extra_defaults=settings_before(run, feature))
+                             extra_defaults=settings_before(run, extra))
         if path.is_file():
             run.log(f"svm: reusing {path}")
             results[j] = stage.finish(1)
@@ -195,18 +194,14 @@ def _svm_sets(run: Run, sets: list[tuple[str, str]], overwrite: bool) -> list[di
 def _save(run: Run, s: _Set, mined: dict, mining_seconds: float, together: list[str]) -> dict:
     """Solve ``s``'s last retrain, write its ``svm.npz`` and finish its stage folder."""
     caches = s.trainer.finish()
-    dim = s.views.dim
-    W = np.stack([c.w if c.w is not None else np.zeros(dim, np.float32) for c in caches])
-    b = np.array([c.b for c in caches], np.float32)
     stats = {name: {"positives": int(len(c.x_pos)), "negative_cache": int(len(c.idx)), "retrains": c.retrains}
              for name, c in zip(run.classes, caches)}
     for name, st in stats.items():
         last = st["retrains"][-1]["objective"] if st["retrains"] else float("nan")
         run.log(f"svm {name} ({s.feature}): {st['positives']} positives, final negative cache "
                 f"{st['negative_cache']}, {len(st['retrains'])} retrains, final objective {last:.4f}")
-    trained = np.array([c.w is not None for c in caches])
-    atomic_save_npz(s.path, W=W, b=b, feature_scale=np.float64(s.views.scale), layer=np.array(s.layer),
-                    classes=np.array(run.classes), feature=np.array(s.feature), trained=trained)
+    atomic_save_npz(s.path, **svm_arrays(caches, s.views.dim), feature_scale=np.float64(s.views.scale),
+                    layer=np.array(s.layer), classes=np.array(run.classes), feature=np.array(s.feature))
     # mining_seconds: the one pass that mined every set in ``mined_with`` (pooled once for them all)
     return s.stage.finish(1, stats=stats, feature_scale=s.views.scale, fc_precision=s.precision,
                           mining_seconds=mining_seconds, mined=mined, mined_with=together,

@@ -47,9 +47,9 @@ def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool |
     svms = [load_svms(run.svm_path(t)) for _, t in sets]
     if check:
         for s, (_, t) in zip(svms, sets):
-            feature = str(s["feature"])
-            require_settings(run, run.svm_path(t).parent, "tools/train_svm.py", *svm_settings(run, feature),
-                             extra_defaults=settings_before(run, feature))
+            sections, extra = svm_settings(run, str(s["feature"]))
+            require_settings(run, run.svm_path(t).parent, "tools/train_svm.py", sections, extra,
+                             extra_defaults=settings_before(run, extra))
     head = None
     if svms[0]["feature"] in ("fc6_noft", "fc7_noft"):
         head = pretrained_head(run)
