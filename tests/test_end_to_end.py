@@ -695,9 +695,13 @@ def test_rcnn_mode_writes_its_features_to_disk_trains_from_them_and_resumes(trai
     assert m["method"] == "rcnn" and f"mAP (VOC07 11-point): {m['map07']:.3f}" in r.stdout
     assert m["map07"] > chance_map(tmp, m["classes"]), m["map07"]
     before = load_npz(model / "rcnn.npz")
-    shards[1].unlink()
     for p in model.iterdir():
         p.unlink()
+    shards[1].write_bytes(shards[1].read_bytes()[:100])  # a shard cut short: named, and deleting it is the way out
+    bad = tool("train_rcnn.py", "--run", run, "--no-test", check=False)
+    assert bad.returncode != 0 and f"{shards[1]}: R-CNN feature shard unreadable" in bad.stderr + bad.stdout
+    assert "delete it" in bad.stderr + bad.stdout and not (model / "rcnn.npz").exists()
+    shards[1].unlink()
     tool("train_rcnn.py", "--run", run, "--no-test")
     assert json.loads((feats / "manifest.json").read_text())["new_images"] == 1
     after = load_npz(model / "rcnn.npz")

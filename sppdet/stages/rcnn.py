@@ -20,7 +20,7 @@ from ..proposals import ProposalStore
 from ..rcnn import rcnn_features
 from ..run import Run
 from ..spp import SpatialPyramidPooling
-from ..store import StaleCacheError, atomic_save_npz, load_npz
+from ..store import ShardError, StaleCacheError, atomic_save_npz, load_npz
 from ..svm import HardNegativeTrainer, mean_norm, negatives_cap, pool_rows, positives_cap, svm_arrays
 from .common import (StageSpec, image_route_inputs, require_current, require_settings, split_windows,
                      stage_folder)
@@ -109,8 +109,16 @@ def stage_rcnn_features(run: Run, split: str, overwrite: bool = False, ds=None, 
 
 
 def _shard(directory, i: str) -> tuple[np.ndarray, np.ndarray]:
-    """An image's R-CNN shard: its scored windows' indices and their pool5 rows."""
-    z = load_npz(directory / f"{i}.npz", required=("sel", "f"))
+    """An image's R-CNN shard: its scored windows' indices and their pool5 rows. A missing or unreadable one is an
+    error naming it and the way out: deleting it, since the features stage resumes (``--overwrite`` keeps shards
+    made with the settings in force)."""
+    path = directory / f"{i}.npz"
+    try:
+        z = load_npz(path, required=("sel", "f"))
+    except ShardError as e:
+        cause = e.__cause__ or ("missing" if not path.is_file() else str(e).split(": ", 1)[-1])
+        raise ShardError(f"{path}: R-CNN feature shard unreadable ({cause}); delete it and rerun "
+                         "tools/train_rcnn.py: the features stage warps that image again") from None
     return z["sel"], z["f"]
 
 
