@@ -10,7 +10,8 @@ Each photo of a split becomes one mosaic: a ``grid`` x ``grid`` canvas of ``cell
 its aspect kept (grey around it) and its boxes moved with it. With the defaults a ~500-px photo's objects shrink to
 about half their size and a mosaic holds nine photos' objects. Writes ``out`` (``JPEGImages``, ``Annotations``,
 ``ImageSets/Main/<split>.txt``) and ``classes.txt`` beside it; an existing ``out`` is refused unless ``--overwrite``.
-Difficult and truncated flags are kept; the source is read with sppdet's reader (its warnings for labelling-tool warts apply).
+Difficult and truncated flags are kept; the source is read with sppdet's reader (its warnings for labelling-tool
+warts apply).
 """
 
 from __future__ import annotations
