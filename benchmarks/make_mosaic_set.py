@@ -9,14 +9,15 @@ Each photo of a split becomes one mosaic: a ``grid`` x ``grid`` canvas of ``cell
 ``grid**2 - 1`` others drawn from the same split (so no split sees another's photos), each fitted into its cell with
 its aspect kept (grey around it) and its boxes moved with it. With the defaults a ~500-px photo's objects shrink to
 about half their size and a mosaic holds nine photos' objects. Writes ``out`` (``JPEGImages``, ``Annotations``,
-``ImageSets/Main/<split>.txt``) and ``classes.txt`` beside it; an existing ``out`` is refused unless ``--overwrite``.
-Difficult and truncated flags are kept; the source is read with sppdet's reader (its warnings for labelling-tool
-warts apply).
+``ImageSets/Main/<split>.txt``, ``mosaics.json``: each mosaic's source photos) and ``classes.txt`` beside it; an
+existing ``out`` is refused unless ``--overwrite``. Difficult and truncated flags are kept; the source is read with
+sppdet's reader (its warnings for labelling-tool warts apply).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -51,8 +52,9 @@ def mosaic(images: list[np.ndarray], boxes: list[np.ndarray], grid: int, cell: i
     return canvas, moved
 
 
-def make_split(ds, split: str, out: Path, grid: int, cell: int, rng: np.random.Generator) -> list[str]:
-    """One mosaic per photo of ``ds`` (a :class:`sppdet.voc.VOCDataset` of ``split``), written into ``out``."""
+def make_split(ds, split: str, out: Path, grid: int, cell: int, rng: np.random.Generator) -> dict[str, list[str]]:
+    """One mosaic per photo of ``ds`` (a :class:`sppdet.voc.VOCDataset` of ``split``), written into ``out``; returns
+    each mosaic's source photos, row-major."""
     import cv2
     from tqdm import tqdm
 
@@ -61,7 +63,7 @@ def make_split(ds, split: str, out: Path, grid: int, cell: int, rng: np.random.G
     ids = list(ds.ids)
     if len(ids) < 2:
         raise ValueError(f"split {split!r} has {len(ids)} photo(s); a mosaic needs at least two")
-    names = []
+    made = {}
     for n, i in enumerate(tqdm(ids, desc=f"mosaics {split}", unit="img")):
         others = [j for j in ids if j != i]
         tiles = [i] + [str(j) for j in rng.choice(others, grid * grid - 1, replace=len(others) < grid * grid - 1)]
@@ -74,12 +76,13 @@ def make_split(ds, split: str, out: Path, grid: int, cell: int, rng: np.random.G
             f"{name}.jpg", canvas.shape[1], canvas.shape[0], [c for a in anns for c in a.names],
             np.concatenate(moved).astype(np.float32), np.concatenate([a.difficult for a in anns]).astype(bool),
             np.concatenate([a.truncated for a in anns]).astype(bool)))
-        names.append(name)
-    (out / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(names) + "\n")
-    return names
+        made[name] = tiles
+    (out / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(made) + "\n")
+    return made
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sppdet.store import atomic_write_text
     from sppdet.voc import VOCDataset, class_names_in
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -111,9 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         (out / d).mkdir(parents=True, exist_ok=True)
     (out.parent / "classes.txt").write_text("\n".join(classes) + "\n")
     rng = np.random.default_rng(a.seed)
+    sources = {}
     for split in splits:
-        names = make_split(VOCDataset(str(src), split, classes), split, out, a.grid, a.cell, rng)
-        print(f"{split}: {len(names)} mosaics")
+        sources[split] = make_split(VOCDataset(str(src), split, classes), split, out, a.grid, a.cell, rng)
+        print(f"{split}: {len(sources[split])} mosaics")
+    atomic_write_text(out / "mosaics.json", json.dumps({"src": str(src), "grid": a.grid, "cell": a.cell,
+                                                          "seed": a.seed, "sources": sources}, indent=1))
     print(f"written: {out}")
     return 0
 

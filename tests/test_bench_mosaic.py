@@ -1,5 +1,8 @@
 """benchmarks/make_mosaic_set.py: each photo of a split in a mosaic with others of the same split, its boxes moved
-with its pixels, read back by sppdet's reader; an existing output is refused unless --overwrite."""
+with its pixels, read back by sppdet's reader, its source photos recorded; an existing output is refused unless
+--overwrite."""
+
+import json
 
 import numpy as np
 import pytest
@@ -26,9 +29,12 @@ def test_a_mosaic_holds_each_photo_of_its_split_with_its_boxes_moved_with_its_pi
             np.testing.assert_allclose(m.boxes[:len(a.boxes)], a.boxes * f, atol=1.0)
             assert m.names[:len(a.names)] == a.names and list(m.difficult[:len(a.names)]) == list(a.difficult)
             assert len(m.names) >= len(a.names) and (m.boxes >= 0).all() and (m.boxes <= 128).all()
-        # no photo of another split: every mosaic's objects come from this split's photos' object counts
-        counts = {len(ds.annotation(i).names) for i in ds.ids}
-        assert all(len(new.annotation(j).names) <= 4 * max(counts) for j in new.ids)
+        # each mosaic of this split from this split's photos only, the n-th photo first, as mosaics.json records
+        sources = json.loads((out / "mosaics.json").read_text())["sources"][split]
+        assert list(sources) == list(new.ids)
+        for n, (j, tiles) in enumerate(sources.items()):
+            assert tiles[0] == ds.ids[n] and len(tiles) == 4 and set(tiles) <= set(ds.ids)
+            assert len(new.annotation(j).names) == sum(len(ds.annotation(t).names) for t in tiles)
     img, a = VOCDataset(str(out), "train", classes).image("train_00000"), src["train"].annotation(src["train"].ids[0])
     photo = src["train"].image(src["train"].ids[0])
     small = __import__("cv2").resize(photo, (round(a.width * 64 / max(a.width, a.height)),
