@@ -21,7 +21,6 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 import numpy as np
 
@@ -58,6 +57,7 @@ def make_split(ds, split: str, out: Path, grid: int, cell: int, rng: np.random.G
     import cv2
     from tqdm import tqdm
 
+    from sppdet.store import atomic_write_bytes, atomic_write_text
     from sppdet.voc import Annotation, write_annotation
 
     ids = list(ds.ids)
@@ -70,14 +70,16 @@ def make_split(ds, split: str, out: Path, grid: int, cell: int, rng: np.random.G
         anns = [ds.annotation(j) for j in tiles]
         canvas, moved = mosaic([ds.image(j) for j in tiles], [a.boxes for a in anns], grid, cell)
         name = f"{split}_{n:05d}"
-        if not cv2.imwrite(str(out / "JPEGImages" / f"{name}.jpg"), canvas[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92]):
-            raise OSError(f"{out / 'JPEGImages' / name}.jpg: could not be written")
+        ok, jpg = cv2.imencode(".jpg", canvas[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+        if not ok:  # pragma: no cover - OpenCV encodes any uint8 image
+            raise RuntimeError(f"{out / 'JPEGImages' / name}.jpg: JPEG encoding failed")
+        atomic_write_bytes(out / "JPEGImages" / f"{name}.jpg", jpg.tobytes())
         write_annotation(out / "Annotations" / f"{name}.xml", Annotation(
             f"{name}.jpg", canvas.shape[1], canvas.shape[0], [c for a in anns for c in a.names],
             np.concatenate(moved).astype(np.float32), np.concatenate([a.difficult for a in anns]).astype(bool),
             np.concatenate([a.truncated for a in anns]).astype(bool)))
         made[name] = tiles
-    (out / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(made) + "\n")
+    atomic_write_text(out / "ImageSets" / "Main" / f"{split}.txt", "\n".join(made) + "\n")
     return made
 
 
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
     for d in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (out / d).mkdir(parents=True, exist_ok=True)
-    (out.parent / "classes.txt").write_text("\n".join(classes) + "\n")
+    atomic_write_text(out.parent / "classes.txt", "\n".join(classes) + "\n")
     rng = np.random.default_rng(a.seed)
     sources = {}
     for split in splits:

@@ -116,7 +116,7 @@ def _shard(directory, i: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         z = load_npz(path, required=("sel", "f"))
     except ShardError as e:
-        cause = e.__cause__ or ("missing" if not path.is_file() else str(e).split(": ", 1)[-1])
+        cause = e.__cause__ or ("missing" if not path.is_file() else str(e).removeprefix(f"{path}: "))
         raise ShardError(f"{path}: R-CNN feature shard unreadable ({cause}); delete it and rerun "
                          "tools/train_rcnn.py: the features stage warps that image again") from None
     return z["sel"], z["f"]
