@@ -54,10 +54,10 @@ def mosaic(images: list[np.ndarray], boxes: list[np.ndarray], grid: int, cell: i
 def make_split(ds, split: str, out: Path, grid: int, cell: int, rng: np.random.Generator) -> dict[str, list[str]]:
     """One mosaic per photo of ``ds`` (a :class:`sppdet.voc.VOCDataset` of ``split``), written into ``out``; returns
     each mosaic's source photos, row-major."""
-    import cv2
     from tqdm import tqdm
 
-    from sppdet.store import atomic_write_bytes, atomic_write_text
+    from sppdet.images import save_image
+    from sppdet.store import atomic_write_text
     from sppdet.voc import Annotation, write_annotation
 
     ids = list(ds.ids)
@@ -70,10 +70,7 @@ def make_split(ds, split: str, out: Path, grid: int, cell: int, rng: np.random.G
         anns = [ds.annotation(j) for j in tiles]
         canvas, moved = mosaic([ds.image(j) for j in tiles], [a.boxes for a in anns], grid, cell)
         name = f"{split}_{n:05d}"
-        ok, jpg = cv2.imencode(".jpg", canvas[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
-        if not ok:  # pragma: no cover - OpenCV encodes any uint8 image
-            raise RuntimeError(f"{out / 'JPEGImages' / name}.jpg: JPEG encoding failed")
-        atomic_write_bytes(out / "JPEGImages" / f"{name}.jpg", jpg.tobytes())
+        save_image(out / "JPEGImages" / f"{name}.jpg", canvas, 92)
         write_annotation(out / "Annotations" / f"{name}.xml", Annotation(
             f"{name}.jpg", canvas.shape[1], canvas.shape[0], [c for a in anns for c in a.names],
             np.concatenate(moved).astype(np.float32), np.concatenate([a.difficult for a in anns]).astype(bool),

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .store import atomic_write_bytes, atomic_write_text
+from .images import save_image
+from .store import atomic_write_text
 from .voc import Annotation, DetectionDataset, read_annotation, write_annotation
 
 __all__ = ["AUG_MARK", "augment_photo", "AugmentedDataset"]
@@ -99,8 +100,6 @@ class AugmentedDataset(DetectionDataset):
                 or not all(self._paths(f"{i}{AUG_MARK}{k}")[0].is_file() for k in range(1, self.copies + 1))]
         if not todo:
             return 0
-        import cv2
-
         (self.folder / "JPEGImages").mkdir(parents=True, exist_ok=True)
         (self.folder / "Annotations").mkdir(parents=True, exist_ok=True)
         done = {i: h for i, h in have.items() if i in sources and i not in todo}
@@ -110,13 +109,10 @@ class AugmentedDataset(DetectionDataset):
                 img, boxes = augment_photo(rgb, a.boxes, _rng(self.seed, i, k))
                 cid = f"{i}{AUG_MARK}{k}"
                 jpg, xml = self._paths(cid)
-                ok, data = cv2.imencode(".jpg", np.ascontiguousarray(img[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 95])
-                if not ok:  # pragma: no cover - OpenCV encodes any uint8 image
-                    raise RuntimeError(f"{jpg}: JPEG encoding failed")
                 # the annotation first: a copy whose XML exists but whose JPEG does not is made again
                 write_annotation(xml, Annotation(jpg.name, img.shape[1], img.shape[0], list(a.names), boxes,
                                                  np.asarray(a.difficult, bool), np.asarray(a.truncated, bool)))
-                atomic_write_bytes(jpg, data.tobytes())
+                save_image(jpg, img, quality=95)
             done[i] = sources[i]
             if len(done) % 32 == 0:  # progress kept for a resumed call
                 atomic_write_text(manifest, json.dumps({"params": params, "sources": done}, indent=0))

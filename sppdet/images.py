@@ -10,10 +10,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .store import atomic_write_bytes
+
 log = logging.getLogger(__name__)
 
 __all__ = ["VOCError", "load_image", "image_size", "warn_once", "exif_orientation", "apply_orientation",
-           "fit_to_annotation", "IMAGE_SUFFIXES"]
+           "fit_to_annotation", "IMAGE_SUFFIXES", "save_image"]
 
 
 class VOCError(ValueError):
@@ -79,6 +81,19 @@ def load_image(path: str | Path, orient: bool = False) -> np.ndarray:
             warn_once(f"{path}:orient", "%s: EXIF orientation %d applied (the photo as a viewer shows it)", path, o)
             img = apply_orientation(img, o)
     return np.ascontiguousarray(img)
+
+
+def save_image(path: str | Path, rgb: np.ndarray, quality: int = 92) -> None:
+    """Write an RGB uint8 image as a JPEG (``.jpg``/``.jpeg``, at ``quality``) or a PNG (``.png``), by the path's
+    suffix, atomically (:func:`sppdet.store.atomic_write_bytes`: a file that exists is whole)."""
+    ext = Path(path).suffix.lower()
+    if ext not in (".jpg", ".jpeg", ".png"):
+        raise ValueError(f"{path}: images are written as .jpg, .jpeg or .png")
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if ext != ".png" else []
+    ok, enc = cv2.imencode(ext, np.ascontiguousarray(rgb[:, :, ::-1]), params)
+    if not ok:  # pragma: no cover - OpenCV encodes any uint8 image
+        raise RuntimeError(f"{path}: {ext[1:].upper()} encoding failed")
+    atomic_write_bytes(path, enc.tobytes())
 
 
 # Image files a VOC folder's JPEGImages/ may hold besides <id>.jpg (labelling tools keep the photo's own name).

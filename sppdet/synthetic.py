@@ -22,7 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .store import atomic_write_bytes, atomic_write_text
+from .images import save_image
+from .store import atomic_write_text
 from .voc import Annotation, write_annotation
 
 log = logging.getLogger(__name__)
@@ -304,10 +305,7 @@ def make_toy_voc(out: str | Path, num_images: int = 100, seed: int = 0, min_side
         w, h = int(rng.integers(min_side, max_side + 1)), int(rng.integers(min_side, max_side + 1))
         rgb, labels, boxes, difficult, truncated = render_scene(rng, w, h, distractors=distractors,
                                                                 extra_classes=extra_classes, styled=styled)
-        ok, enc = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
-        if not ok:  # pragma: no cover
-            raise RuntimeError(f"JPEG encoding failed for {image_id}")
-        atomic_write_bytes(root / "JPEGImages" / f"{image_id}.jpg", enc.tobytes())
+        save_image(root / "JPEGImages" / f"{image_id}.jpg", rgb, jpeg_quality)
         ann = Annotation(f"{image_id}.jpg", w, h, [names[k] for k in labels], boxes, difficult, truncated)
         write_annotation(root / "Annotations" / f"{image_id}.xml", ann, folder=year)
     n_train = max(1, int(round(splits[0] * num_images)))

@@ -10,7 +10,7 @@ import numpy as np
 
 from .store import atomic_write_bytes
 
-__all__ = ["draw_boxes", "save_png", "image_grid", "plot_pr_curves", "class_colour"]
+__all__ = ["draw_boxes", "image_grid", "plot_pr_curves", "class_colour"]
 
 
 def class_colour(k: int) -> tuple[int, int, int]:
@@ -34,13 +34,6 @@ def draw_boxes(image: np.ndarray, boxes: np.ndarray, labels: Sequence[int], clas
         cv2.rectangle(out, (x1, ty - th - base), (x1 + tw, ty), col, -1)
         cv2.putText(out, text, (x1, ty - base), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
     return out
-
-
-def save_png(path: str | Path, rgb: np.ndarray) -> None:
-    ok, enc = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
-    if not ok:  # pragma: no cover
-        raise RuntimeError(f"{path}: PNG encoding failed")
-    atomic_write_bytes(path, enc.tobytes())
 
 
 def image_grid(images: Sequence[np.ndarray], cols: int, tile: tuple[int, int] = (320, 240), gap: int = 4

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         from sppdet.detector import Detections
         from sppdet.malloc import large_blocks_reused
         from sppdet.store import atomic_write_text
-        from sppdet.visualize import draw_boxes, save_png
+        from sppdet.images import save_image
+        from sppdet.visualize import draw_boxes
         from sppdet.voc import VOCError, load_image
 
         out = Path(args.out)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = predictor(rgb)
                 d = Detections(r["boxes"], r["scores"], r["labels"])
                 atomic_write_text(out / f"{stem}.json", json.dumps(d.to_json(classes), indent=1))
-                save_png(out / f"{stem}.png", draw_boxes(rgb, d.boxes, d.labels, classes, d.scores))
+                save_image(out / f"{stem}.png", draw_boxes(rgb, d.boxes, d.labels, classes, d.scores))
                 t = r["seconds"]
                 print(f"{path}: {len(d.scores)} detections ({rgb.shape[1]}x{rgb.shape[0]}, {r['proposals']} proposals) | "
                       f"proposals {t['proposals']:.2f} s, conv {t['conv']:.3f} s, pooling+fc {t['pool_fc']:.3f} s, "

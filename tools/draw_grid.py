@@ -23,11 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def body() -> int:
-        import cv2
-
-        from sppdet.store import atomic_write_bytes
+        from sppdet.images import load_image, save_image
         from sppdet.visualize import image_grid
-        from sppdet.images import load_image
 
         parts = args.tile.lower().split("x")
         tile = tuple(int(v) for v in parts) if len(parts) == 2 and all(v.isdigit() for v in parts) else ()
@@ -38,10 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         if ext not in (".jpg", ".jpeg", ".png"):
             raise ValueError(f"{args.out}: write a .jpg or a .png")
         grid = image_grid([load_image(p) for p in args.images], args.cols, tile)
-        ok, enc = cv2.imencode(ext, grid[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 85] if ext != ".png" else [])
-        if not ok:  # pragma: no cover
-            raise ValueError(f"{args.out}: encoding failed")
-        atomic_write_bytes(args.out, enc.tobytes())
+        save_image(args.out, grid, quality=85)
         print(f"{len(args.images)} images -> {args.out} ({grid.shape[1]}x{grid.shape[0]})")
         return 0
 

@@ -74,7 +74,8 @@ def build_detector(run: Run, split: str, svm_tag: str = "", use_bbox_reg: bool |
 
 
 def _draw_examples(run: Run, ds: VOCDataset, dets: dict, out_dir: Path, n: int, threshold: float) -> list[Path]:
-    from ..visualize import draw_boxes, save_png
+    from ..images import save_image
+    from ..visualize import draw_boxes
 
     paths = []
     for i in list(dets)[:n]:
@@ -82,7 +83,7 @@ def _draw_examples(run: Run, ds: VOCDataset, dets: dict, out_dir: Path, n: int, 
         m = d.scores > threshold
         img = draw_boxes(ds.image(i), d.boxes[m], d.labels[m], run.classes, d.scores[m])
         p = out_dir / f"{i}.png"
-        save_png(p, img)
+        save_image(p, img)
         paths.append(p)
     return paths
 
