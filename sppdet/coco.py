@@ -42,7 +42,8 @@ def find_instances_json(root: str | Path, split: str) -> Path:
     if len(found) == 1:
         return found[0]
     raise VOCError(f"{root}: no COCO instances file for split {split!r} (tried {', '.join(map(str, tried))}"
-                   + (f"; {root / split} holds {len(found)} .json files" if found else "") + ")")
+                   + (f"; {root / split} holds {len(found)} .json files" if found else "")
+                   + "); one file for all photos: `python tools/split_data.py --format coco FILE` makes the splits")
 
 
 def _load(path: Path) -> dict:
@@ -80,12 +81,14 @@ class CocoDataset(DetectionDataset):
 
     annotation_kind = "COCO JSON"
 
-    def __init__(self, root: str | Path, split: str, classes: Sequence[str] | None = None):
+    def __init__(self, root: str | Path, split: str, classes: Sequence[str] | None = None,
+                 json_path: str | Path | None = None):
+        """``json_path``: read this instances file instead of the split's (images are looked for beside it first)."""
         self.root = Path(root)
         if not self.root.is_dir():
             raise VOCError(f"{self.root}: COCO data folder is missing")
         self.split = split
-        self.json_path = find_instances_json(self.root, split)
+        self.json_path = Path(json_path) if json_path is not None else find_instances_json(self.root, split)
         d = _load(self.json_path)
         names = {c["id"]: str(c["name"]) for c in d["categories"]}
         self.classes = tuple(classes) if classes is not None else tuple(_used_classes(d, self.json_path))
@@ -105,6 +108,10 @@ class CocoDataset(DetectionDataset):
         if not self.ids:
             raise VOCError(f"{self.json_path}: no images")
         self._names = names
+
+    def record(self, image_id: str) -> tuple[dict, list[dict]]:
+        """The JSON's entry of an image and its annotations' entries, as the file gives them."""
+        return self._images[image_id], self._records[image_id]
 
     def image_path(self, image_id: str) -> Path:
         name = str(self._images[image_id]["file_name"])

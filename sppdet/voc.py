@@ -228,7 +228,9 @@ def read_split(path: str | Path) -> list[str]:
     """Image ids of a split file; an empty file or duplicate ids are errors."""
     path = Path(path)
     if not path.is_file():
-        raise VOCError(f"{path}: split file is missing")
+        hint = (f"; `python tools/split_data.py {path.parent.parent.parent}` makes train/val/test splits of its "
+                "annotated photos" if path.parent.name == "Main" and path.parent.parent.name == "ImageSets" else "")
+        raise VOCError(f"{path}: split file is missing{hint}")
     ids = [ln.split()[0] for ln in path.read_text().splitlines() if ln.strip()]
     if not ids:
         raise VOCError(f"{path}: split file is empty")
