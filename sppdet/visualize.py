@@ -10,7 +10,7 @@ import numpy as np
 
 from .store import atomic_write_bytes
 
-__all__ = ["draw_boxes", "image_grid", "plot_pr_curves", "class_colour"]
+__all__ = ["draw_boxes", "plot_learning_curve", "image_grid", "plot_pr_curves", "class_colour"]
 
 
 def class_colour(k: int) -> tuple[int, int, int]:
@@ -101,6 +101,24 @@ def plot_error_analysis(report: dict, path: str | Path, title: str = "where the 
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     s = report["summary"]
     fig.suptitle(f"{title}: mAP {s['map07']:.3f}, without any false positive {s['map07_without']['all']:.3f}")
+    _save_figure(fig, path)
+
+
+def plot_learning_curve(rows: Sequence[dict], path: str | Path, title: str) -> None:
+    """mAP against the number of training photos (``rows``: ``train_images``, ``val_map07``, ``test_map07``), one
+    line per split, the photos on a log scale; written as a PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    n = [r["train_images"] for r in rows]
+    for key, label, style in (("val_map07", "val", "o--"), ("test_map07", "test", "s-")):
+        ax.plot(n, [r[key] for r in rows], style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(n, [str(v) for v in n])
+    ax.set_xlabel("training photos")
+    ax.set_ylabel("mAP (VOC07, 11-point)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
     _save_figure(fig, path)
 
 
