@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     atomic_write_text(args.work / "learning_curve.json", json.dumps(rows, indent=1) + "\n")
-    plot_learning_curve(rows, args.work / "learning_curve.png", f"{args.src} ({len(classes)} classes)")
+    plot_learning_curve(rows, args.work / "learning_curve.png", f"{args.src} ({len(classes)} class{'' if len(classes) == 1 else 'es'})")
     print(f"\n{'train photos':>12s} {'val mAP':>8s} {'test mAP':>8s} {'wall s':>7s}")
     for r in rows:
         print(f"{r['train_images']:12d} {r['val_map07']:8.3f} {r['test_map07']:8.3f} {r['wall_seconds']:7.0f}")
