@@ -28,7 +28,8 @@ def positive_ints(**extra) -> dict:
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = "data/VOCdevkit/VOC2007"  # a VOC year folder (JPEGImages/, Annotations/, ImageSets/Main/)
+    root: str = "data/VOCdevkit/VOC2007"  # a VOC year folder (JPEGImages/, Annotations/, ImageSets/Main/; or split
+    # folders of photos beside their XML files: sppdet.voc.split_folder)
     # voc: VOC XML (root is a year folder); coco: one COCO instances JSON per split (see sppdet/coco.py)
     format: str = field(default="voc", metadata={"choices": ("voc", "coco")})
     classes: Optional[list] = None  # class names in label order; None: read from the train split's annotations

@@ -79,7 +79,11 @@ class Run:
     def _annotations_present(self) -> bool:
         d = self.cfg.data
         root = self.path(d.root)
-        return (root / "ImageSets" / "Main" / f"{d.train_split}.txt").is_file() if d.format == "voc" else root.is_dir()
+        if d.format != "voc":
+            return root.is_dir()
+        from .voc import has_split
+
+        return has_split(root, d.train_split)
 
     # ------------------------------------------------------------------ paths
     def proposals_dir(self, split: str) -> Path:

@@ -2,7 +2,9 @@
 
 Layout: ``<root>/JPEGImages/<id>.jpg``, ``<root>/Annotations/<id>.xml``,
 ``<root>/ImageSets/Main/<split>.txt`` where ``root`` is a year folder such as
-``VOCdevkit/VOC2007``.
+``VOCdevkit/VOC2007``. Or, where a split has no split file, one folder per split holding its photos with their XML
+files beside them, ``<root>/<split>/<id>.jpg`` and ``<id>.xml`` (Roboflow's VOC export; ``val`` is also found as
+``valid`` or ``validation``): :func:`split_folder`.
 
 Coordinates: VOC boxes ``(xmin, ymin, xmax, ymax)`` are 1-based and inclusive. Here they
 become ``(xmin - 1, ymin - 1, xmax, ymax)``: 0-based continuous xyxy (pixel i covers
@@ -228,7 +230,8 @@ def read_split(path: str | Path) -> list[str]:
     """Image ids of a split file; an empty file or duplicate ids are errors."""
     path = Path(path)
     if not path.is_file():
-        hint = (f"; `python tools/split_data.py {path.parent.parent.parent}` makes train/val/test splits of its "
+        hint = (f" (nor is there a folder {path.parent.parent.parent / path.stem}/ of photos with their XML files); "
+                f"`python tools/split_data.py {path.parent.parent.parent}` makes train/val/test splits of its "
                 "annotated photos" if path.parent.name == "Main" and path.parent.parent.name == "ImageSets" else "")
         raise VOCError(f"{path}: split file is missing{hint}")
     ids = [ln.split()[0] for ln in path.read_text().splitlines() if ln.strip()]
@@ -241,12 +244,34 @@ def read_split(path: str | Path) -> list[str]:
     return ids
 
 
+SPLIT_FOLDER_ALIASES = {"val": ("valid", "validation")}
+
+
+def split_folder(root: str | Path, split: str) -> Path | None:
+    """The folder of a split laid out as photos with their XML files side by side (``<root>/<split>/``; ``val``
+    also as ``valid`` or ``validation``), where ``<root>/ImageSets/Main/<split>.txt`` does not exist; else None."""
+    root = Path(root)
+    if (root / "ImageSets" / "Main" / f"{split}.txt").is_file():
+        return None
+    for name in (split, *SPLIT_FOLDER_ALIASES.get(split, ())):
+        folder = root / name
+        if folder.is_dir() and any(folder.glob("*.xml")):
+            return folder
+    return None
+
+
+def has_split(root: str | Path, split: str) -> bool:
+    """Whether ``root`` holds ``split`` as a split file or a split folder."""
+    return (Path(root) / "ImageSets" / "Main" / f"{split}.txt").is_file() or split_folder(root, split) is not None
+
+
 def class_names_in(root: str | Path, split: str) -> list[str]:
     """The object class names the XML files of a split use, sorted (VOC 2007's trainval gives its 20 classes in
     their usual order); spellings that differ only in letter case are one class (:func:`merge_spellings`)."""
     counts: dict[str, int] = {}
-    for i in read_split(Path(root) / "ImageSets" / "Main" / f"{split}.txt"):
-        path = Path(root) / "Annotations" / f"{i}.xml"
+    ds = VOCDataset(root, split, classes=())
+    for i in ds.ids:
+        path = ds.annotation_path(i)
         try:
             for o in ET.parse(path).getroot().findall("object"):
                 n = (o.findtext("name") or "").strip()
@@ -256,7 +281,7 @@ def class_names_in(root: str | Path, split: str) -> list[str]:
     counts.pop("", None)
     if not counts:
         raise VOCError(f"{root}: split {split!r} has no annotated object to read the classes from; set data.classes")
-    return merge_spellings(counts, Path(root) / "Annotations")
+    return merge_spellings(counts, ds.annotation_path(ds.ids[0]).parent)
 
 
 class DetectionDataset:
@@ -303,7 +328,8 @@ class VOCDataset(DetectionDataset):
 
     Args:
         root: the year folder (``.../VOCdevkit/VOC2007``).
-        split: ``train``, ``val``, ``trainval``, ``test`` or any ``ImageSets/Main`` file.
+        split: ``train``, ``val``, ``trainval``, ``test`` or any ``ImageSets/Main`` file, or a split folder
+            (:func:`split_folder`).
         classes: class names in label order (default: VOC's 20).
         check_images: compare every JPEG's size with its XML on construction.
     """
@@ -315,7 +341,19 @@ class VOCDataset(DetectionDataset):
             raise VOCError(f"{self.root}: VOC folder is missing (see data/README.md)")
         self.split = split
         self.classes = tuple(classes) if classes is not None else VOC_CLASSES
-        self.ids = read_split(self.root / "ImageSets" / "Main" / f"{split}.txt")
+        self._folder = split_folder(self.root, split)
+        if self._folder is None:
+            self.ids = read_split(self.root / "ImageSets" / "Main" / f"{split}.txt")
+        else:
+            self.ids = sorted(p.stem for p in self._folder.glob("*.xml"))
+            if self._folder.name != split:
+                warn_once(f"{self._folder}:alias", "%s: split %r read from the folder %s/", self.root, split,
+                          self._folder.name)
+            have = set(self.ids)
+            bare = [p.name for p in sorted(self._folder.iterdir()) if p.suffix in IMAGE_SUFFIXES and p.stem not in have]
+            if bare:
+                warn_once(f"{self._folder}:bare", "%s: %d photo(s) without an XML file are left out (%s%s)",
+                          self._folder, len(bare), ", ".join(bare[:3]), ", ..." if len(bare) > 3 else "")
         self._ann: dict[str, Annotation] = {}
         self._paths: dict[str, Path] = {}
         if check_images:
@@ -323,18 +361,19 @@ class VOCDataset(DetectionDataset):
                 self.image(i)
 
     def image_path(self, image_id: str) -> Path:
-        """``JPEGImages/<id>.jpg``, or where that is missing ``<id>`` with another image suffix (``.png``,
-        ``.jpeg``, ``.JPG``, ...: labelling tools keep the photo's own name); the ``.jpg`` path when none exists."""
+        """``JPEGImages/<id>.jpg`` (in a split folder: ``<id>.jpg`` there), or where that is missing ``<id>`` with
+        another image suffix (``.png``, ``.jpeg``, ``.JPG``, ...: labelling tools keep the photo's own name); the
+        ``.jpg`` path when none exists."""
         p = self._paths.get(image_id)
         if p is None:
-            folder = self.root / "JPEGImages"
+            folder = self._folder or self.root / "JPEGImages"
             p = next((q for q in (folder / f"{image_id}{x}" for x in IMAGE_SUFFIXES) if q.is_file()),
                      folder / f"{image_id}.jpg")
             self._paths[image_id] = p
         return p
 
     def annotation_path(self, image_id: str) -> Path:
-        return self.root / "Annotations" / f"{image_id}.xml"
+        return (self._folder or self.root / "Annotations") / f"{image_id}.xml"
 
     def annotation(self, image_id: str) -> Annotation:
         if image_id not in self._ann:

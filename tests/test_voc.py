@@ -1,3 +1,6 @@
+import logging
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -329,3 +332,47 @@ def test_class_spellings_and_classes_outside_the_list(tmp_path, caplog):
     assert "'zebra' are skipped" in caplog.text
     with pytest.raises(VOCError, match="unknown class 'zebra'"):
         read_annotation(root / "Annotations" / "c.xml", classes)
+
+
+def _as_split_folders(toy_voc: Path, root: Path, val_name: str = "valid") -> dict[str, list[str]]:
+    """The toy set laid out as Roboflow exports VOC: one folder per split, photos and XML files side by side."""
+    import shutil
+
+    splits = {s: read_split(toy_voc / "ImageSets" / "Main" / f"{s}.txt") for s in ("train", "val", "test")}
+    for s, ids in splits.items():
+        folder = root / (val_name if s == "val" else s)
+        folder.mkdir(parents=True)
+        for i in ids:
+            shutil.copy(toy_voc / "JPEGImages" / f"{i}.jpg", folder)
+            shutil.copy(toy_voc / "Annotations" / f"{i}.xml", folder)
+    return splits
+
+
+def test_split_folders_read_as_the_split_files_would(toy_voc, tmp_path, caplog):
+    from sppdet.voc import class_names_in, has_split, split_folder
+
+    root = tmp_path / "export"
+    splits = _as_split_folders(toy_voc, root)
+    (root / "train" / "unlabelled.jpg").write_bytes((toy_voc / "JPEGImages" / f"{splits['train'][0]}.jpg").read_bytes())
+    classes = class_names_in(toy_voc, "train")
+    assert class_names_in(root, "train") == classes
+    with caplog.at_level(logging.WARNING):
+        for s, ids in splits.items():
+            assert has_split(root, s)
+            a, b = VOCDataset(toy_voc, s, classes), VOCDataset(root, s, classes)
+            assert b.ids == sorted(ids) and b.image_path(ids[0]).parent == split_folder(root, s)
+            for i in ids:
+                x, y = a.annotation(i), b.annotation(i)
+                assert x.names == y.names and np.array_equal(x.boxes, y.boxes)
+            assert np.array_equal(a.image(ids[0]), b.image(ids[0]))
+    assert "split 'val' read from the folder valid/" in caplog.text
+    assert "1 photo(s) without an XML file are left out (unlabelled.jpg)" in caplog.text
+    assert not has_split(root, "trainval")
+    with pytest.raises(VOCError, match="nor is there a folder .*trainval/ of photos"):
+        VOCDataset(root, "trainval", classes)
+    # a split file, where there is one, comes first
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "ImageSets" / "Main" / "train.txt").write_text(f"{splits['test'][0]}\n")
+    assert split_folder(root, "train") is None
+    with pytest.raises(VOCError, match="annotation file is missing"):
+        VOCDataset(root, "train", classes).annotation(splits["test"][0])
