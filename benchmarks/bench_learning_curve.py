@@ -5,8 +5,8 @@ split, each scored on the same val and test splits: AP against the number of tra
     python benchmarks/bench_learning_curve.py --src /path/to/VOC2007 --work runs/lc_mine \
         [--fractions 0.25,0.5,1] [--config configs/custom.yaml] [--seed 0] [--set KEY=VALUE ...]
 
-Your folder is only read: WORK/data/VOC2007 links its JPEGImages/ and Annotations/ and holds copies of its split
-files plus one ``<train>_fNN.txt`` per fraction below 1. The subsets are nested (the quarter lies inside the half)
+Your folder is only read: WORK/data/VOC2007 links each photo and XML file of its train, val and test splits (split
+files or split folders) and holds their split files plus one ``<train>_fNN.txt`` per fraction below 1. The subsets are nested (the quarter lies inside the half)
 and stratified by class (:func:`sppdet.splits.stratified_split`), and the class list is the whole train split's
 for every run, so a class a small subset lacks scores 0 rather than leaving the mean. Each fraction is a whole run
 of ``tools/demo.py`` (WORK/fNN) and ``tools/test_net.py --split val``; a rerun reuses finished runs. Writes
@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sppdet.store import atomic_write_bytes, atomic_write_text  # noqa: E402
+from sppdet.store import atomic_write_text  # noqa: E402
 
 
 def nested_subsets(labels: dict[str, list[str]], fractions: list[float], seed: int = 0) -> dict[float, list[str]]:
@@ -54,32 +54,39 @@ def _tag(f: float) -> str:
     return f"f{round(f * 100):02d}"
 
 
-def make_data(src: Path, work: Path, train_split: str, fractions: list[float], seed: int = 0
+def make_data(src: Path, work: Path, splits: dict[str, str], fractions: list[float], seed: int = 0
               ) -> tuple[Path, list[str], dict[float, tuple[str, int]]]:
-    """WORK/data/VOC2007 linking ``src``'s images and annotations, with its split files and the subsets'.
-    Returns the folder, the whole train split's classes and ``{fraction: (split name, photos)}``."""
-    from sppdet.voc import VOCDataset, class_names_in
+    """WORK/data/VOC2007: links to each photo and XML file of ``src``'s ``splits`` (``{"train": name, "val": name,
+    "test": name}``; split files or split folders, :class:`sppdet.voc.VOCDataset`), their split files and the
+    train subsets'. Returns the folder, the whole train split's classes and ``{fraction: (split name, photos)}``."""
+    from sppdet.voc import VOCDataset, VOCError, class_names_in
 
-    main = src / "ImageSets" / "Main"
+    train_split = splits["train"]
     classes = class_names_in(src, train_split)
-    ds = VOCDataset(src, train_split, classes)
-    labels = {i: list(ds.annotation(i).names) for i in ds.ids}
-    subsets = nested_subsets(labels, fractions, seed)
     data = work / "data" / "VOC2007"
-    (data / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
-    for d in ("JPEGImages", "Annotations"):
-        link = data / d
-        if not link.exists():
-            os.symlink((src / d).resolve(), link, target_is_directory=True)
-    for p in main.glob("*.txt"):
-        atomic_write_bytes(data / "ImageSets" / "Main" / p.name, p.read_bytes())
-    splits = {}
-    for f, ids in subsets.items():
+    main = data / "ImageSets" / "Main"
+    for d in (data / "JPEGImages", data / "Annotations", main):
+        d.mkdir(parents=True, exist_ok=True)
+    owner: dict[str, str] = {}
+    for role, name in splits.items():
+        ds = VOCDataset(src, name, classes)
+        for i in ds.ids:
+            if owner.setdefault(i, name) != name:
+                raise VOCError(f"{src}: photo id {i!r} is in both {owner[i]!r} and {name!r}")
+            for path, link in ((ds.image_path(i), data / "JPEGImages" / f"{i}{ds.image_path(i).suffix}"),
+                               (ds.annotation_path(i), data / "Annotations" / f"{i}.xml")):
+                if not link.is_symlink():
+                    os.symlink(path.resolve(), link)
+        atomic_write_text(main / f"{name}.txt", "".join(f"{i}\n" for i in ds.ids))
+        if role == "train":
+            labels = {i: list(ds.annotation(i).names) for i in ds.ids}
+    out = {}
+    for f, ids in nested_subsets(labels, fractions, seed).items():
         name = train_split if f == 1 else f"{train_split}_{_tag(f)}"
         if f != 1:
-            atomic_write_text(data / "ImageSets" / "Main" / f"{name}.txt", "".join(f"{i}\n" for i in ids))
-        splits[f] = (name, len(ids))
-    return data, classes, splits
+            atomic_write_text(main / f"{name}.txt", "".join(f"{i}\n" for i in ids))
+        out[f] = (name, len(ids))
+    return data, classes, out
 
 
 def _map(run: Path, split: str) -> float:
@@ -102,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, [f"data.root={args.src}", *args.overrides])
     if cfg.data.format != "voc":
         raise SystemExit("the learning curve reads VOC folders (data.format voc)")
-    data, classes, splits = make_data(args.src, args.work, cfg.data.train_split, fractions, args.seed)
+    d = cfg.data
+    data, classes, splits = make_data(args.src, args.work, {"train": d.train_split, "val": d.val_split,
+                                                            "test": d.test_split}, fractions, args.seed)
     rows = []
     for f in sorted(splits):
         name, n = splits[f]

@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from sppdet.voc import read_split
+
 
 def test_subsets_are_nested_sized_and_keep_each_class(load_script):
     bench = load_script("benchmarks/bench_learning_curve.py")
@@ -26,15 +28,26 @@ def test_subsets_are_nested_sized_and_keep_each_class(load_script):
 def test_the_data_folder_links_the_users_and_adds_the_subsets(toy_voc, tmp_path, load_script):
     bench = load_script("benchmarks/bench_learning_curve.py")
     before = sorted(p.name for p in (toy_voc / "ImageSets" / "Main").iterdir())
-    data, classes, splits = bench.make_data(toy_voc, tmp_path, "train", [0.5, 1])
-    assert (data / "JPEGImages").resolve() == (toy_voc / "JPEGImages").resolve()
-    assert sorted(p.name for p in (toy_voc / "ImageSets" / "Main").iterdir()) == before  # the user's untouched
+    roles = {"train": "train", "val": "val", "test": "test"}
+    data, classes, splits = bench.make_data(toy_voc, tmp_path, roles, [0.5, 1])
     main = data / "ImageSets" / "Main"
     train = main.joinpath("train.txt").read_text().split()
+    assert (data / "JPEGImages" / f"{train[0]}.jpg").resolve() == (toy_voc / "JPEGImages" / f"{train[0]}.jpg").resolve()
+    assert sorted(p.name for p in (toy_voc / "ImageSets" / "Main").iterdir()) == before  # the user's untouched
     half = main.joinpath("train_f50.txt").read_text().split()
     assert splits == {1: ("train", len(train)), 0.5: ("train_f50", len(half))} and set(half) < set(train)
-    assert main.joinpath("test.txt").read_bytes() == (toy_voc / "ImageSets" / "Main" / "test.txt").read_bytes()
+    assert main.joinpath("test.txt").read_text().split() == read_split(toy_voc / "ImageSets" / "Main" / "test.txt")
     assert classes == sorted(classes) and classes
+    # split folders (Roboflow's layout) give the same data folder
+    export = tmp_path / "export"
+    for s in ("train", "val", "test"):
+        (export / s).mkdir(parents=True)
+        for i in read_split(toy_voc / "ImageSets" / "Main" / f"{s}.txt"):
+            for p in (toy_voc / "JPEGImages" / f"{i}.jpg", toy_voc / "Annotations" / f"{i}.xml"):
+                (export / s / p.name).symlink_to(p)
+    data2, classes2, splits2 = bench.make_data(export, tmp_path / "w2", roles, [0.5, 1])
+    assert (classes2, splits2) == (classes, splits)
+    assert data2.joinpath("ImageSets/Main/train_f50.txt").read_text().split() == half
 
 
 @pytest.mark.slow
