@@ -139,5 +139,13 @@ def test_split_data_tool_prints_the_table(toy_voc, tmp_path, load_script, capsys
     tool = load_script("tools/split_data.py")
     assert tool.main([str(root), "--val", "0.2", "--test", "0.2"]) == 0
     out = capsys.readouterr().out
-    assert "images" in out and "trainval.txt" in out
+    assert "images" in out and "trainval.txt" in out and f"--set data.root={root}\n" in out
     assert tool.main([str(root)]) == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_split_data_tool_on_one_coco_file_names_the_next_command(toy_voc, tmp_path, load_script, capsys):
+    source, _ = _toy_as_one_coco_file(toy_voc, tmp_path)
+    assert load_script("tools/split_data.py").main(["--format", "coco", str(source)]) == 0
+    out = capsys.readouterr().out
+    assert f"--set data.root={tmp_path} --set data.format=coco\n" in out
+    assert (tmp_path / "annotations" / "instances_val.json").is_file()
