@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -44,6 +43,7 @@ class SplitReport:
     ids: dict[str, list[str]]
     objects: dict[str, dict[str, int]]  # split -> class -> objects
     classes: list[str]
+    root: Path  # the data.root to train with
     written: list[Path]
     left_out: list[str] = field(default_factory=list)  # one line per kind of file left out
 
@@ -140,7 +140,7 @@ def split_voc(root: str | Path, val: float = 0.15, test: float = 0.2, seed: int 
     and an image without an XML are left out and counted. Classes are the annotations' names, those differing
     only in letter case merged as the pipeline merges them.
     """
-    from .voc import merge_spellings, read_annotation
+    from .voc import class_names_of, read_annotation
 
     fractions = _fractions(val, test)
     root = Path(root)
@@ -153,7 +153,10 @@ def split_voc(root: str | Path, val: float = 0.15, test: float = 0.2, seed: int 
                 "into Annotations/" if flat else ""))
     targets = [main / f"{s}.txt" for s in (*SPLITS, "trainval")]
     _refuse_existing(targets, overwrite, "split file(s)")
-    images = {p.stem: p for p in sorted(img_dir.iterdir()) if p.suffix in IMAGE_SUFFIXES and p.is_file()}
+    images: dict[str, Path] = {}  # <id>.jpg first, then the other suffixes in the reader's order
+    for p in sorted((p for p in img_dir.iterdir() if p.suffix in IMAGE_SUFFIXES and p.is_file()),
+                    key=lambda p: IMAGE_SUFFIXES.index(p.suffix)):
+        images.setdefault(p.stem, p)
     xmls = {p.stem: p for p in sorted(ann_dir.glob("*.xml"))}
     left_out = []
     if no_image := sorted(set(xmls) - set(images)):
@@ -163,23 +166,14 @@ def split_voc(root: str | Path, val: float = 0.15, test: float = 0.2, seed: int 
     ids = sorted(set(xmls) & set(images))
     if not ids:
         raise VOCError(f"{root}: no image has an annotation (JPEGImages/<id>.jpg with Annotations/<id>.xml)")
-    counts: dict[str, int] = {}
-    for i in ids:
-        try:
-            for o in ET.parse(xmls[i]).getroot().findall("object"):
-                name = (o.findtext("name") or "").strip()
-                counts[name] = counts.get(name, 0) + 1
-        except ET.ParseError as e:
-            raise VOCError(f"{xmls[i]}: malformed XML ({e})") from None
-    counts.pop("", None)
-    classes = merge_spellings(counts, ann_dir)
+    classes = class_names_of((xmls[i] for i in ids), ann_dir)
     labels = {i: list(read_annotation(xmls[i], classes, strict_classes=False, image_path=images[i]).names)
               for i in ids}
     splits = stratified_split(labels, fractions, seed)
     splits_all = {**splits, "trainval": sorted(splits["train"] + splits["val"])}
     for s, p in zip((*SPLITS, "trainval"), targets):
         atomic_write_text(p, "".join(f"{i}\n" for i in splits_all[s]))
-    return SplitReport(splits, _object_counts(splits, labels), classes, targets, left_out)
+    return SplitReport(splits, _object_counts(splits, labels), classes, root, targets, left_out)
 
 
 def _coco_root(source: Path) -> Path:
@@ -194,7 +188,7 @@ def split_coco(source: str | Path, val: float = 0.15, test: float = 0.2, seed: i
     annotations. The source is read with :class:`sppdet.coco.CocoDataset` (every annotation, and that
     each image is found) before anything is written: an error names the file and the problem.
     """
-    from .coco import CocoDataset, _load, _used_classes
+    from .coco import CocoDataset, _load
 
     fractions = _fractions(val, test)
     source = Path(source)
@@ -206,8 +200,8 @@ def split_coco(source: str | Path, val: float = 0.15, test: float = 0.2, seed: i
     if any(t.resolve() == source.resolve() for t in targets):
         raise VOCError(f"{source}: the source is named as one of the splits it would write; rename it first")
     _refuse_existing(targets, overwrite, "split file(s)")
-    classes = _used_classes(d, source)
-    whole = CocoDataset(root, "images", classes, json_path=source)
+    whole = CocoDataset(root, "images", json_path=source)
+    classes = list(whole.classes)
     missing = [i for i in whole.ids if not whole.image_path(i).is_file()]
     if missing:
         raise VOCError(f"{source}: {len(missing)} image(s) not found, such as "
@@ -223,4 +217,4 @@ def split_coco(source: str | Path, val: float = 0.15, test: float = 0.2, seed: i
         ims = [whole.record(i)[0] for i in splits[s]]
         anns = [a for i in splits[s] for a in whole.record(i)[1]]
         atomic_write_text(target, json.dumps({**rest, "images": ims, "annotations": anns}) + "\n")
-    return SplitReport(splits, _object_counts(splits, labels), classes, targets, left_out)
+    return SplitReport(splits, _object_counts(splits, labels), classes, root, targets, left_out)

@@ -265,13 +265,12 @@ def has_split(root: str | Path, split: str) -> bool:
     return (Path(root) / "ImageSets" / "Main" / f"{split}.txt").is_file() or split_folder(root, split) is not None
 
 
-def class_names_in(root: str | Path, split: str) -> list[str]:
-    """The object class names the XML files of a split use, sorted (VOC 2007's trainval gives its 20 classes in
-    their usual order); spellings that differ only in letter case are one class (:func:`merge_spellings`)."""
+def class_names_of(xml_paths: Iterable[str | Path], where: str | Path) -> list[str]:
+    """The object class names the XML files use, sorted, spellings that differ only in letter case merged
+    (:func:`merge_spellings`, which names ``where`` in its warning); an unreadable file is a :class:`VOCError`
+    naming it."""
     counts: dict[str, int] = {}
-    ds = VOCDataset(root, split, classes=())
-    for i in ds.ids:
-        path = ds.annotation_path(i)
+    for path in xml_paths:
         try:
             for o in ET.parse(path).getroot().findall("object"):
                 n = (o.findtext("name") or "").strip()
@@ -279,9 +278,17 @@ def class_names_in(root: str | Path, split: str) -> list[str]:
         except (OSError, ET.ParseError) as e:
             raise VOCError(f"{path}: cannot read the annotation ({e})") from None
     counts.pop("", None)
-    if not counts:
+    return merge_spellings(counts, where)
+
+
+def class_names_in(root: str | Path, split: str) -> list[str]:
+    """The object class names the XML files of a split use, sorted (VOC 2007's trainval gives its 20 classes in
+    their usual order); spellings that differ only in letter case are one class (:func:`merge_spellings`)."""
+    ds = VOCDataset(root, split, classes=())
+    names = class_names_of((ds.annotation_path(i) for i in ds.ids), ds.annotation_path(ds.ids[0]).parent)
+    if not names:
         raise VOCError(f"{root}: split {split!r} has no annotated object to read the classes from; set data.classes")
-    return merge_spellings(counts, ds.annotation_path(ds.ids[0]).parent)
+    return names
 
 
 class DetectionDataset:

@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in report.warnings():
             print(f"warning: {line}")
         print("wrote " + ", ".join(str(p) for p in report.written))
-        root = report.written[0].parents[2] if args.format == "voc" else report.written[0].parents[1]
         coco = " --set data.format=coco" if args.format == "coco" else ""
-        print(f"next: python tools/demo.py --config configs/custom.yaml --run runs/mine --set data.root={root}{coco}")
+        print(f"next: python tools/demo.py --config configs/custom.yaml --run runs/mine --set data.root={report.root}"
+              f"{coco}")
         return 0
 
     return run_main(body)
