@@ -108,6 +108,11 @@ class CocoDataset(DetectionDataset):
         if not self.ids:
             raise VOCError(f"{self.json_path}: no images")
         self._names = names
+        known = {im.get("id") for im in self._images.values()}
+        #: annotations whose image_id is no image of the file (read past, never an object)
+        self.orphan_annotations = sum(len(v) for k, v in per_image.items() if k not in known)
+        #: the file's keys other than images and annotations (info, licenses, categories, ...), as given
+        self.extra = {k: v for k, v in d.items() if k not in ("images", "annotations")}
 
     def record(self, image_id: str) -> tuple[dict, list[dict]]:
         """The JSON's entry of an image and its annotations' entries, as the file gives them."""

@@ -188,13 +188,12 @@ def split_coco(source: str | Path, val: float = 0.15, test: float = 0.2, seed: i
     annotations. The source is read with :class:`sppdet.coco.CocoDataset` (every annotation, and that
     each image is found) before anything is written: an error names the file and the problem.
     """
-    from .coco import CocoDataset, _load
+    from .coco import CocoDataset
 
     fractions = _fractions(val, test)
     source = Path(source)
     if not source.is_file():
         raise VOCError(f"{source}: COCO instances file is missing")
-    d = _load(source)
     root = _coco_root(source)
     targets = [root / "annotations" / f"instances_{s}.json" for s in SPLITS]
     if any(t.resolve() == source.resolve() for t in targets):
@@ -208,13 +207,11 @@ def split_coco(source: str | Path, val: float = 0.15, test: float = 0.2, seed: i
                        f"{whole.record(missing[0])[0]['file_name']!r} (looked in {source.parent}, {root / 'images'} "
                        f"and {root})")
     labels = {i: list(whole.annotation(i).names) for i in whole.ids}
-    known = {whole.record(i)[0].get("id") for i in whole.ids}
-    orphans = sum(a.get("image_id") not in known for a in d["annotations"])
+    orphans = whole.orphan_annotations
     left_out = [f"{orphans} annotation(s) whose image_id is no image of the file"] if orphans else []
     splits = stratified_split(labels, fractions, seed)
-    rest = {k: v for k, v in d.items() if k not in ("images", "annotations")}
     for s, target in zip(SPLITS, targets):
         ims = [whole.record(i)[0] for i in splits[s]]
         anns = [a for i in splits[s] for a in whole.record(i)[1]]
-        atomic_write_text(target, json.dumps({**rest, "images": ims, "annotations": anns}) + "\n")
+        atomic_write_text(target, json.dumps({**whole.extra, "images": ims, "annotations": anns}) + "\n")
     return SplitReport(splits, _object_counts(splits, labels), classes, root, targets, left_out)

@@ -106,9 +106,13 @@ def _toy_as_one_coco_file(toy_voc: Path, tmp_path: Path) -> tuple[Path, list[str
 
 def test_split_coco_writes_per_split_files_with_the_same_records(toy_voc, tmp_path):
     source, classes = _toy_as_one_coco_file(toy_voc, tmp_path)
+    d = json.loads(source.read_text())
+    d["annotations"].append({**d["annotations"][0], "id": 999, "image_id": 12345})  # an image the file lacks
+    source.write_text(json.dumps(d))
     with pytest.raises(VOCError, match="split_data.py --format coco"):
         CocoDataset(tmp_path, "train")
     report = split_coco(source, seed=0)
+    assert report.left_out == ["1 annotation(s) whose image_id is no image of the file"]
     whole = CocoDataset(tmp_path, "all", json_path=source)
     seen = []
     for s in ("train", "val", "test"):
@@ -119,6 +123,8 @@ def test_split_coco_writes_per_split_files_with_the_same_records(toy_voc, tmp_pa
             assert a.names == b.names and np.array_equal(a.boxes, b.boxes) and ds.image_path(i).is_file()
         seen += ds.ids
     assert sorted(seen) == sorted(whole.ids) and json.loads(source.read_text())["images"]  # the source kept
+    assert sum(len(json.loads(CocoDataset(tmp_path, s).json_path.read_text())["annotations"])
+               for s in ("train", "val", "test")) == len(d["annotations"]) - 1
     with pytest.raises(VOCError, match="already there"):
         split_coco(source)
 
