@@ -18,6 +18,7 @@ __all__ = [
     "clip_boxes",
     "filter_small",
     "unique_boxes",
+    "diverse_first",
     "encode",
     "decode",
     "nms",
@@ -83,6 +84,63 @@ def unique_boxes(boxes: np.ndarray, scale: float = 1.0) -> np.ndarray:
         return np.zeros((0,), np.int64)
     _, idx = np.unique(b, axis=0, return_index=True)
     return np.sort(idx)
+
+
+def diverse_first(boxes: np.ndarray, limit: int, iou_threshold: float) -> np.ndarray:
+    """Indices of ``min(limit, N)`` of ``boxes`` (given best first): first those overlapping no box taken before
+    them by IoU > ``iou_threshold`` (greedy NMS in the given order, stopped once ``limit`` are taken), then, where
+    fewer than ``limit``, the others in the given order. How a cap keeps a spread of windows when a photo has
+    many more than it holds: selective search puts near-copies of its large regions early, so rank order alone
+    fills the cap with them and leaves out small objects further down."""
+    b = np.ascontiguousarray(np.asarray(boxes, np.float64).reshape(-1, 4))
+    limit = min(int(limit), len(b))
+    if limit <= 0:
+        return np.zeros((0,), np.int64)
+    taken = _greedy_kernel()(b, limit, float(iou_threshold))
+    if len(taken) < limit:
+        rest = np.ones(len(b), bool)
+        rest[taken] = False
+        taken = np.concatenate([taken, np.flatnonzero(rest)[:limit - len(taken)]])
+    return taken.astype(np.int64)
+
+
+_GREEDY = None
+
+
+def _greedy_kernel():
+    """The compiled greedy pass of :func:`diverse_first` (numba, compiled on first use)."""
+    global _GREEDY
+    if _GREEDY is None:
+        import numba
+
+        @numba.njit(cache=True, nogil=True)
+        def greedy(b, limit, t):
+            taken = np.empty(limit, np.int64)
+            n_taken = 0
+            area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+            for i in range(b.shape[0]):
+                if n_taken == limit:
+                    break
+                free = True
+                for jj in range(n_taken - 1, -1, -1):  # the latest taken first: near in rank, likelier to overlap
+                    j = taken[jj]
+                    iw = min(b[i, 2], b[j, 2]) - max(b[i, 0], b[j, 0])
+                    if iw <= 0:
+                        continue
+                    ih = min(b[i, 3], b[j, 3]) - max(b[i, 1], b[j, 1])
+                    if ih <= 0:
+                        continue
+                    inter = iw * ih
+                    if inter > t * (area[i] + area[j] - inter):
+                        free = False
+                        break
+                if free:
+                    taken[n_taken] = i
+                    n_taken += 1
+            return taken[:n_taken].copy()
+
+        _GREEDY = greedy
+    return _GREEDY
 
 
 def _centre_size(b: np.ndarray, eps: float = 1e-6):

@@ -194,6 +194,9 @@ def _check(v: Any, meta: dict, key: str) -> None:
     lo = meta.get("min")
     if lo is not None and any(isinstance(x, (int, float)) and not isinstance(x, bool) and x < lo for x in items):
         raise ConfigError(f"{key}: must be >= {lo}" + (" (each item)" if isinstance(v, list) else "") + f", got {v!r}")
+    hi = meta.get("max")
+    if hi is not None and any(isinstance(x, (int, float)) and not isinstance(x, bool) and x > hi for x in items):
+        raise ConfigError(f"{key}: must be <= {hi}" + (" (each item)" if isinstance(v, list) else "") + f", got {v!r}")
 
 
 def _set_path(d: dict, dotted: str, value: Any) -> None:

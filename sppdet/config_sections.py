@@ -50,6 +50,9 @@ class ProposalConfig:
     backend: str = field(default="fast", metadata={"choices": ("fast", "selectivesearch", "precomputed")})
     max_boxes: int = field(default=2000, metadata={"min": 0})  # 0: no cap
     min_size: float = field(default=20.0, metadata={"min": 0})
+    # > 0: where a photo has more boxes than max_boxes, the cap first takes those overlapping no better-ranked box
+    # it took by IoU > cap_nms (greedy NMS in rank order), then fills up in rank order; 0: rank order (R-CNN's)
+    cap_nms: float = field(default=0.0, metadata={"min": 0, "max": 1})
     workers: int = field(default=0, metadata={"min": 0})  # processes; 0: one per core this process may use
     precomputed: Optional[str] = None  # .mat file or folder of per-image files
     params: dict = field(default_factory=dict)  # backend-specific parameters

@@ -89,7 +89,8 @@ class Predictor:
             params["workers"] = max(1, usable_cores() // 2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return propose(rgb, backend=backend, max_boxes=p.max_boxes, min_size=p.min_size, **params)
+            return propose(rgb, backend=backend, max_boxes=p.max_boxes, min_size=p.min_size, cap_nms=p.cap_nms,
+                           **params)
 
     def __call__(self, image: str | Path | np.ndarray) -> dict:
         """Detections in one image (a file path: the photo as a viewer shows it, its EXIF orientation applied;

@@ -99,7 +99,7 @@ def load_precomputed_mat(path: str | Path) -> dict[str, np.ndarray]:
 
 # -------------------------------------------------------------- the interface
 def propose(image: np.ndarray, backend: str = "fast", max_boxes: int = 2000, min_size: float = 20.0,
-            **params) -> np.ndarray:
+            cap_nms: float = 0.0, **params) -> np.ndarray:
     """Proposals for one image.
 
     Args:
@@ -107,6 +107,8 @@ def propose(image: np.ndarray, backend: str = "fast", max_boxes: int = 2000, min
         backend: ``"fast"`` (default) or ``"selectivesearch"``.
         max_boxes: cap, in rank order.
         min_size: boxes whose width or height is smaller are dropped (R-CNN: 20 px).
+        cap_nms: > 0: past the cap, near-copies (IoU > cap_nms) of better-ranked boxes go last
+            (:func:`sppdet.selective_search.finalize_boxes`); 0: rank order alone.
         **params: backend parameters (``colour_spaces``, ``ks``, ``sigma``, ``max_side``, ``seed``...).
 
     Returns:
@@ -121,7 +123,7 @@ def propose(image: np.ndarray, backend: str = "fast", max_boxes: int = 2000, min
     else:
         raise ValueError(f"unknown proposal backend {backend!r}; choose 'fast' or 'selectivesearch' "
                          "(precomputed boxes go through the proposal store)")
-    return finalize_boxes(raw, w, h, min_size, max_boxes)
+    return finalize_boxes(raw, w, h, min_size, max_boxes, cap_nms)
 
 
 def _check_param(backend: str, name: str, value, default) -> None:
@@ -185,7 +187,7 @@ class ProposalStore:
 
 
 def _propose_one(args) -> tuple[str, int, float]:
-    image_id, image_path, out_path, backend, max_boxes, min_size, params, fit = args
+    image_id, image_path, out_path, backend, max_boxes, min_size, cap_nms, params, fit = args
     from .images import fit_to_annotation, load_image
 
     img = load_image(image_path)
@@ -194,7 +196,7 @@ def _propose_one(args) -> tuple[str, int, float]:
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        boxes = propose(img, backend=backend, max_boxes=max_boxes, min_size=min_size, **params)
+        boxes = propose(img, backend=backend, max_boxes=max_boxes, min_size=min_size, cap_nms=cap_nms, **params)
     dt = time.perf_counter() - t0
     atomic_save_npz(out_path, boxes=boxes, size=np.array(img.shape[:2], np.int32))
     return image_id, len(boxes), dt
@@ -205,7 +207,7 @@ def compute_proposals(ids: Sequence[str], image_path: Callable[[str], Path], out
                       precomputed: str | None = None, workers: int = 0, overwrite: bool = False,
                       progress: bool = True, image_size: Callable[[str], tuple[int, int]] | None = None,
                       inputs: dict | None = None, item_inputs: dict[str, str] | None = None,
-                      annotation_path: Callable[[str], Path] | None = None) -> dict:
+                      annotation_path: Callable[[str], Path] | None = None, cap_nms: float = 0.0) -> dict:
     """Compute (or import) proposals for ``ids`` into a resumable store; returns the manifest.
 
     A finished image is skipped when the manifest's backend and parameters (and ``inputs``, e.g. the
@@ -217,10 +219,10 @@ def compute_proposals(ids: Sequence[str], image_path: Callable[[str], Path], out
     (:func:`sppdet.images.fit_to_annotation`), so the boxes are in the same pixels as every later stage's.
     """
     params = dict(params or {})
-    cfg = {"backend": backend, "max_boxes": max_boxes, "min_size": min_size,
+    cfg = {"backend": backend, "max_boxes": max_boxes, "min_size": min_size, "cap_nms": float(cap_nms),
            "params": resolved_params(backend, params), "precomputed": precomputed}
     stage = Stage(out_dir, "proposals", cfg, inputs, overwrite=overwrite,
-                  defaults={"params": resolved_params(backend, {})},
+                  defaults={"params": resolved_params(backend, {}), "cap_nms": 0.0},
                   item_inputs=item_inputs, per_item=("images",))
     todo = [i for i in ids if not stage.has(i)]
     stats = {"seconds": 0.0, "boxes": 0, "images": 0}
@@ -237,12 +239,12 @@ def compute_proposals(ids: Sequence[str], image_path: Callable[[str], Path], out
             else:
                 raw = load_demo_boxes(src / f"{i}_boxes.mat")
             hw = image_size(i) if image_size else (int(raw[:, 3].max()), int(raw[:, 2].max()))
-            b = finalize_boxes(raw, hw[1], hw[0], min_size, max_boxes)
+            b = finalize_boxes(raw, hw[1], hw[0], min_size, max_boxes, cap_nms)
             atomic_save_npz(stage.path(i), boxes=b, size=np.array(hw, np.int32))
             stats["boxes"] += len(b)
             stats["images"] += 1
     elif backend in ("fast", "selectivesearch"):
-        jobs = [(i, str(image_path(i)), str(stage.path(i)), backend, max_boxes, min_size, params,
+        jobs = [(i, str(image_path(i)), str(stage.path(i)), backend, max_boxes, min_size, cap_nms, params,
                  (*image_size(i), str(annotation_path(i))) if image_size and annotation_path else None)
                 for i in todo]
         n_workers = workers if workers and workers > 0 else usable_cores()

@@ -44,7 +44,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .boxes import filter_small, unique_boxes
+from .boxes import diverse_first, filter_small, unique_boxes
 
 __all__ = ["as_rgb", "convert_colour", "rank_hierarchies", "finalize_boxes", "fast_selective_search", "SS_STAGES",
            "selective_search_timed", "selectivesearch_diversified", "warm_up", "start_warm_up"]
@@ -97,15 +97,18 @@ def rank_hierarchies(box_lists: Sequence[np.ndarray], rng: np.random.Generator) 
     return b[np.argsort(np.concatenate(prio), kind="stable")]
 
 
-def finalize_boxes(boxes: np.ndarray, width: int, height: int, min_size: float, max_boxes: int) -> np.ndarray:
-    """Clip, drop boxes under ``min_size``, deduplicate (first kept: rank order), cap."""
+def finalize_boxes(boxes: np.ndarray, width: int, height: int, min_size: float, max_boxes: int,
+                   cap_nms: float = 0.0) -> np.ndarray:
+    """Clip, drop boxes under ``min_size``, deduplicate (first kept: rank order), cap. ``cap_nms`` > 0: where more
+    than ``max_boxes`` remain, the cap takes first the boxes overlapping no better-ranked box it took by more than
+    this IoU (:func:`sppdet.boxes.diverse_first`); 0: rank order alone (R-CNN's)."""
     b = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
     b[:, 0::2] = np.clip(b[:, 0::2], 0, width)
     b[:, 1::2] = np.clip(b[:, 1::2], 0, height)
     b = b[filter_small(b, min(min_size, width, height))]
     b = b[unique_boxes(b)]
     if max_boxes and max_boxes > 0:
-        b = b[:max_boxes]
+        b = b[diverse_first(b, max_boxes, cap_nms)] if cap_nms > 0 and len(b) > max_boxes else b[:max_boxes]
     if len(b) == 0:
         warnings.warn(f"no proposal survived for a {width}x{height} image; returning the whole image", stacklevel=3)
         b = np.array([[0, 0, width, height]], np.float32)

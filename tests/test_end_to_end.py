@@ -757,6 +757,7 @@ def test_a_changed_setting_is_refused_by_every_later_stage_that_would_use_the_ol
              ("finetune_fc.py", "features.scales=[300]", "features.scales", "tools/extract_features.py"),
              ("train_svm.py", "finetune.hidden=64", "finetune.hidden", "tools/finetune_fc.py"),
              ("extract_features.py", "proposals.max_boxes=300", "proposals.max_boxes", "tools/propose.py"),
+             ("test_net.py", "proposals.cap_nms=0.7", "proposals.cap_nms", "tools/propose.py"),
              ("test_net.py", "bbox_reg.lam=10", "bbox_reg.lam", "tools/train_bbox_reg.py"),
              ("test_net.py", "svm.max_pool_gb=0.0001", "negatives_cap", "tools/train_svm.py")]
     before = (tmp / "run" / "config.yaml").read_text()

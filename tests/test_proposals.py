@@ -183,6 +183,59 @@ def test_store_records_the_backend_defaults(toy_voc, tmp_path, monkeypatch):
         compute_proposals(ids, ds.image_path, tmp_path / "q", **{**kw, "params": {"colour_space": ["hsv"]}})
 
 
+def _greedy_reference(b: np.ndarray, t: float) -> list[int]:
+    taken: list[int] = []
+    for i in range(len(b)):
+        if not taken or iou_matrix(b[i:i + 1], b[taken]).max() <= t:
+            taken.append(i)
+    return taken
+
+
+def test_the_cap_takes_a_spread_of_boxes_first_then_fills_in_rank_order():
+    from sppdet.boxes import diverse_first
+
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(0, 200, (400, 2))
+    b = np.concatenate([xy, xy + rng.uniform(20, 120, (400, 2))], 1).astype(np.float32)
+    b[100:200] = b[:100] + rng.uniform(-2, 2, (100, 4)).astype(np.float32)  # near-copies of better-ranked boxes
+    spread = _greedy_reference(b, 0.7)
+    assert 0 < len(spread) < 350
+    order = diverse_first(b, 350, 0.7)  # more room than the spread: it comes first, the rest after in rank order
+    assert order.tolist() == spread + [i for i in range(400) if i not in set(spread)][:350 - len(spread)]
+    assert diverse_first(b, 50, 0.7).tolist() == spread[:50]  # less room: the greedy pass stops when it is full
+    assert diverse_first(b, 0, 0.7).shape == (0,) and diverse_first(b[:0], 10, 0.7).shape == (0,)
+    # finalize_boxes: only a photo over the cap changes; the best-ranked box is always kept first
+    assert np.array_equal(finalize_boxes(b, 400, 400, 0, 500, cap_nms=0.7), finalize_boxes(b, 400, 400, 0, 500))
+    capped = finalize_boxes(b, 400, 400, 0, 50, cap_nms=0.7)
+    iou = iou_matrix(capped, capped)
+    np.fill_diagonal(iou, 0)
+    assert len(capped) == 50 and np.array_equal(capped[0], b[0]) and iou.max() <= 0.7
+    assert np.array_equal(finalize_boxes(b, 400, 400, 0, 50), b[:50])
+
+
+def test_cap_nms_is_recorded_and_a_folder_from_before_counts_as_rank_order(toy_voc, tmp_path):
+    import json
+
+    from sppdet.synthetic import TOY_CLASSES
+    from sppdet.voc import VOCDataset
+
+    ds = VOCDataset(toy_voc, "val", TOY_CLASSES)
+    ids = ds.ids[:2]
+    kw = dict(backend="fast", max_boxes=20, params={"ks": [100]}, workers=1, progress=False)
+    m = compute_proposals(ids, ds.image_path, tmp_path / "p", **kw)
+    assert m["config"]["cap_nms"] == 0.0
+    manifest = tmp_path / "p" / "manifest.json"
+    old = json.loads(manifest.read_text())
+    del old["config"]["cap_nms"]  # as written before the key existed
+    manifest.write_text(json.dumps(old))
+    assert compute_proposals(ids, ds.image_path, tmp_path / "p", **kw)["new_images"] == 0
+    with pytest.raises(StaleCacheError, match="cap_nms"):
+        compute_proposals(ids, ds.image_path, tmp_path / "p", cap_nms=0.7, **kw)
+    m = compute_proposals(ids, ds.image_path, tmp_path / "p", cap_nms=0.7, overwrite=True, **kw)
+    boxes = ProposalStore(tmp_path / "p").load(ids[0])
+    assert m["config"]["cap_nms"] == 0.7 and len(boxes) == 20
+
+
 def test_warm_up_loads_selective_search_without_torch():
     """detect.py starts the warm-up before torch is imported, so the two overlap: importing selective search must
     not import torch, and the warm-up thread is started once and runs the compiled code to the end."""

@@ -20,7 +20,7 @@ def stage_proposals(run: Run, split: str, overwrite: bool = False, workers: int 
                              image_size=lambda i: (ds.annotation(i).height, ds.annotation(i).width),
                              annotation_path=ds.annotation_path,
                              inputs={"images": run.content(split, "images")},
-                             item_inputs=run.item_hashes(split, "images"))
+                             item_inputs=run.item_hashes(split, "images"), cap_nms=p.cap_nms)
 
 
 
@@ -28,7 +28,7 @@ def proposal_settings(run: Run) -> dict:
     """The settings a proposal folder records (the backend's parameters resolved to its defaults): what the
     features stage checks the folder it reads against."""
     p = run.cfg.proposals
-    return {"backend": p.backend, "max_boxes": p.max_boxes, "min_size": p.min_size,
+    return {"backend": p.backend, "max_boxes": p.max_boxes, "min_size": p.min_size, "cap_nms": float(p.cap_nms),
             "params": resolved_params(p.backend, dict(p.params)),
             "precomputed": p.precomputed and str(run.path(p.precomputed))}
 
@@ -39,7 +39,7 @@ def require_proposals(run: Run, split: str) -> dict:
     from .common import require_settings
 
     return require_settings(run, run.proposals_dir(split), f"tools/propose.py --split {split}", {},
-                            proposal_settings(run), prefix="proposals.")
+                            proposal_settings(run), prefix="proposals.", extra_defaults={"cap_nms": 0.0})
 
 
 SPEC = StageSpec("proposals", "tools/propose.py", True, ("data: the split's images",),
