@@ -44,6 +44,9 @@ __all__ = [
 ]
 
 BACKENDS = ("fast", "selectivesearch", "precomputed")
+# Settings a proposal folder records since a later version, with the value a folder made before them was made with
+# (compute_proposals and the later stages' check of the folder both fill them in so).
+RECORDED_SINCE = {"cap_nms": 0.0}
 
 
 # ----------------------------------------------------------------- helpers
@@ -222,7 +225,7 @@ def compute_proposals(ids: Sequence[str], image_path: Callable[[str], Path], out
     cfg = {"backend": backend, "max_boxes": max_boxes, "min_size": min_size, "cap_nms": float(cap_nms),
            "params": resolved_params(backend, params), "precomputed": precomputed}
     stage = Stage(out_dir, "proposals", cfg, inputs, overwrite=overwrite,
-                  defaults={"params": resolved_params(backend, {}), "cap_nms": 0.0},
+                  defaults={"params": resolved_params(backend, {}), **RECORDED_SINCE},
                   item_inputs=item_inputs, per_item=("images",))
     todo = [i for i in ids if not stage.has(i)]
     stats = {"seconds": 0.0, "boxes": 0, "images": 0}

@@ -6,7 +6,7 @@ pixels) and a manifest with each image's file hash (a changed image rebuilds onl
 
 from __future__ import annotations
 
-from ..proposals import compute_proposals, resolved_params
+from ..proposals import RECORDED_SINCE, compute_proposals, resolved_params
 from ..run import Run
 from .common import StageSpec
 
@@ -39,7 +39,7 @@ def require_proposals(run: Run, split: str) -> dict:
     from .common import require_settings
 
     return require_settings(run, run.proposals_dir(split), f"tools/propose.py --split {split}", {},
-                            proposal_settings(run), prefix="proposals.", extra_defaults={"cap_nms": 0.0})
+                            proposal_settings(run), prefix="proposals.", extra_defaults=RECORDED_SINCE)
 
 
 SPEC = StageSpec("proposals", "tools/propose.py", True, ("data: the split's images",),
